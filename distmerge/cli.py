@@ -1,0 +1,173 @@
+"""The ``distmerge`` command: plan, run, methods."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import click
+
+from distmerge import __version__
+from distmerge.errors import MergeError
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; also MB, GiB, plain byte counts and 1e9."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m[2].lower() not in UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    try:
+        value = int(float(m[1]) * UNITS[m[2].lower()])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB") from None
+    if value <= 0:
+        raise click.BadParameter("the size must be positive")
+    return value
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+shard_option = click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output file (bytes of tensor data).")
+seed_option = click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the randomized methods (DARE, DELLA).")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="distmerge")
+def cli():
+    """Merge large language models from mergekit recipes, on one machine or many."""
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@shard_option
+@seed_option
+@click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1), help="Show how the files split over this many ranks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
+def plan(recipe, out_shard_size, random_seed, world_size, as_json):
+    """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
+    from distmerge.plan import assign_files, imbalance
+
+    p = _plan(recipe, out_shard_size, random_seed)
+    if as_json:
+        d = p.to_dict()
+        d["assignment"] = assign_files(p, world_size)
+        click.echo(json.dumps(d, indent=1))
+        return
+    click.echo(describe(p, world_size))
+    if world_size > 1:
+        click.echo(f"imbalance: busiest rank does {imbalance(p, assign_files(p, world_size)) * 100:.1f}% more than the mean")
+
+
+def _plan(recipe_path: str, out_shard_size: str, seed: int):
+    from distmerge.plan import build_plan
+    from distmerge.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    with open(recipe_path) as f:
+        text = f.read()
+    return build_plan(recipe, text, out_shard_bytes=parse_size(out_shard_size), seed=seed)
+
+
+def describe(p, world_size: int = 1) -> str:
+    """The plan for people: summary, layer map, files, then every tensor."""
+    from distmerge.plan import assign_files
+
+    lines = [
+        f"method: {p.method}   dtype: {p.dtype or 'as inputs'}   seed: {p.seed}   fingerprint: {p.fingerprint[:16]}",
+        "models:",
+        *[f"  [{i}] {m.ref}  ({m.num_layers} layers)  {m.path}" for i, m in enumerate(p.models)],
+        f"output: {len(p.tensors)} tensors, {p.config.get('num_hidden_layers')} layers, {len(p.files)} files",
+        f"reads {human(p.read_bytes)}, writes {human(p.write_bytes)}, "
+        f"peak working memory per rank ~{human(p.peak_memory)} (largest tensor's inputs in float32 + result)",
+    ]
+    if p.layer_map:
+        lines.append("layer map (output layer <- model:layer):")
+        lines += [f"  {i:4d} <- " + ", ".join(f"{m}:{k}" for m, k in srcs) for i, srcs in enumerate(p.layer_map)]
+    owner = {i: r for r, files in enumerate(assign_files(p, world_size)) for i in files}
+    lines.append("files:")
+    lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}  rank {owner[i]}" for i, f in enumerate(p.files)]
+    lines.append("tensors:")
+    for t in p.tensors:
+        srcs = ([f"base={p.models[t.base.model].ref}:{t.base.name}"] if t.base else []) + [f"{p.models[r.model].ref}:{r.name}" for r in t.inputs]
+        params = {**t.params, **t.input_params}
+        lines.append(f"  {t.name} {t.dtype}{t.shape} <- " + ", ".join(srcs) + (f"  {params}" if params else ""))
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@shard_option
+@seed_option
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory's merge.")
+@click.option("--allow-nonfinite", is_flag=True, help="Keep tensors that come out with NaN or Inf.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfinite, quiet):
+    """Merge RECIPE into the directory OUT."""
+    from distmerge import output
+    from distmerge.run import RunOptions, run_rank
+
+    start = time.time()
+    p = _plan(recipe, out_shard_size, random_seed)
+    resumed = output.prepare(out, p, overwrite=overwrite)
+    if resumed and not quiet:
+        click.echo(f"resuming the run in {out}", err=True)
+    options = RunOptions(device=_device(device), allow_nonfinite=allow_nonfinite, progress=not quiet)
+    written = run_rank(p, out, options=options)
+    output.finish(p, out)
+    if not quiet:
+        click.echo(
+            f"wrote {out}: {len(p.files)} files ({len(written)} this run), {len(p.tensors)} tensors, "
+            f"{human(p.write_bytes)} in {time.time() - start:.1f}s"
+        )
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA device is available; use --device cpu")
+    return name
+
+
+@cli.command("methods")
+def list_methods():
+    """List the merge methods and their parameters."""
+    from distmerge.methods import METHODS
+
+    for m in sorted(METHODS.values(), key=lambda m: m.name):
+        params = ", ".join(f"{p.name}{'' if p.required else '=' + repr(p.default)}" for p in m.params)
+        click.echo(f"{m.name:18s} base {m.base:8s} {m.summary}\n{'':18s} parameters: {params or 'none'}")
+
+
+def main(argv=None) -> None:
+    """Entry point: user errors print one line and exit 2, without a traceback."""
+    try:
+        cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
+    except MergeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

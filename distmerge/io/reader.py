@@ -1,0 +1,45 @@
+"""Read tensors from safetensors files, memory-mapped: only the bytes asked for are touched."""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+
+import torch
+
+from distmerge.io.header import DTYPES
+
+
+class TensorReader:
+    """Opens each file once and hands out zero-copy tensors backed by its mapping.
+
+    A tensor from ``read`` is read-only and stays valid while the reader lives; the pages
+    it covers are read from disk when they are first touched, and belong to the page cache
+    (dropped under memory pressure), not to the process.
+    """
+
+    def __init__(self):
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def read(self, path: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if end == begin:
+            return torch.empty(shape, dtype=DTYPES[dtype])
+        with warnings.catch_warnings():
+            # The mapping is read-only and so is the tensor: we never write to inputs.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            flat = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin)
+        return flat.view(DTYPES[dtype]).view(shape)
+
+    def close(self) -> None:
+        """Forget the mappings (they are unmapped once no tensor refers to them)."""
+        self._maps.clear()
+
+    def __enter__(self) -> "TensorReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

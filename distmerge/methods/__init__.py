@@ -1,0 +1,114 @@
+"""Merge methods: the math for one output tensor, and the registry that names it.
+
+Every method is a plain function::
+
+    merge(base, tensors, **params) -> Tensor
+
+- ``base`` is the base model's tensor, or None when the method takes no base (its
+  ``base`` policy is "ignored") or when an optional base was not given.
+- ``tensors`` are the other inputs in recipe order. For a method whose base policy is
+  "ignored" the base model, if the recipe names one, is just one more input here, at
+  the position mergekit gives it (after the listed models).
+- shared parameters arrive as scalars; per-input parameters as lists aligned with
+  ``tensors``.
+- randomized methods also get ``seeds``: one 64-bit key per entry of ``tensors``
+  (see ``distmerge.rng``), so the draw depends on (recipe seed, output tensor name,
+  input model) and on nothing about where or in which order the tensor is computed.
+
+Inputs arrive in float32 (the run casts them); the result is cast by the run to the
+output dtype. Methods never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+REQUIRED = object()
+"""Default of a parameter that the recipe must set."""
+
+Scope = Literal["shared", "input"]
+BasePolicy = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter a method accepts, as a recipe spells it."""
+
+    name: str
+    """Name in the recipe's ``parameters`` blocks."""
+    type: type
+    """float, int, bool or str; recipe values are converted to it."""
+    default: Any = REQUIRED
+    """Value when the recipe does not set it; REQUIRED makes it mandatory."""
+    scope: Scope = "shared"
+    """"shared": one value per output tensor; "input": one value per input model."""
+    check: Callable[[Any], str | None] | None = None
+    """Returns a message when a value is out of range (e.g. density outside (0, 1])."""
+    doc: str = ""
+    """One line for the README and for error messages."""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def arg(self) -> str:
+        """The keyword the merge function takes it as (``lambda`` -> ``lambda_``)."""
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """A merge method: its function, its parameters and what inputs it takes."""
+
+    name: str
+    """Registry name, as in mergekit (``merge_method:`` in a recipe)."""
+    merge: Callable[..., Any]
+    """The function ``merge(base, tensors, **params) -> Tensor``."""
+    params: tuple[Param, ...] = ()
+    base: BasePolicy = "ignored"
+    """"required": needs ``base_model``; "optional": uses it when given; "ignored":
+    the base, if any, is an ordinary input."""
+    min_inputs: int = 1
+    """Least number of entries in ``tensors`` (the non-base inputs)."""
+    max_inputs: int | None = None
+    randomized: bool = False
+    """Draws random numbers: gets ``seeds`` and is reproducible from the recipe seed."""
+    summary: str = ""
+    """One line for the README and ``distmerge methods``."""
+    paper: str = ""
+    """Where the equation comes from."""
+    param_index: dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+
+def in_unit_interval(value: float) -> str | None:
+    """Check for densities and similar fractions: 0 < value <= 1."""
+    return None if 0 < value <= 1 else f"must be in (0, 1], got {value}"
+
+
+def non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be >= 0, got {value}"
+
+
+def _registry() -> dict[str, Method]:
+    from distmerge.methods import linear, passthrough, slerp, task_arithmetic
+
+    methods: dict[str, Method] = {}
+    for module in (linear, slerp, task_arithmetic, passthrough):
+        for method in module.METHODS:
+            assert method.name not in methods, f"duplicate method {method.name}"
+            methods[method.name] = method
+    return methods
+
+
+METHODS: dict[str, Method] = _registry()
+
+
+def get(name: str) -> Method:
+    """The method registered as ``name``; KeyError if there is none."""
+    return METHODS[name]

@@ -1,0 +1,25 @@
+"""Passthrough: copy one input tensor, optionally scaled (frankenmerges, depth up-scaling)."""
+
+from __future__ import annotations
+
+import torch
+
+from distmerge.methods import Method, Param
+
+
+def passthrough(base: None, tensors: list[torch.Tensor], *, scale: list[float | None]) -> torch.Tensor:
+    """θ = s · θ₁ (θ₁ itself when no scale is set)."""
+    (x,), (s,) = tensors, scale
+    return x if s is None else x * s
+
+
+METHODS = (
+    Method(
+        name="passthrough",
+        merge=passthrough,
+        params=(Param("scale", float, None, scope="input", doc="multiply the tensor by this"),),
+        base="ignored",
+        max_inputs=1,
+        summary="Copy layers from one model per slice; stack slices into a deeper model.",
+    ),
+)

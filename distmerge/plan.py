@@ -1,0 +1,475 @@
+"""The plan: every output tensor, where its inputs are, how it is merged, and which file it goes to.
+
+A plan is plain data, a pure function of the recipe, the checkpoints' headers and the
+options. Every rank computes it independently and gets the same plan (checked through
+its fingerprint); ``distmerge plan`` prints it and ``distmerge run`` executes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from distmerge import __version__, methods
+from distmerge.errors import MergeError
+from distmerge.io.header import DTYPES, DTYPE_NAMES, build_header, itemsize
+from distmerge.recipe import Recipe, Slice, Source, evaluate
+from distmerge.sources import Checkpoint, load_checkpoint
+
+PLAN_VERSION = 1
+DEFAULT_SHARD_BYTES = 5 * 10**9
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
+EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)(\.|$)")
+"""Non-layer tensors that come before the layers (taken from the first slice's models);
+every other non-layer tensor (final norm, lm_head) comes after (from the last slice's)."""
+TORCH_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    ref: str
+    """As the recipe names it."""
+    path: str
+    """Local directory (machine-specific: not part of the fingerprint)."""
+    num_layers: int | None
+
+
+@dataclass(slots=True)
+class InputRef:
+    """One input tensor: model (index into Plan.models), name and byte range in its file."""
+
+    model: int
+    name: str
+    file: str
+    dtype: str
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    name: str
+    shape: list[int]
+    dtype: str
+    """Output dtype, safetensors spelling."""
+    inputs: list[InputRef]
+    """Non-base inputs in recipe order (all inputs for methods that ignore the base)."""
+    base: InputRef | None
+    params: dict[str, Any]
+    """Shared parameters, resolved for this tensor."""
+    input_params: dict[str, list[Any]]
+    """Per-input parameters, aligned with ``inputs``."""
+    seeds: list[int] | None = None
+    """Random keys, aligned with ``inputs``, for randomized methods."""
+    layer: int | None = None
+    """Output layer index, None for embeddings, final norm, lm_head."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(r.nbytes for r in self.all_inputs)
+
+    @property
+    def all_inputs(self) -> list[InputRef]:
+        return ([self.base] if self.base else []) + self.inputs
+
+
+@dataclass(slots=True)
+class OutputFile:
+    name: str
+    tensors: list[str]
+    nbytes: int
+    """Whole file size, header included."""
+    read_bytes: int
+    """Input bytes read to produce it."""
+
+
+@dataclass(slots=True)
+class Plan:
+    method: str
+    dtype: str | None
+    """Recipe ``dtype``: inputs are cast to it before the math (which runs in float32)."""
+    models: list[ModelInfo]
+    tensors: list[OutputTensor]
+    files: list[OutputFile]
+    layer_map: list[list[tuple[str, int]]]
+    """For each output layer: the (model, input layer) pairs merged into it."""
+    config: dict
+    """The output config.json."""
+    donor: int
+    """Index of the model whose config (and tokenizer, unless told otherwise) the output takes."""
+    tokenizer_source: int | None
+    seed: int
+    recipe_text: str
+    peak_memory: int
+    """Estimated bytes of working memory for the largest tensor (inputs in float32, result, output)."""
+    version: int = PLAN_VERSION
+    distmerge_version: str = __version__
+    fingerprint: str = ""
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tensors)
+
+    @property
+    def write_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def tensor(self, name: str) -> OutputTensor:
+        return self._by_name()[name]
+
+    def _by_name(self) -> dict[str, OutputTensor]:
+        return {t.name: t for t in self.tensors}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["models"] = [ModelInfo(**m) for m in d["models"]]
+        d["tensors"] = [_tensor_from_dict(t) for t in d["tensors"]]
+        d["files"] = [OutputFile(**f) for f in d["files"]]
+        d["layer_map"] = [[tuple(p) for p in layer] for layer in d["layer_map"]]
+        return cls(**d)
+
+
+def _tensor_from_dict(d: dict) -> OutputTensor:
+    d = dict(d)
+    d["inputs"] = [InputRef(**r) for r in d["inputs"]]
+    d["base"] = InputRef(**d["base"]) if d["base"] else None
+    return OutputTensor(**d)
+
+
+def fingerprint(plan: Plan) -> str:
+    """sha256 of everything that determines the output bytes; local paths excluded."""
+    d = plan.to_dict()
+    d.pop("fingerprint")
+    for m in d["models"]:
+        m.pop("path")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class _Layered:
+    """A checkpoint's tensors split into layer tensors and the rest."""
+
+    prefix: str | None = None
+    layers: dict[int, list[str]] = field(default_factory=dict)
+    """layer index -> tensor name suffixes, in header order."""
+    other: list[str] = field(default_factory=list)
+
+
+def split_layers(names: list[str]) -> _Layered:
+    out = _Layered()
+    for name in names:
+        m = LAYER_NAME.match(name)
+        if m:
+            out.prefix = out.prefix or m["prefix"]
+            out.layers.setdefault(int(m["index"]), []).append(m["rest"])
+        else:
+            out.other.append(name)
+    return out
+
+
+def build_plan(
+    recipe: Recipe,
+    recipe_text: str = "",
+    *,
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    seed: int = 0,
+    checkpoints: dict[str, Checkpoint] | None = None,
+) -> Plan:
+    """Plan the merge from headers alone. Raises MergeError for anything that does not line up."""
+    if checkpoints is None:
+        checkpoints = {ref: load_checkpoint(ref, recipe.base_dir) for ref in recipe.model_refs()}
+    refs = list(checkpoints)
+    index = {ref: i for i, ref in enumerate(refs)}
+    layered = {ref: split_layers(list(ck.tensors)) for ref, ck in checkpoints.items()}
+    slices = _normalize(recipe, checkpoints, layered)
+    method = recipe.method
+
+    planner = _Planner(recipe, method, checkpoints, index, seed)
+    first, last = slices[0], slices[-1]
+    donor_names = layered[first.sources[0].model].other
+    pre = [n for n in donor_names if EMBEDDING.search(n)]
+    post = [n for n in layered[last.sources[0].model].other if not EMBEDDING.search(n)]
+    for name in pre:
+        planner.add(first, {s.model: name for s in first.sources}, name, t=0.0, layer=None)
+    layer_map = []
+    for s in slices:
+        length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+        lead = s.sources[0]
+        for k in range(length):
+            t = k / (length - 1) if length > 1 else 1.0
+            out_layer = len(layer_map)
+            layer_map.append([(src.model, src.layer_range[0] + k) for src in s.sources])
+            lead_layer = layered[lead.model]
+            for rest in lead_layer.layers[lead.layer_range[0] + k]:
+                names = {}
+                for src in s.sources:
+                    lay = layered[src.model]
+                    i = src.layer_range[0] + k
+                    if rest not in lay.layers.get(i, []):
+                        raise MergeError(
+                            f"model {src.model!r} has no tensor {lay.prefix}.{i}.{rest}, which "
+                            f"{lead.model!r} has: the models' tensor names don't line up"
+                        )
+                    names[src.model] = f"{lay.prefix}.{i}.{rest}"
+                planner.add(s, names, f"{lead_layer.prefix}.{out_layer}.{rest}", t=t, layer=out_layer)
+    for name in post:
+        planner.add(last, {s.model: name for s in last.sources}, name, t=0.0, layer=None)
+
+    donor = index[recipe.donor]
+    config = _output_config(checkpoints[recipe.donor].config, recipe, layer_map, layered[recipe.donor])
+    plan = Plan(
+        method=method.name,
+        dtype=recipe.dtype,
+        models=[ModelInfo(ref, ck.path, ck.num_layers) for ref, ck in checkpoints.items()],
+        tensors=planner.tensors,
+        files=shard_files(planner.tensors, out_shard_bytes),
+        layer_map=layer_map,
+        config=config,
+        donor=donor,
+        tokenizer_source=_tokenizer_source(recipe, index),
+        seed=seed,
+        recipe_text=recipe_text,
+        peak_memory=max((_working_bytes(t) for t in planner.tensors), default=0),
+    )
+    plan.fingerprint = fingerprint(plan)
+    return plan
+
+
+def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict[str, _Layered]) -> list[Slice]:
+    """Turn a ``models`` recipe into one slice over every layer (the base appended when it is
+    not listed, as mergekit does), and check layer ranges against the models."""
+
+    def layers_of(ref: str) -> int:
+        n = checkpoints[ref].num_layers
+        return n if n is not None else len(layered[ref].layers)
+
+    if recipe.models:
+        sources = list(recipe.models)
+        if recipe.base_model and recipe.base_model not in [m.model for m in sources]:
+            sources.append(Source(model=recipe.base_model))
+        counts = {m.model: layers_of(m.model) for m in sources}
+        if len(set(counts.values())) > 1:
+            detail = ", ".join(f"{m} has {n}" for m, n in counts.items())
+            raise MergeError(f"models must have the same number of layers to be merged layer by layer: {detail}; use slices")
+        slices = [Slice(sources=tuple(dataclasses.replace(m, layer_range=(0, counts[m.model])) for m in sources))]
+    else:
+        slices = list(recipe.slices)
+    for i, s in enumerate(slices):
+        for src in s.sources:
+            n = layers_of(src.model)
+            start, end = src.layer_range
+            if end > n:
+                raise MergeError(f"slices[{i}]: layer_range [{start}, {end}] of {src.model!r} is out of bounds: the model has {n} layers (0..{n - 1})")
+            missing = [k for k in range(start, end) if k not in layered[src.model].layers]
+            if missing:
+                raise MergeError(f"slices[{i}]: {src.model!r} has no tensors for layer {missing[0]}")
+    return slices
+
+
+class _Planner:
+    """Builds OutputTensors: gathers inputs, resolves parameters, checks shapes."""
+
+    def __init__(self, recipe: Recipe, method: methods.Method, checkpoints, index, seed):
+        self.recipe, self.method, self.checkpoints, self.index, self.seed = recipe, method, checkpoints, index, seed
+        self.tensors: list[OutputTensor] = []
+        self.names: set[str] = set()
+
+    def add(self, s: Slice, names: dict[str, str], out_name: str, *, t: float, layer: int | None) -> None:
+        present = {m: n for m, n in names.items() if n in self.checkpoints[m].tensors}
+        if not present:
+            return  # e.g. lm_head of models with tied embeddings: absent everywhere, nothing to write
+        if len(present) < len(names):
+            missing = sorted(set(names) - set(present))
+            raise MergeError(f"tensor {out_name!r}: present in {sorted(present)} but missing from {missing}")
+        if out_name in self.names:
+            raise MergeError(f"tensor {out_name!r} would be written twice; check the slices")
+        self.names.add(out_name)
+
+        refs = {m: self._ref(m, n) for m, n in names.items()}
+        shapes = {m: tuple(self.checkpoints[m].tensors[n].shape) for m, n in names.items()}
+        if len(set(shapes.values())) > 1:
+            detail = ", ".join(f"{m}: {list(shape)}" for m, shape in shapes.items())
+            hint = " The vocabularies differ: give the models the same tokenizer, or resize the embeddings first." if EMBEDDING.search(out_name) or "lm_head" in out_name else ""
+            raise MergeError(f"tensor {out_name!r} has different shapes across models ({detail}).{hint}")
+
+        base_ref = s.base_model or self.recipe.base_model
+        order = [src.model for src in s.sources]
+        if self.method.base == "ignored" or base_ref not in order:
+            if self.method.base == "required":
+                raise MergeError(f"{self.method.name} needs the base model {base_ref!r} among the sources of every slice")
+            base, inputs = None, order
+        else:
+            base, inputs = base_ref, [m for m in order if m != base_ref]
+        self._check_count(len(inputs), out_name)
+
+        dtypes = {self.checkpoints[m].tensors[names[m]].dtype for m in names}
+        out_dtype = _out_dtype(self.recipe, dtypes)
+        shared = {p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, out_name) for p in self.method.params if p.scope == "shared"}
+        per_input = {
+            p.name: [self._resolve(p, [_source_params(s, m), s.parameters, self.recipe.parameters], names[m], t, f"{m}: {out_name}") for m in inputs]
+            for p in self.method.params
+            if p.scope == "input"
+        }
+        seeds = None
+        if self.method.randomized:
+            from distmerge.rng import derive_seed
+
+            # Keyed by what the tensor *is*, never by where or when it is computed.
+            seeds = [derive_seed(self.seed, out_name, m, names[m]) for m in inputs]
+        self.tensors.append(
+            OutputTensor(
+                name=out_name,
+                shape=list(shapes[order[0]]),
+                dtype=out_dtype,
+                inputs=[refs[m] for m in inputs],
+                base=refs[base] if base else None,
+                params=shared,
+                input_params=per_input,
+                seeds=seeds,
+                layer=layer,
+            )
+        )
+
+    def _ref(self, model: str, name: str) -> InputRef:
+        info = self.checkpoints[model].tensors[name]
+        return InputRef(self.index[model], name, info.file, info.dtype, info.begin, info.end)
+
+    def _check_count(self, n: int, out_name: str) -> None:
+        m = self.method
+        what = "models besides the base" if m.base != "ignored" else "models"
+        if n < m.min_inputs or (m.max_inputs is not None and n > m.max_inputs):
+            want = f"exactly {m.min_inputs}" if m.min_inputs == m.max_inputs else f"at least {m.min_inputs}" if m.max_inputs is None else f"{m.min_inputs} to {m.max_inputs}"
+            raise MergeError(f"{m.name} takes {want} {what}, but {out_name!r} has {n}")
+
+    def _resolve(self, param: methods.Param, scopes: list[dict], tensor: str, t: float, where: str) -> Any:
+        for scope in scopes:
+            if param.name in scope:
+                value = evaluate(scope[param.name], tensor, t, param, f"parameter {param.name} for {where}")
+                if value is not None:
+                    return value
+        if param.required:
+            raise MergeError(f"{self.method.name} needs parameter {param.name!r} for {where}; set it in the recipe's parameters")
+        return param.default
+
+
+def _source_params(s: Slice, model: str) -> dict:
+    for src in s.sources:
+        if src.model == model:
+            return src.parameters
+    return {}
+
+
+def _out_dtype(recipe: Recipe, input_dtypes: set[str]) -> str:
+    """out_dtype, else dtype, else the inputs' own dtype (promoted if they differ)."""
+    if recipe.out_dtype or recipe.dtype:
+        return TORCH_DTYPE_NAMES[recipe.out_dtype or recipe.dtype]
+    import torch
+
+    promoted = DTYPES[min(input_dtypes)]
+    for d in input_dtypes:
+        promoted = torch.promote_types(promoted, DTYPES[d])
+    return DTYPE_NAMES[promoted]
+
+
+def _working_bytes(t: OutputTensor) -> int:
+    numel = math.prod(t.shape)
+    n = len(t.all_inputs)
+    return numel * 4 * (n + 2) + t.nbytes
+
+
+def _tokenizer_source(recipe: Recipe, index: dict[str, int]) -> int | None:
+    src = recipe.tokenizer_source
+    if src in (None, "base"):
+        return index[recipe.donor]
+    if src == "union":
+        raise MergeError("tokenizer_source: union is not supported yet; use base or one of the models")
+    if src not in index:
+        raise MergeError(f"tokenizer_source {src!r} is not one of the recipe's models: {', '.join(index)}")
+    return index[src]
+
+
+def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
+    config = copy.deepcopy(donor)
+    if recipe.slices:
+        config["num_hidden_layers"] = len(layer_map)
+        for key, value in list(config.items()):
+            # Per-layer lists (e.g. layer_types) follow the layer map of the donor's layers.
+            if isinstance(value, list) and len(value) == len(donor_layers.layers) and key != "architectures":
+                config[key] = [value[i] if i < len(value) else value[-1] for _, i in (layer[0] for layer in layer_map)]
+    dtype = recipe.out_dtype or recipe.dtype
+    if dtype:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+    return config
+
+
+def shard_files(tensors: list[OutputTensor], max_bytes: int) -> list[OutputFile]:
+    """Pack tensors, in plan order, into files of at most ``max_bytes`` of data each
+    (a larger tensor gets a file of its own). The layout depends only on the plan, never
+    on the number of ranks, so every world size writes the same bytes."""
+    groups: list[list[OutputTensor]] = []
+    size = 0
+    for t in tensors:
+        if not groups or (size + t.nbytes > max_bytes and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    n = len(groups)
+    files = []
+    for i, group in enumerate(groups):
+        header, offsets = build_header([(t.name, t.dtype, tuple(t.shape)) for t in group], FILE_METADATA)
+        files.append(
+            OutputFile(
+                name=f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+                tensors=[t.name for t in group],
+                nbytes=len(header) + offsets[-1],
+                read_bytes=sum(t.read_bytes for t in group),
+            )
+        )
+    return files
+
+
+FILE_METADATA = {"format": "pt"}
+
+
+def assign_files(plan: Plan, world_size: int) -> list[list[int]]:
+    """Output files per rank, balancing bytes read + written (longest-processing-time first).
+
+    Deterministic: ties go to the lowest rank, files are ordered by size then index.
+    """
+    load = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    order = sorted(range(len(plan.files)), key=lambda i: (-(plan.files[i].nbytes + plan.files[i].read_bytes), i))
+    for i in order:
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owned[rank].append(i)
+        load[rank] += plan.files[i].nbytes + plan.files[i].read_bytes
+    return [sorted(files) for files in owned]
+
+
+def imbalance(plan: Plan, assignment: list[list[int]]) -> float:
+    """Largest rank's bytes over the mean, minus 1 (0.05 = the busiest rank does 5% more)."""
+    loads = [sum(plan.files[i].nbytes + plan.files[i].read_bytes for i in files) for files in assignment]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean - 1 if mean else 0.0

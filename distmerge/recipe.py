@@ -1,0 +1,322 @@
+"""Merge recipes in mergekit's YAML format: parse, check, and resolve parameters.
+
+A recipe names a ``merge_method`` and either ``models`` (whole models merged layer by
+layer) or ``slices`` (layer ranges of models, stacked). Parameters are set at the top
+level, per slice, or per model, and each setting is a scalar, a gradient (a list
+interpolated over the layer stack) or a list of ``{filter, value}`` entries matched
+against tensor names. The semantics follow mergekit 0.1.5 (config.py, parameter_resolver.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from distmerge import methods
+from distmerge.errors import MergeError
+
+TOP_KEYS = {
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "modules",
+}  # fmt: skip
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+
+Setting = Any
+"""A parameter setting as written: scalar, list of scalars, {filter, value} or a list of those."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One input model of a slice (or of a ``models`` recipe, where layer_range is None)."""
+
+    model: str
+    layer_range: tuple[int, int] | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """One output slice: its sources are merged layer by layer into consecutive output layers."""
+
+    sources: tuple[Source, ...]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    merge_method: str
+    base_model: str | None
+    models: tuple[Source, ...] | None
+    """The ``models:`` form; None for a ``slices:`` recipe."""
+    slices: tuple[Slice, ...] | None
+    parameters: dict[str, Setting]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    chat_template: str | None
+    name: str | None
+    base_dir: str = "."
+    """Directory of the recipe file; relative model paths are looked up there first."""
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.get(self.merge_method)
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names, each once, in order of first mention (base first)."""
+        refs = [self.base_model] if self.base_model else []
+        for src in self.models or ():
+            refs.append(src.model)
+        for s in self.slices or ():
+            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+    @property
+    def donor(self) -> str:
+        """The model whose config and tokenizer the output starts from: the base model, else
+        the first model of the recipe (mergekit picks an arbitrary one; we pick a fixed one)."""
+        return self.base_model or self.model_refs()[0]
+
+
+def load_recipe(path: str) -> Recipe:
+    """Read and check a recipe file. Raises MergeError with the line for YAML errors."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise MergeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    return parse_recipe(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
+
+
+def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Recipe:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise MergeError(f"{source}: invalid YAML{where}: {problem}") from None
+    if not isinstance(doc, dict):
+        raise MergeError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
+    unknown = sorted(set(doc) - TOP_KEYS)
+    if unknown:
+        raise MergeError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(TOP_KEYS))}")
+    if "modules" in doc:
+        raise MergeError(f"{source}: 'modules' (multi-module architectures) is not supported; use models or slices")
+    if doc.get("tokenizer") is not None:
+        raise MergeError(f"{source}: 'tokenizer:' blocks are not supported yet; use tokenizer_source: base or a model")
+
+    name = doc.get("merge_method")
+    if name not in methods.METHODS:
+        raise MergeError(f"{source}: unknown merge_method {name!r}; valid methods are {', '.join(sorted(methods.METHODS))}")
+    if ("models" in doc) == ("slices" in doc) or not (doc.get("models") or doc.get("slices")):
+        raise MergeError(f"{source}: a recipe needs exactly one of 'models' or 'slices' (non-empty)")
+
+    recipe = Recipe(
+        merge_method=name,
+        base_model=_model(doc.get("base_model"), "base_model", source, optional=True),
+        models=tuple(_source(m, f"models[{i}]", source, False) for i, m in enumerate(_list(doc, "models", source))) or None,
+        slices=tuple(_slice(s, f"slices[{i}]", source) for i, s in enumerate(_list(doc, "slices", source))) or None,
+        parameters=_params(doc.get("parameters"), "parameters", source),
+        dtype=_dtype(doc.get("dtype"), "dtype", source),
+        out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
+        tokenizer_source=_model(doc.get("tokenizer_source"), "tokenizer_source", source, optional=True),
+        chat_template=doc.get("chat_template"),
+        name=doc.get("name"),
+        base_dir=base_dir,
+    )
+    _check_parameters(recipe, source)
+    _check_base(recipe, source)
+    return recipe
+
+
+def _list(doc: dict, key: str, source: str) -> list:
+    value = doc.get(key) or []
+    if not isinstance(value, list):
+        raise MergeError(f"{source}: '{key}' must be a list")
+    return value
+
+
+def _model(value: Any, where: str, source: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise MergeError(f"{source}: {where} must be a model path or hub id, got {value!r}")
+    return value
+
+
+def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
+    if isinstance(entry, str) and not sliced:
+        return Source(model=entry)
+    if not isinstance(entry, dict):
+        raise MergeError(f"{source}: {where} must be a mapping with 'model'")
+    allowed = {"model", "parameters"} | ({"layer_range"} if sliced else set())
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(allowed))}")
+    layer_range = None
+    if sliced:
+        lr = entry.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
+            raise MergeError(f"{source}: {where}.layer_range must be [start, end] (integers), got {lr!r}")
+        if not 0 <= lr[0] < lr[1]:
+            raise MergeError(
+                f"{source}: {where}.layer_range {lr} is empty or reversed; it is [start, end) with 0 <= start < end"
+            )
+        layer_range = (lr[0], lr[1])
+    return Source(
+        model=_model(entry.get("model"), f"{where}.model", source),
+        layer_range=layer_range,
+        parameters=_params(entry.get("parameters"), f"{where}.parameters", source),
+    )
+
+
+def _slice(entry: Any, where: str, source: str) -> Slice:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+        raise MergeError(f"{source}: {where} must be a mapping with a non-empty 'sources' list")
+    unknown = sorted(set(entry) - {"sources", "base_model", "parameters"})
+    if unknown:
+        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are base_model, parameters, sources")
+    sources = tuple(_source(s, f"{where}.sources[{i}]", source, True) for i, s in enumerate(entry["sources"]))
+    lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
+    if len(lengths) > 1:
+        raise MergeError(f"{source}: {where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
+    return Slice(
+        sources=sources,
+        base_model=_model(entry.get("base_model"), f"{where}.base_model", source, optional=True),
+        parameters=_params(entry.get("parameters"), f"{where}.parameters", source),
+    )
+
+
+def _params(value: Any, where: str, source: str) -> dict[str, Setting]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MergeError(f"{source}: {where} must be a mapping of parameter names to values")
+    for key, setting in value.items():
+        _check_setting_shape(setting, f"{where}.{key}", source)
+    return dict(value)
+
+
+def _check_setting_shape(setting: Setting, where: str, source: str) -> None:
+    scalar = (bool, int, float, str)
+    if isinstance(setting, scalar) or setting is None:
+        return
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and all(isinstance(v, scalar) for v in setting):
+        return
+    if isinstance(setting, list) and all(isinstance(v, dict) for v in setting):
+        for cond in setting:
+            unknown = sorted(set(cond) - {"filter", "value"})
+            if unknown or "value" not in cond:
+                raise MergeError(f"{source}: {where}: each entry is {{filter: NAME-PART, value: V}}, got {cond!r}")
+            _check_setting_shape(cond["value"], where, source)
+        return
+    raise MergeError(f"{source}: {where}: expected a number, a list of numbers (gradient) or filter entries, got {setting!r}")
+
+
+def _dtype(value: Any, where: str, source: str) -> str | None:
+    if value is None:
+        return None
+    name = DTYPE_ALIASES.get(value, value)
+    if name not in DTYPES:
+        raise MergeError(f"{source}: {where} {value!r} is not one of {', '.join(sorted(DTYPES))}")
+    return name
+
+
+def _all_parameter_blocks(recipe: Recipe):
+    yield "parameters", recipe.parameters
+    for i, m in enumerate(recipe.models or ()):
+        yield f"models[{i}].parameters", m.parameters
+    for i, s in enumerate(recipe.slices or ()):
+        yield f"slices[{i}].parameters", s.parameters
+        for j, src in enumerate(s.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters
+
+
+def _check_parameters(recipe: Recipe, source: str) -> None:
+    method = recipe.method
+    for where, block in _all_parameter_blocks(recipe):
+        for key, setting in block.items():
+            param = method.param_index.get(key)
+            if param is None:
+                valid = ", ".join(p.name for p in method.params) or "none"
+                raise MergeError(f"{source}: {where}: {method.name} has no parameter {key!r}; its parameters are: {valid}")
+            for value in _leaf_values(setting):
+                convert(param, value, f"{source}: {where}.{key}")
+
+
+def _leaf_values(setting: Setting):
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        for v in setting:
+            yield from _leaf_values(v["value"]) if isinstance(v, dict) else [v]
+    else:
+        yield setting
+
+
+def _check_base(recipe: Recipe, source: str) -> None:
+    method = recipe.method
+    if method.base == "required" and not recipe.base_model and not all(s.base_model for s in recipe.slices or ()):
+        raise MergeError(f"{source}: merge_method {method.name} needs a base_model (the model the others were fine-tuned from)")
+
+
+def convert(param: methods.Param, value: Any, where: str) -> Any:
+    """A recipe value as the parameter's type, checked; MergeError naming ``where`` if not."""
+    if value is None and not param.required and param.default is None:
+        return None
+    try:
+        if param.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            out = value
+        elif param.type in (int, float):
+            if isinstance(value, bool):
+                raise ValueError
+            out = param.type(value)  # numbers, and strings like "1e-3" (YAML 1.1 reads those as text)
+            if param.type is int and out != float(value):
+                raise ValueError
+        else:
+            out = param.type(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{where}: expected {param.type.__name__}, got {value!r}") from None
+    if param.check and (problem := param.check(out)):
+        raise MergeError(f"{where} {problem}")
+    return out
+
+
+def evaluate(setting: Setting, tensor_name: str, t: float, param: methods.Param, where: str) -> Any:
+    """The value a setting gives for one tensor at relative depth ``t``, or None if no filter matches.
+
+    - a scalar is itself;
+    - a list of scalars is a gradient: piecewise-linear at s = t·(n−1) for numbers, the
+      value at index ⌊s⌋ for booleans and strings;
+    - filter entries are tried in order; the first whose ``filter`` is a substring of the
+      tensor name (or is missing or ``*``) gives the value.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return convert(param, setting, where)
+    if not setting:
+        return None
+    if not all(isinstance(v, dict) for v in setting):
+        values = [convert(param, v, where) for v in setting]
+        s = t * (len(values) - 1)
+        i = int(s)
+        if param.type not in (int, float):
+            return values[i]
+        j, frac = min(len(values) - 1, i + 1), s - i
+        return convert(param, (1 - frac) * values[i] + frac * values[j], where)
+    for cond in setting:
+        f = cond.get("filter")
+        if f is None or f == "*" or (tensor_name and f in tensor_name):
+            return evaluate(cond["value"], tensor_name, t, param, where)
+    return None

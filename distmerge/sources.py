@@ -1,0 +1,162 @@
+"""Find input checkpoints (local directories or hub repos) and read their headers.
+
+Planning needs only names, dtypes, shapes and byte ranges, which live in the
+safetensors headers; tensor data is read later, while merging. Configs are read as
+JSON data: no model code is ever imported or run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from distmerge.errors import MergeError
+from distmerge.io.header import TensorEntry, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""What a hub download fetches: weights, configs, tokenizer files. Never code or pickles."""
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """One input tensor: which file of the checkpoint holds it, and where."""
+
+    file: str
+    """File name relative to the checkpoint directory."""
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """A model as the plan sees it: its config and its tensors' headers."""
+
+    ref: str
+    """The model as the recipe names it (a path or a hub id)."""
+    path: str
+    """Local directory holding the files."""
+    config: dict
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in LAYER_KEYS:
+            if isinstance(self.config.get(key), int):
+                return self.config[key]
+        return None
+
+
+def split_revision(ref: str) -> tuple[str, str | None]:
+    """``org/name@rev`` -> (``org/name``, ``rev``); mergekit's model reference syntax."""
+    if "@" in ref and not os.path.exists(ref):
+        name, _, rev = ref.rpartition("@")
+        return name, rev or None
+    return ref, None
+
+
+def resolve(ref: str, base_dir: str = ".") -> str:
+    """A local directory for ``ref``: the directory itself, or a hub snapshot.
+
+    Relative paths are taken relative to ``base_dir`` (the recipe's directory) first,
+    then to the current directory, as users expect from either.
+    """
+    if "+" in ref and not os.path.exists(ref):
+        raise MergeError(
+            f"model {ref!r}: LoRA adapters ('model+adapter') are not supported yet; merge the adapter first"
+        )
+    for candidate in (os.path.join(base_dir, ref), ref):
+        if os.path.isdir(candidate):
+            return os.path.abspath(candidate)
+        if os.path.exists(candidate):
+            raise MergeError(f"model {ref!r}: {candidate} is a file; a model is a directory with config.json")
+    name, revision = split_revision(ref)
+    looks_local = ref.startswith((".", "/", "~")) or not REPO_ID.match(name)
+    if looks_local:
+        raise MergeError(f"model {ref!r}: no such directory (looked in {os.path.abspath(base_dir)} and {os.getcwd()})")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except LocalEntryNotFoundError:
+        raise MergeError(
+            f"model {repo_id!r}: not in the Hugging Face cache and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network); download it first with "
+            f"`huggingface-cli download {repo_id}` or give a local path"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise MergeError(f"model {repo_id!r}: cannot fetch it from the hub: {e}") from None
+
+
+def load_checkpoint(ref: str, base_dir: str = ".") -> Checkpoint:
+    """Resolve ``ref`` and read its config and every tensor header. No tensor data is read."""
+    path = resolve(ref, base_dir)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise MergeError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face model directory?")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise MergeError(f"model {ref!r}: cannot read {config_path}: {e}") from None
+    tensors: dict[str, TensorInfo] = {}
+    for file, names in _weight_files(ref, path).items():
+        entries, _ = read_header(os.path.join(path, file))
+        missing = [n for n in names if n not in entries] if names is not None else []
+        if missing:
+            raise MergeError(
+                f"model {ref!r}: {INDEX_FILE} puts {missing[0]!r} in {file}, but that file does not contain it"
+            )
+        for name in names if names is not None else entries:
+            if name in tensors:
+                raise MergeError(f"model {ref!r}: tensor {name!r} is stored twice ({tensors[name].file} and {file})")
+            tensors[name] = _info(file, entries[name])
+    return Checkpoint(ref=ref, path=path, config=config, tensors=tensors)
+
+
+def _info(file: str, e: TensorEntry) -> TensorInfo:
+    return TensorInfo(file=file, dtype=e.dtype, shape=e.shape, begin=e.begin, end=e.end)
+
+
+def _weight_files(ref: str, path: str) -> dict[str, list[str] | None]:
+    """{file: tensor names it holds per the index, or None for "all of them"}."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MergeError(f"model {ref!r}: {index_path} is not a valid index ({e})") from None
+        files: dict[str, list[str] | None] = {}
+        for name, file in sorted(weight_map.items()):
+            if not isinstance(file, str) or os.path.isabs(file) or ".." in file.replace("\\", "/").split("/"):
+                raise MergeError(
+                    f"model {ref!r}: {INDEX_FILE} names {file!r} for {name!r}, which is outside the model "
+                    "directory; refusing to read it"
+                )
+            if not os.path.isfile(os.path.join(path, file)):
+                raise MergeError(f"model {ref!r}: shard {file} named by {INDEX_FILE} is missing")
+            files.setdefault(file, []).append(name)
+        return files
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        return {SINGLE_FILE: None}
+    pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(path, p))]
+    if pickles:
+        raise MergeError(
+            f"model {ref!r}: has only pickle weights ({pickles[0]}); distmerge reads safetensors only, "
+            "because unpickling can run arbitrary code. Convert the model to safetensors first"
+        )
+    raise MergeError(f"model {ref!r}: {path} has no {SINGLE_FILE} or {INDEX_FILE}")
