@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 
 import click
 
@@ -70,13 +69,9 @@ def plan(recipe, out_shard_size, random_seed, world_size, as_json):
 
 
 def _plan(recipe_path: str, out_shard_size: str, seed: int):
-    from distmerge.plan import build_plan
-    from distmerge.recipe import load_recipe
+    from distmerge.launch import JobOptions, make_plan
 
-    recipe = load_recipe(recipe_path)
-    with open(recipe_path) as f:
-        text = f.read()
-    return build_plan(recipe, text, out_shard_bytes=parse_size(out_shard_size), seed=seed)
+    return make_plan(recipe_path, JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed))
 
 
 def describe(p, world_size: int = 1) -> str:
@@ -114,34 +109,23 @@ def describe(p, world_size: int = 1) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory's merge.")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors that come out with NaN or Inf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfinite, quiet):
-    """Merge RECIPE into the directory OUT."""
-    from distmerge import output
-    from distmerge.run import RunOptions, run_rank
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
+def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfinite, quiet, timeout):
+    """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun)."""
+    from distmerge.launch import JobOptions, merge
 
-    start = time.time()
-    p = _plan(recipe, out_shard_size, random_seed)
-    resumed = output.prepare(out, p, overwrite=overwrite)
-    if resumed and not quiet:
-        click.echo(f"resuming the run in {out}", err=True)
-    options = RunOptions(device=_device(device), allow_nonfinite=allow_nonfinite, progress=not quiet)
-    written = run_rank(p, out, options=options)
-    output.finish(p, out)
-    if not quiet:
+    options = JobOptions(
+        out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout,
+    )  # fmt: skip
+    result = merge(recipe, out, options)
+    if result.rank == 0 and not quiet:
+        p = result.plan
+        again = " (resumed)" if result.resumed else ""
         click.echo(
-            f"wrote {out}: {len(p.files)} files ({len(written)} this run), {len(p.tensors)} tensors, "
-            f"{human(p.write_bytes)} in {time.time() - start:.1f}s"
+            f"wrote {out}{again}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)} "
+            f"on {result.world_size} rank(s) in {result.seconds:.1f}s"
         )
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeError("--device cuda: no CUDA device is available; use --device cpu")
-    return name
 
 
 @cli.command("methods")

@@ -128,12 +128,6 @@ class Plan:
     def write_bytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
-    def tensor(self, name: str) -> OutputTensor:
-        return self._by_name()[name]
-
-    def _by_name(self) -> dict[str, OutputTensor]:
-        return {t.name: t for t in self.tensors}
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

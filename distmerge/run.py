@@ -12,6 +12,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -87,8 +88,18 @@ def is_done(out_dir: str, file: OutputFile) -> bool:
         return False
 
 
-def run_rank(plan: Plan, out_dir: str, rank: int = 0, world_size: int = 1, options: RunOptions | None = None) -> list[str]:
-    """Write this rank's files into ``out_dir`` (which must exist). Returns the names written now."""
+def run_rank(
+    plan: Plan,
+    out_dir: str,
+    rank: int = 0,
+    world_size: int = 1,
+    options: RunOptions | None = None,
+    between: Callable[[], None] | None = None,
+) -> list[str]:
+    """Write this rank's files into ``out_dir`` (which must exist). Returns the names written now.
+
+    ``between`` is called before every tensor (the job uses it to stop when another rank failed).
+    """
     options = options or RunOptions()
     mine = [plan.files[i] for i in assign_files(plan, world_size)[rank]]
     todo = [f for f in mine if not is_done(out_dir, f)]
@@ -97,20 +108,25 @@ def run_rank(plan: Plan, out_dir: str, rank: int = 0, world_size: int = 1, optio
     written = []
     with TensorReader() as reader:
         for file in todo:
-            _write_file(plan, file, out_dir, reader, options, bar)
+            _write_file(plan, file, out_dir, reader, options, bar, between)
             written.append(file.name)
     if bar is not None:
         bar.close()
     return written
 
 
-def _write_file(plan: Plan, file: OutputFile, out_dir: str, reader: TensorReader, options: RunOptions, bar) -> None:
-    tensors = [plan.tensor(name) for name in file.tensors]
-    writer = ShardWriter(
-        os.path.join(out_dir, file.name), [(t.name, t.dtype, tuple(t.shape)) for t in tensors], FILE_METADATA
-    )
+def _write_file(plan: Plan, file: OutputFile, out_dir: str, reader: TensorReader, options: RunOptions, bar, between) -> None:
+    by_name = {t.name: t for t in plan.tensors}
+    tensors = [by_name[name] for name in file.tensors]
+    path = os.path.join(out_dir, file.name)
+    try:
+        writer = ShardWriter(path, [(t.name, t.dtype, tuple(t.shape)) for t in tensors], FILE_METADATA)
+    except OSError as e:
+        raise MergeError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         for t in tensors:
+            if between is not None:
+                between()
             value = merge_tensor(plan, t, reader, options.device)
             if value.is_floating_point() and not options.allow_nonfinite and not torch.isfinite(value).all():
                 bad = int((~torch.isfinite(value)).sum())
@@ -123,6 +139,12 @@ def _write_file(plan: Plan, file: OutputFile, out_dir: str, reader: TensorReader
             if bar is not None:
                 bar.update(1)
         sha256 = writer.finish()
+    except OSError as e:
+        writer.abort()
+        raise MergeError(
+            f"writing {path} failed: {e.strerror or e}; nothing half-written is kept: "
+            "fix the cause (free disk space?) and rerun the same command to resume"
+        ) from None
     except BaseException:
         writer.abort()
         raise

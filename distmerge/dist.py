@@ -1,0 +1,210 @@
+"""Ranks and the process group: torchrun, deepspeed, srun, or a single process.
+
+Collectives carry only small things (plan fingerprints, errors, file manifests); tensor
+data never leaves its rank. Failures are shared through the rendezvous store so that
+every rank stops within one tensor's work of the first failure, and a rank that dies
+without a word is noticed by its stale heartbeat.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distmerge.errors import MergeError
+
+ABORT_KEY = "distmerge/abort"
+HEARTBEAT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """Where this process sits in the job, as the launcher told it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    launcher: str = "none"
+    """"torchrun" (also deepspeed and anything else setting RANK/WORLD_SIZE), "slurm", or "none"."""
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+def detect(environ=os.environ) -> Env:
+    """Read rank, world size and rendezvous address from the launcher's variables."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return Env(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            launcher="torchrun",
+            master_addr=environ.get("MASTER_ADDR"),
+            master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
+        )
+    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+        job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        return Env(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            launcher="slurm",
+            master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
+            # A port per job, so two jobs sharing a first node don't collide.
+            master_port=int(environ.get("MASTER_PORT") or 20000 + job % 20000),
+        )
+    return Env()
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[07-09,12],cpu1" -> "gpu07"."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", first)
+    if not m:
+        if not first:
+            raise MergeError("Slurm launch: SLURM_JOB_NODELIST is empty; set MASTER_ADDR to the first node's address")
+        return first
+    start = re.split(r"[-,]", m[2])[0]
+    return m[1] + start + m[3]
+
+
+@dataclass
+class Group:
+    """This process's view of the job: rank, device, and the few collectives distmerge needs."""
+
+    env: Env
+    device: str
+    timeout: timedelta
+    _store: object = None
+    _beat: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.env.world_size > 1
+
+    def agree(self, error: str | None) -> None:
+        """Collective: raise MergeError on every rank if any rank reports an error."""
+        if not self.distributed:
+            if error:
+                raise MergeError(error)
+            return
+        errors = self.gather(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            rank, message = failed[0]
+            others = f" (and {len(failed) - 1} other ranks)" if len(failed) > 1 else ""
+            raise MergeError(f"rank {rank}{others}: {message}")
+
+    def gather(self, obj) -> list:
+        """Collective: every rank's ``obj``, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Collective: rank 0's ``obj`` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def abort(self, message: str) -> None:
+        """Tell every rank to stop (not collective: any rank may call it at any time)."""
+        if self._store is not None:
+            self._store.set(ABORT_KEY, f"rank {self.rank}: {message}")
+
+    def check_abort(self) -> None:
+        """Raise if another rank has failed. Cheap: one store lookup."""
+        if self._store is not None and self._store.check([ABORT_KEY]):
+            raise MergeError(f"stopping: {self._store.get(ABORT_KEY).decode()}")
+
+    def wait_all(self, what: str) -> None:
+        """Wait until every rank has reached this point, however long their work takes,
+        while watching for aborts and for ranks whose heartbeat has stopped."""
+        if not self.distributed:
+            return
+        store = self._store
+        store.set(f"distmerge/{what}/{self.rank}", "1")
+        keys = [f"distmerge/{what}/{r}" for r in range(self.world_size)]
+        while not store.check(keys):
+            self.check_abort()
+            now = time.time()
+            for r in range(self.world_size):
+                if not store.check([f"distmerge/{what}/{r}"]):
+                    last = float(store.get(f"distmerge/alive/{r}").decode())
+                    if now - last > self.timeout.total_seconds():
+                        raise MergeError(f"rank {r} stopped responding {now - last:.0f}s ago (killed or hung); stopping")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=2 * HEARTBEAT_SECONDS)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init(device: str = "auto", timeout_s: float = 600.0, environ=os.environ) -> Group:
+    """Join the job's process group (gloo on CPU, nccl with one GPU per rank on CUDA).
+
+    Returns immediately for a single process, and reuses a process group that exists.
+    ``timeout_s`` bounds collectives and how long a silent rank is tolerated.
+    """
+    env = detect(environ)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeError("--device cuda: no CUDA device is available; use --device cpu")
+        device = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=timeout_s)
+    group = Group(env=env, device=device, timeout=timeout)
+    if env.world_size == 1:
+        return group
+    if not dist.is_initialized():
+        if env.master_addr is None or env.master_port is None:
+            raise MergeError("distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun or srun")
+        # env:// so that under torchrun the workers join the agent's store rather than
+        # starting a second one on the same port; srun's values are handed over the same way.
+        os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout
+        )
+    group._store = dist.distributed_c10d._get_default_store()
+    _heartbeat(group)
+    group._beat = threading.Thread(target=_beat_loop, args=(group,), daemon=True)
+    group._beat.start()
+    return group
+
+
+def _heartbeat(group: Group) -> None:
+    group._store.set(f"distmerge/alive/{group.rank}", str(time.time()))
+
+
+def _beat_loop(group: Group) -> None:
+    while not group._stop.wait(HEARTBEAT_SECONDS):
+        try:
+            _heartbeat(group)
+        except Exception:  # the store is gone: the job is ending
+            return

@@ -1,0 +1,110 @@
+"""One merge job, on one rank or many: plan, agree, prepare, write, finish.
+
+Every rank runs this same function. Each phase that can fail for a user-visible reason
+ends in an agreement, so that one rank's problem stops every rank with the same message
+naming the rank and the cause.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from distmerge import dist, output
+from distmerge.errors import MergeError
+from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
+from distmerge.recipe import load_recipe
+from distmerge.run import RunOptions, run_rank
+
+
+@dataclass(kw_only=True, slots=True)
+class JobOptions:
+    out_shard_bytes: int = DEFAULT_SHARD_BYTES
+    """Largest output file, in bytes of tensor data."""
+    seed: int = 0
+    """Recipe seed of the randomized methods."""
+    device: str = "auto"
+    """"cpu", "cuda" or "auto"."""
+    overwrite: bool = False
+    allow_nonfinite: bool = False
+    quiet: bool = False
+    timeout_s: float = 600.0
+    """How long a silent rank is tolerated, and the bound on collectives."""
+
+
+@dataclass(slots=True)
+class JobResult:
+    plan: Plan
+    rank: int
+    world_size: int
+    written: list[str]
+    """Files this rank wrote in this run (resumed runs skip finished ones)."""
+    resumed: bool
+    seconds: float
+
+
+def make_plan(recipe_path: str, options: JobOptions) -> Plan:
+    recipe = load_recipe(recipe_path)
+    with open(recipe_path) as f:
+        text = f.read()
+    return build_plan(recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed)
+
+
+def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
+    """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job."""
+    options = options or JobOptions()
+    start = time.time()
+    group = dist.init(options.device, options.timeout_s)
+    try:
+        plan = _on_every_rank(group, lambda: make_plan(recipe_path, options))
+        prints = group.gather(plan.fingerprint)
+        if len(set(prints)) > 1:
+            odd = next(r for r, p in enumerate(prints) if p != prints[0])
+            raise MergeError(
+                f"rank {odd} computed a different plan than rank 0 (fingerprint {prints[odd][:12]} vs "
+                f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
+            )
+        resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
+        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, progress=not options.quiet)
+        try:
+            written = run_rank(plan, out_dir, group.rank, group.world_size, run_options, between=group.check_abort)
+        except BaseException as e:
+            group.abort(_describe(e))
+            raise
+        group.wait_all("written")
+        _on_rank0(group, lambda: output.finish(plan, out_dir), collective=False)
+        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start)
+    finally:
+        group.close()
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
+
+
+def _on_every_rank(group: dist.Group, fn):
+    result, error = None, None
+    try:
+        result = fn()
+    except MergeError as e:
+        error = str(e)
+    group.agree(error)
+    return result
+
+
+def _on_rank0(group: dist.Group, fn, collective: bool = True):
+    """Run ``fn`` on rank 0; with ``collective``, every rank gets its result or its error."""
+    result, error = None, None
+    if group.rank == 0:
+        try:
+            result = fn()
+        except MergeError as e:
+            if not collective:
+                raise
+            error = str(e)
+    if not collective:
+        return result
+    group.agree(error)
+    return group.broadcast(result)
