@@ -264,7 +264,8 @@ def _leaf_values(setting: Setting):
 
 def _check_base(recipe: Recipe, source: str) -> None:
     method = recipe.method
-    if method.base == "required" and not recipe.base_model and not all(s.base_model for s in recipe.slices or ()):
+    every_slice_has_one = bool(recipe.slices) and all(s.base_model for s in recipe.slices)
+    if method.base == "required" and not recipe.base_model and not every_slice_has_one:
         raise MergeError(f"{source}: merge_method {method.name} needs a base_model (the model the others were fine-tuned from)")
 
 
