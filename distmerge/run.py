@@ -136,6 +136,7 @@ def _write_file(plan: Plan, file: OutputFile, out_dir: str, reader: TensorReader
                 )
             writer.write(t.name, value)
             del value
+            reader.release()
             if bar is not None:
                 bar.update(1)
         sha256 = writer.finish()

@@ -20,6 +20,7 @@ class TensorReader:
 
     def __init__(self):
         self._maps: dict[str, mmap.mmap] = {}
+        self._touched: list[tuple[mmap.mmap, int, int]] = []
 
     def read(self, path: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
         m = self._maps.get(path)
@@ -32,10 +33,22 @@ class TensorReader:
             # The mapping is read-only and so is the tensor: we never write to inputs.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             flat = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin)
+        self._touched.append((m, begin, end))
         return flat.view(DTYPES[dtype]).view(shape)
+
+    def release(self) -> None:
+        """Unmap the pages of every tensor read so far from this process (they stay in the
+        page cache). Without this, a long run's resident memory would grow with the model,
+        since touched file pages count as the process's own while they stay mapped.
+        Call it once those tensors are no longer used."""
+        for m, begin, end in self._touched:
+            start = begin - begin % mmap.PAGESIZE
+            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        self._touched.clear()
 
     def close(self) -> None:
         """Forget the mappings (they are unmapped once no tensor refers to them)."""
+        self._touched.clear()
         self._maps.clear()
 
     def __enter__(self) -> "TensorReader":

@@ -16,7 +16,8 @@ Every method is a plain function::
   input model) and on nothing about where or in which order the tensor is computed.
 
 Inputs arrive in float32 (the run casts them); the result is cast by the run to the
-output dtype. Methods never modify their inputs.
+output dtype. Methods never modify their inputs: they may be read-only memory-mapped
+views of the checkpoint files, where an in-place write would crash the process.
 """
 
 from __future__ import annotations
