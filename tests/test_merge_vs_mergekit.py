@@ -1,0 +1,231 @@
+"""End to end through the CLI: distmerge's output equals mergekit 0.1.5's on the same recipe.
+
+float32 recipes compare the merge math sharply (exact equality); bf16 recipes check the
+real-world path. See ../shared/ORACLE.md for what mergekit does with dtypes.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distmerge.cli import main
+from tests.helpers import assert_same_tensors, load_state, run_mergekit
+
+
+def distmerge(recipe: dict, out: Path, *args: str) -> Path:
+    """Run ``distmerge run`` in this process (the CLI's entry point) and return ``out``."""
+    path = out.parent / (out.name + ".yml")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    main(["run", str(path), str(out), "--quiet", *args])
+    return out
+
+
+def both(recipe: dict, tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    return distmerge(recipe, tmp_path / "ours", *args), run_mergekit(recipe, tmp_path / "mergekit")
+
+
+def models(fam, *specs):
+    """[(name, parameters)] -> mergekit ``models`` entries pointing at fixture paths."""
+    return [{"model": str(fam[name]), **({"parameters": p} if p else {})} for name, p in specs]
+
+
+# ---------------------------------------------------------------- linear
+
+
+def test_linear_two_models_float32(llama_family_f32, tmp_path):
+    f = llama_family_f32
+    recipe = {"merge_method": "linear", "models": models(f, ("ft1", {"weight": 1.0}), ("ft2", {"weight": 1.0})), "dtype": "float32"}
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    a, b, out = load_state(f["ft1"]), load_state(f["ft2"]), load_state(ours)
+    # and it is what the equation says, not merely what mergekit says
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert (out[name] - (a[name] + b[name]) / 2).abs().max() < 1e-7
+
+
+def test_linear_filters_and_gradients_three_models_float32(llama_family_f32, tmp_path):
+    f = llama_family_f32
+    recipe = {
+        "merge_method": "linear",
+        "models": models(
+            f,
+            ("ft1", {"weight": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.3}]}),
+            ("ft2", {"weight": [0.5, 0.2, 0.7]}),
+            ("ft3", {"weight": 0.25}),
+        ),
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+
+
+def test_linear_four_models_unnormalized_bf16(llama_family, tmp_path):
+    f = llama_family
+    recipe = {
+        "merge_method": "linear",
+        "models": models(f, ("base", {"weight": 0.4}), ("ft1", {"weight": 0.3}), ("ft2", {"weight": 0.2}), ("ft3", {"weight": 0.1})),
+        "parameters": {"normalize": False},
+        "dtype": "bfloat16",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)  # linear upcasts to float32 in both: bit-identical
+
+
+# ---------------------------------------------------------------- task arithmetic
+
+
+def test_task_arithmetic_with_negation_float32(llama_family_f32, tmp_path):
+    f = llama_family_f32
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": 1.0}), ("ft2", {"weight": -0.5})),
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    base, a, b, out = (load_state(p) for p in (f["base"], f["ft1"], f["ft2"], ours))
+    name = "model.layers.2.self_attn.o_proj.weight"
+    expected = base[name] + (a[name] - base[name]) - 0.5 * (b[name] - base[name])
+    assert (out[name] - expected).abs().max() < 1e-6
+
+
+def test_task_arithmetic_gradient_normalize_lambda_float32(llama_family_f32, tmp_path):
+    f = llama_family_f32
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": [0.2, 1.0]}), ("ft2", {"weight": 0.5}), ("ft3", {"weight": [{"filter": "self_attn", "value": 0.9}, {"value": 0.1}]})),
+        "parameters": {"normalize": True, "lambda": 1.5},
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+
+
+def test_task_arithmetic_bf16_is_float32_math_rounded_once(llama_family, tmp_path):
+    f = llama_family
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": 0.7}), ("ft2", {"weight": 0.3})),
+        "dtype": "bfloat16",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    base, a, b, out = (load_state(p) for p in (f["base"], f["ft1"], f["ft2"], ours))
+    for name in out:
+        x0, x1, x2 = base[name].float(), a[name].float(), b[name].float()
+        expected = (x0 + (0.7 * (x1 - x0) + 0.3 * (x2 - x0))).bfloat16()
+        assert torch.equal(out[name], expected), name
+    # mergekit computes the deltas, products and sums in bf16 itself (ORACLE.md), rounding
+    # at every step; near-zero results then differ by several ulps *of the result*. Both
+    # agree within 1 ulp of the result plus 2 ulps at the weights' typical scale (|w| ~ 0.02:
+    # ulp 1.2e-4), which covers cancellation to near zero.
+    assert_same_tensors(ours, theirs, ulps=1, atol=2.5e-4)
+
+
+# ---------------------------------------------------------------- slerp
+
+
+def test_slerp_scalar_t_float32(llama_family_f32, tmp_path):
+    f = llama_family_f32
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(f["base"]),
+        "models": models(f, ("base", None), ("ft1", None)),
+        "parameters": {"t": 0.3},
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+
+
+def test_slerp_filtered_gradients_bf16(llama_family, tmp_path):
+    f = llama_family
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(f["base"]),
+        "slices": [{"sources": [{"model": str(f["base"]), "layer_range": [0, 4]}, {"model": str(f["ft2"]), "layer_range": [0, 4]}]}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+        "dtype": "bfloat16",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)  # slerp upcasts to float32 in both: bit-identical
+
+
+# ---------------------------------------------------------------- passthrough
+
+
+def test_passthrough_overlapping_slices_of_two_models(llama_deep, tmp_path):
+    """goliath-style: interleaved, overlapping ranges of two models into a deeper one."""
+    f = llama_deep
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(f["ft1"]), "layer_range": [0, 5]}]},
+            {"sources": [{"model": str(f["ft2"]), "layer_range": [3, 8]}]},
+            {"sources": [{"model": str(f["ft1"]), "layer_range": [6, 8]}]},
+        ],
+        "dtype": "bfloat16",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    out, a, b = load_state(ours), load_state(f["ft1"]), load_state(f["ft2"])
+    expected_map = [("a", i) for i in range(5)] + [("b", i) for i in range(3, 8)] + [("a", 6), ("a", 7)]
+    src = {"a": a, "b": b}
+    for j, (m, i) in enumerate(expected_map):
+        for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
+            assert (out[f"model.layers.{j}.{suffix}"] == src[m][f"model.layers.{i}.{suffix}"]).all()
+    assert (out["model.embed_tokens.weight"] == a["model.embed_tokens.weight"]).all()  # first slice's model
+    assert (out["lm_head.weight"] == a["lm_head.weight"]).all()  # last slice's model
+    assert not any(k.startswith(f"model.layers.{len(expected_map)}.") for k in out)
+    import json
+
+    assert json.loads((ours / "config.json").read_text())["num_hidden_layers"] == 12
+    assert json.loads((theirs / "config.json").read_text())["num_hidden_layers"] == 12
+
+
+def test_passthrough_depth_upscaling_with_scale(llama_deep, tmp_path):
+    """SOLAR-style: one model's layers [0, 6) and [2, 8) stacked; o_proj scaled in the copy."""
+    f = llama_deep
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(f["base"]), "layer_range": [0, 6]}]},
+            {"sources": [{"model": str(f["base"]), "layer_range": [2, 8], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
+        ],
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    out, base = load_state(ours), load_state(f["base"])
+    assert (out["model.layers.6.self_attn.o_proj.weight"] == 0.5 * base["model.layers.2.self_attn.o_proj.weight"].float()).all()
+    assert (out["model.layers.6.mlp.up_proj.weight"] == base["model.layers.2.mlp.up_proj.weight"].float()).all()
+
+
+# ---------------------------------------------------------------- the output is a HF checkpoint
+
+
+@pytest.mark.parametrize("method", ["linear", "passthrough"])
+def test_output_loads_in_transformers_and_runs(llama_deep, tmp_path, method):
+    import torch
+    import transformers
+
+    f = llama_deep
+    if method == "linear":
+        recipe = {"merge_method": "linear", "models": models(f, ("ft1", {"weight": 1}), ("ft2", {"weight": 1}))}
+    else:
+        recipe = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(f["ft1"]), "layer_range": [0, 6]}]}, {"sources": [{"model": str(f["ft2"]), "layer_range": [2, 8]}]}]}
+    out = distmerge(recipe, tmp_path / "out", "--out-shard-size", "100KB")
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == (8 if method == "linear" else 12)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+    card = (out / "README.md").read_text()
+    assert "distmerge" in card and method in card and str(f["ft1"]) in card
