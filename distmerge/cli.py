@@ -124,7 +124,7 @@ def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfi
         again = " (resumed)" if result.resumed else ""
         click.echo(
             f"wrote {out}{again}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)} "
-            f"on {result.world_size} rank(s) in {result.seconds:.1f}s"
+            f"on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)"
         )
 
 

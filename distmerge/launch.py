@@ -41,6 +41,23 @@ class JobResult:
     """Files this rank wrote in this run (resumed runs skip finished ones)."""
     resumed: bool
     seconds: float
+    peak_rss: int
+    """This process's peak resident memory, in bytes."""
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process (VmHWM: it starts afresh at exec, unlike
+    getrusage's ru_maxrss, which also counts the pages of the process that forked us)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_plan(recipe_path: str, options: JobOptions) -> Plan:
@@ -73,7 +90,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
             raise
         group.wait_all("written")
         _on_rank0(group, lambda: output.finish(plan, out_dir), collective=False)
-        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start)
+        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start, peak_rss())
     finally:
         group.close()
 

@@ -7,6 +7,7 @@ only when complete. A file with its final name is therefore always whole.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 
@@ -43,8 +44,8 @@ class ShardWriter:
                 f"{self.path}: expected {want_name} {want_dtype}{list(want_shape)}, "
                 f"got {name} {got_dtype}{list(tensor.shape)}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._write(memoryview(data))
+        data = tensor.detach().to("cpu").contiguous()
+        self._write(raw_bytes(data))
         self._next += 1
 
     def finish(self) -> str:
@@ -66,6 +67,14 @@ class ShardWriter:
             os.remove(self.tmp)
         except FileNotFoundError:
             pass
+
+
+def raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """A zero-copy view of a contiguous CPU tensor's bytes (no numpy needed, any dtype)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def fsync_dir(path: str) -> None:

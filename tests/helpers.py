@@ -1,0 +1,265 @@
+"""Test helpers: run mergekit in-process, load and compare checkpoints, run the CLI.
+
+Import as ``from tests.helpers import ...`` (tests/ is a package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+StateOrDir = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
+
+# --------------------------------------------------------------------------- mergekit
+
+#: recipe text (+ seed) -> output directory of the first run in this session
+_MERGEKIT_CACHE: dict[tuple[str, int | None], Path] = {}
+
+
+def recipe_text(recipe: dict | str) -> str:
+    """The YAML text of a recipe given as a dict or as text (text is returned unchanged)."""
+    if isinstance(recipe, str):
+        return recipe
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def run_mergekit(recipe: dict | str, out_dir: str | os.PathLike, *, seed: int | None = None) -> Path:
+    """Merge with mergekit 0.1.5 in this process, as ``mergekit-yaml RECIPE OUT`` would.
+
+    CPU only, lazy loading, tokenizer copied, output in one shard. Results are cached by
+    recipe text and seed for the session: a repeated recipe copies the earlier output to
+    ``out_dir`` instead of merging again. Returns ``out_dir`` as a Path.
+    """
+    text = recipe_text(recipe)
+    out_dir = Path(out_dir)
+    key = (text, seed)
+    cached = _MERGEKIT_CACHE.get(key)
+    if cached is not None and cached.is_dir():
+        if cached.resolve() != out_dir.resolve():
+            shutil.copytree(cached, out_dir, dirs_exist_ok=True)
+        return out_dir
+
+    # Imported here: mergekit pulls in transformers, a few seconds on first import.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # mergekit uses numpy.core
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(text))
+    options = MergeOptions(
+        cuda=False,
+        device="cpu",
+        copy_tokenizer=True,
+        lazy_unpickle=True,
+        low_cpu_memory=False,
+        out_shard_size=10**15,  # one output file
+        random_seed=seed,
+        quiet=True,
+        allow_crimes=False,
+        trust_remote_code=False,
+        multi_gpu=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_merge(config, str(out_dir), options=options, config_source=text)
+    _MERGEKIT_CACHE[key] = out_dir
+    return out_dir
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def safetensors_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF checkpoint directory (from the index when there is one)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def load_state(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors checkpoint (one file or sharded with an index)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(model_dir):
+        part = load_file(str(f))
+        dup = state.keys() & part.keys()
+        if dup:
+            raise AssertionError(f"{model_dir}: tensors in more than one file: {sorted(dup)[:5]}")
+        state.update(part)
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if set(weight_map) != set(state):
+            missing = sorted(set(weight_map) - set(state))[:5]
+            extra = sorted(set(state) - set(weight_map))[:5]
+            raise AssertionError(
+                f"{model_dir}: index and files disagree: in index only {missing}, in files only {extra}"
+            )
+    return state
+
+
+def _as_state(x: StateOrDir) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(x, Mapping):
+        return dict(x), "<state dict>"
+    return load_state(x), str(x)
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bfloat16 numbers at |x| (float64): 2**(floor(log2|x|) - 7).
+
+    Below the smallest normal (2**-126) it is the subnormal spacing 2**-133.
+    """
+    a = x.detach().to(torch.float64).abs().clamp_min(2.0**-126)
+    a = torch.where(torch.isfinite(a), a, torch.ones_like(a))
+    _, exp = torch.frexp(a)  # a = m * 2**exp, m in [0.5, 1): floor(log2 a) = exp - 1
+    return torch.ldexp(torch.ones_like(a), (exp - 8).to(torch.float64))
+
+
+def assert_same_tensors(
+    a: StateOrDir,
+    b: StateOrDir,
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+    ulps: float | None = None,
+    check_dtype: bool = True,
+) -> None:
+    """Assert two checkpoints (directories or state dicts) hold the same tensors.
+
+    Names, shapes and (with ``check_dtype``) dtypes must match; values are compared in
+    float32 (exact for bf16/f16 inputs) elementwise:
+    ``|a - b| <= atol + rtol * |b| + ulps * ulp_bf16(|b|)``; ``b`` is the reference.
+    NaNs must sit at the same places; infinities must be equal. The message names every
+    failing tensor with its max difference and where it is.
+    """
+    sa, na = _as_state(a)
+    sb, nb = _as_state(b)
+    problems: list[str] = []
+    only_a, only_b = sorted(set(sa) - set(sb)), sorted(set(sb) - set(sa))
+    if only_a:
+        problems.append(f"{len(only_a)} tensors only in {na}: {only_a[:8]}")
+    if only_b:
+        problems.append(f"{len(only_b)} tensors only in {nb}: {only_b[:8]}")
+    for name in sorted(set(sa) & set(sb)):
+        ta, tb = sa[name], sb[name]
+        if tuple(ta.shape) != tuple(tb.shape):
+            problems.append(f"{name}: shape {tuple(ta.shape)} != {tuple(tb.shape)}")
+            continue
+        if check_dtype and ta.dtype != tb.dtype:
+            problems.append(f"{name}: dtype {ta.dtype} != {tb.dtype}")
+            continue
+        fa, fb = ta.to(torch.float32), tb.to(torch.float32)
+        nan_a, nan_b = torch.isnan(fa), torch.isnan(fb)
+        if not torch.equal(nan_a, nan_b):
+            problems.append(f"{name}: NaNs at different places ({int(nan_a.sum())} vs {int(nan_b.sum())})")
+            continue
+        ok = nan_a | (fa == fb)  # equal values, infinities included
+        diff = (fa - fb).abs().to(torch.float64)
+        allowed = atol + rtol * fb.abs().to(torch.float64)
+        if ulps is not None:
+            allowed = allowed + ulps * ulp_bf16(fb)
+        ok = ok | (torch.isfinite(fa) & torch.isfinite(fb) & (diff <= allowed))
+        if bool(ok.all()):
+            continue
+        bad = ~ok
+        d = torch.where(bad & torch.isfinite(diff), diff, torch.zeros_like(diff))
+        if bool(torch.isfinite(diff[bad]).any()):
+            flat = int(d.flatten().argmax())
+        else:
+            flat = int(bad.flatten().nonzero()[0])
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(ta.shape))) if ta.dim() else ()
+        ulps_there = float(diff.flatten()[flat] / ulp_bf16(fb.flatten()[flat]))
+        problems.append(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements differ; max |a-b| = "
+            f"{float(diff.flatten()[flat]):.3g} at {list(idx)} "
+            f"(a={float(fa.flatten()[flat])!r}, b={float(fb.flatten()[flat])!r}, "
+            f"{ulps_there:.3g} bf16 ulps of b)"
+        )
+    if problems:
+        head = f"{na} and {nb} differ (atol={atol}, rtol={rtol}, ulps={ulps}):\n  "
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise AssertionError(head + "\n  ".join(shown) + more)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(
+    *args: object,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120,
+    cwd: str | os.PathLike | None = None,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -m distmerge.cli ARGS...`` (the ``distmerge`` command) in a subprocess.
+
+    Returns the CompletedProcess (text stdout/stderr; the exit code is not checked).
+    ``env`` is added to this process's environment; HF_HUB_OFFLINE=1 is set unless ``env``
+    says otherwise, and the repository root is put on PYTHONPATH.
+    """
+    full_env = dict(os.environ)
+    full_env.setdefault("HF_HUB_OFFLINE", "1")
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    if env:
+        full_env.update({k: str(v) for k, v in env.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "distmerge.cli", *map(str, args)],
+        env=full_env,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def numel_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Total bytes of a state dict's tensors."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+__all__ = [
+    "REPO_ROOT",
+    "recipe_text",
+    "run_mergekit",
+    "safetensors_files",
+    "load_state",
+    "ulp_bf16",
+    "assert_same_tensors",
+    "free_port",
+    "run_cli",
+    "numel_bytes",
+]
