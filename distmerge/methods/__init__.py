@@ -97,10 +97,22 @@ def non_negative(value: float) -> str | None:
 
 
 def _registry() -> dict[str, Method]:
-    from distmerge.methods import linear, passthrough, slerp, task_arithmetic
+    from distmerge.methods import (
+        arcee_fusion,
+        linear,
+        model_stock,
+        nearswap,
+        passthrough,
+        ram,
+        sce,
+        slerp,
+        spherical,
+        task_arithmetic,
+    )
 
     methods: dict[str, Method] = {}
-    for module in (linear, slerp, task_arithmetic, passthrough):
+    modules = (linear, slerp, spherical, task_arithmetic, sce, model_stock, nearswap, arcee_fusion, ram, passthrough)
+    for module in modules:
         for method in module.METHODS:
             assert method.name not in methods, f"duplicate method {method.name}"
             methods[method.name] = method

@@ -1,0 +1,169 @@
+"""Counter-based random numbers: Philox4x32-10, bit-exact with Triton's ``tl.rand``.
+
+A draw is a pure function of ``(key, element index)``, never of a generator's state, so
+the same recipe gives the same masks on any number of ranks, in any order, in chunks
+or whole, on CPU here or in a GPU kernel that calls ``tl.rand(seed, offset)`` /
+``tl.randint(seed, offset)`` with the same key and element offsets.
+
+Philox4x32-10 (Salmon et al. 2011, "Parallel random numbers: as easy as 1, 2, 3",
+https://www.thesalmons.org/john/random123/papers/random123sc11.pdf) maps a 128-bit
+counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) through 10 rounds of::
+
+    hi_a, lo_a = mulhilo(0xD2511F53, c0)     hi_b, lo_b = mulhilo(0xCD9E8D57, c2)
+    (c0, c1, c2, c3) = (hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a)
+    (k0, k1) += (0x9E3779B9, 0xBB67AE85)      (mod 2**32)
+
+Triton's ``randint(seed, offset)`` uses key = (seed & 0xFFFFFFFF, seed >> 32), counter =
+(offset & 0xFFFFFFFF, offset >> 32, 0, 0) and returns the first output word; ``rand``
+turns that word x into a float32 in [0, 1) as ``float32(x if x < 2**31 else ~x & 0x7FFFFFFF)
+* float32(4.6566127342e-10)``. Here the same arithmetic runs on int64 tensors holding
+uint32 values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUNDS = 10
+_UNIFORM_SCALE = 4.6566127342e-10
+"""Triton's float scale: the largest value with (2**31 - 1) * scale < 1 in float32."""
+CHUNK = 1 << 15
+"""Counters per vectorized block. Small enough for the scratch (a few int64 words per
+counter) to stay in cache and below torch's intra-op parallel grain (32768), which on a
+busy host costs more than it gains; about 60 ns per draw on one CPU core."""
+
+
+def derive_seed(recipe_seed: int, *parts: str) -> int:
+    """A 63-bit Philox key from the recipe seed and names (output tensor, input model).
+
+    Uses blake2b, so the key is the same in every process and Python version (Python's
+    ``hash()`` of a str is salted per process). Parts are length-prefixed, so
+    ("ab", "c") and ("a", "bc") give different keys.
+    """
+    h = hashlib.blake2b(digest_size=8, person=b"distmerge.rng")
+    h.update(int(recipe_seed).to_bytes(16, "little", signed=True))
+    for part in parts:
+        data = part.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a·b >> 32, a·b & 0xFFFFFFFF) for a constant a and a tensor b of uint32 values.
+
+    a·b < 2**64 may pass int64's range; torch's int64 product then wraps modulo 2**64
+    (two's complement, on CPU and CUDA), which keeps all 64 low bits exact: the two
+    32-bit halves are read back with masks. The Philox test vectors in tests/test_rng.py
+    check this on the running platform.
+    """
+    product = b * a
+    hi = (product >> 32).bitwise_and_(_MASK32)
+    return hi, product.bitwise_and_(_MASK32)
+
+
+def philox4x32(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: int, k1: int, rounds: int = _ROUNDS
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 on int64 tensors of uint32 counter words, with a (k0, k1) key."""
+    for _ in range(rounds):
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        c0 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = lo_b, lo_a
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def _check_key(seed: int) -> None:
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"Philox key must be in [0, 2**64), got {seed}")
+
+
+def _randint_block(seed: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+    """First Philox output word for counters start .. start+count-1 (int64 holding uint32)."""
+    counter = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    c0, c1 = counter & _MASK32, counter >> 32
+    zero = torch.zeros_like(c0)
+    return philox4x32(c0, c1, zero, zero, seed & _MASK32, seed >> 32)[0]
+
+
+def _to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: [0, 2**32) -> float32 [0, 1)."""
+    x = torch.where(x >= 1 << 31, x ^ _MASK32, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def randint(seed: int, numel: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint32 draws as int64: element i is ``tl.randint(seed, offset + i)`` (reinterpreted unsigned)."""
+    _check_key(seed)
+    out = torch.empty(numel, dtype=torch.int64, device=device)
+    for start in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - start)
+        out[start : start + count] = _randint_block(seed, offset + start, count, device)
+    return out
+
+
+def uniform(seed: int, numel: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """float32 in [0, 1): element i is ``tl.rand(seed, offset + i)``.
+
+    Element i depends only on (seed, offset + i), so ``uniform(s, n, offset=k)`` equals
+    ``uniform(s, n + k)[k:]``: splitting a tensor into chunks or shards never changes a draw.
+    """
+    _check_key(seed)
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for start in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - start)
+        out[start : start + count] = _to_uniform(_randint_block(seed, offset + start, count, device))
+    return out
+
+
+def bernoulli_keep(
+    seed: int,
+    shape: torch.Size | tuple[int, ...],
+    p: float | torch.Tensor,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean mask, True with probability p: element i (row-major) keeps when u_i < p.
+
+    ``p`` is a float (one probability) or a float32 tensor of ``shape`` (one per element).
+    The comparison is in float32, as a kernel comparing ``tl.rand`` with a float32 p does.
+    """
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    if isinstance(p, torch.Tensor):
+        if p.shape != shape:
+            raise ValueError(f"probabilities have shape {tuple(p.shape)}, expected {tuple(shape)}")
+        probs = p.to(torch.float32).reshape(-1)
+    else:
+        probs = torch.tensor(p, dtype=torch.float32, device=device)
+    keep = torch.empty(numel, dtype=torch.bool, device=device)
+    for start in range(0, numel, CHUNK):
+        count = min(CHUNK, numel - start)
+        u = uniform(seed, count, offset + start, device)
+        keep[start : start + count] = u < (probs if probs.dim() == 0 else probs[start : start + count])
+    return keep.reshape(shape)
+
+
+def sample_indices(seed: int, count: int, population: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``count`` indices drawn uniformly, with replacement, from range(population).
+
+    Index i is floor(r_i · population / 2**32) for the uint32 draw r_i = randint(seed, i)
+    (Lemire's multiply-shift; bias below population / 2**32). The product is split in
+    16-bit halves of ``population`` to stay within int64.
+    """
+    if not 0 < population < 1 << 47:
+        raise ValueError(f"population must be in [1, 2**47), got {population}")
+    r = randint(seed, count, device=device)
+    high = r * (population >> 16)
+    low = (r * (population & 0xFFFF)) >> 16
+    return (high + low) >> 16

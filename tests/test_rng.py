@@ -1,0 +1,193 @@
+"""distmerge.rng: Philox4x32-10 bit-exact with published vectors, a scalar reference and Triton."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distmerge import rng
+
+MASK = 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------- an independent scalar Philox
+
+
+def philox_scalar(counter: tuple[int, int, int, int], key: tuple[int, int], rounds: int = 10) -> tuple[int, ...]:
+    """Philox4x32 on Python ints, straight from Salmon et al. 2011 (Random123), one block."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(rounds):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK, (p0 >> 32) ^ c3 ^ k1, p0 & MASK
+        k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
+    return c0, c1, c2, c3
+
+
+def triton_randint_scalar(seed: int, offset: int) -> int:
+    """tl.randint(seed, offset) as Triton defines it: key = seed's halves, counter = (offset lo, hi, 0, 0)."""
+    return philox_scalar((offset & MASK, offset >> 32, 0, 0), (seed & MASK, seed >> 32))[0]
+
+
+def triton_rand_scalar(seed: int, offset: int) -> float:
+    """tl.rand: the word as int32, negatives mapped by ~x, times float32(4.6566127342e-10) in float32."""
+    x = triton_randint_scalar(seed, offset)
+    x = x if x < 1 << 31 else x ^ MASK
+    f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
+    return f32(f32(float(x)) * f32(4.6566127342e-10))  # float32 × float32 is exact in float64
+
+
+# Random123's known-answer tests for philox4x32_10 (kat_vectors): counter, key -> output.
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((MASK, MASK, MASK, MASK), (MASK, MASK), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+# (seed, offset) -> tl.randint word, computed once with philox_scalar above and frozen here.
+KNOWN = {
+    (0, 0): 0x6627E8D5,
+    (0, 1): 0xF8E4CCA4,
+    (1, 0): 0xE3E80670,
+    (12345, 1000): 0xA7EC4720,
+    (2**40 + 7, 3): 0x8A50E7D9,
+    (2**63 - 25, 2**32 + 5): 0x9FB9B063,
+}
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_philox_known_answers(counter, key, expected):
+    assert philox_scalar(counter, key) == expected
+    words = [torch.tensor([c], dtype=torch.int64) for c in counter]
+    assert tuple(int(w) for w in rng.philox4x32(*words, *key)) == expected
+
+
+def test_known_values_frozen():
+    for (seed, offset), word in KNOWN.items():
+        assert triton_randint_scalar(seed, offset) == word, (seed, offset)
+        assert int(rng.randint(seed, 1, offset)[0]) == word, (seed, offset)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 987654321, 2**32 + 1, 2**63 - 1, 2**64 - 1])
+@pytest.mark.parametrize("offset", [0, 17, 2**31 - 3, 2**32 - 2])
+def test_matches_scalar_reference(seed, offset):
+    n = 8  # crosses 2**32 (the counter's second word) for offset 2**32 - 2
+    words = rng.randint(seed, n, offset)
+    floats = rng.uniform(seed, n, offset)
+    assert words.tolist() == [triton_randint_scalar(seed, offset + i) for i in range(n)]
+    assert floats.tolist() == [triton_rand_scalar(seed, offset + i) for i in range(n)]
+
+
+def test_uniform_range_and_moments():
+    u = rng.uniform(42, 200_000)
+    assert u.dtype == torch.float32
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    # mean of 200k U(0,1): sd 1/sqrt(12 * 200k) ≈ 6.5e-4
+    assert abs(float(u.mean()) - 0.5) < 5e-3
+    assert abs(float(u.var()) - 1 / 12) < 2e-3
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    n=st.integers(1, 300),
+    k=st.integers(0, 300),
+    base=st.sampled_from([0, 2**32 - 150, 5 * 2**32]),
+)
+def test_element_index_property(seed, n, k, base):
+    """uniform(s, n, offset=base+k) == uniform(s, n+k, offset=base)[k:]: chunks never change draws."""
+    whole = rng.uniform(seed, n + k, base)
+    assert torch.equal(rng.uniform(seed, n, base + k), whole[k:])
+
+
+def test_chunking_does_not_change_draws(monkeypatch):
+    reference = rng.uniform(7, 10_000)
+    monkeypatch.setattr(rng, "CHUNK", 999)
+    assert torch.equal(rng.uniform(7, 10_000), reference)
+    keep = rng.bernoulli_keep(7, (100, 100), 0.3)
+    assert torch.equal(keep, (reference < 0.3).view(100, 100))
+
+
+def test_bernoulli_keep_rate_and_per_element_probabilities():
+    n = 100_000
+    keep = rng.bernoulli_keep(3, (n,), 0.3)
+    # Binomial(n, 0.3): sd ≈ 145; 6 sd
+    assert abs(int(keep.sum()) - 0.3 * n) < 6 * (n * 0.3 * 0.7) ** 0.5
+    p = torch.linspace(0, 1, n)
+    keep = rng.bernoulli_keep(4, (n,), p)
+    assert not keep[p == 0].any() and keep[p == 1].all()
+    low, high = keep[: n // 2].float().mean(), keep[n // 2 :].float().mean()
+    assert abs(float(low) - 0.25) < 0.01 and abs(float(high) - 0.75) < 0.01
+
+
+def test_derive_seed_stable_and_distinct():
+    a = rng.derive_seed(42, "model.layers.0.mlp.up_proj.weight", "ft1")
+    assert a == rng.derive_seed(42, "model.layers.0.mlp.up_proj.weight", "ft1")
+    assert 0 <= a < 2**63
+    others = {
+        rng.derive_seed(43, "model.layers.0.mlp.up_proj.weight", "ft1"),
+        rng.derive_seed(42, "model.layers.0.mlp.up_proj.weight", "ft2"),
+        rng.derive_seed(42, "model.layers.0.mlp.up_proj.weigh", "tft1"),
+    }
+    assert a not in others and len(others) == 3
+
+
+def test_derive_seed_frozen():
+    """A frozen value: keys must not depend on the process (Python's str hash is salted)
+    or change between versions, or recipes would stop reproducing."""
+    assert rng.derive_seed(5, "lm_head.weight", "m") == 8475038915551875964
+
+
+def test_sample_indices_range_and_uniformity():
+    idx = rng.sample_indices(9, 100_000, 1000)
+    assert idx.dtype == torch.int64 and int(idx.min()) >= 0 and int(idx.max()) < 1000
+    counts = torch.bincount(idx, minlength=1000).float()
+    assert float(counts.min()) > 50 and float(counts.max()) < 150  # mean 100, sd 10
+    big = rng.sample_indices(9, 1000, 3 * 2**32 + 5)
+    assert int(big.max()) < 3 * 2**32 + 5 and int(big.max()) > 2**32
+
+
+# ---------------------------------------------------------------- Triton itself
+
+
+TRITON_KERNEL = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch, triton, triton.language as tl
+    from distmerge import rng
+
+    @triton.jit
+    def draw(words, floats, seed, offset, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(words + i, tl.randint(seed, offset + i))
+        tl.store(floats + i, tl.rand(seed, offset + i))
+
+    for seed, offset in [(0, 0), (12345, 1000), (2**40 + 7, 3), (2**63 - 25, 2**31 - 20), (99, 2**32 + 5)]:
+        words = torch.empty(64, dtype=torch.int32)
+        floats = torch.empty(64, dtype=torch.float32)
+        draw[(1,)](words, floats, seed, offset, N=64)
+        assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, rng.randint(seed, 64, offset)), (seed, offset)
+        assert torch.equal(floats, rng.uniform(seed, 64, offset)), (seed, offset)
+    print("ok")
+    """
+)
+
+
+def test_bit_exact_with_triton_interpreter():
+    pytest.importorskip("triton", reason="triton is not installed: cannot compare with tl.rand / tl.randint")
+    # A subprocess: TRITON_INTERPRET must be set before triton is first imported.
+    result = subprocess.run([sys.executable, "-c", TRITON_KERNEL], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
