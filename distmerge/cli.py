@@ -55,17 +55,17 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 def plan(recipe, out_shard_size, random_seed, world_size, as_json):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
-    from distmerge.plan import assign_files, imbalance
+    from distmerge.plan import assign_tensors, imbalance, rank_loads
 
     p = _plan(recipe, out_shard_size, random_seed)
+    shares = assign_tensors(p, world_size)
     if as_json:
         d = p.to_dict()
-        d["assignment"] = assign_files(p, world_size)
+        d["assignment"] = [{"rank": r, "tensors": [s.start, s.stop], "bytes": b} for r, (s, b) in enumerate(zip(shares, rank_loads(p, shares)))]
+        d["imbalance"] = imbalance(p, shares)
         click.echo(json.dumps(d, indent=1))
         return
     click.echo(describe(p, world_size))
-    if world_size > 1:
-        click.echo(f"imbalance: busiest rank does {imbalance(p, assign_files(p, world_size)) * 100:.1f}% more than the mean")
 
 
 def _plan(recipe_path: str, out_shard_size: str, seed: int):
@@ -76,7 +76,7 @@ def _plan(recipe_path: str, out_shard_size: str, seed: int):
 
 def describe(p, world_size: int = 1) -> str:
     """The plan for people: summary, layer map, files, then every tensor."""
-    from distmerge.plan import assign_files
+    from distmerge.plan import assign_tensors, imbalance, rank_loads
 
     lines = [
         f"method: {p.method}   dtype: {p.dtype or 'as inputs'}   seed: {p.seed}   fingerprint: {p.fingerprint[:16]}",
@@ -89,9 +89,14 @@ def describe(p, world_size: int = 1) -> str:
     if p.layer_map:
         lines.append("layer map (output layer <- model:layer):")
         lines += [f"  {i:4d} <- " + ", ".join(f"{m}:{k}" for m, k in srcs) for i, srcs in enumerate(p.layer_map)]
-    owner = {i: r for r, files in enumerate(assign_files(p, world_size)) for i in files}
     lines.append("files:")
-    lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}  rank {owner[i]}" for i, f in enumerate(p.files)]
+    lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}" for f in p.files]
+    shares = assign_tensors(p, world_size)
+    lines.append(f"ranks ({world_size}): each merges a contiguous run of tensors, balanced by bytes read + written")
+    for r, (share, load) in enumerate(zip(shares, rank_loads(p, shares))):
+        first = p.tensors[share.start].name if share else "-"
+        lines.append(f"  rank {r}: {len(share)} tensors from {first}, moves {human(load)}")
+    lines.append(f"imbalance: the busiest rank moves {imbalance(p, shares) * 100:.1f}% more than the mean")
     lines.append("tensors:")
     for t in p.tensors:
         srcs = ([f"base={p.models[t.base.model].ref}:{t.base.name}"] if t.base else []) + [f"{p.models[r.model].ref}:{r.name}" for r in t.inputs]

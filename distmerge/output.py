@@ -16,7 +16,7 @@ import yaml
 from distmerge.errors import MergeError
 from distmerge.io.writer import write_atomic
 from distmerge.plan import Plan
-from distmerge.run import discard_partials, is_done, state_dir
+from distmerge.run import forget_lost_files, publish_files, state_dir
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -48,7 +48,7 @@ def prepare(out_dir: str, plan: Plan, overwrite: bool = False) -> bool:
                 f"(plan {previous[:12]}, now {plan.fingerprint[:12]}); pass --overwrite to replace it"
             )
         else:
-            discard_partials(out_dir)
+            forget_lost_files(out_dir, plan)
             return True
     os.makedirs(state_dir(out_dir), exist_ok=True)
     write_atomic(plan_path, plan.to_json())
@@ -72,10 +72,9 @@ def _clear(out_dir: str) -> None:
 
 
 def finish(plan: Plan, out_dir: str) -> None:
-    """Rank 0, once every file is done: index, config, tokenizer, card."""
-    missing = [f.name for f in plan.files if not is_done(out_dir, f)]
-    if missing:
-        raise MergeError(f"cannot finish {out_dir}: {len(missing)} output files are not done (first: {missing[0]})")
+    """Rank 0, once every rank has written its tensors: publish the files, then write the
+    index, config, tokenizer and card."""
+    publish_files(plan, out_dir)
     weight_map = {name: f.name for f in plan.files for name in f.tensors}
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors)}, "weight_map": weight_map}
     write_atomic(os.path.join(out_dir, INDEX_FILE), json.dumps(index, indent=2))

@@ -447,23 +447,72 @@ def shard_files(tensors: list[OutputTensor], max_bytes: int) -> list[OutputFile]
 FILE_METADATA = {"format": "pt"}
 
 
-def assign_files(plan: Plan, world_size: int) -> list[list[int]]:
-    """Output files per rank, balancing bytes read + written (longest-processing-time first).
+def file_layout(plan: Plan, file: OutputFile) -> tuple[bytes, dict[str, int]]:
+    """An output file's header bytes and the absolute byte offset of each of its tensors."""
+    by_name = {t.name: t for t in plan.tensors}
+    tensors = [by_name[n] for n in file.tensors]
+    header, offsets = build_header([(t.name, t.dtype, tuple(t.shape)) for t in tensors], FILE_METADATA)
+    return header, {t.name: len(header) + off for t, off in zip(tensors, offsets)}
 
-    Deterministic: ties go to the lowest rank, files are ordered by size then index.
+
+def tensor_cost(t: OutputTensor) -> int:
+    """Bytes a rank moves for one output tensor: its inputs read plus its output written."""
+    return t.read_bytes + t.nbytes
+
+
+def assign_tensors(plan: Plan, world_size: int) -> list[range]:
+    """Each rank's share of the output tensors: contiguous ranges of the plan's tensor
+    order, balanced by bytes read + written.
+
+    Contiguous, so that a rank writes runs of whole files and reads its inputs in file
+    order; balanced with the smallest possible largest share (a linear partition), then
+    cut as evenly as that allows. Deterministic: a function of the plan and world size.
     """
-    load = [0] * world_size
-    owned: list[list[int]] = [[] for _ in range(world_size)]
-    order = sorted(range(len(plan.files)), key=lambda i: (-(plan.files[i].nbytes + plan.files[i].read_bytes), i))
-    for i in order:
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owned[rank].append(i)
-        load[rank] += plan.files[i].nbytes + plan.files[i].read_bytes
-    return [sorted(files) for files in owned]
+    costs = [tensor_cost(t) for t in plan.tensors]
+    n = len(costs)
+    cap = _min_capacity(costs, world_size)
+    bounds = [0]
+    for r in range(world_size - 1):
+        i, left = bounds[-1], world_size - r
+        target = sum(costs[i:]) / left
+        j, acc = i, 0
+        while j < n and acc + costs[j] <= cap and acc + costs[j] / 2 <= target:
+            acc, j = acc + costs[j], j + 1
+        while _parts_needed(costs[j:], cap) > left - 1:  # too little taken: the rest won't fit
+            acc, j = acc + costs[j], j + 1
+        bounds.append(j)
+    bounds.append(n)
+    return [range(bounds[r], bounds[r + 1]) for r in range(world_size)]
 
 
-def imbalance(plan: Plan, assignment: list[list[int]]) -> float:
+def _parts_needed(costs: list[int], cap: int) -> int:
+    parts, acc = 0, cap + 1
+    for c in costs:
+        if acc + c > cap:
+            parts, acc = parts + 1, 0
+        acc += c
+    return parts
+
+
+def _min_capacity(costs: list[int], parts: int) -> int:
+    """Smallest largest-share over all splits of ``costs`` into ``parts`` contiguous runs."""
+    lo, hi = max(costs, default=0), sum(costs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _parts_needed(costs, mid) <= parts:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def rank_loads(plan: Plan, assignment: list[range]) -> list[int]:
+    costs = [tensor_cost(t) for t in plan.tensors]
+    return [sum(costs[i] for i in share) for share in assignment]
+
+
+def imbalance(plan: Plan, assignment: list[range]) -> float:
     """Largest rank's bytes over the mean, minus 1 (0.05 = the busiest rank does 5% more)."""
-    loads = [sum(plan.files[i].nbytes + plan.files[i].read_bytes for i in files) for files in assignment]
+    loads = rank_loads(plan, assignment)
     mean = sum(loads) / len(loads)
     return max(loads) / mean - 1 if mean else 0.0

@@ -2,14 +2,17 @@
 
 Memory stays bounded by one tensor's inputs and result: inputs are memory-mapped, merged
 in float32, cast, appended to the output file, and dropped before the next tensor.
-Each finished file is recorded in the output's manifest (bytes, sha256, tensors), so a
-rerun skips it; a file that was being written when the job died is discarded and redone.
+Each rank writes a contiguous share of the plan's tensors into the (shared) partial output
+files at the offsets the plan gives, and journals each tensor once its bytes are synced;
+a rerun redoes only what no journal holds. Rank 0 publishes each file when it is whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -20,8 +23,8 @@ from distmerge import methods
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
-from distmerge.io.writer import PARTIAL, ShardWriter, write_atomic
-from distmerge.plan import FILE_METADATA, InputRef, OutputFile, OutputTensor, Plan, assign_files
+from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
+from distmerge.plan import InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
 
 STATE_DIR = ".distmerge"
 """Bookkeeping inside the output directory: the plan and one record per finished file."""
@@ -88,6 +91,74 @@ def is_done(out_dir: str, file: OutputFile) -> bool:
         return False
 
 
+class Journal:
+    """Which tensors are safely on disk: one JSON line per tensor, appended by the rank that
+    wrote it, only after its bytes were fsynced. Lines from every rank of every earlier run
+    of the same plan count, so a rerun, with any number of ranks, redoes only the rest."""
+
+    COMMIT_BYTES = 1 << 30
+    COMMIT_SECONDS = 10.0
+
+    def __init__(self, out_dir: str, rank: int):
+        self.dir = os.path.join(state_dir(out_dir), "journal")
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(self.dir, f"rank-{rank:05d}.jsonl")
+        self.pending: list[dict] = []
+        self.pending_bytes = 0
+        self.last_commit = time.monotonic()
+
+    def add(self, tensor: str, file: str, sha256: str, nbytes: int) -> None:
+        self.pending.append({"tensor": tensor, "file": file, "sha256": sha256})
+        self.pending_bytes += nbytes
+
+    def due(self) -> bool:
+        return self.pending_bytes >= self.COMMIT_BYTES or time.monotonic() - self.last_commit >= self.COMMIT_SECONDS
+
+    def commit(self) -> None:
+        """Append the pending lines. The caller has fsynced the data they describe."""
+        if self.pending:
+            with open(self.path, "a") as f:
+                f.write("".join(json.dumps(e) + "\n" for e in self.pending))
+                f.flush()
+                os.fsync(f.fileno())
+        self.pending, self.pending_bytes, self.last_commit = [], 0, time.monotonic()
+
+
+def read_journal(out_dir: str) -> dict[str, dict]:
+    """tensor name -> its journal entry, from every rank's journal. A line cut short by a
+    kill is ignored (its tensor is redone)."""
+    done: dict[str, dict] = {}
+    folder = os.path.join(state_dir(out_dir), "journal")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name)) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    done[entry["tensor"]] = entry
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return done
+
+
+def forget_lost_files(out_dir: str, plan: Plan) -> None:
+    """Drop journal lines of files that are neither partial nor final any more (deleted by
+    hand, or published already), so that their tensors are redone or not needed."""
+    keep = {f.name for f in plan.files if os.path.exists(os.path.join(out_dir, f.name + PARTIAL))}
+    folder = os.path.join(state_dir(out_dir), "journal")
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        with open(path) as f:
+            lines = [line for line in f if _file_of(line) in keep]
+        write_atomic(path, "".join(lines))
+
+
+def _file_of(line: str) -> str | None:
+    try:
+        return json.loads(line)["file"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def run_rank(
     plan: Plan,
     out_dir: str,
@@ -96,61 +167,122 @@ def run_rank(
     options: RunOptions | None = None,
     between: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Write this rank's files into ``out_dir`` (which must exist). Returns the names written now.
+    """Merge and write this rank's tensors into ``out_dir`` (prepared by output.prepare).
+    Returns the names of the tensors written in this call.
 
     ``between`` is called before every tensor (the job uses it to stop when another rank failed).
     """
     options = options or RunOptions()
-    mine = [plan.files[i] for i in assign_files(plan, world_size)[rank]]
-    todo = [f for f in mine if not is_done(out_dir, f)]
-    os.makedirs(os.path.dirname(record_path(out_dir, plan.files[0])), exist_ok=True)
-    bar = _progress(sum(len(f.tensors) for f in todo), rank, options.progress)
+    done = read_journal(out_dir)
+    published = {f.name for f in plan.files if is_done(out_dir, f)}
+    file_of = {name: f for f in plan.files for name in f.tensors}
+    todo = [
+        t for t in (plan.tensors[i] for i in assign_tensors(plan, world_size)[rank])
+        if t.name not in done and file_of[t.name].name not in published
+    ]  # fmt: skip
+    journal = Journal(out_dir, rank)
+    bar = _progress(len(todo), rank, options.progress)
+    current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None
+
+    def commit() -> None:
+        if current is not None:
+            current[1].sync()
+        journal.commit()
+
     written = []
     with TensorReader() as reader:
-        for file in todo:
-            _write_file(plan, file, out_dir, reader, options, bar, between)
-            written.append(file.name)
-    if bar is not None:
-        bar.close()
+        try:
+            for t in todo:
+                if between is not None:
+                    between()
+                file = file_of[t.name]
+                if current is None or current[0] is not file:
+                    if current is not None:
+                        commit()
+                        current[1].close()
+                    current = (file, *_open(plan, file, out_dir))
+                value = merge_tensor(plan, t, reader, options.device)
+                _check_finite(t, value, options)
+                sha256 = current[1].write_at(current[2][t.name], value)
+                del value
+                reader.release()
+                journal.add(t.name, file.name, sha256, t.nbytes)
+                written.append(t.name)
+                _fault_point(rank, len(written))
+                if journal.due():
+                    commit()
+                if bar is not None:
+                    bar.update(1)
+            commit()
+        except OSError as e:
+            raise MergeError(
+                f"writing {current[1].tmp if current else out_dir} failed: {e.strerror or e}; what was "
+                "written stays unpublished: fix the cause (free disk space?) and rerun the same command to resume"
+            ) from None
+        finally:
+            if current is not None:
+                current[1].close()
+            if bar is not None:
+                bar.close()
     return written
 
 
-def _write_file(plan: Plan, file: OutputFile, out_dir: str, reader: TensorReader, options: RunOptions, bar, between) -> None:
-    by_name = {t.name: t for t in plan.tensors}
-    tensors = [by_name[name] for name in file.tensors]
-    path = os.path.join(out_dir, file.name)
-    try:
-        writer = ShardWriter(path, [(t.name, t.dtype, tuple(t.shape)) for t in tensors], FILE_METADATA)
-    except OSError as e:
-        raise MergeError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        for t in tensors:
-            if between is not None:
-                between()
-            value = merge_tensor(plan, t, reader, options.device)
-            if value.is_floating_point() and not options.allow_nonfinite and not torch.isfinite(value).all():
-                bad = int((~torch.isfinite(value)).sum())
-                raise MergeError(
-                    f"tensor {t.name!r}: the merge produced {bad} NaN/Inf values; check the recipe's "
-                    "parameters for this tensor, or pass --allow-nonfinite to keep them"
-                )
-            writer.write(t.name, value)
-            del value
-            reader.release()
-            if bar is not None:
-                bar.update(1)
-        sha256 = writer.finish()
-    except OSError as e:
-        writer.abort()
+def _fault_point(rank: int, count: int) -> None:
+    """Test hook: DISTMERGE_FAULT="RANK:COUNT:ACTION" makes rank RANK, after writing COUNT
+    tensors, "raise" an error, "kill" itself (SIGKILL), or "sleep:S" after every tensor from
+    then on (to give a test time to kill the job). Unset in normal use."""
+    spec = os.environ.get("DISTMERGE_FAULT")
+    if not spec:
+        return
+    who, after, action = spec.split(":", 2)
+    if int(who) != rank or count < int(after):
+        return
+    if action == "raise" and count == int(after):
+        raise RuntimeError(f"injected fault after {count} tensors")
+    if action == "kill" and count == int(after):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sleep:"):
+        time.sleep(float(action.split(":")[1]))
+
+
+def _open(plan: Plan, file: OutputFile, out_dir: str) -> tuple[PartialFile, dict[str, int]]:
+    header, offsets = file_layout(plan, file)
+    return PartialFile(os.path.join(out_dir, file.name), header, file.nbytes), offsets
+
+
+def _check_finite(t: OutputTensor, value: torch.Tensor, options: RunOptions) -> None:
+    if value.is_floating_point() and not options.allow_nonfinite and not torch.isfinite(value).all():
+        bad = int((~torch.isfinite(value)).sum())
         raise MergeError(
-            f"writing {path} failed: {e.strerror or e}; nothing half-written is kept: "
-            "fix the cause (free disk space?) and rerun the same command to resume"
-        ) from None
-    except BaseException:
-        writer.abort()
-        raise
-    record = {"file": file.name, "bytes": file.nbytes, "sha256": sha256, "tensors": file.tensors, "time": time.time()}
-    write_atomic(record_path(out_dir, file), json.dumps(record, indent=1))
+            f"tensor {t.name!r}: the merge produced {bad} NaN/Inf values; check the recipe's "
+            "parameters for this tensor, or pass --allow-nonfinite to keep them"
+        )
+
+
+def publish_files(plan: Plan, out_dir: str) -> None:
+    """Rank 0, once every rank is done: rename each complete file into place and record it
+    (bytes, the sha256 of every tensor, and a sha256 over the header and those)."""
+    done = read_journal(out_dir)
+    os.makedirs(os.path.join(state_dir(out_dir), "files"), exist_ok=True)
+    for file in plan.files:
+        if is_done(out_dir, file):
+            continue
+        missing = [n for n in file.tensors if n not in done]
+        if missing:
+            raise MergeError(f"{file.name}: {len(missing)} tensors were never written (first: {missing[0]}); rerun to resume")
+        path = os.path.join(out_dir, file.name)
+        if os.path.exists(path + PARTIAL):
+            publish(path)
+        header, _ = file_layout(plan, file)
+        tensor_sha = [done[n]["sha256"] for n in file.tensors]
+        tree = hashlib.sha256(hashlib.sha256(header).digest() + b"".join(bytes.fromhex(h) for h in tensor_sha))
+        record = {
+            "file": file.name,
+            "bytes": file.nbytes,
+            "sha256_tree": tree.hexdigest(),
+            "tensors": [{"name": n, "sha256": h} for n, h in zip(file.tensors, tensor_sha)],
+        }
+        write_atomic(record_path(out_dir, file), json.dumps(record, indent=1))
 
 
 def _progress(total: int, rank: int, enabled: bool):
@@ -159,10 +291,3 @@ def _progress(total: int, rank: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="merging", unit="tensor", mininterval=1.0)
-
-
-def discard_partials(out_dir: str) -> None:
-    """Remove files left half-written by an interrupted run."""
-    for name in os.listdir(out_dir):
-        if name.endswith(PARTIAL):
-            os.remove(os.path.join(out_dir, name))

@@ -11,7 +11,7 @@ import yaml
 
 from distmerge.demo import make_llama
 from distmerge.errors import MergeError
-from distmerge.plan import Plan, assign_files, build_plan, imbalance
+from distmerge.plan import Plan, assign_tensors, build_plan, imbalance
 from distmerge.recipe import parse_recipe
 from tests.helpers import run_cli
 
@@ -75,11 +75,13 @@ def test_output_files_respect_the_shard_size_and_hold_each_tensor_once(llama_fam
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_every_file_goes_to_exactly_one_rank(llama_family, world):
+def test_every_tensor_goes_to_exactly_one_rank(llama_family, world):
     p = plan_of(ta_recipe(llama_family), out_shard_bytes=20_000)
-    owned = assign_files(p, world)
-    assert sorted(i for files in owned for i in files) == list(range(len(p.files)))
-    assert imbalance(p, owned) < 0.5
+    shares = assign_tensors(p, world)
+    assert [i for share in shares for i in share] == list(range(len(p.tensors)))  # contiguous, in order
+    biggest = max(t.read_bytes + t.nbytes for t in p.tensors)
+    mean = sum(t.read_bytes + t.nbytes for t in p.tensors) / world
+    assert imbalance(p, shares) <= biggest / mean
 
 
 def test_file_layout_does_not_depend_on_the_number_of_ranks(llama_family):
@@ -191,6 +193,7 @@ def test_cli_plan_json_and_text(llama_family, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert len(d["tensors"]) == 39 and len(d["assignment"]) == 2
+    assert d["assignment"][0]["tensors"][1] == d["assignment"][1]["tensors"][0]
     r = run_cli("plan", recipe, "--world-size", "2", "--out-shard-size", "30KB")
     assert "layer map" in r.stdout and "model.layers.3.mlp.up_proj.weight" in r.stdout and "imbalance" in r.stdout
     assert "peak working memory" in r.stdout

@@ -1,8 +1,10 @@
-"""Write one safetensors file as its tensors are produced, and publish it atomically.
+"""Write output files in place, possibly from several ranks, and publish them atomically.
 
-The header is computed from the plan and written first; tensor data is appended in
-header order; the file is written as ``NAME.partial``, fsynced, and renamed to ``NAME``
-only when complete. A file with its final name is therefore always whole.
+An output file's header, and so every tensor's byte offset, is known from the plan. A
+rank that owns some of a file's tensors opens ``NAME.partial`` (creating it, writing the
+header and sizing it if needed: every rank would write the same bytes) and writes its
+tensors at their offsets. When every tensor of the file is written and synced, rank 0
+renames ``NAME.partial`` to ``NAME``. A file with its final name is therefore always whole.
 """
 
 from __future__ import annotations
@@ -13,60 +15,7 @@ import os
 
 import torch
 
-from distmerge.io.header import DTYPE_NAMES, build_header
-
 PARTIAL = ".partial"
-
-
-class ShardWriter:
-    """Streams the tensors of one output file, in the order given, to ``path``."""
-
-    def __init__(self, path: str, tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]):
-        self.path = path
-        self.tmp = path + PARTIAL
-        self._expected = list(tensors)
-        self._next = 0
-        header, _ = build_header(tensors, metadata)
-        self._hash = hashlib.sha256()
-        self._file = open(self.tmp, "wb")
-        self._write(header)
-
-    def _write(self, data) -> None:
-        self._file.write(data)
-        self._hash.update(data)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append ``tensor``; it must be the next one the header announces, with its dtype and shape."""
-        want_name, want_dtype, want_shape = self._expected[self._next]
-        got_dtype = DTYPE_NAMES[tensor.dtype]
-        if (name, got_dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
-            raise RuntimeError(
-                f"{self.path}: expected {want_name} {want_dtype}{list(want_shape)}, "
-                f"got {name} {got_dtype}{list(tensor.shape)}"
-            )
-        data = tensor.detach().to("cpu").contiguous()
-        self._write(raw_bytes(data))
-        self._next += 1
-
-    def finish(self) -> str:
-        """Flush, fsync and rename into place. Returns the file's sha256."""
-        if self._next != len(self._expected):
-            missing = [n for n, _, _ in self._expected[self._next :]]
-            raise RuntimeError(f"{self.path}: {len(missing)} tensors never written, first {missing[0]}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.tmp, self.path)
-        fsync_dir(os.path.dirname(self.path) or ".")
-        return self._hash.hexdigest()
-
-    def abort(self) -> None:
-        """Close and delete the partial file (after an error)."""
-        self._file.close()
-        try:
-            os.remove(self.tmp)
-        except FileNotFoundError:
-            pass
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -75,6 +24,48 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
     if nbytes == 0:
         return memoryview(b"")
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
+
+
+class PartialFile:
+    """``path + ".partial"``, sized and headed, open for writing tensors at their offsets."""
+
+    def __init__(self, path: str, header: bytes, size: int):
+        self.path = path
+        self.tmp = path + PARTIAL
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+        _pwrite_all(self.fd, memoryview(header), 0)
+
+    def write_at(self, offset: int, tensor: torch.Tensor) -> str:
+        """Write ``tensor``'s bytes at ``offset``; return their sha256."""
+        data = raw_bytes(tensor.detach().to("cpu").contiguous())
+        _pwrite_all(self.fd, data, offset)
+        return hashlib.sha256(data).hexdigest()
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    # One pwrite moves at most ~2 GiB on Linux; embeddings of large vocabularies are bigger.
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def publish(path: str) -> None:
+    """Rename a complete ``path.partial`` to ``path``, durably."""
+    fd = os.open(path + PARTIAL, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(path + PARTIAL, path)
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 def fsync_dir(path: str) -> None:
