@@ -133,6 +133,21 @@ def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfi
         )
 
 
+@cli.command("verify")
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+@click.option("--full", is_flag=True, help="Also re-hash every tensor against the manifest (reads everything).")
+def verify_command(out, full):
+    """Check the merged checkpoint in OUT against its manifest, index and config."""
+    from distmerge.verify import verify
+
+    problems = verify(out, full=full)
+    if problems:
+        for problem in problems:
+            click.echo(f"problem: {problem}", err=True)
+        raise SystemExit(1)
+    click.echo(f"{out}: OK ({'sizes, headers and tensor hashes' if full else 'sizes and headers'} check out)")
+
+
 @cli.command("methods")
 def list_methods():
     """List the merge methods and their parameters."""

@@ -15,6 +15,7 @@ from distmerge.errors import MergeError
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.recipe import load_recipe
 from distmerge.run import RunOptions, run_rank
+from distmerge.verify import verify
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,6 +73,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
     options = options or JobOptions()
     start = time.time()
     group = dist.init(options.device, options.timeout_s)
+    locked = False
     try:
         plan = _on_every_rank(group, lambda: make_plan(recipe_path, options))
         prints = group.gather(plan.fingerprint)
@@ -82,6 +84,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
                 f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
             )
         resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
+        locked = group.rank == 0
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, progress=not options.quiet)
         try:
             written = run_rank(plan, out_dir, group.rank, group.world_size, run_options, between=group.check_abort)
@@ -89,9 +92,15 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
             group.abort(_describe(e))
             raise
         group.wait_all("written")
-        _on_rank0(group, lambda: output.finish(plan, out_dir), collective=False)
+        if group.rank == 0:
+            output.finish(plan, out_dir)
+            problems = verify(out_dir)
+            if problems:
+                raise MergeError(f"the output in {out_dir} failed verification: " + "; ".join(problems[:5]))
         return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start, peak_rss())
     finally:
+        if locked:
+            output.release_lock(out_dir)
         group.close()
 
 
@@ -111,17 +120,13 @@ def _on_every_rank(group: dist.Group, fn):
     return result
 
 
-def _on_rank0(group: dist.Group, fn, collective: bool = True):
-    """Run ``fn`` on rank 0; with ``collective``, every rank gets its result or its error."""
+def _on_rank0(group: dist.Group, fn):
+    """Run ``fn`` on rank 0; every rank gets its result, or its error."""
     result, error = None, None
     if group.rank == 0:
         try:
             result = fn()
         except MergeError as e:
-            if not collective:
-                raise
             error = str(e)
-    if not collective:
-        return result
     group.agree(error)
     return group.broadcast(result)

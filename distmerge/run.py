@@ -208,7 +208,7 @@ def run_rank(
                 reader.release()
                 journal.add(t.name, file.name, sha256, t.nbytes)
                 written.append(t.name)
-                _fault_point(rank, len(written))
+                fault_point(rank, len(written))
                 if journal.due():
                     commit()
                 if bar is not None:
@@ -227,22 +227,25 @@ def run_rank(
     return written
 
 
-def _fault_point(rank: int, count: int) -> None:
-    """Test hook: DISTMERGE_FAULT="RANK:COUNT:ACTION" makes rank RANK, after writing COUNT
-    tensors, "raise" an error, "kill" itself (SIGKILL), or "sleep:S" after every tensor from
-    then on (to give a test time to kill the job). Unset in normal use."""
+def fault_point(rank: int, where: int | str) -> None:
+    """Test hook: DISTMERGE_FAULT="RANK:WHERE:ACTION" makes rank RANK, at WHERE (after
+    writing that many tensors, or at a named step: "publish", "index"), "raise" an error,
+    "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then on, to give a
+    test time to kill the job). Unset in normal use."""
     spec = os.environ.get("DISTMERGE_FAULT")
     if not spec:
         return
-    who, after, action = spec.split(":", 2)
-    if int(who) != rank or count < int(after):
+    who, at, action = spec.split(":", 2)
+    if int(who) != rank:
         return
-    if action == "raise" and count == int(after):
-        raise RuntimeError(f"injected fault after {count} tensors")
-    if action == "kill" and count == int(after):
-        os.kill(os.getpid(), signal.SIGKILL)
     if action.startswith("sleep:"):
-        time.sleep(float(action.split(":")[1]))
+        if isinstance(where, int) and at.isdigit() and where >= int(at):
+            time.sleep(float(action.split(":")[1]))
+        return
+    if str(where) == at:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at {where}")
 
 
 def _open(plan: Plan, file: OutputFile, out_dir: str) -> tuple[PartialFile, dict[str, int]]:
@@ -272,6 +275,7 @@ def publish_files(plan: Plan, out_dir: str) -> None:
             raise MergeError(f"{file.name}: {len(missing)} tensors were never written (first: {missing[0]}); rerun to resume")
         path = os.path.join(out_dir, file.name)
         if os.path.exists(path + PARTIAL):
+            fault_point(0, "publish")
             publish(path)
         header, _ = file_layout(plan, file)
         tensor_sha = [done[n]["sha256"] for n in file.tensors]

@@ -1,0 +1,212 @@
+"""Nothing lost, nothing half-written: output-directory checks, kills, disk full, NaN, verify."""
+
+import errno
+import filecmp
+import json
+import os
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from distmerge.cli import main
+from tests.helpers import run_cli
+
+
+@pytest.fixture
+def recipe(llama_family, tmp_path) -> Path:
+    f = llama_family
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump({
+        "merge_method": "task_arithmetic", "base_model": str(f["base"]), "dtype": "float32",
+        "models": [{"model": str(f["ft1"]), "parameters": {"weight": 0.6}}, {"model": str(f["ft2"]), "parameters": {"weight": 0.4}}],
+    }))  # fmt: skip
+    return path
+
+
+SHARDS = ("--out-shard-size", "60KB")
+
+
+@pytest.fixture
+def clean_run(recipe, tmp_path) -> Path:
+    out = tmp_path / "clean"
+    main(["run", str(recipe), str(out), "--quiet", *SHARDS])
+    return out
+
+
+def same_output(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.glob("model-*.safetensors"))
+    assert names and names == sorted(p.name for p in b.glob("model-*.safetensors"))
+    for name in names + ["model.safetensors.index.json", "config.json"]:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+def finished_files_are_whole(out: Path, clean: Path) -> None:
+    """Every file with a final name is byte-identical to the clean run's."""
+    for p in out.glob("model-*.safetensors"):
+        assert filecmp.cmp(p, clean / p.name, shallow=False), p.name
+
+
+# ---------------------------------------------------------------- killed at any point, resumed
+
+
+@pytest.mark.parametrize("where", ["1", "7", "publish", "index"])
+def test_killed_run_resumes_to_identical_bytes(recipe, clean_run, tmp_path, where):
+    out = tmp_path / "out"
+    r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": f"0:{where}:kill"})
+    assert r.returncode == -9, r.stderr
+    finished_files_are_whole(out, clean_run)
+    assert not (out / "model.safetensors.index.json").exists()
+    r = run_cli("run", recipe, out, *SHARDS)
+    assert r.returncode == 0, r.stderr
+    assert "(resumed)" in r.stdout
+    same_output(out, clean_run)
+    assert not list(out.glob("*.partial"))
+    assert run_cli("verify", out, "--full").returncode == 0
+
+
+def test_resume_redoes_only_unjournaled_tensors(recipe, clean_run, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": "0:20:kill"})
+    assert r.returncode == -9
+    journaled = sum(1 for line in (out / ".distmerge/journal/rank-00000.jsonl").read_text().splitlines())
+    assert 0 < journaled <= 20  # journal lines follow fsynced data; the rest is redone
+    main(["run", str(recipe), str(out), "--quiet", *SHARDS])
+    same_output(out, clean_run)
+
+
+# ---------------------------------------------------------------- disk full, write errors
+
+
+def test_disk_full_mid_run_fails_clearly_and_resumes(recipe, clean_run, tmp_path, monkeypatch, capsys):
+    import distmerge.io.writer as writer
+
+    real, calls = os.pwrite, {"n": 0}
+
+    def full_disk(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(recipe), str(out), "--quiet", *SHARDS])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "rerun the same command to resume" in err
+    finished_files_are_whole(out, clean_run)
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not (out / ".distmerge.lock").exists()  # released: the rerun needs no cleanup
+    monkeypatch.setattr(writer.os, "pwrite", real)
+    main(["run", str(recipe), str(out), "--quiet", *SHARDS])
+    same_output(out, clean_run)
+
+
+def test_too_little_free_space_is_refused_before_writing(recipe, tmp_path, monkeypatch, capsys):
+    import distmerge.output as output
+
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(output.psutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9, free=1000))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(out), "--quiet"])
+    assert "not enough disk space" in capsys.readouterr().err
+    assert not list(out.glob("model-*"))
+
+
+# ---------------------------------------------------------------- the output directory
+
+
+def test_non_distmerge_directory_is_refused_then_overwritten_on_request(recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(out), "--quiet"])
+    assert "not empty and is not a distmerge output" in capsys.readouterr().err
+    main(["run", str(recipe), str(out), "--quiet", "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only what distmerge writes
+    assert (out / "model.safetensors.index.json").exists()
+
+
+def test_a_different_recipe_cannot_resume_another_runs_output(recipe, clean_run, tmp_path, capsys):
+    other = tmp_path / "other.yml"
+    other.write_text(recipe.read_text().replace("0.6", "0.7"))
+    with pytest.raises(SystemExit):
+        main(["run", str(other), str(clean_run), "--quiet", *SHARDS])
+    assert "different recipe or options" in capsys.readouterr().err
+
+
+def test_output_path_that_cannot_be_created(recipe, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(tmp_path / "afile" / "out"), "--quiet"])
+    assert "cannot create output directory" in capsys.readouterr().err
+
+
+def test_a_live_run_holds_the_lock(recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".distmerge.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(), "since": 0}))
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert f"pid {os.getppid()}" in err and "is writing to" in err
+
+
+def test_a_dead_runs_lock_is_taken_over(recipe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = max(psutil.pids()) + 10_000
+    (out / ".distmerge.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "since": 0}))
+    main(["run", str(recipe), str(out), "--quiet"])
+    assert (out / "model.safetensors.index.json").exists() and not (out / ".distmerge.lock").exists()
+
+
+# ---------------------------------------------------------------- non-finite results
+
+
+def test_nan_or_inf_is_reported_with_the_tensor_name(llama_family, tmp_path, capsys):
+    f = llama_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(f["ft1"]), "parameters": {"weight": 1.0}}, {"model": str(f["ft2"]), "parameters": {"weight": -1.0}}],
+    }))  # fmt: skip  (weights summing to 0, normalized: division by zero)
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "NaN/Inf" in err and "tensor 'model.embed_tokens.weight'" in err and "--allow-nonfinite" in err
+    main(["run", str(recipe), str(tmp_path / "out"), "--quiet", "--allow-nonfinite"])
+
+
+# ---------------------------------------------------------------- verify
+
+
+def test_verify_finds_corruption_truncation_and_config_mismatch(clean_run):
+    r = run_cli("verify", clean_run, "--full")
+    assert r.returncode == 0 and "OK" in r.stdout
+    shard = sorted(clean_run.glob("model-*.safetensors"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(data)
+    assert run_cli("verify", clean_run).returncode == 0  # sizes and headers still fine
+    r = run_cli("verify", clean_run, "--full")
+    assert r.returncode == 1 and "does not match its recorded sha256" in r.stderr
+    shard.write_bytes(data[:-10])
+    r = run_cli("verify", clean_run)
+    assert r.returncode == 1 and "truncated" in r.stderr
+    config = json.loads((clean_run / "config.json").read_text())
+    config["num_hidden_layers"] = 5
+    (clean_run / "config.json").write_text(json.dumps(config))
+    assert "num_hidden_layers is 5, the weights have 4 layers" in run_cli("verify", clean_run).stderr
+
+
+def test_verify_of_something_that_is_not_an_output(tmp_path):
+    r = run_cli("verify", tmp_path)
+    assert r.returncode == 1 and "model.safetensors.index.json" in r.stderr
