@@ -38,6 +38,7 @@ def human(n: float) -> str:
 
 
 shard_option = click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output file (bytes of tensor data).")
+pickle_option = click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints, with torch.load(weights_only=True).")
 seed_option = click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the randomized methods (DARE, DELLA).")
 
 
@@ -51,13 +52,14 @@ def cli():
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @shard_option
 @seed_option
+@pickle_option
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1), help="Show how the files split over this many ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
-def plan(recipe, out_shard_size, random_seed, world_size, as_json):
+def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
     from distmerge.plan import assign_tensors, imbalance, rank_loads
 
-    p = _plan(recipe, out_shard_size, random_seed)
+    p = _plan(recipe, out_shard_size, random_seed, allow_pickle)
     shares = assign_tensors(p, world_size)
     if as_json:
         d = p.to_dict()
@@ -68,10 +70,11 @@ def plan(recipe, out_shard_size, random_seed, world_size, as_json):
     click.echo(describe(p, world_size))
 
 
-def _plan(recipe_path: str, out_shard_size: str, seed: int):
+def _plan(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool):
     from distmerge.launch import JobOptions, make_plan
 
-    return make_plan(recipe_path, JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed))
+    options = JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed, allow_pickle=allow_pickle)
+    return make_plan(recipe_path, options)
 
 
 def describe(p, world_size: int = 1) -> str:
@@ -110,18 +113,19 @@ def describe(p, world_size: int = 1) -> str:
 @click.argument("out", type=click.Path(file_okay=False))
 @shard_option
 @seed_option
+@pickle_option
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory's merge.")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors that come out with NaN or Inf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
-def run(recipe, out, out_shard_size, random_seed, device, overwrite, allow_nonfinite, quiet, timeout):
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, allow_nonfinite, quiet, timeout):
     """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun)."""
     from distmerge.launch import JobOptions, merge
 
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout,
+        allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
     )  # fmt: skip
     result = merge(recipe, out, options)
     if result.rank == 0 and not quiet:

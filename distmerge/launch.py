@@ -31,6 +31,8 @@ class JobOptions:
     quiet: bool = False
     timeout_s: float = 600.0
     """How long a silent rank is tolerated, and the bound on collectives."""
+    allow_pickle: bool = False
+    """Read .bin/.pt checkpoints (with torch.load(weights_only=True)); refused otherwise."""
 
 
 @dataclass(slots=True)
@@ -65,7 +67,9 @@ def make_plan(recipe_path: str, options: JobOptions) -> Plan:
     recipe = load_recipe(recipe_path)
     with open(recipe_path) as f:
         text = f.read()
-    return build_plan(recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed)
+    return build_plan(
+        recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed, allow_pickle=options.allow_pickle
+    )
 
 
 def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:

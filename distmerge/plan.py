@@ -189,10 +189,11 @@ def build_plan(
     out_shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
     checkpoints: dict[str, Checkpoint] | None = None,
+    allow_pickle: bool = False,
 ) -> Plan:
     """Plan the merge from headers alone. Raises MergeError for anything that does not line up."""
     if checkpoints is None:
-        checkpoints = {ref: load_checkpoint(ref, recipe.base_dir) for ref in recipe.model_refs()}
+        checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle) for ref in recipe.model_refs()}
     refs = list(checkpoints)
     index = {ref: i for i, ref in enumerate(refs)}
     layered = {ref: split_layers(list(ck.tensors)) for ref, ck in checkpoints.items()}

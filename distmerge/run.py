@@ -25,6 +25,7 @@ from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
 from distmerge.plan import InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
+from distmerge.sources import is_pickle
 
 STATE_DIR = ".distmerge"
 """Bookkeeping inside the output directory: the plan and one record per finished file."""
@@ -45,7 +46,10 @@ def merge_tensor(plan: Plan, t: OutputTensor, reader: TensorReader, device: str 
     work = DTYPES[_work_dtype(plan, t)]
 
     def load(ref: InputRef) -> torch.Tensor:
-        x = reader.read(os.path.join(plan.models[ref.model].path, ref.file), ref.dtype, tuple(t.shape), ref.begin, ref.end)
+        if is_pickle(ref.file):
+            x = reader.read_pickled(input_path(plan, ref), ref.name)
+        else:
+            x = reader.read(input_path(plan, ref), ref.dtype, tuple(t.shape), ref.begin, ref.end)
         x = x.to(device)
         if not x.is_floating_point():
             return x
@@ -62,6 +66,10 @@ def merge_tensor(plan: Plan, t: OutputTensor, reader: TensorReader, device: str 
     out = method.merge(base, inputs, **kwargs)
     # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
     return out.to(work).to(DTYPES[t.dtype])
+
+
+def input_path(plan: Plan, ref: InputRef) -> str:
+    return os.path.join(plan.models[ref.model].path, ref.file)
 
 
 def _work_dtype(plan: Plan, t: OutputTensor) -> str:
@@ -192,9 +200,13 @@ def run_rank(
     written = []
     with TensorReader() as reader:
         try:
-            for t in todo:
+            for k, t in enumerate(todo):
                 if between is not None:
                     between()
+                if k + 1 < len(todo):
+                    for ref in todo[k + 1].all_inputs:
+                        if not is_pickle(ref.file):
+                            reader.prefetch(input_path(plan, ref), ref.begin, ref.end)
                 file = file_of[t.name]
                 if current is None or current[0] is not file:
                     if current is not None:

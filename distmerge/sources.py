@@ -17,7 +17,9 @@ from distmerge.io.header import TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "model.pt", "consolidated.00.pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
 """What a hub download fetches: weights, configs, tokenizer files. Never code or pickles."""
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,6 +36,8 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int
     end: int
+    """Byte range in a safetensors file; for a pickle file (``--allow-pickle``) just
+    [0, nbytes): such tensors are found by name."""
 
 
 @dataclass(slots=True)
@@ -101,8 +105,16 @@ def _download(repo_id: str, revision: str | None) -> str:
         raise MergeError(f"model {repo_id!r}: cannot fetch it from the hub: {e}") from None
 
 
-def load_checkpoint(ref: str, base_dir: str = ".") -> Checkpoint:
-    """Resolve ``ref`` and read its config and every tensor header. No tensor data is read."""
+def is_pickle(file: str) -> bool:
+    return file.endswith(PICKLE_SUFFIXES)
+
+
+def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False) -> Checkpoint:
+    """Resolve ``ref`` and read its config and every tensor header. No tensor data is read.
+
+    Pickle checkpoints are refused unless ``allow_pickle``; even then they are opened with
+    ``torch.load(weights_only=True)``, which rebuilds tensors but never runs pickled code.
+    """
     path = resolve(ref, base_dir)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -113,7 +125,10 @@ def load_checkpoint(ref: str, base_dir: str = ".") -> Checkpoint:
     except (OSError, json.JSONDecodeError) as e:
         raise MergeError(f"model {ref!r}: cannot read {config_path}: {e}") from None
     tensors: dict[str, TensorInfo] = {}
-    for file, names in _weight_files(ref, path).items():
+    files = _weight_files(ref, path, allow_pickle)
+    if any(is_pickle(f) for f in files):
+        return Checkpoint(ref=ref, path=path, config=config, tensors=_pickle_tensors(ref, path, files))
+    for file, names in files.items():
         entries, _ = read_header(os.path.join(path, file))
         missing = [n for n in names if n not in entries] if names is not None else []
         if missing:
@@ -131,9 +146,39 @@ def _info(file: str, e: TensorEntry) -> TensorInfo:
     return TensorInfo(file=file, dtype=e.dtype, shape=e.shape, begin=e.begin, end=e.end)
 
 
-def _weight_files(ref: str, path: str) -> dict[str, list[str] | None]:
+def load_pickled(path: str) -> dict:
+    """A pickle checkpoint's tensors, memory-mapped, through the safe unpickler."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
+        raise MergeError(f"{path}: cannot load it with torch.load(weights_only=True): {e}") from None
+
+
+def _pickle_tensors(ref: str, path: str, files: dict[str, list[str] | None]) -> dict[str, TensorInfo]:
+    from distmerge.io.header import DTYPE_NAMES
+
+    tensors = {}
+    for file in files:
+        state = load_pickled(os.path.join(path, file))
+        for name, t in state.items():
+            if name in tensors:
+                raise MergeError(f"model {ref!r}: tensor {name!r} is stored twice")
+            nbytes = t.numel() * t.element_size()
+            tensors[name] = TensorInfo(file=file, dtype=DTYPE_NAMES[t.dtype], shape=tuple(t.shape), begin=0, end=nbytes)
+    return tensors
+
+
+def _weight_files(ref: str, path: str, allow_pickle: bool = False) -> dict[str, list[str] | None]:
     """{file: tensor names it holds per the index, or None for "all of them"}."""
     index_path = os.path.join(path, INDEX_FILE)
+    if not os.path.isfile(index_path) and not os.path.isfile(os.path.join(path, SINGLE_FILE)) and allow_pickle:
+        index_path = os.path.join(path, PICKLE_INDEX)
+        if not os.path.isfile(index_path):
+            pickles = [p for p in PICKLE_FILES if os.path.isfile(os.path.join(path, p))]
+            if pickles:
+                return {pickles[0]: None}
     if os.path.isfile(index_path):
         try:
             with open(index_path) as f:
@@ -153,10 +198,11 @@ def _weight_files(ref: str, path: str) -> dict[str, list[str] | None]:
         return files
     if os.path.isfile(os.path.join(path, SINGLE_FILE)):
         return {SINGLE_FILE: None}
-    pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(path, p))]
+    pickles = [p for p in (*PICKLE_FILES, PICKLE_INDEX) if os.path.exists(os.path.join(path, p))]
     if pickles:
         raise MergeError(
-            f"model {ref!r}: has only pickle weights ({pickles[0]}); distmerge reads safetensors only, "
-            "because unpickling can run arbitrary code. Convert the model to safetensors first"
+            f"model {ref!r}: has only pickle weights ({pickles[0]}); distmerge reads safetensors by "
+            "default, because unpickling can run arbitrary code. Convert the model to safetensors, or pass "
+            "--allow-pickle to load it with torch.load(weights_only=True)"
         )
     raise MergeError(f"model {ref!r}: {path} has no {SINGLE_FILE} or {INDEX_FILE}")

@@ -210,3 +210,58 @@ def test_verify_finds_corruption_truncation_and_config_mismatch(clean_run):
 def test_verify_of_something_that_is_not_an_output(tmp_path):
     r = run_cli("verify", tmp_path)
     assert r.returncode == 1 and "model.safetensors.index.json" in r.stderr
+
+
+# ---------------------------------------------------------------- pickles
+
+
+class Exploit:
+    """Unpickling this runs a shell command, the reason pickles are refused by default."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/distmerge-pwned",))
+
+
+def _as_pickle(src: Path, dst: Path, payload=None) -> Path:
+    import shutil
+
+    import torch
+
+    from tests.helpers import load_state
+
+    dst.mkdir()
+    shutil.copy(src / "config.json", dst)
+    state = load_state(src)
+    if payload is not None:
+        state["extra"] = payload
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_pickle_checkpoint_needs_allow_pickle_and_then_merges_like_safetensors(llama_family, tmp_path, capsys):
+    f = llama_family
+    pickled = _as_pickle(f["ft1"], tmp_path / "ft1-bin")
+
+    def recipe(ft1) -> Path:
+        path = tmp_path / f"r-{Path(ft1).name}.yml"
+        path.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(ft1), "parameters": {"weight": 1}}, {"model": str(f["ft2"]), "parameters": {"weight": 1}}]}))
+        return path
+
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe(pickled)), str(tmp_path / "a"), "--quiet"])
+    assert "--allow-pickle" in capsys.readouterr().err
+    main(["run", str(recipe(pickled)), str(tmp_path / "a"), "--quiet", "--allow-pickle"])
+    main(["run", str(recipe(f["ft1"])), str(tmp_path / "b"), "--quiet"])
+    same_output(tmp_path / "a", tmp_path / "b")
+
+
+def test_allow_pickle_still_never_runs_pickled_code(llama_family, tmp_path, capsys):
+    marker = Path("/tmp/distmerge-pwned")
+    marker.unlink(missing_ok=True)
+    evil = _as_pickle(llama_family["ft1"], tmp_path / "evil", payload=Exploit())
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(evil)], "parameters": {"weight": 1}}))
+    with pytest.raises(SystemExit):
+        main(["plan", str(recipe), "--allow-pickle"])
+    assert "weights_only=True" in capsys.readouterr().err
+    assert not marker.exists()

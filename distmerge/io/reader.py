@@ -20,13 +20,25 @@ class TensorReader:
 
     def __init__(self):
         self._maps: dict[str, mmap.mmap] = {}
+        self._pickles: dict[str, dict] = {}
         self._touched: list[tuple[mmap.mmap, int, int]] = []
 
-    def read(self, path: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+    def _map(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
         if m is None:
             with open(path, "rb") as f:
                 m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+    def prefetch(self, path: str, begin: int, end: int) -> None:
+        """Start reading a byte range in the background (the kernel's readahead), so that
+        the next tensor's inputs arrive while the current one is merged."""
+        if end > begin:
+            start = begin - begin % mmap.PAGESIZE
+            self._map(path).madvise(mmap.MADV_WILLNEED, start, end - start)
+
+    def read(self, path: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
+        m = self._map(path)
         if end == begin:
             return torch.empty(shape, dtype=DTYPES[dtype])
         with warnings.catch_warnings():
@@ -35,6 +47,14 @@ class TensorReader:
             flat = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin)
         self._touched.append((m, begin, end))
         return flat.view(DTYPES[dtype]).view(shape)
+
+    def read_pickled(self, path: str, name: str) -> torch.Tensor:
+        """A tensor of a pickle checkpoint (``--allow-pickle``), by name."""
+        from distmerge.sources import load_pickled
+
+        if path not in self._pickles:
+            self._pickles[path] = load_pickled(path)
+        return self._pickles[path][name]
 
     def release(self) -> None:
         """Unmap the pages of every tensor read so far from this process (they stay in the
@@ -50,6 +70,7 @@ class TensorReader:
         """Forget the mappings (they are unmapped once no tensor refers to them)."""
         self._touched.clear()
         self._maps.clear()
+        self._pickles.clear()
 
     def __enter__(self) -> "TensorReader":
         return self
