@@ -103,7 +103,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         raise MergeError(f"{source}: invalid YAML{where}: {problem}") from None
     if not isinstance(doc, dict):
         raise MergeError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
-    unknown = sorted(set(doc) - TOP_KEYS)
+    unknown = sorted(set(doc) - TOP_KEYS, key=str)
     if unknown:
         raise MergeError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(TOP_KEYS))}")
     if "modules" in doc:
@@ -112,7 +112,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         raise MergeError(f"{source}: 'tokenizer:' blocks are not supported yet; use tokenizer_source: base or a model")
 
     name = doc.get("merge_method")
-    if name not in methods.METHODS:
+    if not isinstance(name, str) or name not in methods.METHODS:
         raise MergeError(f"{source}: unknown merge_method {name!r}; valid methods are {', '.join(sorted(methods.METHODS))}")
     if ("models" in doc) == ("slices" in doc) or not (doc.get("models") or doc.get("slices")):
         raise MergeError(f"{source}: a recipe needs exactly one of 'models' or 'slices' (non-empty)")
@@ -126,13 +126,19 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         dtype=_dtype(doc.get("dtype"), "dtype", source),
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
         tokenizer_source=_model(doc.get("tokenizer_source"), "tokenizer_source", source, optional=True),
-        chat_template=doc.get("chat_template"),
-        name=doc.get("name"),
+        chat_template=_text(doc.get("chat_template"), "chat_template", source),
+        name=_text(doc.get("name"), "name", source),
         base_dir=base_dir,
     )
     _check_parameters(recipe, source)
     _check_base(recipe, source)
     return recipe
+
+
+def _text(value: Any, where: str, source: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise MergeError(f"{source}: {where} must be text, got {value!r}")
+    return value
 
 
 def _list(doc: dict, key: str, source: str) -> list:
@@ -156,7 +162,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
     if not isinstance(entry, dict):
         raise MergeError(f"{source}: {where} must be a mapping with 'model'")
     allowed = {"model", "parameters"} | ({"layer_range"} if sliced else set())
-    unknown = sorted(set(entry) - allowed)
+    unknown = sorted(set(entry) - allowed, key=str)
     if unknown:
         raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(allowed))}")
     layer_range = None
@@ -179,7 +185,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
 def _slice(entry: Any, where: str, source: str) -> Slice:
     if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
         raise MergeError(f"{source}: {where} must be a mapping with a non-empty 'sources' list")
-    unknown = sorted(set(entry) - {"sources", "base_model", "parameters"})
+    unknown = sorted(set(entry) - {"sources", "base_model", "parameters"}, key=str)
     if unknown:
         raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are base_model, parameters, sources")
     sources = tuple(_source(s, f"{where}.sources[{i}]", source, True) for i, s in enumerate(entry["sources"]))
@@ -213,7 +219,7 @@ def _check_setting_shape(setting: Setting, where: str, source: str) -> None:
         return
     if isinstance(setting, list) and all(isinstance(v, dict) for v in setting):
         for cond in setting:
-            unknown = sorted(set(cond) - {"filter", "value"})
+            unknown = sorted(set(cond) - {"filter", "value"}, key=str)
             if unknown or "value" not in cond:
                 raise MergeError(f"{source}: {where}: each entry is {{filter: NAME-PART, value: V}}, got {cond!r}")
             _check_setting_shape(cond["value"], where, source)
@@ -224,8 +230,8 @@ def _check_setting_shape(setting: Setting, where: str, source: str) -> None:
 def _dtype(value: Any, where: str, source: str) -> str | None:
     if value is None:
         return None
-    name = DTYPE_ALIASES.get(value, value)
-    if name not in DTYPES:
+    name = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    if not isinstance(name, str) or name not in DTYPES:
         raise MergeError(f"{source}: {where} {value!r} is not one of {', '.join(sorted(DTYPES))}")
     return name
 

@@ -107,7 +107,7 @@ def _entry(path: str, name: str, info: object, start: int) -> TensorEntry:
     if not isinstance(info, dict):
         raise bad("has no dtype/shape/data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"has unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise bad(f"has an invalid shape {shape!r}")
