@@ -95,6 +95,11 @@ class Group:
         return self.env.world_size
 
     @property
+    def store(self):
+        """The rendezvous key-value store (None for a single process)."""
+        return self._store
+
+    @property
     def distributed(self) -> bool:
         return self.env.world_size > 1
 

@@ -7,6 +7,7 @@ naming the rank and the cause.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from distmerge import dist, output
 from distmerge.errors import MergeError
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.recipe import load_recipe
+from distmerge.progress import Progress
 from distmerge.run import RunOptions, run_rank
 from distmerge.verify import verify
 
@@ -33,6 +35,10 @@ class JobOptions:
     """How long a silent rank is tolerated, and the bound on collectives."""
     allow_pickle: bool = False
     """Read .bin/.pt checkpoints (with torch.load(weights_only=True)); refused otherwise."""
+    log_seconds: float = 30.0
+    """Interval of the progress lines printed when stderr is not a terminal (Slurm logs)."""
+    report_json: str | None = None
+    """Write the run report (phases, bytes, GB/s, memory, per rank) to this path (rank 0)."""
 
 
 @dataclass(slots=True)
@@ -46,6 +52,8 @@ class JobResult:
     seconds: float
     peak_rss: int
     """This process's peak resident memory, in bytes."""
+    report: dict | None = None
+    """The run report (rank 0 only): see ``make_report``."""
 
 
 def peak_rss() -> int:
@@ -89,23 +97,72 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
             )
         resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
         locked = group.rank == 0
-        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, progress=not options.quiet)
+        phases = {"plan": time.time() - start}
+        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite)
+        progress = Progress(
+            rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(plan.tensors),
+            total_bytes=plan.read_bytes + sum(t.nbytes for t in plan.tensors), enabled=not options.quiet,
+            log_seconds=options.log_seconds,
+        )  # fmt: skip
+        work_start = time.time()
         try:
-            written = run_rank(plan, out_dir, group.rank, group.world_size, run_options, between=group.check_abort)
+            written = run_rank(plan, out_dir, group.rank, group.world_size, run_options, group.check_abort, progress)
         except BaseException as e:
             group.abort(_describe(e))
             raise
+        finally:
+            progress.close()
+        progress.stats.wall = time.time() - work_start
+        progress.stats.peak_rss, progress.stats.peak_gpu = peak_rss(), peak_gpu(group.device)
         group.wait_all("written")
+        phases["merge"] = time.time() - work_start
+        stats = group.gather(progress.stats.to_dict())
+        report = None
         if group.rank == 0:
+            finish_start = time.time()
             output.finish(plan, out_dir)
             problems = verify(out_dir)
             if problems:
                 raise MergeError(f"the output in {out_dir} failed verification: " + "; ".join(problems[:5]))
-        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start, peak_rss())
+            phases["finish"] = time.time() - finish_start
+            report = make_report(plan, stats, phases, time.time() - start)
+            if options.report_json:
+                with open(options.report_json, "w") as f:
+                    json.dump(report, f, indent=1)
+        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start, peak_rss(), report)
     finally:
         if locked:
             output.release_lock(out_dir)
         group.close()
+
+
+def make_report(plan: Plan, stats: list[dict], phases: dict[str, float], wall: float) -> dict:
+    """The run report: wall time per phase, bytes and GB/s per rank and in total, peak
+    memory per rank, and the imbalance between ranks (busiest rank's time over the mean)."""
+    moved = [s["read_bytes"] + s["write_bytes"] for s in stats]
+    walls = [s["wall"] for s in stats]
+    mean_wall = sum(walls) / len(walls)
+    return {
+        "wall_seconds": wall,
+        "phases": phases,
+        "tensors": len(plan.tensors),
+        "read_bytes": sum(s["read_bytes"] for s in stats),
+        "write_bytes": sum(s["write_bytes"] for s in stats),
+        "gb_per_s": sum(moved) / phases["merge"] / 1e9 if phases.get("merge") else None,
+        "imbalance": max(walls) / mean_wall - 1 if mean_wall else 0.0,
+        "ranks": [
+            {**s, "gb_per_s": (m / s["wall"] / 1e9) if s["wall"] else None} for s, m in zip(stats, moved)
+        ],
+    }
+
+
+def peak_gpu(device: str) -> int:
+    """Peak GPU memory allocated by this process on ``device`` (0 on CPU)."""
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.max_memory_allocated(device)
 
 
 def _describe(e: BaseException) -> str:

@@ -9,6 +9,7 @@ a rerun redoes only what no journal holds. Rank 0 publishes each file when it is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
 from distmerge.plan import InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
+from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 
 STATE_DIR = ".distmerge"
@@ -37,11 +39,13 @@ class RunOptions:
     """Where the math runs: "cpu" or "cuda[:N]"."""
     allow_nonfinite: bool = False
     """Keep going when a merged tensor has NaN or Inf (default: stop and name the tensor)."""
-    progress: bool = True
 
 
-def merge_tensor(plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu") -> torch.Tensor:
+def merge_tensor(
+    plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu", progress: Progress | None = None
+) -> torch.Tensor:
     """The merged value of one output tensor, in its output dtype."""
+    timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     method = methods.get(plan.method)
     work = DTYPES[_work_dtype(plan, t)]
 
@@ -56,16 +60,18 @@ def merge_tensor(plan: Plan, t: OutputTensor, reader: TensorReader, device: str 
         # Like mergekit: round inputs to the recipe's dtype first, then compute in float32.
         return x.to(work).to(torch.float32)
 
-    inputs = [load(r) for r in t.inputs]
-    base = load(t.base) if t.base else None
+    with timed("read"):
+        inputs = [load(r) for r in t.inputs]
+        base = load(t.base) if t.base else None
     if not inputs[0].is_floating_point():
         return (base if base is not None else inputs[0]).to(DTYPES[t.dtype])  # integer buffers are copied
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
     if t.seeds is not None:
         kwargs["seeds"] = t.seeds
-    out = method.merge(base, inputs, **kwargs)
-    # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
-    return out.to(work).to(DTYPES[t.dtype])
+    with timed("merge"):
+        out = method.merge(base, inputs, **kwargs)
+        # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
+        return out.to(work).to(DTYPES[t.dtype])
 
 
 def input_path(plan: Plan, ref: InputRef) -> str:
@@ -174,11 +180,13 @@ def run_rank(
     world_size: int = 1,
     options: RunOptions | None = None,
     between: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Merge and write this rank's tensors into ``out_dir`` (prepared by output.prepare).
     Returns the names of the tensors written in this call.
 
-    ``between`` is called before every tensor (the job uses it to stop when another rank failed).
+    ``between`` is called before every tensor (the job uses it to stop when another rank
+    failed); ``progress`` counts the work and times its phases.
     """
     options = options or RunOptions()
     done = read_journal(out_dir)
@@ -189,13 +197,14 @@ def run_rank(
         if t.name not in done and file_of[t.name].name not in published
     ]  # fmt: skip
     journal = Journal(out_dir, rank)
-    bar = _progress(len(todo), rank, options.progress)
     current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None
+    timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
 
     def commit() -> None:
-        if current is not None:
-            current[1].sync()
-        journal.commit()
+        with timed("sync"):
+            if current is not None:
+                current[1].sync()
+            journal.commit()
 
     written = []
     with TensorReader() as reader:
@@ -213,9 +222,10 @@ def run_rank(
                         commit()
                         current[1].close()
                     current = (file, *_open(plan, file, out_dir))
-                value = merge_tensor(plan, t, reader, options.device)
+                value = merge_tensor(plan, t, reader, options.device, progress)
                 _check_finite(t, value, options)
-                sha256 = current[1].write_at(current[2][t.name], value)
+                with timed("write"):
+                    sha256 = current[1].write_at(current[2][t.name], value)
                 del value
                 reader.release()
                 journal.add(t.name, file.name, sha256, t.nbytes)
@@ -223,8 +233,8 @@ def run_rank(
                 fault_point(rank, len(written))
                 if journal.due():
                     commit()
-                if bar is not None:
-                    bar.update(1)
+                if progress is not None:
+                    progress.done(t.read_bytes, t.nbytes)
             commit()
         except OSError as e:
             raise MergeError(
@@ -234,8 +244,6 @@ def run_rank(
         finally:
             if current is not None:
                 current[1].close()
-            if bar is not None:
-                bar.close()
     return written
 
 
@@ -299,11 +307,3 @@ def publish_files(plan: Plan, out_dir: str) -> None:
             "tensors": [{"name": n, "sha256": h} for n, h in zip(file.tensors, tensor_sha)],
         }
         write_atomic(record_path(out_dir, file), json.dumps(record, indent=1))
-
-
-def _progress(total: int, rank: int, enabled: bool):
-    if not enabled or rank != 0 or total == 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="merging", unit="tensor", mininterval=1.0)
