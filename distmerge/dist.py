@@ -31,6 +31,8 @@ class Env:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+    """Ranks on this node (they share its memory and its downloads)."""
     launcher: str = "none"
     """"torchrun" (also deepspeed and anything else setting RANK/WORLD_SIZE), "slurm", or "none"."""
     master_addr: str | None = None
@@ -44,6 +46,7 @@ def detect(environ=os.environ) -> Env:
             rank=int(environ["RANK"]),
             world_size=int(environ["WORLD_SIZE"]),
             local_rank=int(environ.get("LOCAL_RANK", 0)),
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ.get("WORLD_SIZE", 1))),
             launcher="torchrun",
             master_addr=environ.get("MASTER_ADDR"),
             master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
@@ -55,6 +58,7 @@ def detect(environ=os.environ) -> Env:
             rank=int(environ["SLURM_PROCID"]),
             world_size=int(environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            local_world_size=int((environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1").split("(")[0]),
             launcher="slurm",
             master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
             # A port per job, so two jobs sharing a first node don't collide.

@@ -11,10 +11,13 @@ import json
 import time
 from dataclasses import dataclass
 
+import psutil
+
 from distmerge import dist, output
 from distmerge.errors import MergeError
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.recipe import load_recipe
+from distmerge.sources import is_hub_ref, resolve
 from distmerge.progress import Progress
 from distmerge.run import RunOptions, run_rank
 from distmerge.verify import verify
@@ -71,13 +74,44 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def make_plan(recipe_path: str, options: JobOptions) -> Plan:
+def make_plan(recipe_path: str, options: JobOptions, local_only: bool = False) -> Plan:
     recipe = load_recipe(recipe_path)
     with open(recipe_path) as f:
         text = f.read()
     return build_plan(
-        recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed, allow_pickle=options.allow_pickle
-    )
+        recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed, allow_pickle=options.allow_pickle,
+        local_only=local_only,
+    )  # fmt: skip
+
+
+def fetch_models(recipe_path: str) -> None:
+    """Download the recipe's hub models into the local cache (only the files a merge needs)."""
+    recipe = load_recipe(recipe_path)
+    for ref in recipe.model_refs():
+        if is_hub_ref(ref, recipe.base_dir):
+            resolve(ref, recipe.base_dir)
+
+
+def check_memory(plan: Plan, env: dist.Env, device: str) -> str | None:
+    """A message when the ranks on this node would need more memory than it has free."""
+    need = plan.peak_memory * env.local_world_size
+    free = psutil.virtual_memory().available
+    if need > free:
+        return (
+            f"this merge needs about {need / 1e9:.1f} GB of host memory on this node ({plan.peak_memory / 1e9:.1f} GB "
+            f"per rank, for its largest tensor, x {env.local_world_size} ranks) but only {free / 1e9:.1f} GB is "
+            "available; run fewer ranks per node (torchrun --nproc-per-node, srun --ntasks-per-node) or free memory"
+        )
+    if device.startswith("cuda"):
+        import torch
+
+        free_gpu, _ = torch.cuda.mem_get_info(device)
+        if plan.peak_memory > free_gpu:
+            return (
+                f"this merge needs about {plan.peak_memory / 1e9:.1f} GB of GPU memory per rank (its largest tensor) "
+                f"but {device} has {free_gpu / 1e9:.1f} GB free; use --device cpu or GPUs with more memory"
+            )
+    return None
 
 
 def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
@@ -87,7 +121,9 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
     group = dist.init(options.device, options.timeout_s)
     locked = False
     try:
-        plan = _on_every_rank(group, lambda: make_plan(recipe_path, options))
+        # One rank per node downloads hub models; then every rank reads the node's cache.
+        _on_every_rank(group, lambda: fetch_models(recipe_path) if group.env.local_rank == 0 else None)
+        plan = _on_every_rank(group, lambda: make_plan(recipe_path, options, local_only=True))
         prints = group.gather(plan.fingerprint)
         if len(set(prints)) > 1:
             odd = next(r for r, p in enumerate(prints) if p != prints[0])
@@ -95,6 +131,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
                 f"rank {odd} computed a different plan than rank 0 (fingerprint {prints[odd][:12]} vs "
                 f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
             )
+        group.agree(check_memory(plan, group.env, group.device))
         resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
         locked = group.rank == 0
         phases = {"plan": time.time() - start}

@@ -190,10 +190,14 @@ def build_plan(
     seed: int = 0,
     checkpoints: dict[str, Checkpoint] | None = None,
     allow_pickle: bool = False,
+    local_only: bool = False,
 ) -> Plan:
-    """Plan the merge from headers alone. Raises MergeError for anything that does not line up."""
+    """Plan the merge from headers alone. Raises MergeError for anything that does not line up.
+
+    ``local_only``: take hub models from the local cache, without asking the hub.
+    """
     if checkpoints is None:
-        checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle) for ref in recipe.model_refs()}
+        checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle, local_only) for ref in recipe.model_refs()}
     refs = list(checkpoints)
     index = {ref: i for i, ref in enumerate(refs)}
     layered = {ref: split_layers(list(ck.tensors)) for ref, ck in checkpoints.items()}

@@ -67,7 +67,7 @@ def split_revision(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def resolve(ref: str, base_dir: str = ".") -> str:
+def resolve(ref: str, base_dir: str = ".", local_only: bool = False) -> str:
     """A local directory for ``ref``: the directory itself, or a hub snapshot.
 
     Relative paths are taken relative to ``base_dir`` (the recipe's directory) first,
@@ -86,15 +86,23 @@ def resolve(ref: str, base_dir: str = ".") -> str:
     looks_local = ref.startswith((".", "/", "~")) or not REPO_ID.match(name)
     if looks_local:
         raise MergeError(f"model {ref!r}: no such directory (looked in {os.path.abspath(base_dir)} and {os.getcwd()})")
-    return _download(name, revision)
+    return _download(name, revision, local_only)
 
 
-def _download(repo_id: str, revision: str | None) -> str:
+def is_hub_ref(ref: str, base_dir: str = ".") -> bool:
+    """True when ``ref`` names a hub repo rather than a local directory."""
+    if os.path.exists(os.path.join(base_dir, ref)) or os.path.exists(ref):
+        return False
+    name, _ = split_revision(ref)
+    return not ref.startswith((".", "/", "~")) and bool(REPO_ID.match(name))
+
+
+def _download(repo_id: str, revision: str | None, local_only: bool = False) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=local_only)
     except LocalEntryNotFoundError:
         raise MergeError(
             f"model {repo_id!r}: not in the Hugging Face cache and the hub cannot be reached "
@@ -109,13 +117,14 @@ def is_pickle(file: str) -> bool:
     return file.endswith(PICKLE_SUFFIXES)
 
 
-def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False) -> Checkpoint:
+def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, local_only: bool = False) -> Checkpoint:
     """Resolve ``ref`` and read its config and every tensor header. No tensor data is read.
 
     Pickle checkpoints are refused unless ``allow_pickle``; even then they are opened with
     ``torch.load(weights_only=True)``, which rebuilds tensors but never runs pickled code.
+    With ``local_only``, hub models come from the local cache only (another rank fetched them).
     """
-    path = resolve(ref, base_dir)
+    path = resolve(ref, base_dir, local_only)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise MergeError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face model directory?")

@@ -35,3 +35,22 @@ def test_quiet_prints_nothing(llama_family, tmp_path):
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(f["ft1"]), "parameters": {"weight": 1}}]}))
     r = run_cli("run", recipe, tmp_path / "out", "--quiet", "--log-every", "0.01")
     assert r.returncode == 0 and r.stdout == "" and "distmerge:" not in r.stderr
+
+
+def test_run_refuses_to_start_without_the_memory_the_plan_predicts(llama_family, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import pytest
+
+    import distmerge.launch as launch
+    from distmerge.cli import main
+
+    f = llama_family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(f["ft1"]), "parameters": {"weight": 1}}]}))
+    monkeypatch.setattr(launch.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    with pytest.raises(SystemExit):
+        main(["run", str(recipe), str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "needs about" in err and "fewer ranks per node" in err
+    assert not (tmp_path / "out").exists()
