@@ -163,10 +163,14 @@ def verify_command(out, full):
 
 
 @cli.command("methods")
-def list_methods():
+@click.option("--markdown", is_flag=True, help="Print the README's table of methods.")
+def list_methods(markdown):
     """List the merge methods and their parameters."""
-    from distmerge.methods import METHODS
+    from distmerge.methods import METHODS, markdown_table
 
+    if markdown:
+        click.echo(markdown_table(), nl=False)
+        return
     for m in sorted(METHODS.values(), key=lambda m: m.name):
         params = ", ".join(f"{p.name}{'' if p.required else '=' + repr(p.default)}" for p in m.params)
         click.echo(f"{m.name:18s} base {m.base:8s} {m.summary}\n{'':18s} parameters: {params or 'none'}")

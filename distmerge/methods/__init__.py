@@ -125,3 +125,47 @@ METHODS: dict[str, Method] = _registry()
 def get(name: str) -> Method:
     """The method registered as ``name``; KeyError if there is none."""
     return METHODS[name]
+
+
+def markdown_table() -> str:
+    """A Markdown table of every method, in registry order, for the README (and
+    ``distmerge methods --markdown``): name, base policy, parameters with their defaults,
+    the one-line summary and the reference.
+
+    Parameters are spelled as in a recipe: ``name`` alone is required, ``name=value`` has a
+    default (booleans as YAML spells them); "per model" marks those set for each input.
+    """
+    from urllib.parse import urlparse
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return repr(v)
+
+    def param(p: Param) -> str:
+        if p.required:
+            text = f"`{p.name}`"
+        elif p.default is None:
+            text = f"`{p.name}` (optional)"
+        else:
+            text = f"`{p.name}={value(p.default)}`"
+        return text + (" per model" if p.scope == "input" else "")
+
+    def link(url: str) -> str:
+        if not url:
+            return ""
+        parsed = urlparse(url)
+        if parsed.netloc.endswith("arxiv.org") and parsed.path.startswith("/abs/"):
+            label = "arXiv:" + parsed.path[len("/abs/") :]
+        else:
+            label = parsed.netloc.removeprefix("www.")
+        return f"[{label}]({url})"
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| method | base model | parameters (default) | what it does | reference |", "|---|---|---|---|---|"]
+    for m in METHODS.values():
+        params = ", ".join(param(p) for p in m.params) or "none"
+        lines.append(f"| `{m.name}` | {m.base} | {cell(params)} | {cell(m.summary)} | {link(m.paper)} |")
+    return "\n".join(lines) + "\n"

@@ -21,5 +21,6 @@ METHODS = (
         base="ignored",
         max_inputs=1,
         summary="Copy layers from one model per slice; stack slices into a deeper model.",
+        paper="https://arxiv.org/abs/2312.15166",
     ),
 )
