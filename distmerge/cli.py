@@ -121,7 +121,9 @@ def describe(p, world_size: int = 1) -> str:
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Write the run report (phases, GB/s, memory per rank) here.")
 @click.option("--log-every", default=30.0, show_default=True, help="Seconds between progress lines when stderr is not a terminal.")
-def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, allow_nonfinite, quiet, timeout, report_json, log_every):
+@click.option("--push-to-hub", "push_to", metavar="REPO", help="Upload the verified output to this hub repo when done.")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, allow_nonfinite, quiet, timeout, report_json, log_every, push_to, private):
     """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun)."""
     from distmerge.launch import JobOptions, merge
 
@@ -145,6 +147,23 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
             f"{seconds['merge']:.1f}s, write {seconds['write']:.1f}s, sync {seconds['sync']:.1f}s; "
             f"imbalance between ranks {r['imbalance'] * 100:.0f}%"
         )
+    if result.rank == 0 and push_to:
+        from distmerge.hub import push
+
+        url = push(out, push_to, private=private)
+        if not quiet:
+            click.echo(f"pushed to {push_to}: {url}")
+
+
+@cli.command("push")
+@click.argument("out", type=click.Path(file_okay=False, exists=True))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+def push_command(out, repo, private):
+    """Verify the merge in OUT and upload it to the hub repo REPO."""
+    from distmerge.hub import push
+
+    click.echo(f"pushed to {repo}: {push(out, repo, private=private)}")
 
 
 @cli.command("verify")
