@@ -38,6 +38,8 @@ class ModelInfo:
     path: str
     """Local directory (machine-specific: not part of the fingerprint)."""
     num_layers: int | None
+    adapter_path: str | None = None
+    """Local directory of the LoRA adapter of a ``model+adapter`` reference (machine-specific)."""
 
 
 @dataclass(slots=True)
@@ -50,6 +52,9 @@ class InputRef:
     dtype: str
     begin: int
     end: int
+    lora: dict | None = None
+    """For ``model+adapter`` references: the adapter's A and B (file, dtype, shape, begin,
+    end, in the adapter directory) and the scale s, applied as W + s·B·A while reading."""
 
     @property
     def nbytes(self) -> int:
@@ -157,6 +162,7 @@ def fingerprint(plan: Plan) -> str:
     d.pop("fingerprint")
     for m in d["models"]:
         m.pop("path")
+        m.pop("adapter_path")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
@@ -240,7 +246,7 @@ def build_plan(
     plan = Plan(
         method=method.name,
         dtype=recipe.dtype,
-        models=[ModelInfo(ref, ck.path, ck.num_layers) for ref, ck in checkpoints.items()],
+        models=[ModelInfo(ref, ck.path, ck.num_layers, ck.adapter_path) for ref, ck in checkpoints.items()],
         tensors=planner.tensors,
         files=shard_files(planner.tensors, out_shard_bytes),
         layer_map=layer_map,
@@ -352,7 +358,7 @@ class _Planner:
 
     def _ref(self, model: str, name: str) -> InputRef:
         info = self.checkpoints[model].tensors[name]
-        return InputRef(self.index[model], name, info.file, info.dtype, info.begin, info.end)
+        return InputRef(self.index[model], name, info.file, info.dtype, info.begin, info.end, info.lora)
 
     def _check_count(self, n: int, out_name: str) -> None:
         m = self.method

@@ -55,6 +55,8 @@ def merge_tensor(
         else:
             x = reader.read(input_path(plan, ref), ref.dtype, tuple(t.shape), ref.begin, ref.end)
         x = x.to(device)
+        if ref.lora is not None:
+            x = _apply_lora(x, ref.lora, plan.models[ref.model].adapter_path, reader, device)
         if not x.is_floating_point():
             return x
         # Like mergekit: round inputs to the recipe's dtype first, then compute in float32.
@@ -72,6 +74,17 @@ def merge_tensor(
         out = method.merge(base, inputs, **kwargs)
         # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
         return out.to(work).to(DTYPES[t.dtype])
+
+
+def _apply_lora(w: torch.Tensor, lora: dict, adapter_dir: str, reader: TensorReader, device: str) -> torch.Tensor:
+    """W + s·B·A in float32, rounded to W's dtype: the weight a merged-and-saved adapter
+    would have on disk."""
+
+    def part(key: str) -> torch.Tensor:
+        file, dtype, shape, begin, end = lora[key]
+        return reader.read(os.path.join(adapter_dir, file), dtype, tuple(shape), begin, end).to(device, torch.float32)
+
+    return (w.float() + lora["scale"] * (part("b") @ part("a"))).to(w.dtype)
 
 
 def input_path(plan: Plan, ref: InputRef) -> str:

@@ -38,6 +38,8 @@ class TensorInfo:
     end: int
     """Byte range in a safetensors file; for a pickle file (``--allow-pickle``) just
     [0, nbytes): such tensors are found by name."""
+    lora: dict | None = None
+    """A LoRA delta to add while reading (see ``attach_adapter``)."""
 
 
 @dataclass(slots=True)
@@ -50,6 +52,8 @@ class Checkpoint:
     """Local directory holding the files."""
     config: dict
     tensors: dict[str, TensorInfo] = field(repr=False)
+    adapter_path: str | None = None
+    """Local directory of a LoRA adapter applied on the fly (``model+adapter``)."""
 
     @property
     def num_layers(self) -> int | None:
@@ -73,10 +77,6 @@ def resolve(ref: str, base_dir: str = ".", local_only: bool = False) -> str:
     Relative paths are taken relative to ``base_dir`` (the recipe's directory) first,
     then to the current directory, as users expect from either.
     """
-    if "+" in ref and not os.path.exists(ref):
-        raise MergeError(
-            f"model {ref!r}: LoRA adapters ('model+adapter') are not supported yet; merge the adapter first"
-        )
     for candidate in (os.path.join(base_dir, ref), ref):
         if os.path.isdir(candidate):
             return os.path.abspath(candidate)
@@ -123,7 +123,13 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
     Pickle checkpoints are refused unless ``allow_pickle``; even then they are opened with
     ``torch.load(weights_only=True)``, which rebuilds tensors but never runs pickled code.
     With ``local_only``, hub models come from the local cache only (another rank fetched them).
+    ``model+adapter`` applies a PEFT LoRA adapter to the model's weights while they are read.
     """
+    if "+" in ref and not os.path.exists(os.path.join(base_dir, ref)) and not os.path.exists(ref):
+        model_ref, adapter_ref = ref.split("+", 1)
+        ck = load_checkpoint(model_ref, base_dir, allow_pickle, local_only)
+        ck.ref = ref
+        return attach_adapter(ck, resolve(adapter_ref, base_dir, local_only))
     path = resolve(ref, base_dir, local_only)
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
@@ -149,6 +155,46 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
                 raise MergeError(f"model {ref!r}: tensor {name!r} is stored twice ({tensors[name].file} and {file})")
             tensors[name] = _info(file, entries[name])
     return Checkpoint(ref=ref, path=path, config=config, tensors=tensors)
+
+
+def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
+    """Attach a PEFT LoRA adapter: every targeted weight W is read as W + s·B·A, with
+    s = lora_alpha / r (lora_alpha / √r with rslora), as PEFT's merge_and_unload computes it."""
+    try:
+        with open(os.path.join(adapter_path, "adapter_config.json")) as f:
+            config = json.load(f)
+        r, alpha = config["r"], config.get("lora_alpha", config["r"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MergeError(f"adapter {adapter_path}: no readable adapter_config.json with r and lora_alpha ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA" or config.get("fan_in_fan_out"):
+        raise MergeError(f"adapter {adapter_path}: only plain LoRA adapters are supported (peft_type LORA, fan_in_fan_out false)")
+    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
+    file = "adapter_model.safetensors"
+    if not os.path.isfile(os.path.join(adapter_path, file)):
+        raise MergeError(f"adapter {adapter_path}: no {file} (pickled adapters are not read)")
+    entries, _ = read_header(os.path.join(adapter_path, file))
+    prefix = "base_model.model."
+    pairs: dict[str, dict] = {}
+    for key, e in entries.items():
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}."
+            if marker in name:
+                target = name.replace(marker, ".").replace(".default.", ".")
+                pairs.setdefault(target, {})[part] = [file, e.dtype, list(e.shape), e.begin, e.end]
+    tensors = dict(ck.tensors)
+    for target, ab in sorted(pairs.items()):
+        if target not in tensors or set(ab) != {"lora_A", "lora_B"}:
+            raise MergeError(f"adapter {adapter_path}: {target!r} has no matching weight (or lacks lora_A/lora_B) in {ck.ref!r}")
+        w = tensors[target]
+        out, rank_b = ab["lora_B"][2]
+        rank_a, inp = ab["lora_A"][2]
+        if (out, inp) != tuple(w.shape) or rank_a != rank_b:
+            raise MergeError(f"adapter {adapter_path}: B{[out, rank_b]}·A{[rank_a, inp]} does not fit {target!r} of shape {list(w.shape)}")
+        lora = {"a": ab["lora_A"], "b": ab["lora_B"], "scale": scale}
+        tensors[target] = TensorInfo(w.file, w.dtype, w.shape, w.begin, w.end, lora)
+    ck.tensors, ck.adapter_path = tensors, adapter_path
+    return ck
 
 
 def _info(file: str, e: TensorEntry) -> TensorInfo:

@@ -72,6 +72,7 @@ def run_mergekit(recipe: dict | str, out_dir: str | os.PathLike, *, seed: int | 
         allow_crimes=False,
         trust_remote_code=False,
         multi_gpu=False,
+        lora_merge_cache=str(out_dir.parent / (out_dir.name + "-lora-cache")),  # for model+adapter refs
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     run_merge(config, str(out_dir), options=options, config_source=text)
