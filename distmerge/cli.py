@@ -63,7 +63,7 @@ def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json)
     shares = assign_tensors(p, world_size)
     if as_json:
         d = p.to_dict()
-        d["assignment"] = [{"rank": r, "tensors": [s.start, s.stop], "bytes": b} for r, (s, b) in enumerate(zip(shares, rank_loads(p, shares)))]
+        d["assignment"] = [{"rank": r, "tensors": s, "bytes": b} for r, (s, b) in enumerate(zip(shares, rank_loads(p, shares)))]
         d["imbalance"] = imbalance(p, shares)
         click.echo(json.dumps(d, indent=1))
         return
@@ -95,9 +95,11 @@ def describe(p, world_size: int = 1) -> str:
     lines.append("files:")
     lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}" for f in p.files]
     shares = assign_tensors(p, world_size)
-    lines.append(f"ranks ({world_size}): each merges a contiguous run of tensors, balanced by bytes read + written")
+    contiguous = all(share == list(range(share[0], share[-1] + 1)) for share in shares if share)
+    how = "a contiguous run of tensors" if contiguous else "the largest tensors first, spread over all ranks"
+    lines.append(f"ranks ({world_size}): each merges {how}, balanced by bytes read + written")
     for r, (share, load) in enumerate(zip(shares, rank_loads(p, shares))):
-        first = p.tensors[share.start].name if share else "-"
+        first = p.tensors[share[0]].name if share else "-"
         lines.append(f"  rank {r}: {len(share)} tensors from {first}, moves {human(load)}")
     lines.append(f"imbalance: the busiest rank moves {imbalance(p, shares) * 100:.1f}% more than the mean")
     lines.append("tensors:")
@@ -230,7 +232,11 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
     except MergeError as e:
-        click.echo(f"error: {e}", err=True)
+        from distmerge.dist import detect
+
+        env = detect()
+        who = f"rank {env.rank}: " if env.world_size > 1 and not str(e).startswith(("rank ", "stopping: ")) else ""
+        click.echo(f"error: {who}{e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -8,6 +8,7 @@ without a word is noticed by its stale heartbeat.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -22,6 +23,8 @@ from distmerge.errors import MergeError
 
 ABORT_KEY = "distmerge/abort"
 HEARTBEAT_SECONDS = 5.0
+WATCH_SECONDS = 30.0
+"""How often a working rank looks at the others' heartbeats (between tensors)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,20 +54,35 @@ def detect(environ=os.environ) -> Env:
             master_addr=environ.get("MASTER_ADDR"),
             master_port=int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else None,
         )
-    if "SLURM_PROCID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or (environ.get("SLURM_NTASKS") if "SLURM_STEP_ID" in environ else None)
+    # Only inside an srun step: the batch script's own shell also has SLURM_PROCID and
+    # SLURM_NTASKS, and taking it for rank 0 of N would wait for N-1 ranks that never come.
+    if "SLURM_PROCID" in environ and ntasks and int(ntasks) > 1:
         nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
         job = int(environ.get("SLURM_JOB_ID", "0") or 0)
+        per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1"
         return Env(
             rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
+            world_size=int(ntasks),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            local_world_size=int((environ.get("SLURM_NTASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE") or "1").split("(")[0]),
+            local_world_size=tasks_on_node(per_node, int(environ.get("SLURM_NODEID", 0))),
             launcher="slurm",
             master_addr=environ.get("MASTER_ADDR") or first_host(nodelist),
             # A port per job, so two jobs sharing a first node don't collide.
             master_port=int(environ.get("MASTER_PORT") or 20000 + job % 20000),
         )
     return Env()
+
+
+def tasks_on_node(spec: str, node: int) -> int:
+    """Tasks on node ``node`` from Slurm's compressed list: "2(x3),1" -> 2, 2, 2, 1."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return 1
+        counts += [int(m[1])] * int(m[2] or 1)
+    return counts[node] if 0 <= node < len(counts) else counts[-1]
 
 
 def first_host(nodelist: str) -> str:
@@ -89,6 +107,9 @@ class Group:
     _store: object = None
     _beat: threading.Thread | None = field(default=None, repr=False)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _beats: dict = field(default_factory=dict, repr=False)
+    """rank -> (last heartbeat value seen, monotonic time it was first seen)."""
+    _last_watch: float = field(default_factory=time.monotonic, repr=False)
 
     @property
     def rank(self) -> int:
@@ -139,12 +160,21 @@ class Group:
     def abort(self, message: str) -> None:
         """Tell every rank to stop (not collective: any rank may call it at any time)."""
         if self._store is not None:
-            self._store.set(ABORT_KEY, f"rank {self.rank}: {message}")
+            try:
+                self._store.set(ABORT_KEY, f"rank {self.rank}: {message}")
+            except Exception:  # the store is gone with rank 0: the others find out by themselves
+                pass
 
     def check_abort(self) -> None:
-        """Raise if another rank has failed. Cheap: one store lookup."""
-        if self._store is not None and self._store.check([ABORT_KEY]):
-            raise MergeError(f"stopping: {self._store.get(ABORT_KEY).decode()}")
+        """Raise if another rank has failed or gone silent. Cheap: one store lookup per call,
+        and a look at every rank's heartbeat every ``WATCH_SECONDS``."""
+        if self._store is None:
+            return
+        with self._store_errors():
+            if self._store.check([ABORT_KEY]):
+                raise MergeError(f"stopping: {self._store.get(ABORT_KEY).decode()}")
+            if time.monotonic() - self._last_watch >= WATCH_SECONDS:
+                self._watch(range(self.world_size))
 
     def wait_all(self, what: str) -> None:
         """Wait until every rank has reached this point, however long their work takes,
@@ -152,17 +182,35 @@ class Group:
         if not self.distributed:
             return
         store = self._store
-        store.set(f"distmerge/{what}/{self.rank}", "1")
-        keys = [f"distmerge/{what}/{r}" for r in range(self.world_size)]
-        while not store.check(keys):
-            self.check_abort()
-            now = time.time()
-            for r in range(self.world_size):
-                if not store.check([f"distmerge/{what}/{r}"]):
-                    last = float(store.get(f"distmerge/alive/{r}").decode())
-                    if now - last > self.timeout.total_seconds():
-                        raise MergeError(f"rank {r} stopped responding {now - last:.0f}s ago (killed or hung); stopping")
-            time.sleep(0.2)
+        with self._store_errors():
+            store.set(f"distmerge/{what}/{self.rank}", "1")
+            keys = [f"distmerge/{what}/{r}" for r in range(self.world_size)]
+            while not store.check(keys):
+                self.check_abort()
+                self._watch(r for r in range(self.world_size) if not store.check([f"distmerge/{what}/{r}"]))
+                time.sleep(0.2)
+
+    def _watch(self, ranks) -> None:
+        """Raise if one of ``ranks`` has not beaten its heartbeat for longer than the timeout.
+        Heartbeats are counters, timed here on this rank's monotonic clock: clock skew
+        between nodes does not matter."""
+        now = self._last_watch = time.monotonic()
+        for r in ranks:
+            beat = self._store.get(f"distmerge/alive/{r}")
+            seen, since = self._beats.get(r, (None, now))
+            if beat != seen:
+                self._beats[r] = (beat, now)
+            elif now - since > self.timeout.total_seconds():
+                raise MergeError(f"rank {r} stopped responding {now - since:.0f}s ago (killed or hung); stopping")
+
+    @contextlib.contextmanager
+    def _store_errors(self):
+        try:
+            yield
+        except MergeError:
+            raise
+        except Exception as e:  # torch.distributed's network errors: the store's host is gone
+            raise MergeError(f"lost contact with the job's rendezvous store (did rank 0 die?): {e}") from None
 
     def close(self) -> None:
         self._stop.set()
@@ -207,13 +255,15 @@ def init(device: str = "auto", timeout_s: float = 600.0, environ=os.environ) -> 
     return group
 
 
-def _heartbeat(group: Group) -> None:
-    group._store.set(f"distmerge/alive/{group.rank}", str(time.time()))
+def _heartbeat(group: Group, count: int = 0) -> None:
+    group._store.set(f"distmerge/alive/{group.rank}", str(count))
 
 
 def _beat_loop(group: Group) -> None:
+    count = 0
     while not group._stop.wait(HEARTBEAT_SECONDS):
+        count += 1
         try:
-            _heartbeat(group)
+            _heartbeat(group, count)
         except Exception:  # the store is gone: the job is ending
             return

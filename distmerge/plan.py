@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import heapq
 import json
 import math
 import re
@@ -471,15 +472,31 @@ def tensor_cost(t: OutputTensor) -> int:
     return t.read_bytes + t.nbytes
 
 
-def assign_tensors(plan: Plan, world_size: int) -> list[range]:
-    """Each rank's share of the output tensors: contiguous ranges of the plan's tensor
-    order, balanced by bytes read + written.
+BALANCE_TARGET = 0.05
+"""Contiguous shares are used while their busiest rank moves at most 5% more than the mean."""
 
-    Contiguous, so that a rank writes runs of whole files and reads its inputs in file
-    order; balanced with the smallest possible largest share (a linear partition), then
-    cut as evenly as that allows. Deterministic: a function of the plan and world size.
+
+def assign_tensors(plan: Plan, world_size: int) -> list[list[int]]:
+    """Each rank's share of the output tensors (indices into ``plan.tensors``, in plan
+    order), balanced by bytes read + written. Deterministic: a function of the plan and
+    the world size alone.
+
+    Contiguous runs of the plan's order when they can be balanced within 5% (a rank then
+    writes runs of whole files and reads its inputs in file order); otherwise, when a few
+    large tensors make every contiguous split uneven (64+ ranks on a 70B model), the
+    longest-processing-time-first assignment of single tensors.
     """
     costs = [tensor_cost(t) for t in plan.tensors]
+    shares = [list(r) for r in contiguous_shares(costs, world_size)]
+    if _imbalance(costs, shares) <= BALANCE_TARGET:
+        return shares
+    lpt = longest_first_shares(costs, world_size)
+    return lpt if _imbalance(costs, lpt) < _imbalance(costs, shares) else shares
+
+
+def contiguous_shares(costs: list[int], world_size: int) -> list[range]:
+    """The split into ``world_size`` contiguous runs with the smallest possible largest share
+    (a linear partition), cut as evenly as that allows."""
     n = len(costs)
     cap = _min_capacity(costs, world_size)
     bounds = [0]
@@ -487,13 +504,32 @@ def assign_tensors(plan: Plan, world_size: int) -> list[range]:
         i, left = bounds[-1], world_size - r
         target = sum(costs[i:]) / left
         j, acc = i, 0
-        while j < n and acc + costs[j] <= cap and acc + costs[j] / 2 <= target:
+        # Take tensors up to the even share (always at least one, even a big one).
+        while j < n and acc + costs[j] <= cap and (j == i or acc + costs[j] / 2 <= target):
             acc, j = acc + costs[j], j + 1
         while _parts_needed(costs[j:], cap) > left - 1:  # too little taken: the rest won't fit
             acc, j = acc + costs[j], j + 1
         bounds.append(j)
     bounds.append(n)
     return [range(bounds[r], bounds[r + 1]) for r in range(world_size)]
+
+
+def longest_first_shares(costs: list[int], world_size: int) -> list[list[int]]:
+    """Largest tensor first, each to the least-loaded rank (ties: lowest index, lowest rank)."""
+    loads = [(0, r) for r in range(world_size)]
+    heapq.heapify(loads)
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, r = heapq.heappop(loads)
+        shares[r].append(i)
+        heapq.heappush(loads, (load + costs[i], r))
+    return [sorted(share) for share in shares]
+
+
+def _imbalance(costs: list[int], shares: list[list[int]]) -> float:
+    loads = [sum(costs[i] for i in share) for share in shares]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean - 1 if mean else 0.0
 
 
 def _parts_needed(costs: list[int], cap: int) -> int:
@@ -517,13 +553,11 @@ def _min_capacity(costs: list[int], parts: int) -> int:
     return lo
 
 
-def rank_loads(plan: Plan, assignment: list[range]) -> list[int]:
+def rank_loads(plan: Plan, assignment: list[list[int]]) -> list[int]:
     costs = [tensor_cost(t) for t in plan.tensors]
     return [sum(costs[i] for i in share) for share in assignment]
 
 
-def imbalance(plan: Plan, assignment: list[range]) -> float:
+def imbalance(plan: Plan, assignment: list[list[int]]) -> float:
     """Largest rank's bytes over the mean, minus 1 (0.05 = the busiest rank does 5% more)."""
-    loads = rank_loads(plan, assignment)
-    mean = sum(loads) / len(loads)
-    return max(loads) / mean - 1 if mean else 0.0
+    return _imbalance([tensor_cost(t) for t in plan.tensors], assignment)

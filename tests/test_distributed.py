@@ -246,7 +246,7 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
     # The test means something only if ranks really share files: some rank's range starts
     # in the middle of a file.
     starts = {sum(len(f.tensors) for f in plan.files[:i]) for i in range(len(plan.files))}
-    cuts = {share.start for k in (2, 3) for share in assign_tensors(plan, k)[1:]}
+    cuts = {share[0] for k in (2, 3) for share in assign_tensors(plan, k)[1:]}
     assert cuts - starts, f"{name}: every rank boundary falls on a file boundary; make SHARD larger"
 
     for k in (2, 3):
@@ -324,7 +324,8 @@ def srun_ranks(recipe: Path, out: Path, n: int, *args: str, fault: dict[int, str
     procs = []
     for rank in range(n):
         env = {
-            "SLURM_PROCID": rank, "SLURM_NTASKS": n, "SLURM_LOCALID": rank, "SLURM_NODEID": 0, "SLURM_TASKS_PER_NODE": n,
+            "SLURM_PROCID": rank, "SLURM_NTASKS": n, "SLURM_STEP_NUM_TASKS": n, "SLURM_LOCALID": rank, "SLURM_NODEID": 0,
+            "SLURM_STEP_TASKS_PER_NODE": n,
             "SLURM_JOB_ID": 4242, "SLURM_JOB_NODELIST": "localhost", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
         }  # fmt: skip
         if fault and rank in fault:
@@ -401,28 +402,32 @@ def test_detect_torchrun_inside_srun_uses_torchruns_ranks():
 
 
 def test_detect_slurm():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-09,12],cpu1",
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-09,12],cpu1",
            "SLURM_JOB_ID": "123456", "SLURM_TASKS_PER_NODE": "4(x4)", "SLURM_NODEID": "1"}  # fmt: skip
     e = dist.detect(env)
     assert where(e) == (5, 16, 1, "slurm", "gpu07", 20000 + 123456 % 20000)
     assert e.local_world_size == 4
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dist.detect reads SLURM_TASKS_PER_NODE with int(value.split('(')[0]): an uneven job's "
-    "'3,2' raises ValueError on every rank (and '2(x3),1' gives node 3 two ranks, not one). "
-    "Reported to the lead."
-))  # fmt: skip
 def test_detect_slurm_with_uneven_tasks_per_node():
-    env = {"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+    env = {"SLURM_PROCID": "4", "SLURM_NTASKS": "5", "SLURM_STEP_NUM_TASKS": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "3,2"}  # fmt: skip
     e = dist.detect(env)
     assert where(e)[:4] == (4, 5, 1, "slurm")
     assert e.local_world_size == 2  # node 1 runs 2 of the 5 tasks
+    assert [dist.tasks_on_node("2(x3),1", node) for node in range(4)] == [2, 2, 2, 1]
+
+
+def test_the_batch_scripts_own_shell_is_not_a_rank():
+    """sbatch's shell has SLURM_PROCID=0 and SLURM_NTASKS=N too, but it is no srun step:
+    taking it for rank 0 of N would wait for ranks that never start."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_JOB_ID": "7"}
+    assert dist.detect(env).world_size == 1
+    assert dist.detect({**env, "SLURM_STEP_ID": "0"}).world_size == 4
 
 
 def test_detect_slurm_prefers_the_step_nodelist_and_explicit_master():
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "node[1-8]", "SLURM_STEP_NODELIST": "node[5-6]", "SLURM_JOB_ID": "7"}
+    env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_JOB_NODELIST": "node[1-8]", "SLURM_STEP_NODELIST": "node[5-6]", "SLURM_JOB_ID": "7"}
     e = dist.detect(env)
     assert (e.master_addr, e.master_port, e.local_rank) == ("node5", 20007, 0)
     e = dist.detect({**env, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "31000"})
@@ -438,7 +443,7 @@ def test_detect_single_process():
 
 def test_detect_slurm_without_any_address_says_what_to_set():
     with pytest.raises(MergeError, match="MASTER_ADDR"):
-        dist.detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        dist.detect({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"})
 
 
 @pytest.mark.parametrize(

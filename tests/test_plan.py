@@ -78,7 +78,7 @@ def test_output_files_respect_the_shard_size_and_hold_each_tensor_once(llama_fam
 def test_every_tensor_goes_to_exactly_one_rank(llama_family, world):
     p = plan_of(ta_recipe(llama_family), out_shard_bytes=20_000)
     shares = assign_tensors(p, world)
-    assert [i for share in shares for i in share] == list(range(len(p.tensors)))  # contiguous, in order
+    assert sorted(i for share in shares for i in share) == list(range(len(p.tensors)))  # each exactly once
     biggest = max(t.read_bytes + t.nbytes for t in p.tensors)
     mean = sum(t.read_bytes + t.nbytes for t in p.tensors) / world
     assert imbalance(p, shares) <= biggest / mean
@@ -193,7 +193,7 @@ def test_cli_plan_json_and_text(llama_family, tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert len(d["tensors"]) == 39 and len(d["assignment"]) == 2
-    assert d["assignment"][0]["tensors"][1] == d["assignment"][1]["tensors"][0]
+    assert d["assignment"][0]["tensors"][-1] + 1 == d["assignment"][1]["tensors"][0]  # contiguous runs
     r = run_cli("plan", recipe, "--world-size", "2", "--out-shard-size", "30KB")
     assert "layer map" in r.stdout and "model.layers.3.mlp.up_proj.weight" in r.stdout and "imbalance" in r.stdout
     assert "peak working memory" in r.stdout
