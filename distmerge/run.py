@@ -41,15 +41,24 @@ class RunOptions:
     """Keep going when a merged tensor has NaN or Inf (default: stop and name the tensor)."""
 
 
+CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk for element-wise methods: 1 MB of float32 per input stays in cache."""
+
+
 def merge_tensor(
     plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu", progress: Progress | None = None
 ) -> torch.Tensor:
-    """The merged value of one output tensor, in its output dtype."""
+    """The merged value of one output tensor, in its output dtype.
+
+    Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
+    inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
+    every input.
+    """
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     method = methods.get(plan.method)
-    work = DTYPES[_work_dtype(plan, t)]
+    work, out_dtype = DTYPES[_work_dtype(plan, t)], DTYPES[t.dtype]
 
-    def load(ref: InputRef) -> torch.Tensor:
+    def fetch(ref: InputRef) -> torch.Tensor:
         if is_pickle(ref.file):
             x = reader.read_pickled(input_path(plan, ref), ref.name)
         else:
@@ -57,23 +66,38 @@ def merge_tensor(
         x = x.to(device)
         if ref.lora is not None:
             x = _apply_lora(x, ref.lora, plan.models[ref.model].adapter_path, reader, device)
-        if not x.is_floating_point():
-            return x
+        return x
+
+    def compute(x: torch.Tensor | None) -> torch.Tensor | None:
         # Like mergekit: round inputs to the recipe's dtype first, then compute in float32.
-        return x.to(work).to(torch.float32)
+        return None if x is None else x.to(work).to(torch.float32)
 
     with timed("read"):
-        inputs = [load(r) for r in t.inputs]
-        base = load(t.base) if t.base else None
+        inputs = [fetch(r) for r in t.inputs]
+        base = fetch(t.base) if t.base else None
     if not inputs[0].is_floating_point():
-        return (base if base is not None else inputs[0]).to(DTYPES[t.dtype])  # integer buffers are copied
+        return (base if base is not None else inputs[0]).to(out_dtype)  # integer buffers are copied
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
     if t.seeds is not None:
         kwargs["seeds"] = t.seeds
-    with timed("merge"):
-        out = method.merge(base, inputs, **kwargs)
-        # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
-        return out.to(work).to(DTYPES[t.dtype])
+    numel = inputs[0].numel()
+    if not method.elementwise or numel <= CHUNK_ELEMENTS:
+        with timed("read"):
+            inputs, base = [compute(x) for x in inputs], compute(base)
+        with timed("merge"):
+            # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
+            return method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
+    out = torch.empty(numel, dtype=out_dtype, device=device)
+    flat = [x.reshape(-1) for x in inputs]
+    flat_base = base.reshape(-1) if base is not None else None
+    for i in range(0, numel, CHUNK_ELEMENTS):
+        j = min(numel, i + CHUNK_ELEMENTS)
+        with timed("read"):
+            chunks = [compute(x[i:j]) for x in flat]
+            base_chunk = compute(flat_base[i:j]) if flat_base is not None else None
+        with timed("merge"):
+            out[i:j] = method.merge(base_chunk, chunks, **kwargs).to(work)
+    return out.view(t.shape)
 
 
 def _apply_lora(w: torch.Tensor, lora: dict, adapter_dir: str, reader: TensorReader, device: str) -> torch.Tensor:

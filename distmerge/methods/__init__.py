@@ -77,6 +77,9 @@ class Method:
     max_inputs: int | None = None
     randomized: bool = False
     """Draws random numbers: gets ``seeds`` and is reproducible from the recipe seed."""
+    elementwise: bool = False
+    """Each output element depends only on the same element of the inputs, so the run may
+    merge a large tensor in cache-sized chunks (same result, far less memory traffic)."""
     summary: str = ""
     """One line for the README and ``distmerge methods``."""
     paper: str = ""

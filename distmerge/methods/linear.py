@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from distmerge import kernels
 from distmerge.methods import Method, Param
 
 
@@ -11,13 +12,10 @@ def linear(base: None, tensors: list[torch.Tensor], *, weight: list[float], norm
     """θ = Σᵢ wᵢ θᵢ, divided by Σᵢ wᵢ when ``normalize``.
 
     Wortsman et al. 2022, "Model soups" (https://arxiv.org/abs/2203.05482).
-    Accumulates in input order, as mergekit does.
+    Accumulates in input order with one fused multiply-add per model (``addcmul_``), as
+    mergekit does, so float32 results agree bitwise (``distmerge.kernels.linear_sum``).
     """
-    w = torch.tensor(weight, dtype=tensors[0].dtype)
-    out = torch.zeros_like(tensors[0])
-    for wi, x in zip(w, tensors):
-        out.addcmul_(x, wi)  # out += wᵢ·θᵢ, fused as in mergekit so float32 results agree bitwise
-    return out / w.sum() if normalize else out
+    return kernels.linear_sum(tensors, weight, normalize=normalize)
 
 
 METHODS = (
@@ -29,6 +27,7 @@ METHODS = (
             Param("normalize", bool, True, doc="divide by the sum of the weights"),
         ),
         base="ignored",
+        elementwise=True,
         summary="Weighted average of the models (model soups).",
         paper="https://arxiv.org/abs/2203.05482",
     ),

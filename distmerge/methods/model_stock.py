@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from distmerge import kernels
 from distmerge.methods import Method, Param
 
 
@@ -34,8 +35,7 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise:
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
-    average = sum(models) / n
-    return (t * average + (1 - t) * w0).reshape(base.shape)
+    return kernels.stock_interpolate(w0, models, t).reshape(base.shape)  # t θ̄ + (1 − t) θ₀
 
 
 def _vectors(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:

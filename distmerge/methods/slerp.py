@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from distmerge import kernels
 from distmerge.methods import Method, Param
 
 DOT_THRESHOLD = 0.9995
@@ -27,10 +28,10 @@ def slerp(base: torch.Tensor, tensors: list[torch.Tensor], *, t: float) -> torch
     n1 = torch.where(n1 > EPS, n1, 1)
     cos_omega = ((v0 / n0) * (v1 / n1)).sum(dim=1).clamp(-1, 1)[0]
     if cos_omega.abs() > DOT_THRESHOLD:
-        return (1 - t) * base + t * other
+        return kernels.slerp_combine(1 - t, t, base, other)  # (1 − t)·θ₀ + t·θ₁
     omega = torch.acos(cos_omega)
     sin_omega = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / sin_omega) * base + (torch.sin(t * omega) / sin_omega) * other
+    return kernels.slerp_combine(torch.sin((1 - t) * omega) / sin_omega, torch.sin(t * omega) / sin_omega, base, other)
 
 
 METHODS = (

@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
+from distmerge import kernels
 from distmerge.methods import Method, Param, in_unit_interval, non_negative, sparsify
-from distmerge.methods.consensus import disjoint_mean_divisor, disjoint_sum
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(input index, delta) -> sparsified delta."""
@@ -44,33 +44,25 @@ def combine(
     normalize: bool,
     lambda_: float,
 ) -> torch.Tensor:
-    """θ₀ + λ · (Σᵢ wᵢτᵢ, or its TIES disjoint version) / D — the family's last step."""
-    w = torch.tensor(weight, dtype=torch.float32, device=base.device)
-    weighted = [delta * wi for delta, wi in zip(deltas, w)]
-    if consensus:
-        mixed, divisor = disjoint_sum(weighted, w)
-        divisor = disjoint_mean_divisor(divisor)
-    else:
-        mixed = weighted[0].clone()
-        for x in weighted[1:]:
-            mixed += x
-        divisor = w.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+    """θ₀ + λ · (Σᵢ wᵢτᵢ, or its TIES disjoint version) / D — the family's last step.
+
+    Linear: D = Σᵢ wᵢ. Consensus: γ = sgn Σᵢ wᵢτᵢ, Σᵢ [sgn wᵢτᵢ = γ] wᵢτᵢ / Σᵢ [sgn wᵢτᵢ = γ] wᵢ
+    (``distmerge.methods.consensus``). One fused kernel on CUDA (``distmerge.kernels``).
+    """
+    return kernels.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def _merge(base, tensors, weight, sparsify_one: Sparsifier | None, *, consensus, normalize, lambda_):
+    """combine(θ₀, [sparsify_one(i, τᵢ)], …) with τᵢ = θᵢ − θ₀.
+
+    On CUDA, for the ``kernels`` sparsifiers (TopK, Outliers, RandomDrop), task vectors,
+    sparsification and combination are one kernel pass over the models (``kernels.task_merge``).
+    """
     if not tensors:
         return base
-    deltas = task_vectors(base, tensors)
-    if sparsify_one is not None:
-        deltas = [sparsify_one(i, delta) for i, delta in enumerate(deltas)]
-    return combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return kernels.task_merge(
+        base, tensors, weight, sparsify_one, consensus=consensus, normalize=normalize, lambda_=lambda_
+    )
 
 
 # ---------------------------------------------------------------- the registered methods
@@ -112,7 +104,7 @@ def ties(
     θ = θ₀ + λ Σᵢ [sgn wᵢτ̂ᵢ = γ] wᵢτ̂ᵢ / Σᵢ [sgn wᵢτ̂ᵢ = γ] wᵢ, τ̂ᵢ = trim(τᵢ), γ = sgn Σᵢ wᵢτ̂ᵢ.
     Yadav et al. 2023 (https://arxiv.org/abs/2306.01708).
     """
-    trim = lambda i, d: sparsify.magnitude(d, density[i], rescale)
+    trim = kernels.TopK(density, rescale)  # (i, τ) -> sparsify.magnitude(τ, densityᵢ, rescale)
     return _merge(base, tensors, weight, trim, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
@@ -132,7 +124,7 @@ def dare_ties(
 
     Yu et al. 2023, "Language models are Super Mario" (https://arxiv.org/abs/2311.03099).
     """
-    drop = lambda i, d: sparsify.random(d, density[i], seeds[i], rescale)
+    drop = kernels.RandomDrop(density, seeds, rescale)  # (i, τ) -> sparsify.random(τ, densityᵢ, seedᵢ, rescale)
     return _merge(base, tensors, weight, drop, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
@@ -152,7 +144,7 @@ def dare_linear(
 
     Yu et al. 2023 (https://arxiv.org/abs/2311.03099).
     """
-    drop = lambda i, d: sparsify.random(d, density[i], seeds[i], rescale)
+    drop = kernels.RandomDrop(density, seeds, rescale)  # (i, τ) -> sparsify.random(τ, densityᵢ, seedᵢ, rescale)
     return _merge(base, tensors, weight, drop, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -171,7 +163,7 @@ def breadcrumbs(
     """Model Breadcrumbs: drop the γᵢ largest and the smallest |entries| of each τᵢ, then
     task arithmetic. Davari & Belilovsky 2023 (https://arxiv.org/abs/2312.06795).
     """
-    crumbs = lambda i, d: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)
+    crumbs = kernels.Outliers(density, gamma, rescale)  # (i, τ) -> sparsify.magnitude_outliers(τ, …)
     return _merge(base, tensors, weight, crumbs, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
@@ -191,7 +183,7 @@ def breadcrumbs_ties(
 
     Davari & Belilovsky 2023 (https://arxiv.org/abs/2312.06795).
     """
-    crumbs = lambda i, d: sparsify.magnitude_outliers(d, density[i], gamma[i], rescale)
+    crumbs = kernels.Outliers(density, gamma, rescale)  # (i, τ) -> sparsify.magnitude_outliers(τ, …)
     return _merge(base, tensors, weight, crumbs, consensus=True, normalize=normalize, lambda_=lambda_)
 
 
@@ -255,7 +247,7 @@ _EPSILON = Param(
 )
 
 
-def _method(name, merge, params, summary, paper, randomized=False):
+def _method(name, merge, params, summary, paper, randomized=False, elementwise=False):
     return Method(
         name=name,
         merge=merge,
@@ -263,6 +255,7 @@ def _method(name, merge, params, summary, paper, randomized=False):
         base="required",
         min_inputs=0,
         randomized=randomized,
+        elementwise=elementwise,
         summary=summary,
         paper=paper,
     )
@@ -275,6 +268,7 @@ METHODS = (
         _params(False, False, density_check=None),
         "Base plus the weighted sum of task vectors; negative weights negate.",
         "https://arxiv.org/abs/2212.04089",
+        elementwise=True,
     ),
     _method(
         "ties",
