@@ -43,16 +43,25 @@ class RunOptions:
 
 CHUNK_ELEMENTS = 1 << 18
 """Elements per chunk for element-wise methods: 1 MB of float32 per input stays in cache."""
+DROP_ELEMENTS = 16 * CHUNK_ELEMENTS
+"""How much of each input a chunked merge reads before unmapping it again (one madvise per
+input per 16 chunks: frequent enough to bound memory, rare enough to cost nothing)."""
 
 
 def merge_tensor(
-    plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu", progress: Progress | None = None
+    plan: Plan,
+    t: OutputTensor,
+    reader: TensorReader,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
-    """The merged value of one output tensor, in its output dtype.
+    """The merged value of one output tensor, in its output dtype. Raises MergeError
+    naming the tensor if the result has NaN or Inf, unless ``allow_nonfinite``.
 
     Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
     inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
-    every input.
+    every input (and the finite check runs on each chunk while it is still in cache).
     """
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     method = methods.get(plan.method)
@@ -77,6 +86,8 @@ def merge_tensor(
         base = fetch(t.base) if t.base else None
     if not inputs[0].is_floating_point():
         return (base if base is not None else inputs[0]).to(out_dtype)  # integer buffers are copied
+    if _is_plain_copy(method, t, inputs, work, out_dtype):
+        return inputs[0]  # the mapped input's bytes go to the writer as they are
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
     if t.seeds is not None:
         kwargs["seeds"] = t.seeds
@@ -86,10 +97,14 @@ def merge_tensor(
             inputs, base = [compute(x) for x in inputs], compute(base)
         with timed("merge"):
             # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
-            return method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
+            out = method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
+            if not allow_nonfinite:
+                _check_finite(t, out)
+            return out
     out = torch.empty(numel, dtype=out_dtype, device=device)
     flat = [x.reshape(-1) for x in inputs]
     flat_base = base.reshape(-1) if base is not None else None
+    dropped = 0  # inputs' pages before this element are unmapped again (in batches of 16 chunks)
     for i in range(0, numel, CHUNK_ELEMENTS):
         j = min(numel, i + CHUNK_ELEMENTS)
         with timed("read"):
@@ -97,7 +112,24 @@ def merge_tensor(
             base_chunk = compute(flat_base[i:j]) if flat_base is not None else None
         with timed("merge"):
             out[i:j] = method.merge(base_chunk, chunks, **kwargs).to(work)
+            if not allow_nonfinite:
+                _check_finite(t, out[i:j])
+        if j - dropped >= DROP_ELEMENTS or j == numel:
+            for x in (*flat, flat_base):
+                if x is not None:
+                    reader.drop(x[dropped:j])
+            dropped = j
     return out.view(t.shape)
+
+
+def _is_plain_copy(method: methods.Method, t: OutputTensor, inputs: list[torch.Tensor], work, out_dtype) -> bool:
+    """Passthrough without ``scale`` into the input's own dtype: the output is the input,
+    byte for byte (no rounding, and a copy produces no NaN or Inf of its own)."""
+    return (
+        method.name == "passthrough"
+        and t.input_params.get("scale") == [None]
+        and inputs[0].dtype == work == out_dtype
+    )
 
 
 def _apply_lora(w: torch.Tensor, lora: dict, adapter_dir: str, reader: TensorReader, device: str) -> torch.Tensor:
@@ -237,8 +269,21 @@ def run_rank(
     current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
 
+    hashing = None  # (tensor, file, sha256 future, bytes) of the tensor being written
+
+    def settle(upto: int | None = None) -> None:
+        """Wait for the tensor being written; then its inputs' pages (read before ``upto``)
+        can go: the writer may have been reading them (a passthrough writes mapped bytes)."""
+        nonlocal hashing
+        if hashing is not None:
+            name, file_name, digest, nbytes = hashing
+            journal.add(name, file_name, digest.result(), nbytes)
+            hashing = None
+        reader.release(upto)
+
     def commit() -> None:
         with timed("sync"):
+            settle()
             if current is not None:
                 current[1].sync()
             journal.commit()
@@ -259,13 +304,13 @@ def run_rank(
                         commit()
                         current[1].close()
                     current = (file, *_open(plan, file, out_dir))
-                value = merge_tensor(plan, t, reader, options.device, progress)
-                _check_finite(t, value, options)
+                mark = reader.mark()
+                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite)
                 with timed("write"):
-                    sha256 = current[1].write_at(current[2][t.name], value)
+                    digest = current[1].write_at(current[2][t.name], value)
                 del value
-                reader.release()
-                journal.add(t.name, file.name, sha256, t.nbytes)
+                settle(upto=mark)  # the previous tensor was written and hashed while this one was merged
+                hashing = (t.name, file.name, digest, t.nbytes)
                 written.append(t.name)
                 fault_point(rank, len(written))
                 if journal.due():
@@ -310,11 +355,11 @@ def _open(plan: Plan, file: OutputFile, out_dir: str) -> tuple[PartialFile, dict
     return PartialFile(os.path.join(out_dir, file.name), header, file.nbytes), offsets
 
 
-def _check_finite(t: OutputTensor, value: torch.Tensor, options: RunOptions) -> None:
-    if value.is_floating_point() and not options.allow_nonfinite and not torch.isfinite(value).all():
+def _check_finite(t: OutputTensor, value: torch.Tensor) -> None:
+    if value.is_floating_point() and not torch.isfinite(value).all():
         bad = int((~torch.isfinite(value)).sum())
         raise MergeError(
-            f"tensor {t.name!r}: the merge produced {bad} NaN/Inf values; check the recipe's "
+            f"tensor {t.name!r}: the merge produced NaN/Inf values ({bad} found); check the recipe's "
             "parameters for this tensor, or pass --allow-nonfinite to keep them"
         )
 

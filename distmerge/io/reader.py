@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import warnings
 
 import torch
 
 from distmerge.io.header import DTYPES
+
+
+_madvise = ctypes.CDLL(None, use_errno=True).madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class TensorReader:
@@ -22,6 +27,8 @@ class TensorReader:
         self._maps: dict[str, mmap.mmap] = {}
         self._pickles: dict[str, dict] = {}
         self._touched: list[tuple[mmap.mmap, int, int]] = []
+        self._mapped: list[tuple[int, int]] = []
+        """Address ranges of the tensors in ``_touched`` (what ``drop`` may unmap)."""
 
     def _map(self, path: str) -> mmap.mmap:
         m = self._maps.get(path)
@@ -46,6 +53,7 @@ class TensorReader:
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             flat = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin)
         self._touched.append((m, begin, end))
+        self._mapped.append((flat.data_ptr(), flat.data_ptr() + end - begin))
         return flat.view(DTYPES[dtype]).view(shape)
 
     def read_pickled(self, path: str, name: str) -> torch.Tensor:
@@ -56,19 +64,38 @@ class TensorReader:
             self._pickles[path] = load_pickled(path)
         return self._pickles[path][name]
 
-    def release(self) -> None:
-        """Unmap the pages of every tensor read so far from this process (they stay in the
-        page cache). Without this, a long run's resident memory would grow with the model,
-        since touched file pages count as the process's own while they stay mapped.
-        Call it once those tensors are no longer used."""
-        for m, begin, end in self._touched:
+    def drop(self, view: torch.Tensor) -> None:
+        """Unmap the pages under ``view`` from this process now, if ``view`` lies in a file
+        mapping handed out by ``read`` (anything else is left alone: on ordinary memory
+        MADV_DONTNEED would zero pages). Chunked merges call it after each chunk, so that
+        a large tensor's inputs never all become resident at once."""
+        start = view.data_ptr()
+        end = start + view.numel() * view.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self._mapped):
+            return
+        start -= start % mmap.PAGESIZE
+        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+    def mark(self) -> int:
+        """A position in the reads so far, for ``release(upto=...)``."""
+        return len(self._touched)
+
+    def release(self, upto: int | None = None) -> None:
+        """Unmap the pages of the tensors read (before position ``upto``, or all) from this
+        process; they stay in the page cache. Without this, a long run's resident memory
+        would grow with the model, since touched file pages count as the process's own
+        while they stay mapped. Call it once those tensors are no longer used."""
+        upto = len(self._touched) if upto is None else upto
+        for m, begin, end in self._touched[:upto]:
             start = begin - begin % mmap.PAGESIZE
             m.madvise(mmap.MADV_DONTNEED, start, end - start)
-        self._touched.clear()
+        del self._touched[:upto]
+        del self._mapped[:upto]
 
     def close(self) -> None:
         """Forget the mappings (they are unmapped once no tensor refers to them)."""
         self._touched.clear()
+        self._mapped.clear()
         self._maps.clear()
         self._pickles.clear()
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 PARTIAL = ".partial"
+_IO = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-write")
+"""Writes (and hashes) run on this thread while the next tensor is merged."""
 
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -33,20 +36,40 @@ class PartialFile:
         self.path = path
         self.tmp = path + PARTIAL
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        self._pending: list[Future] = []
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
         _pwrite_all(self.fd, memoryview(header), 0)
 
-    def write_at(self, offset: int, tensor: torch.Tensor) -> str:
-        """Write ``tensor``'s bytes at ``offset``; return their sha256."""
-        data = raw_bytes(tensor.detach().to("cpu").contiguous())
-        _pwrite_all(self.fd, data, offset)
-        return hashlib.sha256(data).hexdigest()
+    def write_at(self, offset: int, tensor: torch.Tensor) -> Future:
+        """Start writing ``tensor``'s bytes at ``offset`` on the I/O thread. Returns a future
+        of their sha256; its ``result()`` also raises the write's OSError, if any."""
+        tensor = tensor.detach().to("cpu").contiguous()
+
+        def job() -> str:
+            data = raw_bytes(tensor)  # the closure holds the tensor until the job is done
+            _pwrite_all(self.fd, data, offset)
+            return hashlib.sha256(data).hexdigest()
+
+        self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(_IO.submit(job))
+        return self._pending[-1]
 
     def sync(self) -> None:
+        """Wait for this file's writes, then flush them to disk."""
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
         os.fsync(self.fd)
 
     def close(self) -> None:
+        """Close, after any write still in flight (even after an error: the descriptor must
+        not be reused while a write could still go to it)."""
+        for f in self._pending:
+            try:
+                f.result()
+            except Exception:
+                pass
         os.close(self.fd)
 
 
