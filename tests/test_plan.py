@@ -176,6 +176,23 @@ def test_index_pointing_outside_the_model_is_refused(llama_family, tmp_path):
     expect_error({"merge_method": "linear", "models": [str(d)], "parameters": {"weight": 1}}, "outside the model directory")
 
 
+def test_missing_shard_named_by_the_index_is_reported(llama_family, tmp_path):
+    d = shutil.copytree(llama_family["base"], tmp_path / "incomplete")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (d / shard).unlink()
+    expect_error({"merge_method": "linear", "models": [str(d)], "parameters": {"weight": 1}}, f"shard {shard}", "is missing")
+
+
+def test_corrupt_header_is_reported(llama_family, tmp_path):
+    d = shutil.copytree(llama_family["ft1"], tmp_path / "corrupt")
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:12] = b"\x00\x00\x00\x00"  # the JSON header now starts with NUL bytes
+    f.write_bytes(bytes(data))
+    expect_error({"merge_method": "linear", "models": [str(d)], "parameters": {"weight": 1}}, "corrupt safetensors header", "invalid JSON")
+
+
 def test_truncated_shard_is_reported(llama_family, tmp_path):
     d = shutil.copytree(llama_family["ft1"], tmp_path / "cut")
     f = d / "model.safetensors"

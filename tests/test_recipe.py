@@ -60,6 +60,8 @@ def test_donor_without_base_is_the_first_model():
         ("merge_method: linear\nmodels: [a]\nparameters: {wieght: 1}\n", "linear has no parameter 'wieght'; its parameters are: weight, normalize"),
         ("merge_method: linear\nmodels: [a]\nparameters: {weight: heavy}\n", "expected float, got 'heavy'"),
         ("merge_method: linear\nmodels: [a]\nparameters: {normalize: 3}\n", "expected bool, got 3"),
+        ("merge_method: slerp\nbase_model: a\nmodels: [a, b]\nparameters: {t: [0, -0.5]}\n", "t must be in [0, 1]"),
+        ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, density: 1.5}}]\n", "density must be in (0, 1]"),
         ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [4, 2]}]}]\n", "empty or reversed"),
         ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [0]}]}]\n", "layer_range must be [start, end]"),
         ("merge_method: slerp\nbase_model: a\nslices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]}]\n", "same number of layers"),

@@ -99,6 +99,11 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be >= 0, got {value}"
 
 
+def fraction(value: float) -> str | None:
+    """Check for interpolation factors: 0 <= value <= 1."""
+    return None if 0 <= value <= 1 else f"must be in [0, 1] (0 = the base model, 1 = the other), got {value}"
+
+
 def _registry() -> dict[str, Method]:
     from distmerge.methods import (
         arcee_fusion,

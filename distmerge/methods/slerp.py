@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distmerge import kernels
-from distmerge.methods import Method, Param
+from distmerge.methods import Method, Param, fraction
 
 DOT_THRESHOLD = 0.9995
 """Above this |cos θ| the two tensors are (anti)parallel and SLERP falls back to LERP."""
@@ -38,7 +38,7 @@ METHODS = (
     Method(
         name="slerp",
         merge=slerp,
-        params=(Param("t", float, doc="interpolation factor: 0 = base model, 1 = the other model"),),
+        params=(Param("t", float, check=fraction, doc="interpolation factor: 0 = base model, 1 = the other model"),),
         base="required",
         min_inputs=1,
         max_inputs=1,
