@@ -123,16 +123,17 @@ def describe(p, world_size: int = 1) -> str:
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Write the run report (phases, GB/s, memory per rank) here.")
 @click.option("--log-every", default=30.0, show_default=True, help="Seconds between progress lines when stderr is not a terminal.")
+@click.option("--io", "io", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True, help="Read inputs memory-mapped, or with pread (network file systems).")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Upload the verified output to this hub repo when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, allow_nonfinite, quiet, timeout, report_json, log_every, push_to, private):
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private):
     """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun)."""
     from distmerge.launch import JobOptions, merge
 
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite,
         allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
-        report_json=report_json, log_seconds=log_every,
+        report_json=report_json, log_seconds=log_every, io=io,
     )  # fmt: skip
     result = merge(recipe, out, options)
     if result.rank == 0 and not quiet:

@@ -38,6 +38,8 @@ class JobOptions:
     """How long a silent rank is tolerated, and the bound on collectives."""
     allow_pickle: bool = False
     """Read .bin/.pt checkpoints (with torch.load(weights_only=True)); refused otherwise."""
+    io: str = "mmap"
+    """How inputs are read: "mmap", or "pread" for network file systems where mmap is slow."""
     log_seconds: float = 30.0
     """Interval of the progress lines printed when stderr is not a terminal (Slurm logs)."""
     report_json: str | None = None
@@ -135,7 +137,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
         resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
         locked = group.rank == 0
         phases = {"plan": time.time() - start}
-        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite)
+        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
         progress = Progress(
             rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(plan.tensors),
             total_bytes=plan.read_bytes + sum(t.nbytes for t in plan.tensors), enabled=not options.quiet,

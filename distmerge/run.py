@@ -39,6 +39,8 @@ class RunOptions:
     """Where the math runs: "cpu" or "cuda[:N]"."""
     allow_nonfinite: bool = False
     """Keep going when a merged tensor has NaN or Inf (default: stop and name the tensor)."""
+    io: str = "mmap"
+    """How inputs are read: "mmap" (zero-copy) or "pread" (into buffers; network file systems)."""
 
 
 CHUNK_ELEMENTS = 1 << 18
@@ -289,7 +291,7 @@ def run_rank(
             journal.commit()
 
     written = []
-    with TensorReader() as reader:
+    with TensorReader(options.io, pin=options.device.startswith("cuda")) as reader:
         try:
             for k, t in enumerate(todo):
                 if between is not None:

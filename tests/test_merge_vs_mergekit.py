@@ -255,3 +255,20 @@ def test_chunked_elementwise_merge_is_bit_identical(llama_family, tmp_path, monk
             recipe["models"] += models(f, ("base", {"weight": 0.1}))
     ours, theirs = both(recipe, tmp_path)
     assert_same_tensors(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "passthrough"])
+def test_pread_reads_give_the_same_bytes_as_mmap(llama_family, tmp_path, method):
+    f = llama_family
+    if method == "passthrough":
+        recipe = {"merge_method": method, "slices": [{"sources": [{"model": str(f["ft2"]), "layer_range": [0, 4]}]}]}
+    else:
+        recipe = {"merge_method": method, "base_model": str(f["base"]), "models": models(f, ("ft1", {"weight": 0.5, "density": 0.5}), ("ft2", {"weight": 0.5, "density": 0.7}))}
+        if method == "linear":
+            recipe = {"merge_method": method, "models": models(f, ("ft1", {"weight": 0.5}), ("ft2", {"weight": 0.5}))}
+    a = distmerge(recipe, tmp_path / "mmap")
+    b = distmerge(recipe, tmp_path / "pread", "--io", "pread")
+    import filecmp
+
+    shards = sorted(p.name for p in a.glob("model-*.safetensors"))
+    assert shards and all(filecmp.cmp(a / n, b / n, shallow=False) for n in shards)

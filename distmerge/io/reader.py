@@ -1,9 +1,15 @@
-"""Read tensors from safetensors files, memory-mapped: only the bytes asked for are touched."""
+"""Read tensors from safetensors files: memory-mapped (default), or with pread into buffers.
+
+mmap touches only the bytes asked for and copies nothing; ``pread`` reads each tensor's
+byte range into a buffer of its own (pinned memory when the math runs on CUDA), for network
+file systems where mapping files is slow or unsafe.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import warnings
 
 import torch
@@ -16,14 +22,19 @@ _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 class TensorReader:
-    """Opens each file once and hands out zero-copy tensors backed by its mapping.
+    """Opens each file once and hands out tensors of byte ranges.
 
-    A tensor from ``read`` is read-only and stays valid while the reader lives; the pages
-    it covers are read from disk when they are first touched, and belong to the page cache
-    (dropped under memory pressure), not to the process.
+    With ``io="mmap"``, tensors are zero-copy views of the file's mapping: read-only, valid
+    while the reader lives; the pages they cover are read when first touched and belong to
+    the page cache, not to the process. With ``io="pread"``, each tensor is a fresh buffer
+    (``pin`` makes it pinned host memory, for fast copies to a GPU).
     """
 
-    def __init__(self):
+    def __init__(self, io: str = "mmap", pin: bool = False):
+        if io not in ("mmap", "pread"):
+            raise ValueError(f"io must be mmap or pread, not {io!r}")
+        self.io, self.pin = io, pin
+        self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._pickles: dict[str, dict] = {}
         self._touched: list[tuple[mmap.mmap, int, int]] = []
@@ -37,17 +48,28 @@ class TensorReader:
                 m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return m
 
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
     def prefetch(self, path: str, begin: int, end: int) -> None:
         """Start reading a byte range in the background (the kernel's readahead), so that
         the next tensor's inputs arrive while the current one is merged."""
-        if end > begin:
-            start = begin - begin % mmap.PAGESIZE
-            self._map(path).madvise(mmap.MADV_WILLNEED, start, end - start)
+        if end <= begin:
+            return
+        if self.io == "pread":
+            os.posix_fadvise(self._fd(path), begin, end - begin, os.POSIX_FADV_WILLNEED)
+            return
+        start = begin - begin % mmap.PAGESIZE
+        self._map(path).madvise(mmap.MADV_WILLNEED, start, end - start)
 
     def read(self, path: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> torch.Tensor:
-        m = self._map(path)
         if end == begin:
             return torch.empty(shape, dtype=DTYPES[dtype])
+        if self.io == "pread":
+            return self._pread(path, begin, end).view(DTYPES[dtype]).view(shape)
+        m = self._map(path)
         with warnings.catch_warnings():
             # The mapping is read-only and so is the tensor: we never write to inputs.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
@@ -55,6 +77,17 @@ class TensorReader:
         self._touched.append((m, begin, end))
         self._mapped.append((flat.data_ptr(), flat.data_ptr() + end - begin))
         return flat.view(DTYPES[dtype]).view(shape)
+
+    def _pread(self, path: str, begin: int, end: int) -> torch.Tensor:
+        buf = torch.empty(end - begin, dtype=torch.uint8, pin_memory=self.pin)
+        view = memoryview((ctypes.c_char * (end - begin)).from_address(buf.data_ptr())).cast("B")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd(path), [view[done:]], begin + done)
+            if n == 0:
+                raise OSError(f"{path}: file ended at byte {begin + done}, expected data up to {end} (truncated?)")
+            done += n
+        return buf
 
     def read_pickled(self, path: str, name: str) -> torch.Tensor:
         """A tensor of a pickle checkpoint (``--allow-pickle``), by name."""
@@ -97,6 +130,9 @@ class TensorReader:
         self._touched.clear()
         self._mapped.clear()
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickles.clear()
 
     def __enter__(self) -> "TensorReader":
