@@ -176,11 +176,12 @@ def _copy(src_dir: str, out_dir: str, names) -> None:
 
 
 def _set_chat_template(plan: Plan, out_dir: str) -> None:
-    template = yaml.safe_load(plan.recipe_text or "{}").get("chat_template") if plan.recipe_text else None
+    """Write the recipe's chat template where transformers looks for it: chat_template.jinja
+    (which takes precedence when present) and tokenizer_config.json."""
+    template = plan.chat_template
     if not template:
         return
-    if "{" not in template:
-        raise MergeError(f"chat_template {template!r}: give the Jinja template itself; named templates are not supported yet")
+    write_atomic(os.path.join(out_dir, "chat_template.jinja"), template)
     path = os.path.join(out_dir, "tokenizer_config.json")
     config = {}
     if os.path.isfile(path):

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from distmerge import __version__, methods
+from distmerge import __version__, methods, templates
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES, DTYPE_NAMES, build_header, itemsize
 from distmerge.recipe import Recipe, Slice, Source, evaluate
@@ -120,6 +120,8 @@ class Plan:
     tokenizer_source: int | None
     seed: int
     recipe_text: str
+    chat_template: str | None
+    """The chat template written into the output's tokenizer config (None: keep the source's)."""
     peak_memory: int
     """Estimated bytes of working memory for the largest tensor (inputs in float32, result, output)."""
     version: int = PLAN_VERSION
@@ -256,6 +258,7 @@ def build_plan(
         tokenizer_source=_tokenizer_source(recipe, index),
         seed=seed,
         recipe_text=recipe_text,
+        chat_template=templates.resolve(recipe.chat_template, [ck.path for ck in checkpoints.values()]),
         peak_memory=max((_working_bytes(t) for t in planner.tensors), default=0),
     )
     plan.fingerprint = fingerprint(plan)

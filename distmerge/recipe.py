@@ -126,7 +126,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         dtype=_dtype(doc.get("dtype"), "dtype", source),
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
         tokenizer_source=_model(doc.get("tokenizer_source"), "tokenizer_source", source, optional=True),
-        chat_template=_text(doc.get("chat_template"), "chat_template", source),
+        chat_template=_chat_template(doc.get("chat_template"), source),
         name=_text(doc.get("name"), "name", source),
         base_dir=base_dir,
     )
@@ -138,6 +138,15 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
 def _text(value: Any, where: str, source: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise MergeError(f"{source}: {where} must be text, got {value!r}")
+    return value
+
+
+def _chat_template(value: Any, source: str) -> str | None:
+    from distmerge.templates import check_setting
+
+    value = _text(value, "chat_template", source)
+    if value is not None and (problem := check_setting(value)):
+        raise MergeError(f"{source}: {problem}")
     return value
 
 

@@ -1,0 +1,62 @@
+"""Chat templates a recipe can name (``chat_template: chatml``), and ``auto``.
+
+Written here from the published formats (ChatML; Llama 3's header/eot tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from distmerge.errors import MergeError
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+}
+
+
+def check_setting(value: str) -> str | None:
+    """A message if ``value`` is neither ``auto``, a known name, nor a Jinja template."""
+    if value == "auto" or value in CHAT_TEMPLATES or "{" in value:
+        return None
+    return f"chat_template {value!r} is not auto, a Jinja template, or one of: {', '.join(CHAT_TEMPLATES)}"
+
+
+def resolve(setting: str | None, model_dirs: list[str]) -> str | None:
+    """The template text a setting means. ``auto``: the template most of the input models
+    carry (the first model's among equals), or None if none has one."""
+    if not setting:
+        return None
+    if setting in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[setting]
+    if setting != "auto":
+        if problem := check_setting(setting):
+            raise MergeError(problem)
+        return setting
+    found = [t for t in (_template_of(d) for d in model_dirs) if t]
+    return Counter(found).most_common(1)[0][0] if found else None
+
+
+def _template_of(model_dir: str) -> str | None:
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja) as f:
+            return f.read().strip() or None
+    try:
+        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+            template = json.load(f).get("chat_template")
+    except (OSError, ValueError):
+        return None
+    return template.strip() if isinstance(template, str) else None
