@@ -372,8 +372,7 @@ def write_tokenizer(path: str | os.PathLike, *, vocab: int, model_max_length: in
     writes: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
     """
     try:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-        from tokenizers import AddedToken
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     except ImportError:
         return False
     path = Path(path)

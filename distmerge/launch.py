@@ -16,10 +16,10 @@ import psutil
 from distmerge import dist, output
 from distmerge.errors import MergeError
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
-from distmerge.recipe import load_recipe
-from distmerge.sources import is_hub_ref, resolve
 from distmerge.progress import Progress
+from distmerge.recipe import load_recipe
 from distmerge.run import RunOptions, run_rank
+from distmerge.sources import is_hub_ref, resolve
 from distmerge.verify import verify
 
 

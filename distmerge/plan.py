@@ -19,7 +19,7 @@ from typing import Any
 
 from distmerge import __version__, methods, templates
 from distmerge.errors import MergeError
-from distmerge.io.header import DTYPES, DTYPE_NAMES, build_header, itemsize
+from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
 from distmerge.recipe import Recipe, Slice, Source, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
 

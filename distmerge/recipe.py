@@ -17,6 +17,7 @@ import yaml
 
 from distmerge import methods
 from distmerge.errors import MergeError
+from distmerge.templates import check_setting
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -142,8 +143,6 @@ def _text(value: Any, where: str, source: str) -> str | None:
 
 
 def _chat_template(value: Any, source: str) -> str | None:
-    from distmerge.templates import check_setting
-
     value = _text(value, "chat_template", source)
     if value is not None and (problem := check_setting(value)):
         raise MergeError(f"{source}: {problem}")

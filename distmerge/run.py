@@ -25,7 +25,7 @@ from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
-from distmerge.plan import InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
+from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 
@@ -150,8 +150,6 @@ def input_path(plan: Plan, ref: InputRef) -> str:
 
 
 def _work_dtype(plan: Plan, t: OutputTensor) -> str:
-    from distmerge.plan import TORCH_DTYPE_NAMES
-
     if plan.dtype:
         return TORCH_DTYPE_NAMES[plan.dtype]
     dtypes = {r.dtype for r in t.all_inputs}

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from distmerge.errors import MergeError
-from distmerge.io.header import TensorEntry, read_header
+from distmerge.io.header import DTYPE_NAMES, TensorEntry, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -212,8 +212,6 @@ def load_pickled(path: str) -> dict:
 
 
 def _pickle_tensors(ref: str, path: str, files: dict[str, list[str] | None]) -> dict[str, TensorInfo]:
-    from distmerge.io.header import DTYPE_NAMES
-
     tensors = {}
     for file in files:
         state = load_pickled(os.path.join(path, file))

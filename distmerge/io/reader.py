@@ -16,7 +16,6 @@ import torch
 
 from distmerge.io.header import DTYPES
 
-
 _madvise = ctypes.CDLL(None, use_errno=True).madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
