@@ -63,7 +63,9 @@ def merge_tensor(
 
     Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
     inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
-    every input (and the finite check runs on each chunk while it is still in cache).
+    every input (and the finite check runs on each chunk while it is still in cache). On CPU,
+    methods with a ``chunked`` form (the TIES family: top-k statistics in a first pass over
+    the chunks, then element-wise trimming and consensus) do the same, bit for bit.
     """
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     method = methods.get(plan.method)
@@ -94,7 +96,38 @@ def merge_tensor(
     if t.seeds is not None:
         kwargs["seeds"] = t.seeds
     numel = inputs[0].numel()
-    if not method.elementwise or numel <= CHUNK_ELEMENTS:
+    flat = [x.reshape(-1) for x in inputs]
+    flat_base = base.reshape(-1) if base is not None else None
+    last = dropped = 0  # inputs' pages before `dropped` are unmapped again (in batches of 16 chunks)
+    read_seconds = 0.0
+
+    def drop_read() -> None:
+        nonlocal dropped
+        for x in (*flat, flat_base):
+            if x is not None and last > dropped:
+                reader.drop(x[dropped:last])
+        dropped = last
+
+    def read(i: int, j: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Float32 (base, inputs) of the flat range [i, j), chunk by chunk in order (a
+        chunked method may go over the tensor more than once)."""
+        nonlocal last, dropped, read_seconds
+        if i != last or last - dropped >= DROP_ELEMENTS:  # a new pass, or 16 chunks behind us
+            drop_read()
+            dropped = i
+        last = j
+        start = time.perf_counter()
+        chunks = (compute(flat_base[i:j]) if flat_base is not None else None), [compute(x[i:j]) for x in flat]
+        read_seconds += time.perf_counter() - start
+        return chunks
+
+    pieces = None
+    if numel > CHUNK_ELEMENTS:
+        if method.elementwise:
+            pieces = ((i, j, method.merge(*read(i, j), **kwargs)) for i, j in _ranges(numel))
+        elif method.chunked is not None and not inputs[0].is_cuda:
+            pieces = method.chunked(read, numel, CHUNK_ELEMENTS, **kwargs)
+    if pieces is None:
         with timed("read"):
             inputs, base = [compute(x) for x in inputs], compute(base)
         with timed("merge"):
@@ -104,24 +137,21 @@ def merge_tensor(
                 _check_finite(t, out)
             return out
     out = torch.empty(numel, dtype=out_dtype, device=device)
-    flat = [x.reshape(-1) for x in inputs]
-    flat_base = base.reshape(-1) if base is not None else None
-    dropped = 0  # inputs' pages before this element are unmapped again (in batches of 16 chunks)
-    for i in range(0, numel, CHUNK_ELEMENTS):
-        j = min(numel, i + CHUNK_ELEMENTS)
-        with timed("read"):
-            chunks = [compute(x[i:j]) for x in flat]
-            base_chunk = compute(flat_base[i:j]) if flat_base is not None else None
-        with timed("merge"):
-            out[i:j] = method.merge(base_chunk, chunks, **kwargs).to(work)
-            if not allow_nonfinite:
-                _check_finite(t, out[i:j])
-        if j - dropped >= DROP_ELEMENTS or j == numel:
-            for x in (*flat, flat_base):
-                if x is not None:
-                    reader.drop(x[dropped:j])
-            dropped = j
+    start = time.perf_counter()
+    for i, j, merged in pieces:
+        out[i:j] = merged.to(work)
+        if not allow_nonfinite:
+            _check_finite(t, out[i:j])
+    drop_read()
+    if progress is not None:  # the reads inside the merge count as "read"
+        progress.stats.seconds["read"] = progress.stats.seconds.get("read", 0.0) + read_seconds
+        merge = time.perf_counter() - start - read_seconds
+        progress.stats.seconds["merge"] = progress.stats.seconds.get("merge", 0.0) + merge
     return out.view(t.shape)
+
+
+def _ranges(numel: int):
+    return ((i, min(numel, i + CHUNK_ELEMENTS)) for i in range(0, numel, CHUNK_ELEMENTS))
 
 
 def _is_plain_copy(method: methods.Method, t: OutputTensor, inputs: list[torch.Tensor], work, out_dtype) -> bool:

@@ -257,6 +257,84 @@ def test_chunked_elementwise_merge_is_bit_identical(llama_family, tmp_path, monk
     assert_same_tensors(ours, theirs)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_path, monkeypatch, method):
+    """The TIES family's two-pass chunked path (top-k statistics, then element-wise trim
+    and consensus) on tiny, odd-sized chunks: mergekit's float32 result, bit for bit."""
+    import distmerge.run
+    from distmerge.methods import get
+
+    assert get(method).chunked is not None and not get(method).elementwise
+    monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 777)
+    f = llama_family_f32
+    params = [{"weight": 0.7, "density": 0.3}, {"weight": -0.4, "density": 0.7}]
+    if method == "breadcrumbs_ties":
+        params = [{**p, "gamma": 0.05} for p in params]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", params[0]), ("ft2", params[1])),
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", [{"weight": 0.6, "density": 0.3}, {"weight": -0.5, "density": 0.7}]),
+        ("ties", [{"weight": 0.5, "density": 0.7}, {"weight": 0.3, "density": 0.3}, {"weight": -0.2, "density": 0.3}]),
+        ("ties", [{"weight": 1.0, "density": 0.3}, {"weight": 1.0, "density": 1.0}]),
+        (
+            "breadcrumbs_ties",
+            [{"weight": 0.6, "density": 0.3, "gamma": 0.1}, {"weight": -0.5, "density": 0.7, "gamma": 0.0}],
+        ),
+        ("breadcrumbs", [{"weight": 0.6, "density": 0.7, "gamma": 0.2}, {"weight": 0.5, "density": 0.3, "gamma": 0.01}]),
+    ],
+)
+def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch, method, params):
+    """bf16 inputs (many exactly equal |δ|, so the tie cut matters) merged in 777- and
+    4099-element chunks give the same bytes as the whole-tensor merge."""
+    import filecmp
+
+    from distmerge import run as run_module
+
+    f = llama_family
+    names = ("ft1", "ft2", "ft3")[: len(params)]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(f["base"]),
+        "models": models(f, *zip(names, params)),
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    whole = distmerge(recipe, tmp_path / "whole")
+    for chunk in (777, 4099):
+        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
+        shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+        assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+
+
+def test_chunked_top_k_keeps_the_same_ties_as_top_k_mask():
+    """ChunkedTopK over odd chunks of a score with many exact ties = top_k_mask."""
+    from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 5, (10007,), generator=g).float() * 0.25
+    for k in (0, 1, 2, 500, 3000, 5001, 10006, 10007, 20000):
+        top = ChunkedTopK(score.numel(), k)
+        chunks = score.split(333)
+        if not top.trivial:
+            for add in (top.add_high, top.add_low):
+                for c in chunks:
+                    add(c)
+            top.finish()
+        mask = torch.cat([top.mask(c) for c in chunks])
+        assert torch.equal(mask, top_k_mask(score, k)), k
+
+
 @pytest.mark.parametrize("method", ["linear", "ties", "passthrough"])
 def test_pread_reads_give_the_same_bytes_as_mmap(llama_family, tmp_path, method):
     f = llama_family

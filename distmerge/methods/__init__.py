@@ -80,6 +80,14 @@ class Method:
     elementwise: bool = False
     """Each output element depends only on the same element of the inputs, so the run may
     merge a large tensor in cache-sized chunks (same result, far less memory traffic)."""
+    chunked: Callable[..., Any] | None = None
+    """Optional two-pass form for large tensors on CPU, giving the same bits as ``merge``::
+
+        chunked(read, numel, chunk, **params) -> Iterator[(start, end, merged)] | None
+
+    ``read(start, end)`` returns the float32 (base, [inputs]) of a flat index range (it may
+    be called for several passes over the tensor); the iterator yields the merged flat
+    ranges in order. None means "not for these parameters": the run then calls ``merge``."""
     summary: str = ""
     """One line for the README and ``distmerge methods``."""
     paper: str = ""

@@ -221,3 +221,60 @@ def della_magprune(
         )
     keep = rng.bernoulli_keep(seed, delta.shape, della_probabilities(delta, density, epsilon), device=delta.device)
     return masked(delta, keep, rescale)
+
+
+# ---------------------------------------------------------------- top-k over a tensor read in chunks
+
+
+class ChunkedTopK:
+    """``top_k_mask(score, k)`` for a score read chunk by chunk, in flat order.
+
+    Two statistics passes (``add_high`` over every chunk, then ``add_low`` over every
+    chunk) find the k-th largest score exactly as ``kth_largest`` does, and how many of
+    the entries equal to it are kept; ``mask`` then gives the keep mask of each chunk,
+    taken in flat order, keeping those ties in flat-index order until that many are
+    kept — the same entries ``top_k_mask`` keeps.
+    """
+
+    def __init__(self, n: int, k: int, device="cpu"):
+        self.n, self.k = n, k
+        self.trivial = k <= 0 or k >= n  # nothing or everything is kept: no statistics needed
+        self._hist = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+        self._high: int | None = None
+        self._rank = k
+        self.threshold: torch.Tensor | None = None
+        self._ties_left = 0
+
+    def add_high(self, score: torch.Tensor) -> None:
+        """Pass 1 of 2: a chunk's scores (flat, non-negative float32) into the high-bits histogram."""
+        self._hist += torch.bincount(score.view(torch.int32) >> 16, minlength=1 << 15)
+
+    def add_low(self, score: torch.Tensor) -> None:
+        """Pass 2 of 2: the chunk's scores in the selected high bucket into the low-bits histogram."""
+        if self._high is None:
+            self._high, self._rank = _select_digit(self._hist, self.k)
+            self._hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._hist.device)
+        bits = score.view(torch.int32)
+        self._hist += torch.bincount(bits[(bits >> 16) == self._high] & 0xFFFF, minlength=1 << 16)
+
+    def finish(self) -> None:
+        """After both passes: the threshold and how many entries equal to it are kept."""
+        low, self._ties_left = _select_digit(self._hist, self._rank)
+        bits = torch.tensor([(self._high << 16) | low], dtype=torch.int32, device=self._hist.device)
+        self.threshold = bits.view(torch.float32)[0]
+
+    def mask(self, score: torch.Tensor) -> torch.Tensor:
+        """The keep mask of the next chunk (chunks must come in flat order, each once)."""
+        if self.trivial:
+            return torch.full_like(score, self.k > 0, dtype=torch.bool)
+        keep = score > self.threshold
+        ties = score == self.threshold
+        count = int(ties.sum())
+        if count > self._ties_left:
+            if self._ties_left > 0:
+                ties[int(ties.nonzero()[self._ties_left - 1]) + 1 :] = False
+            else:
+                ties.zero_()
+            count = self._ties_left
+        self._ties_left -= count
+        return keep | ties

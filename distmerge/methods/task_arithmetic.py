@@ -226,6 +226,88 @@ def della_linear(
     return _merge(base, tensors, weight, prune, consensus=False, normalize=normalize, lambda_=lambda_)
 
 
+# ---------------------------------------------------------------- two passes over chunks (CPU)
+
+
+def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus: bool, normalize: bool, lambda_: float):
+    """``_merge`` with top-k sparsifiers, for a tensor read in flat chunks: the same bits.
+
+    ``selections[i]`` is None (τᵢ kept whole) or (keep, drop): τ̂ᵢ keeps the entries of
+    ``keep``'s top-k |τᵢ| that are not in ``drop``'s (None: none dropped). Pass 1 gathers
+    every selection's statistics over all chunks (``sparsify.ChunkedTopK``); pass 2 trims
+    each chunk's task vectors with its masks and combines them, all element-wise.
+    """
+    ranges = [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+    tops = [top for pair in selections if pair for top in pair if top is not None and not top.trivial]
+
+    def magnitudes(start: int, end: int) -> list[torch.Tensor]:
+        base, tensors = read(start, end)
+        return [(x - base).abs() for x in tensors]
+
+    if tops:
+        for add in (sparsify.ChunkedTopK.add_high, sparsify.ChunkedTopK.add_low):
+            for start, end in ranges:
+                scores = magnitudes(start, end)
+                for pair, score in zip(selections, scores):
+                    for top in pair or ():
+                        if top is not None and not top.trivial:
+                            add(top, score)
+        for top in tops:
+            top.finish()
+    for start, end in ranges:
+        base, tensors = read(start, end)
+        deltas = task_vectors(base, tensors)
+        trimmed = []
+        for pair, delta in zip(selections, deltas):
+            if pair is not None:
+                keep, drop = pair
+                score = delta.abs()
+                mask = keep.mask(score)
+                if drop is not None:
+                    mask &= ~drop.mask(score)
+                delta = sparsify.masked(delta, mask, rescale=False)
+            trimmed.append(delta)
+        yield start, end, combine(base, trimmed, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def _top_k(numel: int, density: float) -> tuple | None:
+    """``sparsify.magnitude``'s selection: None for density ≥ 1, else the top k = max(1, ⌊density·n⌋)."""
+    if density >= 1:
+        return None
+    return sparsify.ChunkedTopK(numel, max(1, int(density * numel)) if density > 0 else 0), None
+
+
+def _band(numel: int, density: float, gamma: float) -> tuple | None:
+    """``sparsify.magnitude_outliers``'s selection: the top ⌊γ·n⌋ + ⌊density·n⌋ minus the top ⌊γ·n⌋."""
+    if density >= 1:
+        return None
+    target = max(0, int(density * numel))
+    dropped_top = numel - max(0, numel - target - int(gamma * numel)) - target
+    return sparsify.ChunkedTopK(numel, dropped_top + target), sparsify.ChunkedTopK(numel, dropped_top)
+
+
+def ties_chunked(read, numel, chunk, *, weight, density, normalize=True, rescale=False, int8_mask=False, lambda_=1.0):
+    """``ties`` in two passes over chunks (None with ``rescale``: its L1 norms need whole tensors)."""
+    if not density or (rescale and min(density) < 1):
+        return None
+    selections = [_top_k(numel, d) for d in density]
+    return _chunked(read, numel, chunk, weight, selections, consensus=True, normalize=normalize, lambda_=lambda_)
+
+
+def _breadcrumbs_chunked(consensus: bool):
+    """``breadcrumbs`` (or ``breadcrumbs_ties``) in two passes over chunks (None with ``rescale``)."""
+
+    def chunked(read, numel, chunk, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, **_):
+        if not density or (rescale and min(density) < 1):
+            return None
+        selections = [_band(numel, d, g) for d, g in zip(density, gamma)]
+        return _chunked(
+            read, numel, chunk, weight, selections, consensus=consensus, normalize=normalize, lambda_=lambda_
+        )
+
+    return chunked
+
+
 # ---------------------------------------------------------------- parameters and registry
 
 
@@ -247,10 +329,11 @@ _EPSILON = Param(
 )
 
 
-def _method(name, merge, params, summary, paper, randomized=False, elementwise=False):
+def _method(name, merge, params, summary, paper, randomized=False, elementwise=False, chunked=None):
     return Method(
         name=name,
         merge=merge,
+        chunked=chunked,
         params=params,
         base="required",
         min_inputs=0,
@@ -276,6 +359,7 @@ METHODS = (
         _params(True, False),
         "Trim task vectors by magnitude, elect signs, average the agreeing entries.",
         "https://arxiv.org/abs/2306.01708",
+        chunked=ties_chunked,
     ),
     _method(
         "dare_ties",
@@ -299,6 +383,7 @@ METHODS = (
         _params(False, False, extra=(_GAMMA,)),
         "Drop the smallest and the largest task-vector entries, then add them up.",
         "https://arxiv.org/abs/2312.06795",
+        chunked=_breadcrumbs_chunked(consensus=False),
     ),
     _method(
         "breadcrumbs_ties",
@@ -306,6 +391,7 @@ METHODS = (
         _params(False, False, extra=(_GAMMA,)),
         "Breadcrumbs sparsification with TIES sign consensus.",
         "https://arxiv.org/abs/2312.06795",
+        chunked=_breadcrumbs_chunked(consensus=True),
     ),
     _method(
         "della",
