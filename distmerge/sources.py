@@ -8,12 +8,14 @@ JSON data: no model code is ever imported or run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
 
 from distmerge.errors import MergeError
-from distmerge.io.header import DTYPE_NAMES, TensorEntry, read_header
+from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header
+from distmerge.io.zero import ZeroCheckpoint, find_tag, is_zero_checkpoint
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -114,7 +116,13 @@ def _download(repo_id: str, revision: str | None, local_only: bool = False) -> s
 
 
 def is_pickle(file: str) -> bool:
-    return file.endswith(PICKLE_SUFFIXES)
+    """True for tensors found by name in a pickle (``--allow-pickle``): a ``.bin``/``.pt``
+    file, or a DeepSpeed ZeRO checkpoint, whose ``file`` is its tag directory (``global_step500/``)."""
+    return file.endswith(PICKLE_SUFFIXES) or is_zero(file)
+
+
+def is_zero(file: str) -> bool:
+    return file.endswith("/")
 
 
 def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, local_only: bool = False) -> Checkpoint:
@@ -214,6 +222,11 @@ def load_pickled(path: str) -> dict:
 def _pickle_tensors(ref: str, path: str, files: dict[str, list[str] | None]) -> dict[str, TensorInfo]:
     tensors = {}
     for file in files:
+        if is_zero(file):
+            zero = ZeroCheckpoint(os.path.join(path, file))
+            for name, (dtype, shape) in zero.tensors().items():
+                tensors[name] = TensorInfo(file=file, dtype=dtype, shape=shape, begin=0, end=math.prod(shape) * itemsize(dtype))
+            continue
         state = load_pickled(os.path.join(path, file))
         for name, t in state.items():
             if name in tensors:
@@ -251,6 +264,16 @@ def _weight_files(ref: str, path: str, allow_pickle: bool = False) -> dict[str, 
         return files
     if os.path.isfile(os.path.join(path, SINGLE_FILE)):
         return {SINGLE_FILE: None}
+    if is_zero_checkpoint(path):
+        tag = find_tag(path)
+        if allow_pickle:
+            return {tag + "/": None}
+        raise MergeError(
+            f"model {ref!r}: is a DeepSpeed ZeRO checkpoint ({tag}/), whose files are pickles; distmerge "
+            "reads them only with --allow-pickle (then with torch.load(weights_only=True), which rebuilds "
+            "tensors and never runs code from the file). Or convert it first with DeepSpeed's "
+            "zero_to_fp32.py --safe_serialization"
+        )
     pickles = [p for p in (*PICKLE_FILES, PICKLE_INDEX) if os.path.exists(os.path.join(path, p))]
     if pickles:
         raise MergeError(

@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from distmerge.io.header import DTYPES
+from distmerge.io.zero import ZeroCheckpoint
 
 _madvise = ctypes.CDLL(None, use_errno=True).madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -89,12 +90,14 @@ class TensorReader:
         return buf
 
     def read_pickled(self, path: str, name: str) -> torch.Tensor:
-        """A tensor of a pickle checkpoint (``--allow-pickle``), by name."""
-        from distmerge.sources import load_pickled
+        """A tensor of a pickle checkpoint (``--allow-pickle``), by name: of a ``.bin``/``.pt``
+        file, or of a DeepSpeed ZeRO checkpoint when ``path`` is its tag directory."""
+        from distmerge.sources import is_zero, load_pickled
 
         if path not in self._pickles:
-            self._pickles[path] = load_pickled(path)
-        return self._pickles[path][name]
+            self._pickles[path] = ZeroCheckpoint(path) if is_zero(path) else load_pickled(path)
+        source = self._pickles[path]
+        return source.read(name) if isinstance(source, ZeroCheckpoint) else source[name]
 
     def drop(self, view: torch.Tensor) -> None:
         """Unmap the pages under ``view`` from this process now, if ``view`` lies in a file

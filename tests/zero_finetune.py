@@ -1,0 +1,47 @@
+"""Fine-tune a tiny Llama with DeepSpeed ZeRO and save a ZeRO checkpoint, the way a
+DeepSpeed (or Hugging Face Trainer + DeepSpeed) job does. Run under torchrun on CPU:
+
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/zero_finetune.py BASE OUT STAGE
+
+OUT gets the base's config.json and tokenizer files (as a Trainer ``checkpoint-N/`` has)
+and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the
+checkpoint also holds a frozen parameter.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import LlamaForCausalLM
+
+
+def main(base: str, out: str, stage: int) -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.model.norm.weight.requires_grad_(False)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "bf16": {"enabled": True},
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    vocab = model.config.vocab_size
+    for step in range(2):
+        ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(100 * step + engine.global_rank))
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(out)
+    if engine.global_rank == 0:
+        for f in Path(base).iterdir():
+            if f.suffix in (".json", ".model") and not f.name.startswith("model.safetensors"):
+                shutil.copy(f, Path(out) / f.name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
