@@ -89,6 +89,14 @@ def describe(p, world_size: int = 1) -> str:
         f"reads {human(p.read_bytes)}, writes {human(p.write_bytes)}, "
         f"peak working memory per rank ~{human(p.peak_memory)} (largest tensor's inputs in float32 + result)",
     ]
+    reindexed = [t.name for t in p.tensors if t.vocab is not None]
+    vocab_size = p.config.get("vocab_size")
+    lines.append(
+        f"tokenizer: from [{p.tokenizer_source}] {p.models[p.tokenizer_source].ref}"
+        + (f" + {len(p.added_tokens)} added tokens" if p.added_tokens else "")
+        + f"; vocab_size {vocab_size}"
+        + (f"; rows re-indexed to it in {', '.join(reindexed)}" if reindexed else "")
+    )
     if p.layer_map:
         lines.append("layer map (output layer <- model:layer):")
         lines += [f"  {i:4d} <- " + ", ".join(f"{m}:{k}" for m, k in srcs) for i, srcs in enumerate(p.layer_map)]

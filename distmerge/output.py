@@ -162,6 +162,7 @@ def finish(plan: Plan, out_dir: str) -> None:
     _copy(donor, out_dir, ["generation_config.json"])
     if plan.tokenizer_source is not None:
         _copy(plan.models[plan.tokenizer_source].path, out_dir, TOKENIZER_FILES)
+    _add_tokens(plan, out_dir)
     _set_chat_template(plan, out_dir)
     write_atomic(os.path.join(out_dir, RECIPE_FILE), plan.recipe_text)
     write_atomic(os.path.join(out_dir, "README.md"), model_card(plan))
@@ -173,6 +174,26 @@ def _copy(src_dir: str, out_dir: str, names) -> None:
         if os.path.isfile(src):
             with open(src, "rb") as f:
                 write_atomic(os.path.join(out_dir, name), f.read())
+
+
+def _add_tokens(plan: Plan, out_dir: str) -> None:
+    """Append the plan's added tokens (``tokenizer_source: union``, ``tokenizer.tokens``) to
+    tokenizer.json and to tokenizer_config.json's added_tokens_decoder."""
+    if not plan.added_tokens:
+        return
+    path = os.path.join(out_dir, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        tok = json.load(f)
+    tok["added_tokens"] = [*(tok.get("added_tokens") or []), *plan.added_tokens]
+    write_atomic(path, json.dumps(tok, indent=2, ensure_ascii=False))
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        decoder = config.setdefault("added_tokens_decoder", {})
+        for entry in plan.added_tokens:
+            decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
+        write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _set_chat_template(plan: Plan, out_dir: str) -> None:

@@ -22,6 +22,7 @@ from distmerge.errors import MergeError
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
 from distmerge.recipe import Recipe, Slice, Source, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
+from distmerge.vocab import VOCAB_TENSOR, OutputVocab, VocabMap, build_vocab, is_identity, vocab_map
 
 PLAN_VERSION = 1
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -79,6 +80,9 @@ class OutputTensor:
     """Random keys, aligned with ``inputs``, for randomized methods."""
     layer: int | None = None
     """Output layer index, None for embeddings, final norm, lm_head."""
+    vocab: VocabMap | None = None
+    """For embeddings and lm_head when the recipe sets a tokenizer: how each input's rows are
+    re-indexed to the output vocabulary before the merge (None: inputs used as they are)."""
 
     @property
     def nbytes(self) -> int:
@@ -118,12 +122,16 @@ class Plan:
     donor: int
     """Index of the model whose config (and tokenizer, unless told otherwise) the output takes."""
     tokenizer_source: int | None
+    """Index of the model whose tokenizer files the output gets."""
     seed: int
     recipe_text: str
     chat_template: str | None
     """The chat template written into the output's tokenizer config (None: keep the source's)."""
     peak_memory: int
     """Estimated bytes of working memory for the largest tensor (inputs in float32, result, output)."""
+    added_tokens: list[dict] = field(default_factory=list)
+    """Tokens appended to the tokenizer files (``tokenizer_source: union``, ``tokenizer.tokens``),
+    as tokenizer.json's added_tokens entries."""
     version: int = PLAN_VERSION
     distmerge_version: str = __version__
     fingerprint: str = ""
@@ -156,6 +164,7 @@ def _tensor_from_dict(d: dict) -> OutputTensor:
     d = dict(d)
     d["inputs"] = [InputRef(**r) for r in d["inputs"]]
     d["base"] = InputRef(**d["base"]) if d["base"] else None
+    d["vocab"] = VocabMap(**d["vocab"]) if d.get("vocab") else None
     return OutputTensor(**d)
 
 
@@ -213,7 +222,8 @@ def build_plan(
     slices = _normalize(recipe, checkpoints, layered)
     method = recipe.method
 
-    planner = _Planner(recipe, method, checkpoints, index, seed)
+    vocab = build_vocab(recipe.tokenizer, checkpoints, recipe.donor) if recipe.tokenizer else None
+    planner = _Planner(recipe, method, checkpoints, index, seed, vocab)
     first, last = slices[0], slices[-1]
     donor_names = layered[first.sources[0].model].other
     pre = [n for n in donor_names if EMBEDDING.search(n)]
@@ -246,6 +256,8 @@ def build_plan(
 
     donor = index[recipe.donor]
     config = _output_config(checkpoints[recipe.donor].config, recipe, layer_map, layered[recipe.donor])
+    if vocab is not None:
+        config["vocab_size"] = vocab.rows
     plan = Plan(
         method=method.name,
         dtype=recipe.dtype,
@@ -255,11 +267,12 @@ def build_plan(
         layer_map=layer_map,
         config=config,
         donor=donor,
-        tokenizer_source=_tokenizer_source(recipe, index),
+        tokenizer_source=index[vocab.source if vocab else recipe.donor],
         seed=seed,
         recipe_text=recipe_text,
         chat_template=templates.resolve(recipe.chat_template, [ck.path for ck in checkpoints.values()]),
         peak_memory=max((_working_bytes(t) for t in planner.tensors), default=0),
+        added_tokens=vocab.added if vocab else [],
     )
     plan.fingerprint = fingerprint(plan)
     return plan
@@ -299,8 +312,9 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
 class _Planner:
     """Builds OutputTensors: gathers inputs, resolves parameters, checks shapes."""
 
-    def __init__(self, recipe: Recipe, method: methods.Method, checkpoints, index, seed):
+    def __init__(self, recipe: Recipe, method: methods.Method, checkpoints, index, seed, vocab: OutputVocab | None):
         self.recipe, self.method, self.checkpoints, self.index, self.seed = recipe, method, checkpoints, index, seed
+        self.vocab = vocab
         self.tensors: list[OutputTensor] = []
         self.names: set[str] = set()
 
@@ -317,13 +331,19 @@ class _Planner:
 
         refs = {m: self._ref(m, n) for m, n in names.items()}
         shapes = {m: tuple(self.checkpoints[m].tensors[n].shape) for m, n in names.items()}
+        order = [src.model for src in s.sources]
+        base_ref = s.base_model or self.recipe.base_model
+        vocab = None
+        if self.vocab is not None and VOCAB_TENSOR.search(out_name):
+            shapes = {m: shape[1:] for m, shape in shapes.items()}  # rows are re-indexed
+            vocab = vocab_map(self.vocab, self.recipe.tokenizer, order, self.index, base_ref, out_name)
+            if is_identity(vocab, {self.index[m]: self.checkpoints[m].tensors[n].shape[0] for m, n in names.items()}):
+                vocab = None
         if len(set(shapes.values())) > 1:
             detail = ", ".join(f"{m}: {list(shape)}" for m, shape in shapes.items())
-            hint = " The vocabularies differ: give the models the same tokenizer, or resize the embeddings first." if EMBEDDING.search(out_name) or "lm_head" in out_name else ""
+            hint = " The vocabularies differ: set tokenizer_source (union, base or a model) to re-index the embeddings to one tokenizer." if EMBEDDING.search(out_name) or "lm_head" in out_name else ""
             raise MergeError(f"tensor {out_name!r} has different shapes across models ({detail}).{hint}")
 
-        base_ref = s.base_model or self.recipe.base_model
-        order = [src.model for src in s.sources]
         if self.method.base == "ignored" or base_ref not in order:
             if self.method.base == "required":
                 raise MergeError(f"{self.method.name} needs the base model {base_ref!r} among the sources of every slice")
@@ -349,7 +369,7 @@ class _Planner:
         self.tensors.append(
             OutputTensor(
                 name=out_name,
-                shape=list(shapes[order[0]]),
+                shape=[self.vocab.rows, *shapes[order[0]]] if self.vocab is not None and VOCAB_TENSOR.search(out_name) else list(shapes[order[0]]),
                 dtype=out_dtype,
                 inputs=[refs[m] for m in inputs],
                 base=refs[base] if base else None,
@@ -357,6 +377,7 @@ class _Planner:
                 input_params=per_input,
                 seeds=seeds,
                 layer=layer,
+                vocab=vocab,
             )
         )
 
@@ -405,18 +426,6 @@ def _working_bytes(t: OutputTensor) -> int:
     numel = math.prod(t.shape)
     n = len(t.all_inputs)
     return numel * 4 * (n + 2) + t.nbytes
-
-
-def _tokenizer_source(recipe: Recipe, index: dict[str, int]) -> int | None:
-    src = recipe.tokenizer_source
-    if src in (None, "base"):
-        return index[recipe.donor]
-    if src == "union":
-        raise MergeError("tokenizer_source: union is not supported yet; use base or one of the models")
-    if src not in index:
-        raise MergeError(f"tokenizer_source {src!r} is not one of the recipe's models: {', '.join(index)}")
-    return index[src]
-
 
 def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
     config = copy.deepcopy(donor)

@@ -49,6 +49,30 @@ class Slice:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSource:
+    """Where one token's embedding row comes from (a ``tokenizer: tokens:`` entry)."""
+
+    model: str | None = None
+    """Take the row from this model: its row for this token, or for ``token_id``/``token``."""
+    token_id: int | None = None
+    token: str | None = None
+    zero: bool = False
+    """``{kind: zero}``: a row of zeros."""
+    force: bool = False
+    """Use this source even for models that have the token."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerSpec:
+    """The output vocabulary: ``tokenizer_source: X`` or a ``tokenizer:`` block."""
+
+    source: str
+    """``union``, ``base``, or a model of the recipe."""
+    tokens: dict[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     merge_method: str
     base_model: str | None
@@ -58,7 +82,8 @@ class Recipe:
     parameters: dict[str, Setting]
     dtype: str | None
     out_dtype: str | None
-    tokenizer_source: str | None
+    tokenizer: TokenizerSpec | None
+    """None: keep the donor's tokenizer and merge embeddings as they are."""
     chat_template: str | None
     name: str | None
     base_dir: str = "."
@@ -109,8 +134,8 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         raise MergeError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(TOP_KEYS))}")
     if "modules" in doc:
         raise MergeError(f"{source}: 'modules' (multi-module architectures) is not supported; use models or slices")
-    if doc.get("tokenizer") is not None:
-        raise MergeError(f"{source}: 'tokenizer:' blocks are not supported yet; use tokenizer_source: base or a model")
+    if doc.get("tokenizer") is not None and doc.get("tokenizer_source") is not None:
+        raise MergeError(f"{source}: give either tokenizer_source or a tokenizer: block, not both")
 
     name = doc.get("merge_method")
     if not isinstance(name, str) or name not in methods.METHODS:
@@ -126,7 +151,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         parameters=_params(doc.get("parameters"), "parameters", source),
         dtype=_dtype(doc.get("dtype"), "dtype", source),
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
-        tokenizer_source=_model(doc.get("tokenizer_source"), "tokenizer_source", source, optional=True),
+        tokenizer=_tokenizer(doc, source),
         chat_template=_chat_template(doc.get("chat_template"), source),
         name=_text(doc.get("name"), "name", source),
         base_dir=base_dir,
@@ -162,6 +187,66 @@ def _model(value: Any, where: str, source: str, optional: bool = False) -> str |
     if not isinstance(value, str) or not value.strip():
         raise MergeError(f"{source}: {where} must be a model path or hub id, got {value!r}")
     return value
+
+
+def _tokenizer(doc: dict, source: str) -> TokenizerSpec | None:
+    """``tokenizer_source: X``, or a ``tokenizer:`` block (whose source defaults to union,
+    as in mergekit)."""
+    if doc.get("tokenizer_source") is not None:
+        return TokenizerSpec(source=_model(doc["tokenizer_source"], "tokenizer_source", source))
+    block = doc.get("tokenizer")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise MergeError(f"{source}: tokenizer must be a mapping with source, tokens, pad_to_multiple_of")
+    _no_unknown(block, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer", source)
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (type(pad) is not int or pad < 1):
+        raise MergeError(f"{source}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise MergeError(f"{source}: tokenizer.tokens must map tokens to {{source, force}}")
+    return TokenizerSpec(
+        source=_model(block.get("source", "union"), "tokenizer.source", source),
+        tokens={str(tok): _token_source(cfg, f"tokenizer.tokens[{tok!r}]", source) for tok, cfg in tokens.items()},
+        pad_to_multiple_of=pad,
+    )
+
+
+def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{source}: {where} must be a mapping with source and/or force")
+    _no_unknown(cfg, {"source", "force"}, where, source)
+    force = cfg.get("force", False)
+    if not isinstance(force, bool):
+        raise MergeError(f"{source}: {where}.force must be true or false, got {force!r}")
+    src = cfg.get("source")
+    if src is None:
+        return TokenSource(force=force)
+    if isinstance(src, str):
+        return TokenSource(model=_model(src, f"{where}.source", source), force=force)
+    if not isinstance(src, dict) or src.get("kind") not in ("zero", "model_token"):
+        raise MergeError(
+            f"{source}: {where}.source must be a model, {{kind: zero}} or {{kind: model_token, model, token_id | token}}"
+        )
+    if src["kind"] == "zero":
+        _no_unknown(src, {"kind"}, f"{where}.source", source)
+        return TokenSource(zero=True, force=force)
+    _no_unknown(src, {"kind", "model", "token_id", "token"}, f"{where}.source", source)
+    token_id, token = src.get("token_id"), src.get("token")
+    if (token_id is None) == (token is None):
+        raise MergeError(f"{source}: {where}.source: give exactly one of token_id or token")
+    if token_id is not None and (type(token_id) is not int or token_id < 0):
+        raise MergeError(f"{source}: {where}.source.token_id must be a non-negative integer, got {token_id!r}")
+    model = _model(src.get("model"), f"{where}.source.model", source)
+    return TokenSource(model=model, token_id=token_id, token=None if token is None else str(token), force=force)
+
+
+def _no_unknown(entry: dict, allowed: set[str], where: str, source: str) -> None:
+    unknown = sorted(set(entry) - allowed, key=str)
+    if unknown:
+        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(allowed))}")
 
 
 def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:

@@ -28,6 +28,7 @@ from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
 from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
+from distmerge.vocab import permute
 
 STATE_DIR = ".distmerge"
 """Bookkeeping inside the output directory: the plan and one record per finished file."""
@@ -71,11 +72,13 @@ def merge_tensor(
     method = methods.get(plan.method)
     work, out_dtype = DTYPES[_work_dtype(plan, t)], DTYPES[t.dtype]
 
+    in_shape = (-1, *t.shape[1:]) if t.vocab is not None else tuple(t.shape)  # inputs' vocabularies differ
+
     def fetch(ref: InputRef) -> torch.Tensor:
         if is_pickle(ref.file):
             x = reader.read_pickled(input_path(plan, ref), ref.name)
         else:
-            x = reader.read(input_path(plan, ref), ref.dtype, tuple(t.shape), ref.begin, ref.end)
+            x = reader.read(input_path(plan, ref), ref.dtype, in_shape, ref.begin, ref.end)
         x = x.to(device)
         if ref.lora is not None:
             x = _apply_lora(x, ref.lora, plan.models[ref.model].adapter_path, reader, device)
@@ -88,6 +91,9 @@ def merge_tensor(
     with timed("read"):
         inputs = [fetch(r) for r in t.inputs]
         base = fetch(t.base) if t.base else None
+        if t.vocab is not None:  # rows re-indexed to the output vocabulary, in the compute dtype
+            rows = permute(t.vocab, {r.model: x.to(work) for r, x in zip(t.all_inputs, [base, *inputs][base is None :])})
+            inputs, base = [rows[r.model] for r in t.inputs], rows[t.base.model] if t.base else None
     if not inputs[0].is_floating_point():
         return (base if base is not None else inputs[0]).to(out_dtype)  # integer buffers are copied
     if _is_plain_copy(method, t, inputs, work, out_dtype):
