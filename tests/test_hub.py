@@ -1,30 +1,16 @@
-"""Pushing to the hub: what is uploaded, and that unverified outputs never are."""
+"""Pushing to the hub, through the real huggingface_hub client over HTTP to a local stand-in
+of the hub's API (tests/hub_server.py): what is uploaded, and that unverified outputs never are."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from distmerge.cli import main
-from distmerge.errors import MergeError
-from distmerge.hub import push
+from tests.helpers import run_cli
+from tests.hub_server import HubStandIn
 
-
-class HubStandIn:
-    """In-process stand-in for huggingface_hub.HfApi: records calls, 'uploads' by copying."""
-
-    def __init__(self, root: Path):
-        self.root, self.calls = root, []
-
-    def create_repo(self, repo_id, *, private=False, exist_ok=False):
-        self.calls.append(("create_repo", repo_id, private, exist_ok))
-        (self.root / repo_id).mkdir(parents=True, exist_ok=exist_ok)
-
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message):
-        self.calls.append(("upload_folder", repo_id, tuple(ignore_patterns)))
-        shutil.copytree(folder_path, self.root / repo_id, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*[p.rstrip("/*") for p in ignore_patterns]))
-        return type("CommitInfo", (), {"commit_url": f"https://hub.invalid/{repo_id}/commit/1"})()
+TOKEN = "hf_standin"
 
 
 @pytest.fixture
@@ -36,24 +22,52 @@ def merged(llama_family, tmp_path) -> Path:
     return tmp_path / "out"
 
 
-def test_push_uploads_a_plain_checkpoint_with_a_hub_card(merged, tmp_path):
-    hub = HubStandIn(tmp_path / "hub")
-    url = push(str(merged), "me/merged", private=True, api=hub)
-    assert url.endswith("/commit/1")
-    assert hub.calls[0] == ("create_repo", "me/merged", True, True)
-    uploaded = {p.name for p in (tmp_path / "hub" / "me/merged").iterdir()}
-    assert {"model.safetensors.index.json", "config.json", "README.md", "tokenizer.json"} <= uploaded
-    assert not any(n.startswith(".distmerge") for n in uploaded)
-    card = (tmp_path / "hub" / "me/merged" / "README.md").read_text()
+@pytest.fixture
+def hub(tmp_path):
+    with HubStandIn(tmp_path / "hub") as h:
+        yield h
+
+
+def hub_env(hub: HubStandIn, token: str = TOKEN) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_push_uploads_the_checkpoint_byte_for_byte_without_bookkeeping(merged, hub):
+    r = run_cli("push", merged, "me/merged", "--private", env=hub_env(hub))
+    assert r.returncode == 0, r.stderr
+    assert f"pushed to me/merged: {hub.endpoint}/me/merged/commit/" in r.stdout
+    assert hub.repos["me/merged"]["visibility"] == "private"
+    (commit,) = hub.commits
+    local = sorted(str(p.relative_to(merged)) for p in merged.rglob("*") if p.is_file() and ".distmerge" not in p.parts)
+    assert sorted(commit["files"]) == local and "README.md" in local and "tokenizer.json" in local
+    for name in local:
+        assert (hub.root / "me/merged" / name).read_bytes() == (merged / name).read_bytes(), name
+    card = (hub.root / "me/merged" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["tags"][:2] == ["merge", "distmerge"] and len(front["base_model"]) == 2
     assert "merge_method: ties" in card
 
 
-def test_an_output_that_fails_verification_is_not_pushed(merged, tmp_path):
+def test_run_with_push_to_hub_uploads_once_the_merge_is_verified(llama_family, tmp_path, hub):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])], "parameters": {"weight": 1}}))
+    r = run_cli("run", recipe, tmp_path / "out", "--quiet", "--push-to-hub", "me/linear", env=hub_env(hub))
+    assert r.returncode == 0, r.stderr
+    (commit,) = hub.commits
+    assert commit["repo"] == "me/linear" and "model.safetensors.index.json" in commit["files"]
+    assert hub.repos["me/linear"]["visibility"] == "public"
+
+
+def test_an_output_that_fails_verification_is_not_pushed(merged, hub):
     shard = next(merged.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-5])
-    hub = HubStandIn(tmp_path / "hub")
-    with pytest.raises(MergeError, match="failed verification"):
-        push(str(merged), "me/merged", api=hub)
-    assert hub.calls == []
+    r = run_cli("push", merged, "me/merged", env=hub_env(hub))
+    assert r.returncode != 0 and "failed verification" in r.stderr and "Traceback" not in r.stderr
+    assert hub.requests == []
+
+
+def test_a_refused_upload_is_one_clear_error(merged, hub):
+    r = run_cli("push", merged, "me/merged", env=hub_env(hub, token="hf_wrong"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "uploading" in r.stderr and "me/merged failed" in r.stderr and "401" in r.stderr
+    assert hub.commits == []
