@@ -129,7 +129,13 @@ def test_task_arithmetic_bf16_is_float32_math_rounded_once(llama_family, tmp_pat
 # ---------------------------------------------------------------- slerp
 
 
-def test_slerp_scalar_t_float32(llama_family_f32, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 777])
+def test_slerp_scalar_t_float32(llama_family_f32, tmp_path, monkeypatch, chunk):
+    """float32 shows a one-ulp change of the coefficients, which bf16 rounding would hide."""
+    import distmerge.run
+
+    if chunk is not None:
+        monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", chunk)
     f = llama_family_f32
     recipe = {
         "merge_method": "slerp",
@@ -142,7 +148,14 @@ def test_slerp_scalar_t_float32(llama_family_f32, tmp_path):
     assert_same_tensors(ours, theirs)
 
 
-def test_slerp_filtered_gradients_bf16(llama_family, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 777, 4099])
+def test_slerp_filtered_gradients_bf16(llama_family, tmp_path, monkeypatch, chunk):
+    """Whole tensors, and the chunked path (float32 gathered in chunks, whole-tensor norms
+    and cos Ω over the same values, combine chunk by chunk) with odd chunk sizes."""
+    import distmerge.run
+
+    if chunk is not None:
+        monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", chunk)
     f = llama_family
     recipe = {
         "merge_method": "slerp",
