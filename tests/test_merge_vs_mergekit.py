@@ -304,11 +304,14 @@ def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_p
             [{"weight": 0.6, "density": 0.3, "gamma": 0.1}, {"weight": -0.5, "density": 0.7, "gamma": 0.0}],
         ),
         ("breadcrumbs", [{"weight": 0.6, "density": 0.7, "gamma": 0.2}, {"weight": 0.5, "density": 0.3, "gamma": 0.01}]),
+        ("dare_ties", [{"weight": 0.6, "density": 0.3}, {"weight": -0.5, "density": 0.7}]),
+        ("dare_linear", [{"weight": 0.6, "density": 0.5}, {"weight": 0.5, "density": 1.0}, {"weight": 0.3, "density": 0.2}]),
     ],
 )
 def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch, method, params):
     """bf16 inputs (many exactly equal |δ|, so the tie cut matters) merged in 777- and
-    4099-element chunks give the same bytes as the whole-tensor merge."""
+    4099-element chunks give the same bytes as the whole-tensor merge (DARE: the same masks
+    and the same whole-tensor L1 rescale)."""
     import filecmp
 
     from distmerge import run as run_module
@@ -328,6 +331,30 @@ def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, 
         chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+
+
+def test_chunked_dare_without_rescale_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
+    import filecmp
+
+    from distmerge import run as run_module
+
+    f = llama_family
+    recipe = {
+        "merge_method": "dare_ties",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": 0.6, "density": 0.3}), ("ft2", {"weight": 0.5, "density": 0.5})),
+        "parameters": {"rescale": False},
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)
+    whole = distmerge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 777)
+    chunked = distmerge(recipe, tmp_path / "chunked")
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+    recipe["parameters"]["rescale"] = True  # and rescale does change the result
+    rescaled = distmerge(recipe, tmp_path / "rescaled")
+    assert not filecmp.cmp(whole / shards[0], rescaled / shards[0], shallow=False)
 
 
 def test_chunked_top_k_keeps_the_same_ties_as_top_k_mask():

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import kernels
+from distmerge import kernels, rng
 from distmerge.methods import Method, Param, in_unit_interval, non_negative, sparsify
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
@@ -329,6 +329,53 @@ _EPSILON = Param(
 )
 
 
+def _dare_chunked(consensus: bool):
+    """``dare_ties`` (or ``dare_linear``) for a tensor read in flat chunks: the same bits.
+
+    Pass 1, per model: draw the keep mask chunk by chunk (a draw depends only on the element
+    index) and, for ``rescale``, gather |τᵢ| and |τᵢ ⊙ mᵢ| in float32 buffers whose sums are
+    the whole-tensor sums of ``sparsify.masked`` (same values, same reduction). Pass 2 drops,
+    rescales and combines chunk by chunk.
+    """
+
+    def chunked(read, numel, chunk, *, weight, density, seeds, normalize=False, rescale=True, lambda_=1.0, **_):
+        ranges = [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+        drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
+        for i, d in enumerate(density):
+            if d >= 1:
+                drops.append(None)
+                continue
+            keep = torch.empty(numel, dtype=torch.bool)
+            before, after = (torch.empty(numel), torch.empty(numel)) if rescale else (None, None)
+            for start, end in ranges:
+                base, tensors = read(start, end)
+                delta = tensors[i] - base
+                keep[start:end] = rng.bernoulli_keep(seeds[i], (end - start,), d, offset=start)
+                if rescale:
+                    torch.abs(delta, out=before[start:end])
+                    torch.abs(torch.where(keep[start:end], delta, 0.0), out=after[start:end])
+            factor = None
+            if rescale:
+                total, kept = before.sum(), after.sum()
+                del before, after
+                if total >= sparsify.RESCALE_EPS and kept >= sparsify.RESCALE_EPS:
+                    factor = total / kept
+            drops.append((keep, factor))
+        for start, end in ranges:
+            base, tensors = read(start, end)
+            deltas = []
+            for drop, delta in zip(drops, task_vectors(base, tensors)):
+                if drop is not None:
+                    keep, factor = drop
+                    delta = torch.where(keep[start:end], delta, 0.0)
+                    if factor is not None:
+                        delta = delta * factor
+                deltas.append(delta)
+            yield start, end, combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+    return chunked
+
+
 def _method(name, merge, params, summary, paper, randomized=False, elementwise=False, chunked=None):
     return Method(
         name=name,
@@ -368,6 +415,7 @@ METHODS = (
         "Randomly drop task-vector entries and rescale, then TIES sign consensus.",
         "https://arxiv.org/abs/2311.03099",
         randomized=True,
+        chunked=_dare_chunked(consensus=True),
     ),
     _method(
         "dare_linear",
@@ -376,6 +424,7 @@ METHODS = (
         "Randomly drop task-vector entries and rescale, then add them up.",
         "https://arxiv.org/abs/2311.03099",
         randomized=True,
+        chunked=_dare_chunked(consensus=False),
     ),
     _method(
         "breadcrumbs",
