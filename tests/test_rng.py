@@ -32,14 +32,17 @@ def philox_scalar(counter: tuple[int, int, int, int], key: tuple[int, int], roun
     return c0, c1, c2, c3
 
 
-def triton_randint_scalar(seed: int, offset: int) -> int:
-    """tl.randint(seed, offset) as Triton defines it: key = seed's halves, counter = (offset lo, hi, 0, 0)."""
-    return philox_scalar((offset & MASK, offset >> 32, 0, 0), (seed & MASK, seed >> 32))[0]
+def word_scalar(seed: int, index: int) -> int:
+    """Element ``index``'s word: word index % 4 of tl.randint4x(seed, index // 4), which Triton
+    defines with key = seed's halves and counter = (c lo, c hi, 0, 0) for c = index // 4."""
+    c = index >> 2
+    return philox_scalar((c & MASK, c >> 32, 0, 0), (seed & MASK, seed >> 32))[index & 3]
 
 
-def triton_rand_scalar(seed: int, offset: int) -> float:
-    """tl.rand: the word as int32, negatives mapped by ~x, times float32(4.6566127342e-10) in float32."""
-    x = triton_randint_scalar(seed, offset)
+def uniform_scalar(seed: int, index: int) -> float:
+    """Triton's uint_to_uniform_float: the word as int32, negatives mapped by ~x, times
+    float32(4.6566127342e-10) in float32."""
+    x = word_scalar(seed, index)
     x = x if x < 1 << 31 else x ^ MASK
     f32 = lambda v: struct.unpack("f", struct.pack("f", v))[0]  # noqa: E731
     return f32(f32(float(x)) * f32(4.6566127342e-10))  # float32 × float32 is exact in float64
@@ -56,14 +59,16 @@ KAT = [
     ),
 ]
 
-# (seed, offset) -> tl.randint word, computed once with philox_scalar above and frozen here.
+# (seed, element index) -> word, computed once with philox_scalar above and frozen here. Seed 0,
+# elements 0-3 are the four words of Random123's first known answer (counter 0, key 0).
 KNOWN = {
     (0, 0): 0x6627E8D5,
-    (0, 1): 0xF8E4CCA4,
+    (0, 1): 0xE169C58D,
+    (0, 3): 0x9B00DBD8,
     (1, 0): 0xE3E80670,
-    (12345, 1000): 0xA7EC4720,
-    (2**40 + 7, 3): 0x8A50E7D9,
-    (2**63 - 25, 2**32 + 5): 0x9FB9B063,
+    (12345, 1000): 0x4F9078CB,
+    (2**40 + 7, 3): 0x9DAECF53,
+    (2**63 - 25, 2**34 + 5): 0x0805D6EB,
 }
 
 
@@ -76,18 +81,18 @@ def test_philox_known_answers(counter, key, expected):
 
 def test_known_values_frozen():
     for (seed, offset), word in KNOWN.items():
-        assert triton_randint_scalar(seed, offset) == word, (seed, offset)
+        assert word_scalar(seed, offset) == word, (seed, offset)
         assert int(rng.randint(seed, 1, offset)[0]) == word, (seed, offset)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 987654321, 2**32 + 1, 2**63 - 1, 2**64 - 1])
-@pytest.mark.parametrize("offset", [0, 17, 2**31 - 3, 2**32 - 2])
+@pytest.mark.parametrize("offset", [0, 17, 2**31 - 3, 2**34 - 6])
 def test_matches_scalar_reference(seed, offset):
-    n = 8  # crosses 2**32 (the counter's second word) for offset 2**32 - 2
+    n = 11  # crosses counter 2**32 (the counter's second word) for offset 2**34 - 6
     words = rng.randint(seed, n, offset)
     floats = rng.uniform(seed, n, offset)
-    assert words.tolist() == [triton_randint_scalar(seed, offset + i) for i in range(n)]
-    assert floats.tolist() == [triton_rand_scalar(seed, offset + i) for i in range(n)]
+    assert words.tolist() == [word_scalar(seed, offset + i) for i in range(n)]
+    assert floats.tolist() == [uniform_scalar(seed, offset + i) for i in range(n)]
 
 
 def test_uniform_range_and_moments():
@@ -118,6 +123,19 @@ def test_chunking_does_not_change_draws(monkeypatch):
     assert torch.equal(rng.uniform(7, 10_000), reference)
     keep = rng.bernoulli_keep(7, (100, 100), 0.3)
     assert torch.equal(keep, (reference < 0.3).view(100, 100))
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-12, 0.3, 0.5, "a draw", 0.9999999, 1.0, 1.5])
+def test_one_probability_compares_integers_with_the_same_result(p):
+    """bernoulli_keep with one probability compares folded words with an integer threshold;
+    it must keep exactly the elements whose float32 uniform is below p."""
+    u = rng.uniform(11, 50_000)
+    p = float(u[123]) if p == "a draw" else p  # a p that some element equals exactly
+    p32 = torch.tensor(p, dtype=torch.float32)
+    assert torch.equal(rng.bernoulli_keep(11, (50_000,), p), u < p32)
+    t = rng._below(p32)
+    f = lambda y: torch.tensor(y, dtype=torch.float32) * torch.tensor(rng._UNIFORM_SCALE, dtype=torch.float32)  # noqa: E731
+    assert (t == 0 or f(t - 1) < p32) and (t == 2**31 or f(t) >= p32)
 
 
 def test_bernoulli_keep_rate_and_per_element_probabilities():
@@ -169,13 +187,18 @@ TRITON_KERNEL = textwrap.dedent(
     import torch, triton, triton.language as tl
     from distmerge import rng
 
+    from distmerge.kernels.triton_kernels import _uniform
+
     @triton.jit
     def draw(words, floats, seed, offset, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(words + i, tl.randint(seed, offset + i))
-        tl.store(floats + i, tl.rand(seed, offset + i))
+        idx = i.to(tl.int64) + offset  # 64-bit, as the merge kernels index elements
+        r0, r1, r2, r3 = tl.randint4x(seed, idx // 4)
+        w = idx % 4
+        tl.store(words + i, tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3))))
+        tl.store(floats + i, _uniform(seed, idx))
 
-    for seed, offset in [(0, 0), (12345, 1000), (2**40 + 7, 3), (2**63 - 25, 2**31 - 20), (99, 2**32 + 5)]:
+    for seed, offset in [(0, 0), (12345, 1001), (2**40 + 7, 3), (2**63 - 25, 2**31 - 22), (99, 2**34 + 5)]:
         words = torch.empty(64, dtype=torch.int32)
         floats = torch.empty(64, dtype=torch.float32)
         draw[(1,)](words, floats, seed, offset, N=64)
@@ -187,7 +210,7 @@ TRITON_KERNEL = textwrap.dedent(
 
 
 def test_bit_exact_with_triton_interpreter():
-    pytest.importorskip("triton", reason="triton is not installed: cannot compare with tl.rand / tl.randint")
+    pytest.importorskip("triton", reason="triton is not installed: cannot compare with tl.randint4x")
     # A subprocess: TRITON_INTERPRET must be set before triton is first imported.
     result = subprocess.run([sys.executable, "-c", TRITON_KERNEL], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

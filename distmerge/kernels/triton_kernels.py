@@ -24,8 +24,9 @@ N inputs arrive as a tuple of tensors (one specialization per N and dtypes), and
 program keeps its N weighted deltas in registers between the sign election and the
 disjoint mean, so every input is read from memory once per pass.
 
-Dropout draws are ``tl.rand(seed, j)`` for element j (the row-major flat index): the same
-bits as ``distmerge.rng.uniform(seed)[j]`` on CPU.
+Dropout draws for element j (the row-major flat index) are word j % 4 of
+``tl.randint4x(seed, j // 4)`` made uniform (``_uniform``): the same bits as
+``distmerge.rng.uniform(seed)[j]`` on CPU.
 """
 
 from __future__ import annotations
@@ -122,6 +123,15 @@ def _in_top(a, idx, thr, cut):
 
 
 @triton.jit
+def _uniform(seed, idx):
+    """``distmerge.rng.uniform(seed)[idx]``: word idx % 4 of the Philox block for counter idx // 4."""
+    r0, r1, r2, r3 = tl.randint4x(seed, idx // 4)
+    w = idx % 4
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return tl.random.uint_to_uniform_float(r)
+
+
+@triton.jit
 def _keep(d, offs, gidx, m, masks, fpar_ptr, ipar_ptr, i: tl.constexpr, KEEP: tl.constexpr):
     """Keep rule of input i for its deltas d (float32): see the KEEP_* constants.
 
@@ -136,7 +146,7 @@ def _keep(d, offs, gidx, m, masks, fpar_ptr, ipar_ptr, i: tl.constexpr, KEEP: tl
         skip = _in_top(a, offs, tl.load(fpar_ptr + 4 * i + 3), tl.load(ipar_ptr + 4 * i + 2))
         keep = (top & ~skip) | _block_flag(offs, tl.load(ipar_ptr + 4 * i + 3))
     else:
-        u = tl.rand(tl.load(ipar_ptr + 4 * i), gidx)
+        u = _uniform(tl.load(ipar_ptr + 4 * i), gidx)
         keep = (u < tl.load(fpar_ptr + 4 * i + 2)) | _block_flag(offs, tl.load(ipar_ptr + 4 * i + 3))
     return keep
 
@@ -521,7 +531,7 @@ def task_merge(
 
 def dare_drop(delta, density, seed, rescale=True, *, offset=0, out_dtype=None, block=None):
     """``reference.dare_drop``: pass 1 the two L1 norms (with the draws), pass 2 the masked,
-    rescaled delta; both draw ``tl.rand(seed, offset + j)`` for element j."""
+    rescaled delta; both draw ``rng.uniform(seed)[offset + j]`` for element j (``_uniform``)."""
     from distmerge.kernels import reference
     from distmerge.kernels.sparsifiers import RandomDrop
 
