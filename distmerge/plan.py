@@ -267,7 +267,7 @@ def build_plan(
         layer_map=layer_map,
         config=config,
         donor=donor,
-        tokenizer_source=index[vocab.source if vocab else recipe.donor],
+        tokenizer_source=index[_tokenizer_source(recipe, vocab, index)],
         seed=seed,
         recipe_text=recipe_text,
         chat_template=templates.resolve(recipe.chat_template, [ck.path for ck in checkpoints.values()]),
@@ -420,6 +420,16 @@ def _out_dtype(recipe: Recipe, input_dtypes: set[str]) -> str:
     for d in input_dtypes:
         promoted = torch.promote_types(promoted, DTYPES[d])
     return DTYPE_NAMES[promoted]
+
+
+def _tokenizer_source(recipe: Recipe, vocab: OutputVocab | None, index: dict[str, int]) -> str:
+    """The model whose tokenizer files the output gets."""
+    if vocab is not None:
+        return vocab.source
+    source = recipe.tokenizer.source if recipe.tokenizer else None
+    if source not in (None, "base", "union") and source not in index:
+        raise MergeError(f"tokenizer source {source!r} is not one of the recipe's models: {', '.join(index)}")
+    return source if source in index else recipe.donor
 
 
 def _working_bytes(t: OutputTensor) -> int:

@@ -93,12 +93,15 @@ def vocabulary(tok: dict, where: str) -> dict[str, int]:
     return out
 
 
-def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVocab:
-    """The output vocabulary for a recipe's ``tokenizer`` spec (see the module docstring).
+def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVocab | None:
+    """The output vocabulary for a recipe's ``tokenizer`` spec (see the module docstring);
+    None when no model has a ``tokenizer.json`` (then they are taken to share one).
 
     ``checkpoints``: model ref -> Checkpoint, in recipe order (the base/donor first).
     """
     tokenizers = {ref: read_tokenizer(ck.path) for ref, ck in checkpoints.items()}
+    if all(tok is None for tok in tokenizers.values()) and not spec.tokens and not spec.pad_to_multiple_of:
+        return None  # no model has a tokenizer.json: one shared vocabulary, nothing to re-index
     if tokenizers[donor] is None:
         raise MergeError(f"tokenizer: the base model {donor!r} has no tokenizer.json to build the output vocabulary from")
     sizes = {ref: ck.config.get("vocab_size") for ref, ck in checkpoints.items()}
