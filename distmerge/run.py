@@ -130,7 +130,7 @@ def merge_tensor(
     pieces = None
     if numel > CHUNK_ELEMENTS:
         if method.elementwise:
-            pieces = ((i, j, method.merge(*read(i, j), **kwargs)) for i, j in _ranges(numel))
+            pieces = ((i, j, method.merge(*read(i, j), **kwargs)) for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS))
         elif method.chunked is not None and not inputs[0].is_cuda:
             pieces = method.chunked(read, numel, CHUNK_ELEMENTS, **kwargs)
     if pieces is None:
@@ -154,10 +154,6 @@ def merge_tensor(
         merge = time.perf_counter() - start - read_seconds
         progress.stats.seconds["merge"] = progress.stats.seconds.get("merge", 0.0) + merge
     return out.view(t.shape)
-
-
-def _ranges(numel: int):
-    return ((i, min(numel, i + CHUNK_ELEMENTS)) for i in range(0, numel, CHUNK_ELEMENTS))
 
 
 def _is_plain_copy(method: methods.Method, t: OutputTensor, inputs: list[torch.Tensor], work, out_dtype) -> bool:

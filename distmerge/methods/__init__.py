@@ -107,6 +107,11 @@ def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be >= 0, got {value}"
 
 
+def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
+    """The flat ranges [start, end) of at most ``chunk`` elements that cover ``numel``, in order."""
+    return [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+
+
 def fraction(value: float) -> str | None:
     """Check for interpolation factors: 0 <= value <= 1."""
     return None if 0 <= value <= 1 else f"must be in [0, 1] (0 = the base model, 1 = the other), got {value}"

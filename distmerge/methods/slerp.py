@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distmerge import kernels
-from distmerge.methods import Method, Param, fraction
+from distmerge.methods import Method, Param, chunk_ranges, fraction
 
 DOT_THRESHOLD = 0.9995
 """Above this |cos θ| the two tensors are (anti)parallel and SLERP falls back to LERP."""
@@ -52,7 +52,7 @@ def slerp_chunked(read, numel: int, chunk: int, *, t: float):
     pass 1 gathers θ₀ and θ₁ in float32 and reduces them exactly as ``slerp`` does (the
     norms and cos Ω are whole-tensor sums); pass 2 combines chunk by chunk."""
     v0, v1 = torch.empty(numel), torch.empty(numel)
-    ranges = [(i, min(numel, i + chunk)) for i in range(0, numel, chunk)]
+    ranges = chunk_ranges(numel, chunk)
     for i, j in ranges:
         base, (other,) = read(i, j)
         v0[i:j], v1[i:j] = base, other

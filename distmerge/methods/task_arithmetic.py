@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from distmerge import kernels, rng
-from distmerge.methods import Method, Param, in_unit_interval, non_negative, sparsify
+from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, non_negative, sparsify
 
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 """(input index, delta) -> sparsified delta."""
@@ -237,7 +237,7 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus: boo
     every selection's statistics over all chunks (``sparsify.ChunkedTopK``); pass 2 trims
     each chunk's task vectors with its masks and combines them, all element-wise.
     """
-    ranges = [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+    ranges = chunk_ranges(numel, chunk)
     tops = [top for pair in selections if pair for top in pair if top is not None and not top.trivial]
 
     def magnitudes(start: int, end: int) -> list[torch.Tensor]:
@@ -339,7 +339,7 @@ def _dare_chunked(consensus: bool):
     """
 
     def chunked(read, numel, chunk, *, weight, density, seeds, normalize=False, rescale=True, lambda_=1.0, **_):
-        ranges = [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
+        ranges = chunk_ranges(numel, chunk)
         drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
         for i, d in enumerate(density):
             if d >= 1:
