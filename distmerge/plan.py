@@ -334,14 +334,15 @@ class _Planner:
         order = [src.model for src in s.sources]
         base_ref = s.base_model or self.recipe.base_model
         vocab = None
-        if self.vocab is not None and VOCAB_TENSOR.search(out_name):
+        reindexed = self.vocab is not None and bool(VOCAB_TENSOR.search(out_name))
+        if reindexed:
             shapes = {m: shape[1:] for m, shape in shapes.items()}  # rows are re-indexed
             vocab = vocab_map(self.vocab, self.recipe.tokenizer, order, self.index, base_ref, out_name)
             if is_identity(vocab, {self.index[m]: self.checkpoints[m].tensors[n].shape[0] for m, n in names.items()}):
                 vocab = None
         if len(set(shapes.values())) > 1:
             detail = ", ".join(f"{m}: {list(shape)}" for m, shape in shapes.items())
-            hint = " The vocabularies differ: set tokenizer_source (union, base or a model) to re-index the embeddings to one tokenizer." if EMBEDDING.search(out_name) or "lm_head" in out_name else ""
+            hint = " The vocabularies differ: set tokenizer_source (union, base or a model) to re-index the embeddings to one tokenizer." if VOCAB_TENSOR.search(out_name) else ""
             raise MergeError(f"tensor {out_name!r} has different shapes across models ({detail}).{hint}")
 
         if self.method.base == "ignored" or base_ref not in order:
@@ -369,7 +370,7 @@ class _Planner:
         self.tensors.append(
             OutputTensor(
                 name=out_name,
-                shape=[self.vocab.rows, *shapes[order[0]]] if self.vocab is not None and VOCAB_TENSOR.search(out_name) else list(shapes[order[0]]),
+                shape=[self.vocab.rows, *shapes[order[0]]] if reindexed else list(shapes[order[0]]),
                 dtype=out_dtype,
                 inputs=[refs[m] for m in inputs],
                 base=refs[base] if base else None,
