@@ -104,10 +104,14 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
         return None  # no model has a tokenizer.json: one shared vocabulary, nothing to re-index
     if tokenizers[donor] is None:
         raise MergeError(f"tokenizer: the base model {donor!r} has no tokenizer.json to build the output vocabulary from")
-    sizes = {ref: ck.config.get("vocab_size") for ref, ck in checkpoints.items()}
     own = {ref: vocabulary(tok, ref) for ref, tok in tokenizers.items() if tok is not None}
     base_vocab = own[donor]
-    if isinstance(sizes[donor], int) and any(i >= sizes[donor] for i in base_vocab.values()):
+    # A model's usable ids: below its config's vocab_size (else all of its tokenizer's).
+    sizes = {}
+    for ref, ck in checkpoints.items():
+        size = ck.config.get("vocab_size")
+        sizes[ref] = size if isinstance(size, int) else len(own.get(ref, base_vocab))
+    if isinstance(checkpoints[donor].config.get("vocab_size"), int) and any(i >= sizes[donor] for i in base_vocab.values()):
         raise MergeError(
             f"tokenizer: {donor!r}'s tokenizer has tokens past its vocab_size {sizes[donor]}; distmerge "
             "does not strip tokenizers: remove those tokens first"
@@ -115,7 +119,7 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
     if spec.source == "base":
         source, added = donor, []
     elif spec.source == "union":
-        source, added = donor, _union(tokenizers, sizes, donor)
+        source, added = donor, _union(tokenizers, own, sizes, donor)
     elif spec.source in checkpoints:
         if tokenizers[spec.source] is None:
             raise MergeError(f"tokenizer source {spec.source!r} has no tokenizer.json")
@@ -142,11 +146,10 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
     perms = {}
     for ref in checkpoints:
         theirs = own.get(ref, base_vocab)  # a model without a tokenizer is taken to share the base's
-        size = sizes[ref] if isinstance(sizes[ref], int) else len(theirs)
         row = [-1] * len(vocab)
         for token, i in vocab.items():
             j = theirs.get(token, -1)
-            row[i] = j if j < size else -1
+            row[i] = j if j < sizes[ref] else -1
         perms[ref] = row
     return OutputVocab(source=source, added=added, vocab=vocab, rows=rows, perms=perms, own=own)
 
@@ -159,7 +162,7 @@ def _added(content: str, *, special: bool, id: int | None = None, like: dict | N
     return entry
 
 
-def _union(tokenizers: dict[str, dict | None], sizes: dict, donor: str) -> list[dict]:
+def _union(tokenizers: dict[str, dict | None], own: dict[str, dict[str, int]], sizes: dict[str, int], donor: str) -> list[dict]:
     """Entries to add to the base's tokenizer so that it holds every model's tokens: each
     model's ordinary tokens it lacks (as plain added tokens), then the models' added tokens
     (with their settings; the first model's win). Models in recipe order, tokens by id.
@@ -174,16 +177,14 @@ def _union(tokenizers: dict[str, dict | None], sizes: dict, donor: str) -> list[
         tok = tokenizers[ref]
         if tok is None:
             continue
-        vocab = vocabulary(tok, ref)
-        size = sizes[ref] if isinstance(sizes[ref], int) else len(vocab)
         added = {a["content"]: a for a in tok.get("added_tokens") or []}
-        for token, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-            if i < size and token not in added:
+        for token, i in sorted(own[ref].items(), key=lambda kv: kv[1]):
+            if i < sizes[ref] and token not in added:
                 regular.setdefault(token)
         for a in sorted(added.values(), key=lambda a: a["id"]):
-            if a["id"] < size:
+            if a["id"] < sizes[ref]:
                 special.setdefault(a["content"], a)
-    base = vocabulary(tokenizers[donor], donor)
+    base = own[donor]
     out = [_added(t, special=False) for t in regular if t not in special and t not in base]
     out += [_added(t, special=bool(a.get("special")), like=a) for t, a in special.items() if t not in base]
     return out
