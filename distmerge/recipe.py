@@ -254,10 +254,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
         return Source(model=entry)
     if not isinstance(entry, dict):
         raise MergeError(f"{source}: {where} must be a mapping with 'model'")
-    allowed = {"model", "parameters"} | ({"layer_range"} if sliced else set())
-    unknown = sorted(set(entry) - allowed, key=str)
-    if unknown:
-        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(allowed))}")
+    _no_unknown(entry, {"model", "parameters"} | ({"layer_range"} if sliced else set()), where, source)
     layer_range = None
     if sliced:
         lr = entry.get("layer_range")
@@ -278,9 +275,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
 def _slice(entry: Any, where: str, source: str) -> Slice:
     if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
         raise MergeError(f"{source}: {where} must be a mapping with a non-empty 'sources' list")
-    unknown = sorted(set(entry) - {"sources", "base_model", "parameters"}, key=str)
-    if unknown:
-        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are base_model, parameters, sources")
+    _no_unknown(entry, {"sources", "base_model", "parameters"}, where, source)
     sources = tuple(_source(s, f"{where}.sources[{i}]", source, True) for i, s in enumerate(entry["sources"]))
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
