@@ -132,7 +132,7 @@ def merge_tensor(
         if method.elementwise:
             pieces = ((i, j, method.merge(*read(i, j), **kwargs)) for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS))
         elif method.chunked is not None and not inputs[0].is_cuda:
-            pieces = method.chunked(read, numel, CHUNK_ELEMENTS, **kwargs)
+            pieces = method.chunked(read, tuple(inputs[0].shape), CHUNK_ELEMENTS, **kwargs)
     if pieces is None:
         with timed("read"):
             inputs, base = [compute(x) for x in inputs], compute(base)

@@ -83,11 +83,14 @@ class Method:
     chunked: Callable[..., Any] | None = None
     """Optional two-pass form for large tensors on CPU, giving the same bits as ``merge``::
 
-        chunked(read, numel, chunk, **params) -> Iterator[(start, end, merged)] | None
+        chunked(read, shape, chunk, **params) -> Iterator[(start, end, merged)] | None
 
+    ``shape`` is the inputs' shape and ``chunk`` the suggested number of elements per chunk;
     ``read(start, end)`` returns the float32 (base, [inputs]) of a flat index range (it may
-    be called for several passes over the tensor); the iterator yields the merged flat
-    ranges in order. None means "not for these parameters": the run then calls ``merge``."""
+    be called for several passes over the tensor, each in increasing order); the iterator
+    yields the merged flat ranges in order. A method whose statistics run along rows may
+    read whole rows at a time. None means "not for these parameters": the run then calls
+    ``merge``."""
     summary: str = ""
     """One line for the README and ``distmerge methods``."""
     paper: str = ""

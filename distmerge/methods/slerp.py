@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distmerge import kernels
@@ -47,10 +49,11 @@ def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float, chunk: int | None
     return torch.sin((1 - t) * omega) / sin_omega, torch.sin(t * omega) / sin_omega
 
 
-def slerp_chunked(read, numel: int, chunk: int, *, t: float):
+def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float):
     """``slerp`` for a tensor read in flat chunks, the same bits with less memory traffic:
     pass 1 gathers θ₀ and θ₁ in float32 and reduces them exactly as ``slerp`` does (the
     norms and cos Ω are whole-tensor sums); pass 2 combines chunk by chunk."""
+    numel = math.prod(shape)
     v0, v1 = torch.empty(numel), torch.empty(numel)
     ranges = chunk_ranges(numel, chunk)
     for i, j in ranges:

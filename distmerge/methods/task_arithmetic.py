@@ -19,6 +19,7 @@ and int8_mask never changes a result (it only picks the dtype of a 0/1 mask).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -286,10 +287,11 @@ def _band(numel: int, density: float, gamma: float) -> tuple | None:
     return sparsify.ChunkedTopK(numel, dropped_top + target), sparsify.ChunkedTopK(numel, dropped_top)
 
 
-def ties_chunked(read, numel, chunk, *, weight, density, normalize=True, rescale=False, int8_mask=False, lambda_=1.0):
+def ties_chunked(read, shape, chunk, *, weight, density, normalize=True, rescale=False, int8_mask=False, lambda_=1.0):
     """``ties`` in two passes over chunks (None with ``rescale``: its L1 norms need whole tensors)."""
     if not density or (rescale and min(density) < 1):
         return None
+    numel = math.prod(shape)
     selections = [_top_k(numel, d) for d in density]
     return _chunked(read, numel, chunk, weight, selections, consensus=True, normalize=normalize, lambda_=lambda_)
 
@@ -297,9 +299,10 @@ def ties_chunked(read, numel, chunk, *, weight, density, normalize=True, rescale
 def _breadcrumbs_chunked(consensus: bool):
     """``breadcrumbs`` (or ``breadcrumbs_ties``) in two passes over chunks (None with ``rescale``)."""
 
-    def chunked(read, numel, chunk, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, **_):
+    def chunked(read, shape, chunk, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, **_):
         if not density or (rescale and min(density) < 1):
             return None
+        numel = math.prod(shape)
         selections = [_band(numel, d, g) for d, g in zip(density, gamma)]
         return _chunked(
             read, numel, chunk, weight, selections, consensus=consensus, normalize=normalize, lambda_=lambda_
@@ -338,7 +341,8 @@ def _dare_chunked(consensus: bool):
     rescales and combines chunk by chunk.
     """
 
-    def chunked(read, numel, chunk, *, weight, density, seeds, normalize=False, rescale=True, lambda_=1.0, **_):
+    def chunked(read, shape, chunk, *, weight, density, seeds, normalize=False, rescale=True, lambda_=1.0, **_):
+        numel = math.prod(shape)
         ranges = chunk_ranges(numel, chunk)
         drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
         for i, d in enumerate(density):
