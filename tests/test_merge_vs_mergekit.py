@@ -306,12 +306,17 @@ def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_p
         ("breadcrumbs", [{"weight": 0.6, "density": 0.7, "gamma": 0.2}, {"weight": 0.5, "density": 0.3, "gamma": 0.01}]),
         ("dare_ties", [{"weight": 0.6, "density": 0.3}, {"weight": -0.5, "density": 0.7}]),
         ("dare_linear", [{"weight": 0.6, "density": 0.5}, {"weight": 0.5, "density": 1.0}, {"weight": 0.3, "density": 0.2}]),
+        ("della", [{"weight": 0.6, "density": 0.3, "epsilon": 0.1}, {"weight": -0.5, "density": 0.7, "epsilon": 0.2}]),
+        (
+            "della_linear",
+            [{"weight": 0.6, "density": 0.5}, {"weight": 0.5, "density": 1.0}, {"weight": 0.3, "density": 0.2, "epsilon": 0.1}],
+        ),
     ],
 )
 def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch, method, params):
     """bf16 inputs (many exactly equal |δ|, so the tie cut matters) merged in 777- and
-    4099-element chunks give the same bytes as the whole-tensor merge (DARE: the same masks
-    and the same whole-tensor L1 rescale)."""
+    4099-element chunks give the same bytes as the whole-tensor merge (DARE, DELLA: the same
+    masks and the same whole-tensor L1 rescale; DELLA's chunks are whole rows)."""
     import filecmp
 
     from distmerge import run as run_module

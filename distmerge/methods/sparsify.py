@@ -202,6 +202,15 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     return probs.movedim(-1, 1).reshape(delta.shape)
 
 
+def check_della(density: float, epsilon: float) -> None:
+    """MagPrune's keep probabilities density ± ε must lie in (0, 1)."""
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise MergeError(
+            f"della: density ± epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}; "
+            "choose a smaller epsilon"
+        )
+
+
 def della_magprune(
     delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool = True
 ) -> torch.Tensor:
@@ -214,11 +223,7 @@ def della_magprune(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise MergeError(
-            f"della: density ± epsilon must lie in (0, 1), got density={density}, epsilon={epsilon}; "
-            "choose a smaller epsilon"
-        )
+    check_della(density, epsilon)
     keep = rng.bernoulli_keep(seed, delta.shape, della_probabilities(delta, density, epsilon), device=delta.device)
     return masked(delta, keep, rescale)
 

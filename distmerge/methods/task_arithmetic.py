@@ -332,50 +332,107 @@ _EPSILON = Param(
 )
 
 
-def _dare_chunked(consensus: bool):
-    """``dare_ties`` (or ``dare_linear``) for a tensor read in flat chunks: the same bits.
+def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, normalize, lambda_):
+    """``_merge`` with random-drop sparsifiers (DARE, DELLA), for a tensor read in chunks: the same bits.
 
-    Pass 1, per model: draw the keep mask chunk by chunk (a draw depends only on the element
-    index) and, for ``rescale``, gather |τᵢ| and |τᵢ ⊙ mᵢ| in float32 buffers whose sums are
-    the whole-tensor sums of ``sparsify.masked`` (same values, same reduction). Pass 2 drops,
-    rescales and combines chunk by chunk.
+    ``draws[i]`` is None (τᵢ kept whole) or ``keep(start, end, τ)``: the keep mask of the
+    chunk [start, end) of τᵢ (a draw depends only on element indices, so a mask does not
+    depend on chunking). Per model, pass 1 draws the masks chunk by chunk and, with
+    ``rescale``, gathers |τᵢ ⊙ mᵢ| into one float32 buffer; pass 2 gathers |τᵢ| into the same
+    buffer. Their sums are ``sparsify.masked``'s whole-tensor L1 norms (same values, same
+    reduction). The last pass drops, rescales and combines chunk by chunk. Memory: one keep
+    mask per model and one float32 buffer, however many models.
     """
+    buffer = torch.empty(numel) if rescale and any(d is not None for d in draws) else None
+    drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
+    for i, draw in enumerate(draws):
+        if draw is None:
+            drops.append(None)
+            continue
+        keep = torch.empty(numel, dtype=torch.bool)
+        for start, end in ranges:
+            base, tensors = read(start, end)
+            delta = tensors[i] - base
+            keep[start:end] = draw(start, end, delta)
+            if rescale:
+                torch.abs(torch.where(keep[start:end], delta, 0.0), out=buffer[start:end])
+        factor = None
+        if rescale:
+            after = buffer.sum()
+            for start, end in ranges:
+                base, tensors = read(start, end)
+                torch.abs(tensors[i] - base, out=buffer[start:end])
+            before = buffer.sum()
+            if before >= sparsify.RESCALE_EPS and after >= sparsify.RESCALE_EPS:
+                factor = before / after
+        drops.append((keep, factor))
+    del buffer
+    for start, end in ranges:
+        base, tensors = read(start, end)
+        deltas = []
+        for drop, delta in zip(drops, task_vectors(base, tensors)):
+            if drop is not None:
+                keep, factor = drop
+                delta = torch.where(keep[start:end], delta, 0.0)
+                if factor is not None:
+                    delta = delta * factor
+            deltas.append(delta)
+        yield start, end, combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def _dare_chunked(consensus: bool):
+    """``dare_ties`` (or ``dare_linear``) for a tensor read in flat chunks (``_dropped_chunked``):
+    element i of τᵢ keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``."""
 
     def chunked(read, shape, chunk, *, weight, density, seeds, normalize=False, rescale=True, lambda_=1.0, **_):
         numel = math.prod(shape)
-        ranges = chunk_ranges(numel, chunk)
-        drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
-        for i, d in enumerate(density):
+
+        def drop(i: int):
+            if density[i] >= 1:
+                return None
+            return lambda start, end, delta: rng.bernoulli_keep(seeds[i], (end - start,), density[i], offset=start)
+
+        draws = [drop(i) for i in range(len(density))]
+        return _dropped_chunked(
+            read, chunk_ranges(numel, chunk), numel, draws, weight,
+            rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_,
+        )  # fmt: skip
+
+    return chunked
+
+
+def _della_chunked(consensus: bool):
+    """``della`` (or ``della_linear``) for a 2-D tensor read in whole rows (``_dropped_chunked``):
+    MagPrune's keep probabilities rank |τ| within each row, so each chunk is a block of rows.
+    None for other ranks: a 1-D tensor is one row (small), and higher ranks rank along axis 1."""
+
+    def chunked(read, shape, chunk, *, weight, density, epsilon, seeds, normalize=True, rescale=True, lambda_=1.0, **_):
+        if len(shape) != 2:
+            return None
+        rows, columns = shape
+        block = max(1, chunk // columns) * columns
+        numel = rows * columns
+
+        def drop(i: int):
+            d, eps = density[i], epsilon[i]
             if d >= 1:
-                drops.append(None)
-                continue
-            keep = torch.empty(numel, dtype=torch.bool)
-            before, after = (torch.empty(numel), torch.empty(numel)) if rescale else (None, None)
-            for start, end in ranges:
-                base, tensors = read(start, end)
-                delta = tensors[i] - base
-                keep[start:end] = rng.bernoulli_keep(seeds[i], (end - start,), d, offset=start)
-                if rescale:
-                    torch.abs(delta, out=before[start:end])
-                    torch.abs(torch.where(keep[start:end], delta, 0.0), out=after[start:end])
-            factor = None
-            if rescale:
-                total, kept = before.sum(), after.sum()
-                del before, after
-                if total >= sparsify.RESCALE_EPS and kept >= sparsify.RESCALE_EPS:
-                    factor = total / kept
-            drops.append((keep, factor))
-        for start, end in ranges:
-            base, tensors = read(start, end)
-            deltas = []
-            for drop, delta in zip(drops, task_vectors(base, tensors)):
-                if drop is not None:
-                    keep, factor = drop
-                    delta = torch.where(keep[start:end], delta, 0.0)
-                    if factor is not None:
-                        delta = delta * factor
-                deltas.append(delta)
-            yield start, end, combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+                return None
+            if d > 0:
+                sparsify.check_della(d, eps)
+
+            def keep(start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
+                if d <= 0:
+                    return torch.zeros(end - start, dtype=torch.bool)
+                probs = sparsify.della_probabilities(delta.view(-1, columns), d, eps)
+                return rng.bernoulli_keep(seeds[i], probs.shape, probs, offset=start).view(-1)
+
+            return keep
+
+        draws = [drop(i) for i in range(len(density))]
+        return _dropped_chunked(
+            read, chunk_ranges(numel, block), numel, draws, weight,
+            rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_,
+        )  # fmt: skip
 
     return chunked
 
@@ -453,6 +510,7 @@ METHODS = (
         "Drop task-vector entries with magnitude-ranked probabilities, then TIES consensus.",
         "https://arxiv.org/abs/2406.11617",
         randomized=True,
+        chunked=_della_chunked(consensus=True),
     ),
     _method(
         "della_linear",
@@ -461,5 +519,6 @@ METHODS = (
         "Drop task-vector entries with magnitude-ranked probabilities, then add them up.",
         "https://arxiv.org/abs/2406.11617",
         randomized=True,
+        chunked=_della_chunked(consensus=False),
     ),
 )
