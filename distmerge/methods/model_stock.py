@@ -3,21 +3,37 @@ amount set by the angle between their task vectors."""
 
 from __future__ import annotations
 
+import math
+from itertools import combinations
+from typing import Callable
+
 import torch
 
 from distmerge import kernels
-from distmerge.methods import Method, Param
+from distmerge.methods import Method, Param, chunk_ranges
 
 
-def _mean_pairwise_cosine(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over pairs i < j of cos(τᵢ, τⱼ) = τᵢ·τⱼ / max(‖τᵢ‖‖τⱼ‖, 1e-6), clamped to [−1, 1],
-    along the last axis."""
-    cosines = []
-    for i, a in enumerate(deltas):
-        for b in deltas[i + 1 :]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    return torch.stack(cosines).mean(dim=0)
+def _cosines(norms: list[torch.Tensor], dot: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """cos(τᵢ, τⱼ) = τᵢ·τⱼ / max(‖τᵢ‖‖τⱼ‖, 1e-6), clamped to [−1, 1], for the pairs i < j in
+    order, stacked on a new first axis; from the norms ‖τᵢ‖ and ``dot(i, j)`` = τᵢ·τⱼ."""
+    pairs = combinations(range(len(norms)), 2)
+    cosines = [(dot(i, j) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
+    return torch.stack(cosines)
+
+
+def _pairwise_cosines(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """``_cosines`` of the task vectors ``deltas``, along their last axis."""
+    norms = [torch.linalg.vector_norm(d, dim=-1) for d in deltas]
+    return _cosines(norms, lambda i, j: (deltas[i] * deltas[j]).sum(dim=-1))
+
+
+def _ratio(cosines: torch.Tensor, n: int) -> torch.Tensor:
+    """t = N cos θ / (1 + (N − 1) cos θ), cos θ the mean of the stacked pairwise ``cosines``,
+    with a trailing axis of 1 (one t per vector); 0 where the denominator is below 1e-6."""
+    cos = cosines.mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
 def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -28,13 +44,9 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise:
     vectors θᵢ − θ₀ of the whole tensor, or of each row with ``filter_wise``. Where the
     denominator is below 1e-6 in magnitude t = 0 (the base), as mergekit does.
     """
-    n = len(tensors)
     w0 = _vectors(base, filter_wise)
     models = [_vectors(x, filter_wise) for x in tensors]
-    cos = _mean_pairwise_cosine([x - w0 for x in models]).unsqueeze(-1)
-    denominator = 1 + (n - 1) * cos
-    singular = denominator.abs() < 1e-6
-    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    t = _ratio(_pairwise_cosines([x - w0 for x in models]), len(models))
     return kernels.stock_interpolate(w0, models, t).reshape(base.shape)  # t θ̄ + (1 − t) θ₀
 
 
@@ -46,6 +58,86 @@ def _vectors(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 1 else x
 
 
+def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise: bool = False):
+    """``model_stock`` for a tensor read in flat chunks: the same bits in bounded memory.
+
+    One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
+    product τᵢ·τⱼ is a whole-tensor reduction, so it is reduced from one float32 buffer
+    holding exactly the values ``model_stock`` reduces (τᵢ, or τᵢ ⊙ τⱼ), filled chunk by
+    chunk: one pass per norm and per pair, N + N(N−1)/2 passes. Rows (``filter_wise``): one
+    pass over batches of whole rows gathers every row's pairwise cosines. A last pass
+    interpolates chunk by chunk.
+    """
+    numel = math.prod(shape)
+    if numel == 0:
+        return None
+    vector_shape = _vectors(torch.empty(shape, device="meta"), filter_wise).shape  # as model_stock sees them
+    n = len(read(0, 0)[1])  # the number of models
+    if math.prod(vector_shape[:-1]) > 1:
+        return _rows_chunked(read, n, vector_shape, chunk)
+    return _vector_chunked(read, n, vector_shape, chunk)
+
+
+def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
+    """``model_stock_chunked`` of one vector (a whole tensor, or one row)."""
+    numel = math.prod(vector_shape)
+    ranges = chunk_ranges(numel, chunk)
+    buffer = torch.empty(numel)
+
+    def gather(value) -> torch.Tensor:
+        """buffer = value(base, models, out=…) of every chunk, shaped as model_stock's vectors."""
+        for start, end in ranges:
+            value(*read(start, end), out=buffer[start:end])
+        return buffer.view(vector_shape)
+
+    def norm(i: int) -> torch.Tensor:
+        return torch.linalg.vector_norm(gather(lambda base, xs, out: torch.sub(xs[i], base, out=out)), dim=-1)
+
+    def dot(i: int, j: int) -> torch.Tensor:
+        return gather(lambda base, xs, out: torch.mul(xs[i] - base, xs[j] - base, out=out)).sum(dim=-1)
+
+    t = _ratio(_cosines([norm(i) for i in range(n)], dot), n).reshape(-1)  # one ratio
+    del buffer
+    for start, end in ranges:
+        base, tensors = read(start, end)
+        yield start, end, kernels.stock_interpolate(base, tensors, t)
+
+
+def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
+    """``model_stock_chunked`` with ``filter_wise`` of a tensor of several rows.
+
+    Pass 1 reduces each batch of whole rows as ``model_stock`` does (every row's norms and
+    dot products are its own, whatever the batch) into the stacked pairwise cosines of all
+    rows, a (pairs × rows) buffer whose mean over pairs is then taken as ``model_stock``
+    takes it (that reduction's order depends on the number of rows, so it is not done per
+    batch). Pass 2 interpolates each batch with its rows' ratios.
+    """
+    columns = vector_shape[-1]
+    rows = math.prod(vector_shape[:-1])
+    batches = _row_batches(rows, chunk // columns)
+    cosines = torch.empty(math.comb(n, 2), *vector_shape[:-1])  # as model_stock stacks them
+    for first, last in batches:
+        base, tensors = read(first * columns, last * columns)
+        w0 = base.reshape(-1, columns)
+        cosines.view(-1, rows)[:, first:last] = _pairwise_cosines([x.reshape(-1, columns) - w0 for x in tensors])
+    t = _ratio(cosines, n).reshape(rows, 1)
+    for first, last in batches:
+        base, tensors = read(first * columns, last * columns)
+        models = [x.reshape(-1, columns) for x in tensors]
+        merged = kernels.stock_interpolate(base.reshape(-1, columns), models, t[first:last])
+        yield first * columns, last * columns, merged.reshape(-1)
+
+
+def _row_batches(rows: int, per_batch: int) -> list[tuple[int, int]]:
+    """Ranges [first, last) of about ``per_batch`` rows that cover ``rows``, in order, none of
+    them a single row: torch sums a lone row of ≥ 32768 elements in per-thread parts (its
+    reduction to a single value), but a row among others in one sweep, as in the whole tensor."""
+    batches = chunk_ranges(rows, max(2, per_batch))
+    if len(batches) > 1 and batches[-1][1] - batches[-1][0] == 1:
+        batches[-2:] = [(batches[-2][0], rows)]
+    return batches
+
+
 METHODS = (
     Method(
         name="model_stock",
@@ -55,5 +147,6 @@ METHODS = (
         min_inputs=2,
         summary="Average of the models, pulled toward the base by the angle between their task vectors.",
         paper="https://arxiv.org/abs/2403.19522",
+        chunked=model_stock_chunked,
     ),
 )

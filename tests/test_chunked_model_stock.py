@@ -1,0 +1,128 @@
+"""model_stock's chunked form (bounded memory on CPU) equals its whole-tensor merge, bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import filecmp
+
+import pytest
+import torch
+
+from distmerge.methods import METHODS
+from distmerge.methods.model_stock import model_stock, model_stock_chunked
+from tests.test_merge_vs_mergekit import distmerge, models
+
+
+def family(shape, n, seed):
+    """bf16-rounded base and fine-tunes in float32, the fine-tunes' task vectors partly shared
+    (cos θ around 0.5) so that t is neither 0 nor 1."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16).float()
+    shared = 0.01 * torch.randn(shape, generator=g)
+    return base, [(base + shared + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16).float() for _ in range(n)]
+
+
+def run_chunked(base, tensors, chunk, filter_wise):
+    """The chunked form's pieces, concatenated; checks that they cover the tensor in order
+    and that every pass of reads goes up the tensor from 0 without gaps. Returns (merged,
+    the passes' ranges)."""
+    flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
+    passes = []
+
+    def read(i, j):
+        if i == j:  # an empty read (the form asks how many models there are)
+            return flat_base[i:j], [x[i:j] for x in flat]
+        if not passes or i != passes[-1][-1][1]:
+            assert i == 0, f"a pass starts at {i}"
+            passes.append([])
+        passes[-1].append((i, j))
+        return flat_base[i:j], [x[i:j] for x in flat]
+
+    pieces = list(model_stock_chunked(read, tuple(base.shape), chunk, filter_wise=filter_wise))
+    assert [p[0] for p in pieces] == [0] + [p[1] for p in pieces[:-1]] and pieces[-1][1] == base.numel()
+    assert all(p[2].shape == (p[1] - p[0],) and p[2].dtype == torch.float32 for p in pieces)
+    return torch.cat([p[2] for p in pieces]).view(base.shape), passes
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(37, 53), (1, 64), (101,)], ids=str)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_chunked_model_stock_is_the_whole_tensor_merge(shape, n, filter_wise):
+    base, tensors = family(shape, n, seed=n + len(shape))
+    whole = model_stock(base, tensors, filter_wise=filter_wise)
+    assert not torch.equal(whole, base)  # t ≠ 0: the ratio matters
+    for chunk in (1, 7, 100, base.numel() - 1):
+        got, passes = run_chunked(base, tensors, chunk, filter_wise)
+        assert torch.equal(got, whole), (chunk, (got - whole).abs().max())
+        assert all(p[-1][1] == base.numel() for p in passes)  # every pass reads the whole tensor
+
+
+def test_passes_and_row_batches():
+    """Per tensor: one pass per norm, one per pair and one to merge, in chunks of `chunk`.
+    Per row: two passes, in batches of whole rows, never a lone row."""
+    base, tensors = family((37, 53), 3, seed=0)
+    _, passes = run_chunked(base, tensors, 100, filter_wise=False)
+    assert len(passes) == 3 + 3 + 1 and all(j - i <= 100 for p in passes for i, j in p)
+    _, passes = run_chunked(base, tensors, 100, filter_wise=True)
+    assert len(passes) == 2 and passes[0] == passes[1]
+    assert [(i // 53, j // 53) for i, j in passes[0]] == [(k, k + 2) for k in range(0, 34, 2)] + [(34, 37)]
+    assert all(i % 53 == 0 == j % 53 for i, j in passes[0])
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_long_rows(filter_wise):
+    """Rows longer than torch's parallel grain (32768): a lone row would be summed in
+    per-thread parts, so no batch is a single row; and the (pairs × rows) mean of 4 models."""
+    base, tensors = family((3, 40000), 4, seed=5)
+    whole = model_stock(base, tensors, filter_wise=filter_wise)
+    for chunk in (1, 40000, 80001, base.numel() - 1):
+        got, _ = run_chunked(base, tensors, chunk, filter_wise)
+        assert torch.equal(got, whole), chunk
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+@pytest.mark.parametrize("shape", [(37, 53), (101,)], ids=str)
+def test_opposite_task_vectors_give_the_base(shape, filter_wise):
+    """τ₂ = −τ₁: cos θ = −1 and N = 2, so the denominator 1 + (N − 1) cos θ is 0 and t = 0."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g).to(torch.bfloat16).float()
+    delta = (0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16).float()
+    tensors = [base + delta, base - delta]
+    whole = model_stock(base, tensors, filter_wise=filter_wise)
+    assert torch.equal(whole, base)
+    for chunk in (1, 7, 100, base.numel() - 1):
+        got, _ = run_chunked(base, tensors, chunk, filter_wise)
+        assert torch.equal(got, whole), chunk
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch, filter_wise):
+    """bf16 recipe, base + 2 models: merged in 777- and 4099-element chunks, the same bytes as
+    the whole-tensor merge."""
+    from distmerge import run as run_module
+
+    method = METHODS["model_stock"]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1])
+        return model_stock_chunked(*args, **kwargs)
+
+    monkeypatch.setitem(METHODS, "model_stock", dataclasses.replace(method, chunked=spy))
+    f = llama_family
+    recipe = {
+        "merge_method": "model_stock",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", None), ("ft2", None)),
+        "parameters": {"filter_wise": filter_wise},
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    whole = distmerge(recipe, tmp_path / "whole")
+    assert not calls
+    for chunk in (777, 4099):
+        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
+        shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+        assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+    assert calls  # the chunked form did run
