@@ -10,6 +10,7 @@ a rerun redoes only what no journal holds. Rank 0 publishes each file when it is
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -24,8 +25,17 @@ from distmerge import methods
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
+from distmerge.io.staging import Downloader, Uploader
 from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
-from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
+from distmerge.plan import (
+    TORCH_DTYPE_NAMES,
+    InputRef,
+    OutputFile,
+    OutputTensor,
+    Plan,
+    assign_tensors,
+    file_layout,
+)
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 from distmerge.vocab import permute
@@ -58,6 +68,7 @@ def merge_tensor(
     device: str = "cpu",
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
+    uploader: Uploader | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, in its output dtype. Raises MergeError
     naming the tensor if the result has NaN or Inf, unless ``allow_nonfinite``.
@@ -75,7 +86,10 @@ def merge_tensor(
     in_shape = (-1, *t.shape[1:]) if t.vocab is not None else tuple(t.shape)  # inputs' vocabularies differ
 
     def fetch(ref: InputRef) -> torch.Tensor:
-        if is_pickle(ref.file):
+        staged = uploader.take(_stage_key(plan, ref)) if uploader is not None else None
+        if staged is not None:  # already on the GPU: its bytes, read and copied while the last tensor merged
+            x = staged.view(DTYPES[ref.dtype]).view(in_shape)
+        elif is_pickle(ref.file):
             x = reader.read_pickled(input_path(plan, ref), ref.name)
         else:
             x = reader.read(input_path(plan, ref), ref.dtype, in_shape, ref.begin, ref.end)
@@ -179,6 +193,10 @@ def _apply_lora(w: torch.Tensor, lora: dict, adapter_dir: str, reader: TensorRea
 
 def input_path(plan: Plan, ref: InputRef) -> str:
     return os.path.join(plan.models[ref.model].path, ref.file)
+
+
+def _stage_key(plan: Plan, ref: InputRef) -> tuple[str, int, int]:
+    return input_path(plan, ref), ref.begin, ref.end
 
 
 def _work_dtype(plan: Plan, t: OutputTensor) -> str:
@@ -321,15 +339,22 @@ def run_rank(
             journal.commit()
 
     written = []
-    with TensorReader(options.io, pin=options.device.startswith("cuda")) as reader:
+    cuda = options.device.startswith("cuda")
+    uploader, downloader = (Uploader(options.device), Downloader(options.device)) if cuda else (None, None)
+    with TensorReader(options.io, pin=cuda) as reader:
         try:
             for k, t in enumerate(todo):
                 if between is not None:
                     between()
                 if k + 1 < len(todo):
                     for ref in todo[k + 1].all_inputs:
-                        if not is_pickle(ref.file):
-                            reader.prefetch(input_path(plan, ref), ref.begin, ref.end)
+                        if is_pickle(ref.file) or ref.end == ref.begin:
+                            continue
+                        path = input_path(plan, ref)
+                        reader.prefetch(path, ref.begin, ref.end)
+                        if uploader is not None:  # read and copied to the GPU on the upload thread and stream
+                            read = functools.partial(reader.read, path, "U8", (ref.end - ref.begin,), ref.begin, ref.end)
+                            uploader.prefetch(_stage_key(plan, ref), read)
                 file = file_of[t.name]
                 if current is None or current[0] is not file:
                     if current is not None:
@@ -337,9 +362,13 @@ def run_rank(
                         current[1].close()
                     current = (file, *_open(plan, file, out_dir))
                 mark = reader.mark()
-                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite)
+                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite, uploader)
                 with timed("write"):
-                    digest = current[1].write_at(current[2][t.name], value)
+                    if downloader is not None:  # copied out on the download stream; the writer waits for it
+                        value, ready = downloader.start(value)
+                        digest = current[1].write_at(current[2][t.name], value, ready=ready)
+                    else:
+                        digest = current[1].write_at(current[2][t.name], value)
                 del value
                 settle(upto=mark)  # the previous tensor was written and hashed while this one was merged
                 hashing = (t.name, file.name, digest, t.nbytes)
@@ -358,6 +387,8 @@ def run_rank(
         finally:
             if current is not None:
                 current[1].close()
+            if uploader is not None:
+                uploader.close()
     return written
 
 

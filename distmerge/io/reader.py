@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 import warnings
 
 import torch
@@ -37,21 +38,24 @@ class TensorReader:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._pickles: dict[str, dict] = {}
+        self._lock = threading.Lock()
         self._touched: list[tuple[mmap.mmap, int, int]] = []
         self._mapped: list[tuple[int, int]] = []
         """Address ranges of the tensors in ``_touched`` (what ``drop`` may unmap)."""
 
     def _map(self, path: str) -> mmap.mmap:
-        m = self._maps.get(path)
-        if m is None:
-            with open(path, "rb") as f:
-                m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return m
+        with self._lock:  # the CUDA upload thread reads too (distmerge.io.staging)
+            m = self._maps.get(path)
+            if m is None:
+                with open(path, "rb") as f:
+                    m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return m
 
     def _fd(self, path: str) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def prefetch(self, path: str, begin: int, end: int) -> None:
         """Start reading a byte range in the background (the kernel's readahead), so that

@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -41,12 +42,16 @@ class PartialFile:
             os.ftruncate(self.fd, size)
         _pwrite_all(self.fd, memoryview(header), 0)
 
-    def write_at(self, offset: int, tensor: torch.Tensor) -> Future:
+    def write_at(self, offset: int, tensor: torch.Tensor, ready: Callable[[], None] | None = None) -> Future:
         """Start writing ``tensor``'s bytes at ``offset`` on the I/O thread. Returns a future
-        of their sha256; its ``result()`` also raises the write's OSError, if any."""
+        of their sha256; its ``result()`` also raises the write's OSError, if any. ``ready``,
+        if given, is called on the I/O thread first (to wait for an asynchronous copy into
+        ``tensor``: see ``distmerge.io.staging.Downloader``)."""
         tensor = tensor.detach().to("cpu").contiguous()
 
         def job() -> str:
+            if ready is not None:
+                ready()
             data = raw_bytes(tensor)  # the closure holds the tensor until the job is done
             _pwrite_all(self.fd, data, offset)
             return hashlib.sha256(data).hexdigest()
