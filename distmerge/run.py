@@ -27,15 +27,7 @@ from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.staging import Downloader, Uploader
 from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
-from distmerge.plan import (
-    TORCH_DTYPE_NAMES,
-    InputRef,
-    OutputFile,
-    OutputTensor,
-    Plan,
-    assign_tensors,
-    file_layout,
-)
+from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 from distmerge.vocab import permute
