@@ -9,6 +9,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from distmerge.cli import main
@@ -265,3 +266,21 @@ def test_allow_pickle_still_never_runs_pickled_code(llama_family, tmp_path, caps
         main(["plan", str(recipe), "--allow-pickle"])
     assert "weights_only=True" in capsys.readouterr().err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_check_finds_one_bad_value_anywhere(dtype, bad):
+    from distmerge.errors import MergeError
+    from distmerge.plan import OutputTensor
+    from distmerge.run import _check_finite
+
+    t = OutputTensor.__new__(OutputTensor)
+    object.__setattr__(t, "name", "x")
+    value = torch.linspace(-3, 3, 10001).to(dtype)
+    _check_finite(t, value)  # finite: no error
+    for where in (0, 5000, 10000):
+        broken = value.clone()
+        broken[where] = bad
+        with pytest.raises(MergeError, match=r"\(1 found\)"):
+            _check_finite(t, broken)
