@@ -1,9 +1,11 @@
 """Fused element-wise steps of the merge methods: Triton kernels on CUDA, plain torch elsewhere.
 
-Each function here has a plain-torch reference in ``distmerge.kernels.reference`` (the CPU
-path: the methods' math, operation for operation) and a Triton launcher of the same
-signature in ``distmerge.kernels.triton_kernels``; it runs the kernel when ``use_triton``
-says so for its first tensor, and the reference otherwise. The kernels compute the same
+Each function here has a plain-torch reference in ``distmerge.kernels.reference`` (the
+methods' math, operation for operation), a Triton launcher of the same signature in
+``distmerge.kernels.triton_kernels``, and on CPU a fused loop compiled by torch.compile
+from the same operations (``distmerge.kernels.compiled``); it runs the kernel when
+``use_triton`` says so for its first tensor, the compiled loop for a large CPU tensor, and
+the reference otherwise. The kernels compute the same
 float32 operations in the same order (see ``triton_kernels`` for what is and is not bitwise).
 
 ==================  ============================================================  ==============
@@ -33,7 +35,7 @@ import os
 
 import torch
 
-from distmerge.kernels import reference
+from distmerge.kernels import compiled, reference
 from distmerge.kernels.sparsifiers import Masked, Outliers, RandomDrop, TopK
 
 __all__ = [
@@ -87,7 +89,9 @@ def _triton():
 
 
 def _impl(tensor):
-    return _triton() if use_triton(tensor) else reference
+    if use_triton(tensor):
+        return _triton()
+    return compiled if compiled.enabled(tensor) else reference
 
 
 def linear_sum(

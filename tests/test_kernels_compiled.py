@@ -1,0 +1,105 @@
+"""The CPU fused loops (torch.compile over the references' operations) give the references' bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmerge import kernels
+from distmerge.kernels import compiled, reference
+
+N = 70001  # above compiled.MIN_ELEMENTS, not a multiple of any vector width
+
+
+def family(n, seed, dtype=torch.float32):
+    """A base and n fine-tunes with exact zeros, exact sign ties and equal values mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g)
+    models = [base + 0.01 * torch.randn(N, generator=g) for _ in range(n)]
+    models[0][:100] = base[:100]  # τ₀ = 0: never agrees
+    if n > 1:
+        models[1][100:200] = 2 * base[100:200] - models[0][100:200]  # τ₁ = −τ₀: Σ = 0 elects +1
+    return base.to(dtype), [x.to(dtype) for x in models]
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a, b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("n,weight,lambda_", [(1, [0.7], 1.0), (2, [0.6, -0.3], 1.0), (3, [0.5, 0.3, 0.2], 0.8), (2, [0.5, -0.5], 1.3)])
+@pytest.mark.parametrize("dtype,work,out", [(torch.float32, None, None), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
+def test_task_merge_compiled_is_the_reference(consensus, normalize, n, weight, lambda_, dtype, work, out):
+    base, models = family(n, seed=n, dtype=dtype)
+    kw = dict(consensus=consensus, normalize=normalize, lambda_=lambda_, work_dtype=work, out_dtype=out)
+    expected = reference.task_merge(base, models, weight, **kw)
+    assert same(compiled.task_merge(base, models, weight, **kw), expected)
+    deltas = [x.float() - base.float() for x in models]
+    assert same(compiled.task_combine(base, deltas, weight, **kw), reference.task_combine(base, deltas, weight, **kw))
+    assert not compiled._broken  # the compiled loops ran, not the eager fallback
+
+
+def test_task_merge_with_a_sparsifier_sparsifies_eagerly_then_combines_compiled():
+    base, models = family(2, seed=5)
+    trim = kernels.TopK([0.3, 0.6], False)
+    kw = dict(consensus=True, normalize=True, lambda_=1.0)
+    assert same(compiled.task_merge(base, models, [0.5, 0.5], trim, **kw), reference.task_merge(base, models, [0.5, 0.5], trim, **kw))
+
+
+@pytest.mark.parametrize("dtype,work,out", [(torch.float32, None, None), (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bfloat16, None, torch.float16)])
+def test_slerp_scale_and_stock_compiled_are_the_references(dtype, work, out):
+    base, (a, b, c) = family(3, seed=9, dtype=dtype)
+    kw = dict(work_dtype=work, out_dtype=out)
+    c0, c1 = torch.tensor(0.3712), torch.tensor(0.6931)
+    assert same(compiled.slerp_combine(c0, c1, a, b, **kw), reference.slerp_combine(c0, c1, a, b, **kw))
+    assert same(compiled.scale(a, 0.37, **kw), reference.scale(a, 0.37, **kw))
+    for t in (torch.tensor([0.42]), torch.tensor([0.0]), torch.tensor([1.0])):
+        assert same(compiled.stock_interpolate(base, [a, b, c], t, **kw), reference.stock_interpolate(base, [a, b, c], t, **kw))
+
+
+def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_only(monkeypatch):
+    big, small = torch.zeros(compiled.MIN_ELEMENTS), torch.zeros(10)
+    assert kernels._impl(big) is compiled and kernels._impl(small) is reference
+    monkeypatch.setenv("DISTMERGE_NO_COMPILE", "1")
+    assert kernels._impl(big) is reference
+
+
+def test_a_failing_compiler_falls_back_to_the_same_operations(monkeypatch):
+    """No C++ compiler, say: one warning, then the eager operations (the reference's bits)."""
+    def broken(fn, **_):
+        def call(*a, **k):
+            raise RuntimeError("no compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled, "_broken", False)
+    fresh = compiled._compiled(compiled._scale.__wrapped__)
+    x = torch.randn(N)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        y = fresh(x, torch.tensor(0.5), None, None)
+    assert same(y, reference.scale(x, 0.5)) and compiled._broken
+    assert kernels._impl(x) is reference
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32, tmp_path, monkeypatch, method):
+    """Every chunk through the compiled loops (no size floor), float32: mergekit's result, bit for bit."""
+    import distmerge.run
+    from tests.helpers import assert_same_tensors
+    from tests.test_merge_vs_mergekit import both, models
+
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 4099)
+    f = llama_family_f32
+    params = [{"weight": 0.7, "density": 0.3}, {"weight": -0.4, "density": 0.7}]
+    recipe = {
+        "merge_method": method,
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", params[0]), ("ft2", params[1])),
+        "parameters": {"lambda": 0.9},
+        "dtype": "float32",
+    }
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    assert not compiled._broken
