@@ -120,7 +120,7 @@ def merge_tensor(
                 reader.drop(x[dropped:last])
         dropped = last
 
-    def read(i: int, j: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def read(i: int, j: int, widen: Callable = compute) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Float32 (base, inputs) of the flat range [i, j), chunk by chunk in order (a
         chunked method may go over the tensor more than once)."""
         nonlocal last, dropped, read_seconds
@@ -129,14 +129,20 @@ def merge_tensor(
             dropped = i
         last = j
         start = time.perf_counter()
-        chunks = (compute(flat_base[i:j]) if flat_base is not None else None), [compute(x[i:j]) for x in flat]
+        chunks = (widen(flat_base[i:j]) if flat_base is not None else None), [widen(x[i:j]) for x in flat]
         read_seconds += time.perf_counter() - start
         return chunks
+
+    def as_stored(x: torch.Tensor) -> torch.Tensor:
+        """An input already in the compute dtype as it is: the element-wise kernels widen it to
+        float32 inside their loop (the same values as ``compute``, without a pass of its own)."""
+        return x if x.dtype == work else compute(x)
 
     pieces = None
     if numel > CHUNK_ELEMENTS:
         if method.elementwise:
-            pieces = ((i, j, method.merge(*read(i, j), **kwargs)) for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS))
+            ranges = methods.chunk_ranges(numel, CHUNK_ELEMENTS)
+            pieces = ((i, j, method.merge(*read(i, j, as_stored), **kwargs)) for i, j in ranges)
         elif method.chunked is not None and not inputs[0].is_cuda:
             pieces = method.chunked(read, tuple(inputs[0].shape), CHUNK_ELEMENTS, **kwargs)
     if pieces is None:

@@ -103,3 +103,32 @@ def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32,
     ours, theirs = both(recipe, tmp_path)
     assert_same_tensors(ours, theirs)
     assert not compiled._broken
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "linear", "passthrough"])
+def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge(llama_family, tmp_path, monkeypatch, method):
+    """bf16 inputs handed to the element-wise kernels as stored (widened inside the compiled
+    loop) give the bytes of the whole-tensor merge on float32 copies (plain torch)."""
+    import filecmp
+
+    from distmerge import run as run_module
+    from tests.test_merge_vs_mergekit import distmerge, models
+
+    f = llama_family
+    if method == "passthrough":
+        recipe = {"merge_method": method, "slices": [{"sources": [{"model": str(f["ft1"]), "layer_range": [0, 4], "parameters": {"scale": 0.7}}]}]}
+    else:
+        recipe = {"merge_method": method, "models": models(f, ("ft1", {"weight": 0.6}), ("ft2", {"weight": -0.3}))}
+        if method == "linear":
+            recipe["models"] += models(f, ("base", {"weight": 0.5}))
+        else:
+            recipe["base_model"] = str(f["base"])
+    recipe["dtype"] = "bfloat16"
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)
+    whole = distmerge(recipe, tmp_path / "whole")
+    monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 4099)
+    chunked = distmerge(recipe, tmp_path / "chunked")
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+    assert not compiled._broken

@@ -79,7 +79,9 @@ class Method:
     """Draws random numbers: gets ``seeds`` and is reproducible from the recipe seed."""
     elementwise: bool = False
     """Each output element depends only on the same element of the inputs, so the run may
-    merge a large tensor in cache-sized chunks (same result, far less memory traffic)."""
+    merge a large tensor in cache-sized chunks (same result, far less memory traffic). The
+    run then hands ``merge`` inputs already in the compute dtype as they are stored (bf16,
+    say), not widened to float32: ``distmerge.kernels`` widens them inside its loops."""
     chunked: Callable[..., Any] | None = None
     """Optional two-pass form for large tensors on CPU, giving the same bits as ``merge``::
 
