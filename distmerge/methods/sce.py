@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from distmerge.methods import Method, Param, in_unit_interval
+from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval
 from distmerge.methods.consensus import agrees, elect_sign
-from distmerge.methods.sparsify import top_k_mask
+from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
+
+
+def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """Var_j: the population variance of entry j across the models."""
+    return torch.var(torch.stack(deltas), dim=0, unbiased=False)
+
+
+def selected_count(nonzero: torch.Tensor, fraction: float) -> int:
+    """k = ⌊fraction · #{j : Var_j > 0}⌋ from that count as an int64 tensor: count (int64) ×
+    float is a float32 product in torch, as in mergekit, so the same k."""
+    return int(nonzero * fraction)
 
 
 def select_by_variance(deltas: list[torch.Tensor], fraction: float) -> torch.Tensor:
@@ -16,19 +29,35 @@ def select_by_variance(deltas: list[torch.Tensor], fraction: float) -> torch.Ten
         return torch.zeros_like(deltas[0], dtype=torch.bool)
     if fraction >= 1:
         return torch.ones_like(deltas[0], dtype=torch.bool)
-    var = torch.var(torch.stack(deltas), dim=0, unbiased=False)
-    # count (int64) × float is a float32 product in torch, as in mergekit: same k.
-    k = int(torch.count_nonzero(var) * fraction)
-    return top_k_mask(var, k)
+    var = variance(deltas)
+    return top_k_mask(var, selected_count(torch.count_nonzero(var), fraction))
+
+
+def energy_weights(energies: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ηᵢ = eᵢ / Σₖ eₖ for the energies eᵢ = mean(τᵢ²) (0-d tensors); equal weights 1/n
+    when that sum is below 1e-6."""
+    energies = torch.stack(energies)
+    total = energies.sum().item()
+    if abs(total) < 1e-6:
+        return list(torch.ones_like(energies) / len(energies))
+    return list(energies / total)
 
 
 def task_vector_weights(deltas: list[torch.Tensor]) -> list[torch.Tensor]:
     """ηᵢ = mean(τᵢ²) / Σₖ mean(τₖ²); equal weights 1/n when that sum is below 1e-6."""
-    energies = torch.stack([d.square().mean() for d in deltas])
-    total = energies.sum().item()
-    if abs(total) < 1e-6:
-        return list(torch.ones_like(energies) / len(deltas))
-    return list(energies / total)
+    return energy_weights([d.square().mean() for d in deltas])
+
+
+def erase_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    """θ₀ + Σᵢ ηᵢ mᵢ τᵢ / max(Σᵢ ηᵢ mᵢ, 1e-6), mᵢ = [sgn τᵢ = sgn Σₖ τₖ]: element-wise."""
+    sign = elect_sign(deltas)
+    merged = torch.zeros_like(base)
+    total = torch.zeros_like(base)
+    for d, eta in zip(deltas, weights):
+        erased = agrees(d, sign) * eta
+        merged += d * erased
+        total += erased
+    return base + merged / total.clamp(min=1e-6)
 
 
 def sce(
@@ -47,14 +76,86 @@ def sce(
     if select_topk < 1:
         keep = select_by_variance(deltas, select_topk)
         deltas = [torch.where(keep, d, 0.0) for d in deltas]
-    sign = elect_sign(deltas)
-    merged = torch.zeros_like(base)
-    total = torch.zeros_like(base)
-    for d, eta in zip(deltas, task_vector_weights(deltas)):
-        erased = agrees(d, sign) * eta
-        merged += d * erased
-        total += erased
-    return base + merged / total.clamp(min=1e-6)
+    return erase_and_merge(base, deltas, task_vector_weights(deltas))
+
+
+# ---------------------------------------------------------------- passes over chunks (CPU)
+
+
+def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0):
+    """``sce`` for a tensor read in flat chunks: the same bits, with one float32 buffer of the
+    tensor's size (and a bool mask) instead of every model's task vector.
+
+    - select_topk < 1, one pass: Var_j chunk by chunk into the buffer, counting Var_j > 0;
+      then k, and the top-k mask m from the buffer (``ChunkedTopK``: two statistics sweeps
+      and one mask sweep, in memory).
+    - one pass per model i: (τᵢ ⊙ m)² into the buffer; eᵢ = its mean, the same whole-tensor
+      reduction as ``task_vector_weights``'s.
+    - last pass: each chunk's τᵢ ⊙ m, sign election and weighted mean (``erase_and_merge``).
+
+    None (the run then calls ``sce``) when there are no models: ``sce`` returns θ₀.
+    """
+    numel = math.prod(shape)
+    models = len(read(0, 1)[1]) if numel else 0
+    if not models:
+        return None
+    return _sce_passes(read, numel, models, chunk, select_topk)
+
+
+def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float):
+    ranges = chunk_ranges(numel, chunk)
+    buffer = torch.empty(numel)
+    keep = _keep_by_variance(read, numel, ranges, buffer, select_topk) if select_topk < 1 else None
+
+    def task_vector(base, x, start, end):
+        delta = x - base
+        return delta if keep is None else torch.where(keep[start:end], delta, 0.0)
+
+    energies = []
+    for i in range(models):
+        for start, end in ranges:
+            base, tensors = read(start, end)
+            torch.square(task_vector(base, tensors[i], start, end), out=buffer[start:end])
+        energies.append(buffer.mean())
+    del buffer
+    weights = energy_weights(energies)
+    for start, end in ranges:
+        base, tensors = read(start, end)
+        yield start, end, erase_and_merge(base, [task_vector(base, x, start, end) for x in tensors], weights)
+
+
+def _keep_by_variance(read, numel: int, ranges, buffer: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``select_by_variance`` (flat), with ``buffer`` as scratch for Var: one pass over the inputs."""
+    if fraction <= 0:
+        return torch.zeros(numel, dtype=torch.bool)
+    nonzero = torch.zeros((), dtype=torch.int64)
+    for start, end in ranges:
+        base, tensors = read(start, end)
+        var = buffer[start:end]
+        var[:] = _chunk_variance([x - base for x in tensors], numel)
+        nonzero += torch.count_nonzero(var)
+    top = ChunkedTopK(numel, selected_count(nonzero, fraction))
+    if not top.trivial:
+        for add in (top.add_high, top.add_low):
+            for start, end in ranges:
+                add(buffer[start:end])
+        top.finish()
+    keep = torch.empty(numel, dtype=torch.bool)
+    for start, end in ranges:
+        keep[start:end] = top.mask(buffer[start:end])
+    return keep
+
+
+def _chunk_variance(deltas: list[torch.Tensor], numel: int) -> torch.Tensor:
+    """``variance`` of a flat chunk, with the bits the whole tensor's variance has there.
+
+    A stack of single elements (a chunk of 1) is reduced along its contiguous axis, in
+    another order than the whole tensor's (1 ulp apart now and then), so a lone element
+    of a larger tensor is computed as a pair.
+    """
+    if deltas[0].numel() == 1 and numel > 1:
+        return variance([d.expand(2) for d in deltas])[:1]
+    return variance(deltas)
 
 
 METHODS = (
@@ -69,5 +170,6 @@ METHODS = (
         min_inputs=0,
         summary="Keep high-variance entries, weight task vectors by their energy, erase minority signs.",
         paper="https://arxiv.org/abs/2408.07990",
+        chunked=sce_chunked,
     ),
 )

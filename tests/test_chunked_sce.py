@@ -1,0 +1,148 @@
+"""sce's chunked CPU form (``sce_chunked``) gives the bits of the whole-tensor ``sce``."""
+
+import filecmp
+
+import pytest
+import torch
+
+from distmerge.methods import chunk_ranges, get
+from distmerge.methods import sce as sce_module
+from distmerge.methods.sce import _chunk_variance, erase_and_merge, sce, sce_chunked, task_vector_weights, variance
+from tests.test_merge_vs_mergekit import distmerge, models
+
+
+def reader(base: torch.Tensor, tensors: list[torch.Tensor], log: list | None = None):
+    """``read(start, end)`` over flattened whole tensors, as the run gives it (float32 copies)."""
+    flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
+
+    def read(start: int, end: int):
+        if log is not None:
+            log.append((start, end))
+        return flat_base[start:end].clone(), [x[start:end].clone() for x in flat]
+
+    return read
+
+
+def chunked(base, tensors, chunk, **params) -> torch.Tensor:
+    """Run ``sce_chunked`` and join its pieces, checking they cover [0, numel) in order."""
+    numel = base.numel()
+    pieces = sce_chunked(reader(base, tensors), tuple(base.shape), chunk, **params)
+    assert pieces is not None
+    pieces = list(pieces)
+    assert [(s, e) for s, e, _ in pieces] == chunk_ranges(numel, chunk)
+    assert all(p.dtype == torch.float32 and p.shape == (e - s,) for s, e, p in pieces)
+    return torch.cat([p for _, _, p in pieces]).view(base.shape)
+
+
+def family(shape, n: int, seed: int, bf16: bool = True):
+    """A base and n fine-tunes; bf16-rounded values make exact ties (equal deltas, equal variances)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    tensors = [base + 0.02 * torch.randn(shape, generator=g) for _ in range(n)]
+    if bf16:
+        base, tensors = base.bfloat16().float(), [x.bfloat16().float() for x in tensors]
+    return base, tensors
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
+    assert a.shape == b.shape
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("shape, n, bf16", [((37, 53), 2, True), ((37, 53), 3, False), ((1001,), 3, True)])
+def test_chunked_sce_is_the_whole_tensor_sce(shape, n, bf16, select_topk):
+    base, tensors = family(shape, n, seed=n + len(shape), bf16=bf16)
+    whole = sce(base, tensors, select_topk=select_topk)
+    numel = base.numel()
+    for chunk in (1, 7, 100, numel - 1):
+        assert_same_bits(chunked(base, tensors, chunk, select_topk=select_topk), whole)
+
+
+@pytest.mark.parametrize("select_topk", [0.5, 0.3, 0.05])
+def test_chunked_sce_keeps_the_same_variance_ties(select_topk):
+    """Deltas from a handful of values: most variances are equal, so which of the entries at
+    the threshold are kept (the lower flat indices) decides the result."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(41, 29, generator=g).bfloat16().float()
+    tensors = [base + torch.randint(-2, 3, base.shape, generator=g).float() * 0.125 for _ in range(3)]
+    var = variance([x - base for x in tensors]).reshape(-1)
+    k = int(torch.count_nonzero(var) * select_topk)
+    threshold = var.sort(descending=True).values[k - 1]
+    above, ties = var > threshold, (var == threshold).nonzero().flatten()
+    assert int(above.sum()) < k < int(above.sum()) + len(ties)  # the cut goes through ties
+    whole = sce(base, tensors, select_topk=select_topk)
+    for chunk in (1, 13, 256, base.numel() - 1):
+        assert_same_bits(chunked(base, tensors, chunk, select_topk=select_topk), whole)
+
+    # the lowest-index ties are the ones that count: keeping the highest-index ones instead
+    # gives another result, so a wrong tie cut fails the test above
+    def merge_kept(ties_kept):
+        keep = above.clone()
+        keep[ties_kept] = True
+        deltas = [torch.where(keep.view(base.shape), x - base, 0.0) for x in tensors]
+        return erase_and_merge(base, deltas, task_vector_weights(deltas))
+
+    wanted = k - int(above.sum())
+    assert_same_bits(merge_kept(ties[:wanted]), whole)
+    assert not torch.equal(merge_kept(ties[-wanted:]), whole)
+
+
+def test_a_lone_element_has_the_whole_tensors_variance():
+    """A 1-element chunk's variance is computed as the whole tensor's is: torch reduces a
+    stack of single elements in another order, 1 ulp apart for values like these (found
+    among random ones; each column is one entry across 5 models)."""
+    columns = [
+        ["0x1.3bf6p-8", "-0x1.0cb9p-7", "-0x1.a875p-7", "-0x1.840ap-8", "-0x1.4a2dp-7"],
+        ["-0x1.2e428p-6", "0x1.1fa9p-7", "0x1.7fe3p-7", "-0x1.8d7p-10", "0x1.38f6p-8"],
+        ["0x1.0b508p-6", "0x1.ed88p-9", "-0x1.f15cp-8", "0x1.2a6p-7", "-0x1.3dccp-8"],
+    ]
+    deltas = list(torch.tensor([[float.fromhex(v) for v in column] for column in columns]).T)
+    whole = variance(deltas)
+    lone = torch.cat([_chunk_variance([d[i : i + 1] for d in deltas], len(columns)) for i in range(len(columns))])
+    assert_same_bits(lone, whole)
+
+
+def test_chunked_sce_edge_cases():
+    base, tensors = family((5, 7), 2, seed=3)
+    assert sce_chunked(reader(base, []), tuple(base.shape), 4) is None  # no models: sce returns the base
+    for select_topk in (0.0, 1e-9, 0.999999, 1.5):  # nothing kept, k = 0, nearly all, all
+        assert_same_bits(chunked(base, tensors, 4, select_topk=select_topk), sce(base, tensors, select_topk=select_topk))
+    same = [base.clone(), base.clone()]  # no task vector: equal weights, the base
+    assert_same_bits(chunked(base, same, 4, select_topk=0.5), sce(base, same, select_topk=0.5))
+    one = base[:1, :1]
+    assert_same_bits(chunked(one, [t[:1, :1] for t in tensors], 1, select_topk=0.5), sce(one, [t[:1, :1] for t in tensors], select_topk=0.5))
+    assert get("sce").chunked is sce_chunked
+
+
+def test_chunked_sce_reads_each_pass_in_order():
+    base, tensors = family((37, 53), 2, seed=1)
+    log = []
+    list(sce_chunked(reader(base, tensors, log), tuple(base.shape), 500, select_topk=0.3))
+    ranges = chunk_ranges(base.numel(), 500)
+    assert log == [(0, 1)] + ranges * 4  # the model count, Var, one energy pass per model, the merge
+
+
+def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
+    """bf16 inputs merged with sce in 777- and 4099-element chunks give the bytes of the whole-tensor merge."""
+    from distmerge import run as run_module
+
+    f = llama_family
+    recipe = {
+        "merge_method": "sce",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", None), ("ft2", None)),
+        "parameters": {"select_topk": 0.3},
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    whole = distmerge(recipe, tmp_path / "whole")
+    passes = []  # the chunked form does run (it is not None for these tensors)
+    real = sce_module._sce_passes
+    monkeypatch.setattr(sce_module, "_sce_passes", lambda *a: passes.append(a[1]) or real(*a))
+    for chunk in (777, 4099):
+        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        chunked_out = distmerge(recipe, tmp_path / f"chunked{chunk}")
+        shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+        assert shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)
+        assert passes and max(passes) > chunk
