@@ -380,6 +380,42 @@ def test_chunked_top_k_keeps_the_same_ties_as_top_k_mask():
         assert torch.equal(mask, top_k_mask(score, k)), k
 
 
+@pytest.mark.parametrize("special", [None, float("nan"), float("inf")])
+def test_chunked_top_k_trim_is_the_masked_delta(special):
+    """ChunkedTopK.trim (int32 cuts on |δ|'s bits, ties split inside a chunk, a drop band,
+    the float fallback with NaN) = masked(δ, mask(|δ|) & ~drop.mask(|δ|)), bit for bit, and
+    with finite δ = masked(δ, top_k_mask(|δ|, k) & ~top_k_mask(|δ|, j))."""
+    from distmerge.methods.sparsify import ChunkedTopK, masked, top_k_mask
+
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randint(-4, 5, (10007,), generator=g).float() * 0.25
+    if special is not None:
+        delta[torch.randint(0, delta.numel(), (40,), generator=g)] = special
+        delta[::997] = -special
+    n, chunks = delta.numel(), delta.split(333)
+
+    def selections(k: int, j: int) -> tuple[ChunkedTopK, ChunkedTopK]:
+        keep, drop = ChunkedTopK(n, k), ChunkedTopK(n, j)
+        live = [top for top in (keep, drop) if not top.trivial]
+        if live:
+            for low in (False, True):
+                for c in chunks:
+                    ChunkedTopK.gather(live, c.clone(), low=low)
+            for top in live:
+                top.finish()
+        return keep, drop
+
+    for k, j in [(3000, 0), (5001, 500), (1, 0), (n, 700), (7000, 6999), (0, 0), (9000, n)]:
+        keep, drop = selections(k, j)
+        got = torch.cat([keep.trim(c.clone(), drop) for c in chunks])
+        keep, drop = selections(k, j)
+        mask = torch.cat([keep.mask(c.abs()) & ~drop.mask(c.abs()) for c in chunks])
+        want = masked(delta, mask, rescale=False)
+        if special is None or special == float("inf"):
+            assert torch.equal(mask, top_k_mask(delta.abs(), k) & ~top_k_mask(delta.abs(), j))
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (k, j)
+
+
 @pytest.mark.parametrize("method", ["linear", "ties", "passthrough"])
 def test_pread_reads_give_the_same_bytes_as_mmap(llama_family, tmp_path, method):
     f = llama_family

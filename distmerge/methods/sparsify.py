@@ -24,6 +24,8 @@ using the counter i of its row-major flat index, so a mask does not depend on ch
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from distmerge import rng
@@ -68,6 +70,24 @@ def _select_digit(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return bucket, k - above
 
 
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
+"""Which of the two int16 halves of an int32 in memory holds its high 16 bits."""
+
+
+def _bucket_lows(bits: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    """For each bucket: the low 16 bits of the entries of a flat int32 tensor of non-negative
+    values whose high 16 bits are that bucket, in flat order."""
+    bits = bits.contiguous()
+    high = bits.view(torch.int16)[_HIGH_HALF::2]  # the high halves in place: no shift
+    picked = high == buckets[0]
+    for bucket in buckets[1:]:
+        picked |= high == bucket
+    picked = bits[picked]  # one selection over the chunk, however many buckets
+    if len(buckets) == 1:
+        return [picked & 0xFFFF]
+    return [picked[(picked >> 16) == bucket] & 0xFFFF for bucket in buckets]
+
+
 def kth_largest(score: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest of a flat float32 tensor of non-negative values (1 ≤ k ≤ n).
 
@@ -84,7 +104,7 @@ def kth_largest(score: torch.Tensor, k: int) -> torch.Tensor:
     high, k = _select_digit(hist, k)
     hist = torch.zeros(1 << 16, dtype=torch.int64, device=score.device)
     for chunk in bits.split(_CHUNK):
-        hist += torch.bincount(chunk[(chunk >> 16) == high] & 0xFFFF, minlength=1 << 16)
+        hist += torch.bincount(_bucket_lows(chunk, [high])[0], minlength=1 << 16)
     low, _ = _select_digit(hist, k)
     return torch.tensor([(high << 16) | low], dtype=torch.int32, device=score.device).view(torch.float32)[0]
 
@@ -231,14 +251,24 @@ def della_magprune(
 # ---------------------------------------------------------------- top-k over a tensor read in chunks
 
 
+_NONE_KEPT = (1 << 31) - 1
+"""A cut no |δ| bit pattern exceeds (see ``ChunkedTopK.trim``)."""
+
+
+def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """|v| of a flat float32 tensor as int32 bit patterns: ≥ 0 and ordered like |v| (NaN above +Inf)."""
+    return values.view(torch.int32) & 0x7FFFFFFF
+
+
 class ChunkedTopK:
     """``top_k_mask(score, k)`` for a score read chunk by chunk, in flat order.
 
     Two statistics passes (``add_high`` over every chunk, then ``add_low`` over every
-    chunk) find the k-th largest score exactly as ``kth_largest`` does, and how many of
-    the entries equal to it are kept; ``mask`` then gives the keep mask of each chunk,
-    taken in flat order, keeping those ties in flat-index order until that many are
-    kept — the same entries ``top_k_mask`` keeps.
+    chunk; or ``gather`` for several at once) find the k-th largest score exactly as
+    ``kth_largest`` does, and how many of the entries equal to it are kept; ``mask`` then
+    gives the keep mask of each chunk, taken in flat order, keeping those ties in
+    flat-index order until that many are kept — the same entries ``top_k_mask`` keeps
+    (``trim`` applies it to a chunk of δ in place).
     """
 
     def __init__(self, n: int, k: int, device="cpu"):
@@ -248,38 +278,142 @@ class ChunkedTopK:
         self._high: int | None = None
         self._rank = k
         self.threshold: torch.Tensor | None = None
-        self._ties_left = 0
+        self._bits = 0  # the threshold's bit pattern (int32)
+        self._ties_left = 0  # entries equal to the threshold still to keep
+        self._ties_unseen = 0  # entries equal to the threshold in the chunks not masked yet
+        self._finite = True  # no NaN or Inf score (then int32 bit patterns order like the floats compare)
+        self._lows: list | None = []  # per chunk of pass 2: (size, low bits in the bucket)
+        self._lows_kept = 0
+        self._chunk_ties = iter(())  # per chunk: (size, entries equal to the threshold)
 
     def add_high(self, score: torch.Tensor) -> None:
         """Pass 1 of 2: a chunk's scores (flat, non-negative float32) into the high-bits histogram."""
-        self._hist += torch.bincount(score.view(torch.int32) >> 16, minlength=1 << 15)
+        ChunkedTopK.gather([self], score, low=False)
 
     def add_low(self, score: torch.Tensor) -> None:
         """Pass 2 of 2: the chunk's scores in the selected high bucket into the low-bits histogram."""
+        ChunkedTopK.gather([self], score, low=True)
+
+    @staticmethod
+    def gather(tops: list[ChunkedTopK], values: torch.Tensor, *, low: bool) -> None:
+        """``add_high`` (or with ``low``, ``add_low``) of one chunk for several selections of
+        one score, given a flat float32 chunk whose |·| is that score (signed δ will do).
+
+        They share the high-bits histogram, and in pass 2 one scan of the chunk picks the
+        entries of all their buckets.
+        """
+        bits = _magnitude_bits(values)
+        if not low:
+            bits >>= 16
+            hist = torch.bincount(bits, minlength=1 << 15)
+            for top in tops:
+                top._hist += hist
+            return
+        for top in tops:
+            top._start_low()
+        buckets = list(dict.fromkeys(top._high for top in tops))
+        for bucket, lows in zip(buckets, _bucket_lows(bits, buckets)):
+            for top in tops:
+                if top._high == bucket:
+                    top._add_lows(bits.numel(), lows)
+
+    def _add_lows(self, size: int, lows: torch.Tensor) -> None:
+        """Pass 2 for one chunk of ``size`` entries, given the low bits of those in the bucket.
+
+        While they are few (1/64 of the entries in all) they are kept per chunk: ``finish``
+        histograms them at once and counts each chunk's ties from them (so ``trim`` need not
+        count). Past that, they go into the histogram chunk by chunk.
+        """
+        if self._lows is None:
+            self._hist += torch.bincount(lows, minlength=1 << 16)
+            return
+        self._lows.append((size, lows))
+        self._lows_kept += lows.numel()
+        if self._lows_kept > self.n // 64 + (1 << 16):
+            self._hist += torch.bincount(torch.cat([kept for _, kept in self._lows]), minlength=1 << 16)
+            self._lows = None
+
+    def _start_low(self) -> None:
+        """Between the passes: the high bucket of the k-th largest, and the rank in it."""
         if self._high is None:
+            self._finite = not bool(self._hist[0x7F80:].any())  # buckets of Inf and NaN
             self._high, self._rank = _select_digit(self._hist, self.k)
             self._hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._hist.device)
-        bits = score.view(torch.int32)
-        self._hist += torch.bincount(bits[(bits >> 16) == self._high] & 0xFFFF, minlength=1 << 16)
 
     def finish(self) -> None:
         """After both passes: the threshold and how many entries equal to it are kept."""
+        if self._lows:
+            self._hist += torch.bincount(torch.cat([lows for _, lows in self._lows]), minlength=1 << 16)
         low, self._ties_left = _select_digit(self._hist, self._rank)
-        bits = torch.tensor([(self._high << 16) | low], dtype=torch.int32, device=self._hist.device)
+        self._ties_unseen = int(self._hist[low])
+        if self._lows:
+            self._chunk_ties = iter([(size, int((lows == low).sum())) for size, lows in self._lows])
+        self._lows = None
+        self._bits = (self._high << 16) | low
+        bits = torch.tensor([self._bits], dtype=torch.int32, device=self._hist.device)
         self.threshold = bits.view(torch.float32)[0]
 
     def mask(self, score: torch.Tensor) -> torch.Tensor:
         """The keep mask of the next chunk (chunks must come in flat order, each once)."""
         if self.trivial:
             return torch.full_like(score, self.k > 0, dtype=torch.bool)
+        if self._ties_left == 0:
+            return score > self.threshold
+        if self._ties_left == self._ties_unseen:  # every tie left is kept
+            return score >= self.threshold
         keep = score > self.threshold
         ties = score == self.threshold
         count = int(ties.sum())
+        self._ties_unseen -= count
         if count > self._ties_left:
-            if self._ties_left > 0:
-                ties[int(ties.nonzero()[self._ties_left - 1]) + 1 :] = False
-            else:
-                ties.zero_()
+            ties[int(ties.nonzero()[self._ties_left - 1]) + 1 :] = False
             count = self._ties_left
         self._ties_left -= count
         return keep | ties
+
+    def _cut(self, bits: torch.Tensor) -> int | None:
+        """For the next chunk (|δ| as ``_magnitude_bits``; the chunks of the statistics passes,
+        in flat order): c with keep mask = bits > c, or None (the chunk is left to ``mask``)
+        when it keeps only some of its ties or the scores aren't all finite."""
+        if self.trivial:
+            return -1 if self.k > 0 else _NONE_KEPT
+        if not self._finite:
+            return None
+        if self._ties_left == 0:
+            return self._bits
+        if self._ties_left < self._ties_unseen:
+            size, count = next(self._chunk_ties, (None, 0))
+            if size != bits.numel():  # not kept: count them
+                count = int((bits == self._bits).sum())
+            if count > self._ties_left:
+                return None
+            self._ties_left -= count
+            self._ties_unseen -= count
+        return self._bits - 1  # every tie of this chunk is kept
+
+    def trim(self, delta: torch.Tensor, drop: ChunkedTopK | None = None) -> torch.Tensor:
+        """The next chunk of δ (flat float32, score |δ|; the chunks of the statistics passes)
+        with the entries this selection does not keep, or that ``drop`` keeps, set to +0 in
+        place: ``masked(δ, mask(|δ|) & ~drop.mask(|δ|))``, the same bits.
+
+        Done on the bit patterns: (c − bits) >> 31 is all ones where bits > c, else 0, and
+        δ & that is δ or +0 — four int32 ops instead of float compares and a ``where``.
+        """
+        bits = _magnitude_bits(delta)
+        keep = self._cut(bits)
+        dropped = _NONE_KEPT if drop is None else drop._cut(bits)
+        if keep is None or dropped is None:  # the general way, for this chunk
+            score = delta.abs()
+            kept = self.mask(score) if keep is None else bits > keep
+            if drop is not None:
+                kept &= ~(drop.mask(score) if dropped is None else bits > dropped)
+            return delta.masked_fill_(~kept, 0.0)
+        out = delta.view(torch.int32)
+        ones = keep - bits  # no overflow: -1 ≤ keep, 0 ≤ bits < 2**31
+        ones >>= 31
+        out &= ones
+        if dropped != _NONE_KEPT:
+            bits -= dropped + 1
+            bits >>= 31  # all ones where bits ≤ dropped
+            out &= bits
+        return delta

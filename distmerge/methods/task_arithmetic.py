@@ -239,35 +239,21 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus: boo
     each chunk's task vectors with its masks and combines them, all element-wise.
     """
     ranges = chunk_ranges(numel, chunk)
-    tops = [top for pair in selections if pair for top in pair if top is not None and not top.trivial]
-
-    def magnitudes(start: int, end: int) -> list[torch.Tensor]:
-        base, tensors = read(start, end)
-        return [(x - base).abs() for x in tensors]
-
-    if tops:
-        for add in (sparsify.ChunkedTopK.add_high, sparsify.ChunkedTopK.add_low):
+    live = [[top for top in pair or () if top is not None and not top.trivial] for pair in selections]
+    if any(live):
+        for low in (False, True):
             for start, end in ranges:
-                scores = magnitudes(start, end)
-                for pair, score in zip(selections, scores):
-                    for top in pair or ():
-                        if top is not None and not top.trivial:
-                            add(top, score)
-        for top in tops:
-            top.finish()
+                base, tensors = read(start, end)
+                for tops, x in zip(live, tensors):
+                    if tops:
+                        sparsify.ChunkedTopK.gather(tops, x - base, low=low)
+        for tops in live:
+            for top in tops:
+                top.finish()
     for start, end in ranges:
         base, tensors = read(start, end)
         deltas = task_vectors(base, tensors)
-        trimmed = []
-        for pair, delta in zip(selections, deltas):
-            if pair is not None:
-                keep, drop = pair
-                score = delta.abs()
-                mask = keep.mask(score)
-                if drop is not None:
-                    mask &= ~drop.mask(score)
-                delta = sparsify.masked(delta, mask, rescale=False)
-            trimmed.append(delta)
+        trimmed = [delta if pair is None else pair[0].trim(delta, pair[1]) for pair, delta in zip(selections, deltas)]
         yield start, end, combine(base, trimmed, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
