@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import methods
+from distmerge import kernels, methods
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
@@ -314,6 +315,7 @@ def run_rank(
         if t.name not in done and file_of[t.name].name not in published
     ]  # fmt: skip
     journal = Journal(out_dir, rank)
+    kernels.compiled.plan_work(sum(math.prod(t.shape) for t in todo))  # worth compiling the CPU loops?
     current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
 

@@ -58,11 +58,18 @@ def test_slerp_scale_and_stock_compiled_are_the_references(dtype, work, out):
         assert same(compiled.stock_interpolate(base, [a, b, c], t, **kw), reference.stock_interpolate(base, [a, b, c], t, **kw))
 
 
-def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_only(monkeypatch):
+def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs(monkeypatch):
     big, small = torch.zeros(compiled.MIN_ELEMENTS), torch.zeros(10)
+    monkeypatch.setattr(compiled, "_work", 0)
+    monkeypatch.delenv("DISTMERGE_COMPILE", raising=False)
+    assert kernels._impl(big) is reference  # auto: a small run does not repay compiling
+    compiled.plan_work(compiled.WORK_TO_COMPILE)
     assert kernels._impl(big) is compiled and kernels._impl(small) is reference
-    monkeypatch.setenv("DISTMERGE_NO_COMPILE", "1")
+    monkeypatch.setenv("DISTMERGE_COMPILE", "0")
     assert kernels._impl(big) is reference
+    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
+    compiled.plan_work(0)
+    assert kernels._impl(big) is compiled
 
 
 def test_a_failing_compiler_falls_back_to_the_same_operations(monkeypatch):
@@ -90,6 +97,7 @@ def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32,
     from tests.test_merge_vs_mergekit import both, models
 
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
+    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
     monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 4099)
     f = llama_family_f32
     params = [{"weight": 0.7, "density": 0.3}, {"weight": -0.4, "density": 0.7}]
@@ -127,6 +135,7 @@ def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge
     monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)
     whole = distmerge(recipe, tmp_path / "whole")
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
+    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
     monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 4099)
     chunked = distmerge(recipe, tmp_path / "chunked")
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
