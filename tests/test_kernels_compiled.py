@@ -11,6 +11,18 @@ from distmerge.kernels import compiled, reference
 N = 70001  # above compiled.MIN_ELEMENTS, not a multiple of any vector width
 
 
+@pytest.fixture(autouse=True)
+def always_compile(monkeypatch):
+    """The compiled loops whatever the size of the run (by default only large runs use them)."""
+    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
+
+
+def no_reference(monkeypatch):
+    """Make the torch references fail if called: what follows must run the compiled loops."""
+    for name in ("task_combine", "task_merge", "slerp_combine", "scale", "stock_interpolate"):
+        monkeypatch.setattr(reference, name, lambda *a, **k: pytest.fail("the reference ran"))
+
+
 def family(n, seed, dtype=torch.float32):
     """A base and n fine-tunes with exact zeros, exact sign ties and equal values mixed in."""
     g = torch.Generator().manual_seed(seed)
@@ -33,10 +45,12 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_task_merge_compiled_is_the_reference(consensus, normalize, n, weight, lambda_, dtype, work, out):
     base, models = family(n, seed=n, dtype=dtype)
     kw = dict(consensus=consensus, normalize=normalize, lambda_=lambda_, work_dtype=work, out_dtype=out)
-    expected = reference.task_merge(base, models, weight, **kw)
-    assert same(compiled.task_merge(base, models, weight, **kw), expected)
     deltas = [x.float() - base.float() for x in models]
-    assert same(compiled.task_combine(base, deltas, weight, **kw), reference.task_combine(base, deltas, weight, **kw))
+    expected = reference.task_merge(base, models, weight, **kw), reference.task_combine(base, deltas, weight, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        no_reference(mp)
+        assert same(compiled.task_merge(base, models, weight, **kw), expected[0])
+        assert same(compiled.task_combine(base, deltas, weight, **kw), expected[1])
     assert not compiled._broken  # the compiled loops ran, not the eager fallback
 
 
@@ -52,10 +66,18 @@ def test_slerp_scale_and_stock_compiled_are_the_references(dtype, work, out):
     base, (a, b, c) = family(3, seed=9, dtype=dtype)
     kw = dict(work_dtype=work, out_dtype=out)
     c0, c1 = torch.tensor(0.3712), torch.tensor(0.6931)
-    assert same(compiled.slerp_combine(c0, c1, a, b, **kw), reference.slerp_combine(c0, c1, a, b, **kw))
-    assert same(compiled.scale(a, 0.37, **kw), reference.scale(a, 0.37, **kw))
-    for t in (torch.tensor([0.42]), torch.tensor([0.0]), torch.tensor([1.0])):
-        assert same(compiled.stock_interpolate(base, [a, b, c], t, **kw), reference.stock_interpolate(base, [a, b, c], t, **kw))
+    ts = (torch.tensor([0.42]), torch.tensor([0.0]), torch.tensor([1.0]))
+    want = (
+        reference.slerp_combine(c0, c1, a, b, **kw),
+        reference.scale(a, 0.37, **kw),
+        [reference.stock_interpolate(base, [a, b, c], t, **kw) for t in ts],
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        no_reference(mp)
+        assert same(compiled.slerp_combine(c0, c1, a, b, **kw), want[0])
+        assert same(compiled.scale(a, 0.37, **kw), want[1])
+        for t, w in zip(ts, want[2]):
+            assert same(compiled.stock_interpolate(base, [a, b, c], t, **kw), w)
 
 
 def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs(monkeypatch):
@@ -63,8 +85,10 @@ def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs(monkey
     monkeypatch.setattr(compiled, "_work", 0)
     monkeypatch.delenv("DISTMERGE_COMPILE", raising=False)
     assert kernels._impl(big) is reference  # auto: a small run does not repay compiling
+    compiled.plan_work(compiled.WORK_TO_COMPILE_CONSENSUS)  # enough for the TIES consensus only
+    assert kernels._impl(big) is compiled and compiled._worth(consensus=True) and not compiled._worth()
     compiled.plan_work(compiled.WORK_TO_COMPILE)
-    assert kernels._impl(big) is compiled and kernels._impl(small) is reference
+    assert kernels._impl(big) is compiled and compiled._worth() and kernels._impl(small) is reference
     monkeypatch.setenv("DISTMERGE_COMPILE", "0")
     assert kernels._impl(big) is reference
     monkeypatch.setenv("DISTMERGE_COMPILE", "1")
