@@ -86,9 +86,9 @@ def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs(monkey
     monkeypatch.delenv("DISTMERGE_COMPILE", raising=False)
     assert kernels._impl(big) is reference  # auto: a small run does not repay compiling
     compiled.plan_work(compiled.WORK_TO_COMPILE_CONSENSUS)  # enough for the TIES consensus only
-    assert kernels._impl(big) is compiled and compiled._worth(consensus=True) and not compiled._worth()
+    assert kernels._impl(big, consensus=True) is compiled and kernels._impl(big) is reference
     compiled.plan_work(compiled.WORK_TO_COMPILE)
-    assert kernels._impl(big) is compiled and compiled._worth() and kernels._impl(small) is reference
+    assert kernels._impl(big) is compiled and kernels._impl(small) is reference
     monkeypatch.setenv("DISTMERGE_COMPILE", "0")
     assert kernels._impl(big) is reference
     monkeypatch.setenv("DISTMERGE_COMPILE", "1")

@@ -88,10 +88,10 @@ def _triton():
     return _triton_module
 
 
-def _impl(tensor):
+def _impl(tensor, consensus: bool = False):
     if use_triton(tensor):
         return _triton()
-    return compiled if compiled.enabled(tensor) else reference
+    return compiled if compiled.enabled(tensor, consensus) else reference
 
 
 def linear_sum(
@@ -114,7 +114,7 @@ def task_combine(
     out_dtype=None,
 ) -> torch.Tensor:
     """θ₀ + λ·(Σᵢ wᵢτᵢ, or the TIES disjoint sum)/D for given task vectors τᵢ."""
-    return _impl(base).task_combine(
+    return _impl(base, consensus).task_combine(
         base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
         work_dtype=work_dtype, out_dtype=out_dtype,
     )  # fmt: skip
@@ -133,7 +133,7 @@ def task_merge(
     out_dtype=None,
 ) -> torch.Tensor:
     """θ₀ + λ·combine(sparsifier(i, θᵢ − θ₀)) — the task-arithmetic family from the models."""
-    return _impl(base).task_merge(
+    return _impl(base, consensus).task_merge(
         base, tensors, weight, sparsifier, consensus=consensus, normalize=normalize, lambda_=lambda_,
         work_dtype=work_dtype, out_dtype=out_dtype,
     )  # fmt: skip

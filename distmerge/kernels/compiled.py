@@ -21,8 +21,9 @@ on random and adversarial inputs (tests/test_kernels_compiled.py).
 - Compiling costs each process about 5 s (importing inductor, then compiling or loading the
   loop from inductor's disk cache), which a 256K-element chunk repays at about 2 ms (0.14
   against 2.2 ms for θ₀ + Σᵢ wᵢτᵢ with two bf16 models, measured here). So by default
-  ("auto") the loops are compiled only when the rank has at least ``WORK_TO_COMPILE``
-  elements to merge (``plan_work``, called by the run): a 70B merge, not a 1B test. The TIES
+  ("auto") ``distmerge.kernels`` dispatches here only when the rank has at least
+  ``WORK_TO_COMPILE`` elements to merge (``plan_work``, called by the run): a 70B merge, not
+  a 1B test. The TIES
   consensus combine (sign election and disjoint mean, about fifteen torch ops per chunk)
   repays it sooner, from ``WORK_TO_COMPILE_CONSENSUS``: ties on two 2.5 GB fine-tunes took
   30.7 and 28.2 s with it against 39.9 and 36.1 s without (alternating runs), for 0.2 GB more
@@ -41,6 +42,7 @@ import warnings
 import torch
 
 from distmerge.kernels import reference
+from distmerge.kernels.reference import _in, _out, linear_divisor
 from distmerge.kernels.reference import dare_drop, linear_sum  # not fused (see above)
 
 __all__ = ["dare_drop", "enabled", "linear_sum", "scale", "slerp_combine", "stock_interpolate", "task_combine", "task_merge"]
@@ -62,22 +64,16 @@ def plan_work(elements: int) -> None:
     _work = elements
 
 
-def enabled(tensor) -> bool:
-    """Whether ``tensor``'s step runs compiled: a large CPU float tensor, in a run large
-    enough to repay compiling (or ``DISTMERGE_COMPILE=1``), compiling not broken here."""
+def enabled(tensor, consensus: bool = False) -> bool:
+    """Whether a step on ``tensor`` runs compiled: a large CPU tensor, in a run large enough to
+    repay compiling this step (the TIES ``consensus`` combine sooner; ``DISTMERGE_COMPILE=1``:
+    any run), compiling not broken here."""
     if _broken or getattr(tensor, "is_cuda", False) or tensor.numel() < MIN_ELEMENTS:
         return False
     mode = os.environ.get("DISTMERGE_COMPILE", "auto").strip().lower()
     if mode in ("0", "false", "no", "off"):
         return False
-    return mode != "auto" or _work >= WORK_TO_COMPILE_CONSENSUS
-
-
-def _worth(consensus: bool = False) -> bool:
-    """In a run that ``enabled`` admits: whether this step repays compiling it (see above)."""
-    if os.environ.get("DISTMERGE_COMPILE", "auto").strip().lower() != "auto":
-        return True
-    return _work >= (WORK_TO_COMPILE_CONSENSUS if consensus else WORK_TO_COMPILE)
+    return mode != "auto" or _work >= (WORK_TO_COMPILE_CONSENSUS if consensus else WORK_TO_COMPILE)
 
 
 def _compiled(fn):
@@ -106,18 +102,6 @@ def _compiled(fn):
 
 def _f32(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def _in(x: torch.Tensor, work_dtype):
-    if work_dtype is not None:
-        x = x.to(work_dtype)
-    return x.to(torch.float32)
-
-
-def _out(y: torch.Tensor, work_dtype, out_dtype):
-    if work_dtype is not None:
-        y = y.to(work_dtype)
-    return y.to(out_dtype or torch.float32)
 
 
 # ---------------------------------------------------------------- the task-arithmetic family
@@ -162,21 +146,12 @@ def _merge(base, tensors, w, lam, divisor, *, consensus: bool, normalize: bool, 
 
 
 def _scalars(weight, lambda_, device):
-    """(w, λ, linear divisor) as float32 tensors: the divisor Σᵢ wᵢ is summed eagerly, as the
-    reference sums it, with |D| < 1e-8 replaced by 1."""
+    """(w, λ, linear divisor) as float32 tensors; the divisor is summed eagerly, as the reference sums it."""
     w = _f32(weight, device)
-    divisor = w.sum()
-    if divisor.abs() < 1e-8:
-        divisor = torch.ones_like(divisor)
-    return w, _f32(lambda_, device), divisor
+    return w, _f32(lambda_, device), linear_divisor(w)
 
 
 def task_combine(base, deltas, weight, *, consensus, normalize, lambda_, work_dtype=None, out_dtype=None):
-    if not _worth(consensus):
-        return reference.task_combine(
-            base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
-            work_dtype=work_dtype, out_dtype=out_dtype,
-        )  # fmt: skip
     w, lam, divisor = _scalars(weight, lambda_, base.device)
     return _combine(
         base, list(deltas), w, lam, divisor, consensus=consensus, normalize=normalize, scale=lambda_ != 1,
@@ -190,11 +165,6 @@ def task_merge(base, tensors, weight, sparsifier=None, *, consensus, normalize, 
         deltas = [sparsifier(i, _in(x, work_dtype) - b) for i, x in enumerate(tensors)]
         return task_combine(
             b, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
-            work_dtype=work_dtype, out_dtype=out_dtype,
-        )  # fmt: skip
-    if not _worth(consensus):
-        return reference.task_merge(
-            base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
             work_dtype=work_dtype, out_dtype=out_dtype,
         )  # fmt: skip
     w, lam, divisor = _scalars(weight, lambda_, base.device)
@@ -213,8 +183,6 @@ def _lerp2(c0, c1, a, b, work_dtype, out_dtype):
 
 
 def slerp_combine(c0, c1, a, b, *, work_dtype=None, out_dtype=None):
-    if not _worth():
-        return reference.slerp_combine(c0, c1, a, b, work_dtype=work_dtype, out_dtype=out_dtype)
     c0, c1 = (c if isinstance(c, torch.Tensor) else _f32(c, a.device) for c in (c0, c1))
     return _lerp2(c0.to(torch.float32), c1.to(torch.float32), a, b, work_dtype, out_dtype)
 
@@ -225,8 +193,8 @@ def _scale(x, s, work_dtype, out_dtype):
 
 
 def scale(x, s, *, work_dtype=None, out_dtype=None):
-    if s is None or not _worth():
-        return reference.scale(x, s, work_dtype=work_dtype, out_dtype=out_dtype)
+    if s is None:
+        return reference.scale(x, None, work_dtype=work_dtype, out_dtype=out_dtype)
     return _scale(x, _f32(s, x.device), work_dtype, out_dtype)
 
 
@@ -242,6 +210,4 @@ def _stock(w0, models, t, work_dtype, out_dtype):
 
 
 def stock_interpolate(w0, models, t, *, work_dtype=None, out_dtype=None):
-    if not _worth():
-        return reference.stock_interpolate(w0, models, t, work_dtype=work_dtype, out_dtype=out_dtype)
     return _stock(w0, list(models), t, work_dtype, out_dtype)

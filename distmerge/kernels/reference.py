@@ -85,14 +85,18 @@ def task_combine(
         mixed = weighted[0].clone()
         for x in weighted[1:]:
             mixed += x
-        divisor = w.sum()
-        if divisor.abs() < 1e-8:
-            divisor = torch.ones_like(divisor)
+        divisor = linear_divisor(w)
     if normalize:
         mixed = mixed / divisor
     if lambda_ != 1:
         mixed = mixed * lambda_
     return _out(base + mixed, work_dtype, out_dtype)
+
+
+def linear_divisor(w: torch.Tensor) -> torch.Tensor:
+    """D = Σᵢ wᵢ of the float32 weights, replaced by 1 when |D| < 1e-8 (mergekit's rule)."""
+    divisor = w.sum()
+    return torch.ones_like(divisor) if divisor.abs() < 1e-8 else divisor
 
 
 def task_merge(
