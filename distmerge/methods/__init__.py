@@ -117,6 +117,11 @@ def chunk_ranges(numel: int, chunk: int) -> list[tuple[int, int]]:
     return [(start, min(numel, start + chunk)) for start in range(0, numel, chunk)]
 
 
+def input_count(read) -> int:
+    """The number of non-base inputs of a chunked merge (``Method.chunked``): an empty read."""
+    return len(read(0, 0)[1])
+
+
 def fraction(value: float) -> str | None:
     """Check for interpolation factors: 0 <= value <= 1."""
     return None if 0 <= value <= 1 else f"must be in [0, 1] (0 = the base model, 1 = the other), got {value}"

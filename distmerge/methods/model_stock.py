@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from distmerge import kernels
-from distmerge.methods import Method, Param, chunk_ranges
+from distmerge.methods import Method, Param, chunk_ranges, input_count
 
 
 def _cosines(norms: list[torch.Tensor], dot: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
@@ -72,7 +72,7 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
     if numel == 0:
         return None
     vector_shape = _vectors(torch.empty(shape, device="meta"), filter_wise).shape  # as model_stock sees them
-    n = len(read(0, 0)[1])  # the number of models
+    n = input_count(read)
     if math.prod(vector_shape[:-1]) > 1:
         return _rows_chunked(read, n, vector_shape, chunk)
     return _vector_chunked(read, n, vector_shape, chunk)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval
+from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
 from distmerge.methods.consensus import agrees, elect_sign
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
 
@@ -96,7 +96,7 @@ def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = F
     None (the run then calls ``sce``) when there are no models: ``sce`` returns θ₀.
     """
     numel = math.prod(shape)
-    models = len(read(0, 1)[1]) if numel else 0
+    models = input_count(read) if numel else 0
     if not models:
         return None
     return _sce_passes(read, numel, models, chunk, select_topk)
