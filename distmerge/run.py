@@ -364,11 +364,10 @@ def run_rank(
                 mark = reader.mark()
                 value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite, uploader)
                 with timed("write"):
+                    ready = None
                     if downloader is not None:  # copied out on the download stream; the writer waits for it
                         value, ready = downloader.start(value)
-                        digest = current[1].write_at(current[2][t.name], value, ready=ready)
-                    else:
-                        digest = current[1].write_at(current[2][t.name], value)
+                    digest = current[1].write_at(current[2][t.name], value, ready=ready)
                 del value
                 settle(upto=mark)  # the previous tensor was written and hashed while this one was merged
                 hashing = (t.name, file.name, digest, t.nbytes)
