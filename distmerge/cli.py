@@ -97,6 +97,7 @@ def describe(p, world_size: int = 1) -> str:
         + f"; vocab_size {vocab_size}"
         + (f"; rows re-indexed to it in {', '.join(reindexed)}" if reindexed else "")
     )
+    lines += describe_left_out(p)
     if p.layer_map:
         lines.append("layer map (output layer <- model:layer):")
         lines += [f"  {i:4d} <- " + ", ".join(f"{m}:{k}" for m, k in srcs) for i, srcs in enumerate(p.layer_map)]
@@ -116,6 +117,20 @@ def describe(p, world_size: int = 1) -> str:
         params = {**t.params, **t.input_params}
         lines.append(f"  {t.name} {t.dtype}{t.shape} <- " + ", ".join(srcs) + (f"  {params}" if params else ""))
     return "\n".join(lines)
+
+
+def describe_left_out(p) -> list[str]:
+    """The input tensors the run will not read, a line per model and reason."""
+    from distmerge.plan import LAYER_NAME, layer_ranges
+
+    if not p.left_out:
+        return ["left out: nothing (every input tensor is read)"]
+    lines = [f"left out (not read): {sum(len(g.tensors) for g in p.left_out)} input tensors"]
+    for g in p.left_out:
+        layers = {int(m["index"]) for n in g.tensors if (m := LAYER_NAME.match(n))}
+        what = f"layers {layer_ranges(layers)}" if layers else ", ".join(g.tensors[:3]) + (", ..." if len(g.tensors) > 3 else "")
+        lines.append(f"  [{g.model}] {p.models[g.model].ref}: {len(g.tensors)} tensors ({what}): {g.reason}")
+    return lines
 
 
 @cli.command()

@@ -26,7 +26,9 @@ from distmerge.vocab import VOCAB_TENSOR, OutputVocab, VocabMap, build_vocab, is
 
 PLAN_VERSION = 1
 DEFAULT_SHARD_BYTES = 5 * 10**9
-LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
+"""A layer tensor: the stack's prefix (the first ``layers``/``h``/``blocks`` segment followed
+by a number, so an expert list inside a layer is not taken for a stack), index, and rest."""
 EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)(\.|$)")
 """Non-layer tensors that come before the layers (taken from the first slice's models);
 every other non-layer tensor (final norm, lm_head) comes after (from the last slice's)."""
@@ -98,6 +100,17 @@ class OutputTensor:
 
 
 @dataclass(slots=True)
+class LeftOut:
+    """Input tensors the plan deliberately does not read, and why (every other input
+    tensor is read: ``build_plan`` refuses a plan that would drop one unexplained)."""
+
+    model: int
+    """Index into Plan.models."""
+    reason: str
+    tensors: list[str]
+
+
+@dataclass(slots=True)
 class OutputFile:
     name: str
     tensors: list[str]
@@ -129,6 +142,8 @@ class Plan:
     """The chat template written into the output's tokenizer config (None: keep the source's)."""
     peak_memory: int
     """Estimated bytes of working memory for the largest tensor (inputs in float32, result, output)."""
+    left_out: list[LeftOut] = field(default_factory=list)
+    """Input tensors not read, grouped by model and reason."""
     added_tokens: list[dict] = field(default_factory=list)
     """Tokens appended to the tokenizer files (``tokenizer_source: union``, ``tokenizer.tokens``),
     as tokenizer.json's added_tokens entries."""
@@ -157,6 +172,7 @@ class Plan:
         d["tensors"] = [_tensor_from_dict(t) for t in d["tensors"]]
         d["files"] = [OutputFile(**f) for f in d["files"]]
         d["layer_map"] = [[tuple(p) for p in layer] for layer in d["layer_map"]]
+        d["left_out"] = [LeftOut(**g) for g in d.get("left_out", [])]
         return cls(**d)
 
 
@@ -188,16 +204,51 @@ class _Layered:
     other: list[str] = field(default_factory=list)
 
 
-def split_layers(names: list[str]) -> _Layered:
+def split_layers(ref: str, names: list[str]) -> _Layered:
+    """Split a checkpoint's tensor names into its layer stack and the rest. A checkpoint
+    with several stacks (a vision tower beside the language model, an encoder and a
+    decoder) is refused: merging it as one stack would drop or mix layers."""
     out = _Layered()
+    stacks: dict[str, str] = {}  # prefix -> its first tensor
     for name in names:
         m = LAYER_NAME.match(name)
         if m:
-            out.prefix = out.prefix or m["prefix"]
+            stacks.setdefault(m["prefix"], name)
             out.layers.setdefault(int(m["index"]), []).append(m["rest"])
         else:
             out.other.append(name)
+    if len(stacks) > 1:
+        raise MergeError(
+            f"model {ref!r} has {len(stacks)} layer stacks ({', '.join(f'{p}.N' for p in stacks)}), as a "
+            "multimodal or encoder-decoder model does; distmerge merges models with one stack of layers and "
+            "does not merge multimodal checkpoints yet: merge the language model's weights on their own"
+        )
+    out.prefix = next(iter(stacks), None)
     return out
+
+
+def _check_layer_count(ref: str, ck: Checkpoint, layered: _Layered) -> None:
+    """Weights for layers past config.json's layer count would never be merged: refuse."""
+    n = ck.num_layers
+    extra = sorted(k for k in layered.layers if n is not None and k >= n)
+    if extra:
+        example = f"{layered.prefix}.{extra[0]}.{layered.layers[extra[0]][0]}"
+        raise MergeError(
+            f"model {ref!r}: config.json says {n} layers, but its weights also hold layer(s) {layer_ranges(extra)} "
+            f"(e.g. {example}), which the merge would leave out; correct the layer count in config.json, "
+            "or remove those tensors from the checkpoint"
+        )
+
+
+def layer_ranges(indices) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for k in sorted(indices):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def build_plan(
@@ -218,7 +269,9 @@ def build_plan(
         checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle, local_only) for ref in recipe.model_refs()}
     refs = list(checkpoints)
     index = {ref: i for i, ref in enumerate(refs)}
-    layered = {ref: split_layers(list(ck.tensors)) for ref, ck in checkpoints.items()}
+    layered = {ref: split_layers(ref, list(ck.tensors)) for ref, ck in checkpoints.items()}
+    for ref, ck in checkpoints.items():
+        _check_layer_count(ref, ck, layered[ref])
     slices = _normalize(recipe, checkpoints, layered)
     method = recipe.method
 
@@ -254,6 +307,7 @@ def build_plan(
     for name in post:
         planner.add(last, {s.model: name for s in last.sources}, name, t=0.0, layer=None)
 
+    left_out = _left_out(checkpoints, slices, planner.read)
     donor = index[recipe.donor]
     config = _output_config(checkpoints[recipe.donor].config, recipe, layer_map, layered[recipe.donor])
     if vocab is not None:
@@ -272,10 +326,48 @@ def build_plan(
         recipe_text=recipe_text,
         chat_template=templates.resolve(recipe.chat_template, [ck.path for ck in checkpoints.values()]),
         peak_memory=max((_working_bytes(t) for t in planner.tensors), default=0),
+        left_out=left_out,
         added_tokens=vocab.added if vocab else [],
     )
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dict[str, set[str]]) -> list[LeftOut]:
+    """Every input tensor the plan does not read, grouped by model and reason. An unread
+    tensor without a reason (a model holds a tensor its slice's first model lacks, say)
+    would vanish from the output unnoticed: MergeError naming it."""
+    first = {src.model for src in slices[0].sources}
+    last = {src.model for src in slices[-1].sources}
+    groups: dict[tuple[int, str], list[str]] = {}
+    for i, (ref, ck) in enumerate(checkpoints.items()):
+        sourced = [src for s in slices for src in s.sources if src.model == ref]
+        taken = {k for src in sourced for k in range(*src.layer_range)}
+        unexplained = []
+        for name in ck.tensors:
+            if name in read.get(ref, ()):
+                continue
+            m = LAYER_NAME.match(name)
+            if not sourced:
+                reason = "named as a base_model but in no slice's sources, so the method does not read it"
+            elif m:
+                reason = None if int(m["index"]) in taken else "its layer is in no slice's layer_range"
+            elif EMBEDDING.search(name):
+                reason = None if ref in first else "embeddings come from the first slice's models"
+            else:
+                reason = None if ref in last else "tensors after the layers (final norm, lm_head) come from the last slice's models"
+            if reason is None:
+                unexplained.append(name)
+            else:
+                groups.setdefault((i, reason), []).append(name)
+        if unexplained:
+            more = f" and {len(unexplained) - 1} more" if len(unexplained) > 1 else ""
+            raise MergeError(
+                f"model {ref!r}: tensor {unexplained[0]!r}{more} would not be merged into the output: the "
+                "models' tensor names don't line up (the first model of each slice decides which tensors the "
+                "output has); check that the models share one architecture"
+            )
+    return [LeftOut(model, reason, names) for (model, reason), names in groups.items()]
 
 
 def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict[str, _Layered]) -> list[Slice]:
@@ -298,6 +390,14 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
     else:
         slices = list(recipe.slices)
     for i, s in enumerate(slices):
+        listed = [src.model for src in s.sources]
+        twice = next((m for m in listed if listed.count(m) > 1), None)
+        if twice is not None:
+            where = "models" if recipe.models else f"slices[{i}].sources"
+            raise MergeError(
+                f"{where}: model {twice!r} is listed {listed.count(twice)} times; list each model once "
+                "(mergekit refuses this too: \"Duplicate merge inputs\"); to weigh it more, raise its weight"
+            )
         for src in s.sources:
             n = layers_of(src.model)
             start, end = src.layer_range
@@ -317,6 +417,8 @@ class _Planner:
         self.vocab = vocab
         self.tensors: list[OutputTensor] = []
         self.names: set[str] = set()
+        self.read: dict[str, set[str]] = {}
+        """model -> the names of its tensors that some output tensor reads."""
 
     def add(self, s: Slice, names: dict[str, str], out_name: str, *, t: float, layer: int | None) -> None:
         present = {m: n for m, n in names.items() if n in self.checkpoints[m].tensors}
@@ -328,6 +430,8 @@ class _Planner:
         if out_name in self.names:
             raise MergeError(f"tensor {out_name!r} would be written twice; check the slices")
         self.names.add(out_name)
+        for m, n in names.items():
+            self.read.setdefault(m, set()).add(n)
 
         refs = {m: self._ref(m, n) for m, n in names.items()}
         shapes = {m: tuple(self.checkpoints[m].tensors[n].shape) for m, n in names.items()}
@@ -354,19 +458,28 @@ class _Planner:
         self._check_count(len(inputs), out_name)
 
         dtypes = {self.checkpoints[m].tensors[names[m]].dtype for m in names}
-        out_dtype = _out_dtype(self.recipe, dtypes)
-        shared = {p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, out_name) for p in self.method.params if p.scope == "shared"}
-        per_input = {
-            p.name: [self._resolve(p, [_source_params(s, m), s.parameters, self.recipe.parameters], names[m], t, f"{m}: {out_name}") for m in inputs]
-            for p in self.method.params
-            if p.scope == "input"
-        }
-        seeds = None
-        if self.method.randomized:
-            from distmerge.rng import derive_seed
+        if not all(DTYPES[d].is_floating_point for d in dtypes):
+            # Integer and bool tensors (index buffers, masks) are copied bit for bit, never
+            # cast or merged; the run checks that every model holds the same values.
+            if len(dtypes) > 1:
+                detail = ", ".join(f"{m}: {self.checkpoints[m].tensors[n].dtype}" for m, n in names.items())
+                raise MergeError(f"tensor {out_name!r} has different dtypes across models ({detail}); integer and bool tensors are copied, not merged, so the models must agree")
+            out_dtype, shared, per_input, seeds = dtypes.pop(), {}, {}, None
+        else:
+            out_dtype = _out_dtype(self.recipe, dtypes)
+            shared = {p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, out_name) for p in self.method.params if p.scope == "shared"}
+            per_input = {
+                p.name: [self._resolve(p, [_source_params(s, m), s.parameters, self.recipe.parameters], names[m], t, f"{m}: {out_name}") for m in inputs]
+                for p in self.method.params
+                if p.scope == "input"
+            }
+            self._check_weight_sum(shared, per_input, out_name)
+            seeds = None
+            if self.method.randomized:
+                from distmerge.rng import derive_seed
 
-            # Keyed by what the tensor *is*, never by where or when it is computed.
-            seeds = [derive_seed(self.seed, out_name, m, names[m]) for m in inputs]
+                # Keyed by what the tensor *is*, never by where or when it is computed.
+                seeds = [derive_seed(self.seed, out_name, m, names[m]) for m in inputs]
         self.tensors.append(
             OutputTensor(
                 name=out_name,
@@ -381,6 +494,21 @@ class _Planner:
                 vocab=vocab,
             )
         )
+
+    def _check_weight_sum(self, shared: dict, per_input: dict, out_name: str) -> None:
+        """A method that divides by Σᵢ wᵢ with no guard (as mergekit's does) would write NaN/Inf
+        for weights that sum to zero: refuse them now, before anything is written."""
+        flag = self.method.divides_by_weight_sum
+        if flag is None or not shared.get(flag):
+            return
+        import torch
+
+        weights = per_input["weight"]
+        if float(torch.tensor(weights, dtype=torch.float32).sum()) == 0:  # summed as the merge sums them
+            raise MergeError(
+                f"tensor {out_name!r}: the weights {weights} sum to zero, and {self.method.name} with "
+                f"{flag}: true divides by their sum; change the weights, or set {flag}: false"
+            )
 
     def _ref(self, model: str, name: str) -> InputRef:
         info = self.checkpoints[model].tensors[name]

@@ -101,8 +101,8 @@ def merge_tensor(
         if t.vocab is not None:  # rows re-indexed to the output vocabulary, in the compute dtype
             rows = permute(t.vocab, {r.model: x.to(work) for r, x in zip(t.all_inputs, [base, *inputs][base is None :])})
             inputs, base = [rows[r.model] for r in t.inputs], rows[t.base.model] if t.base else None
-    if not inputs[0].is_floating_point():
-        return (base if base is not None else inputs[0]).to(out_dtype)  # integer buffers are copied
+    if not out_dtype.is_floating_point:  # integer and bool tensors: copied bit for bit, never cast
+        return _same_in_every_model(plan, t, [base, *inputs] if base is not None else inputs)
     if _is_plain_copy(method, t, inputs, work, out_dtype):
         return inputs[0]  # the mapped input's bytes go to the writer as they are
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
@@ -167,6 +167,20 @@ def merge_tensor(
         merge = time.perf_counter() - start - read_seconds
         progress.stats.seconds["merge"] = progress.stats.seconds.get("merge", 0.0) + merge
     return out.view(t.shape)
+
+
+def _same_in_every_model(plan: Plan, t: OutputTensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """The one value every model holds for an integer or bool tensor; MergeError naming two
+    models that disagree (such a tensor is not merged, and picking one would hide it)."""
+    refs = t.all_inputs
+    for ref, x in zip(refs[1:], values[1:]):
+        if not torch.equal(x, values[0]):
+            raise MergeError(
+                f"tensor {t.name!r} ({t.dtype}) holds different values in {plan.models[refs[0].model].ref!r} and "
+                f"{plan.models[ref.model].ref!r}; integer and bool tensors are copied, not merged, so every model "
+                "must hold the same values: remove it from the checkpoints that differ, or make them agree"
+            )
+    return values[0]
 
 
 def _is_plain_copy(method: methods.Method, t: OutputTensor, inputs: list[torch.Tensor], work, out_dtype) -> bool:

@@ -93,6 +93,9 @@ class Method:
     yields the merged flat ranges in order. A method whose statistics run along rows may
     read whole rows at a time. None means "not for these parameters": the run then calls
     ``merge``."""
+    divides_by_weight_sum: str | None = None
+    """The boolean parameter that, when true, makes the method divide by Σᵢ weightᵢ with no
+    guard against zero (as mergekit does): the plan refuses weights that sum to zero."""
     summary: str = ""
     """One line for the README and ``distmerge methods``."""
     paper: str = ""

@@ -28,6 +28,7 @@ METHODS = (
         ),
         base="ignored",
         elementwise=True,
+        divides_by_weight_sum="normalize",
         summary="Weighted average of the models (model soups).",
         paper="https://arxiv.org/abs/2203.05482",
     ),

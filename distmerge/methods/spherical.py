@@ -191,6 +191,7 @@ METHODS = (
         ),
         base="optional",
         min_inputs=1,
+        divides_by_weight_sum="normalize_weights",
         summary="Weighted spherical interpolation of many models (or task vectors).",
         paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     ),
