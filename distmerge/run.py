@@ -103,6 +103,11 @@ def merge_tensor(
             inputs, base = [rows[r.model] for r in t.inputs], rows[t.base.model] if t.base else None
     if not out_dtype.is_floating_point:  # integer and bool tensors: copied bit for bit, never cast
         return _same_in_every_model(plan, t, [base, *inputs] if base is not None else inputs)
+    if not inputs:  # the base alone (a recipe with no other model): written as it is, rounded like mergekit's
+        out = compute(base).to(work).to(out_dtype)
+        if not allow_nonfinite:
+            _check_finite(t, out)
+        return out
     if _is_plain_copy(method, t, inputs, work, out_dtype):
         return inputs[0]  # the mapped input's bytes go to the writer as they are
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}

@@ -431,3 +431,22 @@ def test_pread_reads_give_the_same_bytes_as_mmap(llama_family, tmp_path, method)
 
     shards = sorted(p.name for p in a.glob("model-*.safetensors"))
     assert shards and all(filecmp.cmp(a / n, b / n, shallow=False) for n in shards)
+
+
+# ---------------------------------------------------------------- the base alone
+
+
+@pytest.mark.parametrize("method, params", [("della_linear", {"density": 0.5, "weight": 0.5, "epsilon": 0.1}), ("ties", {"density": 0.5, "weight": 1.0})])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_recipe_whose_only_model_is_the_base_writes_the_base(llama_family_f32, tmp_path, method, params, dtype):
+    """As in published recipes (BioMistral's della_linear): `plan` accepts it, so `run` must
+    run it; mergekit writes the base rounded to the recipe's dtype."""
+    f = llama_family_f32
+    recipe = {"merge_method": method, "base_model": str(f["base"]), "dtype": dtype, "parameters": params, "models": models(f, ("base", None))}
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs)
+    base = load_state(f["base"])
+    out = load_state(ours)
+    assert out.keys() == base.keys()
+    for name, x in base.items():
+        assert torch.equal(out[name], x.to(getattr(torch, dtype))), name
