@@ -11,10 +11,11 @@ import json
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 
 from distmerge.errors import MergeError
-from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header
+from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, open_regular, read_header
 from distmerge.io.zero import ZeroCheckpoint, find_tag, is_zero_checkpoint
 
 SINGLE_FILE = "model.safetensors"
@@ -26,6 +27,10 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"
 """What a hub download fetches: weights, configs, tokenizer files. Never code or pickles."""
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+COUNT_KEYS = (*LAYER_KEYS, "vocab_size")
+"""Config values the planner counts with: when present (and not null), whole numbers >= 0."""
+MAX_JSON_BYTES = 256 * 2**20
+"""Largest JSON file read (configs, indexes, tokenizer configs are KBs to a few MB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +64,43 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int | None:
+        """The config's layer count (``load_checkpoint`` refuses one that is not a whole number)."""
         for key in LAYER_KEYS:
-            if isinstance(self.config.get(key), int):
+            if type(self.config.get(key)) is int:
                 return self.config[key]
         return None
+
+
+def read_json(path: str, kind: str = "object") -> dict:
+    """The JSON object in the regular file ``path``, read as UTF-8.
+
+    Raises MergeError naming the file for anything else: missing or unreadable, a FIFO or
+    device (never opened for blocking reads), larger than MAX_JSON_BYTES, not UTF-8, invalid
+    or too deeply nested JSON, or a JSON value that is not an object.
+    """
+    try:
+        with open_regular(path) as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise MergeError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise MergeError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB; this is not a JSON {kind} file distmerge reads")
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save or re-download it") from None
+    except RecursionError:
+        raise MergeError(f"{path}: its JSON is nested too deeply to be a {kind}; re-download it") from None
+    except ValueError as e:  # JSONDecodeError, integers of too many digits
+        raise MergeError(f"{path}: invalid JSON ({' '.join(str(e).split())}); re-download or fix it") from None
+    if not isinstance(value, dict):
+        raise MergeError(f"{path}: holds a JSON {_json_kind(value)}, not the JSON object a {kind} is; re-download or fix it")
+    return value
+
+
+def _json_kind(value: object) -> str:
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def split_revision(ref: str) -> tuple[str, str | None]:
@@ -140,17 +178,19 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
         return attach_adapter(ck, resolve(adapter_ref, base_dir, local_only))
     path = resolve(ref, base_dir, local_only)
     config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not os.path.exists(config_path):
         raise MergeError(f"model {ref!r}: {path} has no config.json; is it a Hugging Face model directory?")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MergeError(f"model {ref!r}: cannot read {config_path}: {e}") from None
+    config = read_json(config_path, "model config")
+    for key in COUNT_KEYS:
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 0):
+            raise MergeError(f"model {ref!r}: {config_path}: {key} is {value!r}, not a whole number; fix config.json")
     tensors: dict[str, TensorInfo] = {}
     files = _weight_files(ref, path, allow_pickle)
     if any(is_pickle(f) for f in files):
-        return Checkpoint(ref=ref, path=path, config=config, tensors=_pickle_tensors(ref, path, files))
+        tensors = _pickle_tensors(ref, path, files)
+        _check_layer_count(ref, config_path, config, tensors)
+        return Checkpoint(ref=ref, path=path, config=config, tensors=tensors)
     for file, names in files.items():
         entries, _ = read_header(os.path.join(path, file))
         missing = [n for n in names if n not in entries] if names is not None else []
@@ -162,23 +202,36 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
             if name in tensors:
                 raise MergeError(f"model {ref!r}: tensor {name!r} is stored twice ({tensors[name].file} and {file})")
             tensors[name] = _info(file, entries[name])
+    _check_layer_count(ref, config_path, config, tensors)
     return Checkpoint(ref=ref, path=path, config=config, tensors=tensors)
+
+
+def _check_layer_count(ref: str, config_path: str, config: dict, tensors: dict) -> None:
+    """Every layer has at least one tensor: a layer count beyond the tensor count is a
+    corrupt config (and would have the planner walk through that many layers)."""
+    n = next((config[k] for k in LAYER_KEYS if config.get(k) is not None), None)
+    if n is not None and n > len(tensors):
+        raise MergeError(
+            f"model {ref!r}: {config_path} says {n} layers but the checkpoint holds only {len(tensors)} tensors; fix config.json"
+        )
 
 
 def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
     """Attach a PEFT LoRA adapter: every targeted weight W is read as W + s·B·A, with
     s = lora_alpha / r (lora_alpha / √r with rslora), as PEFT's merge_and_unload computes it."""
-    try:
-        with open(os.path.join(adapter_path, "adapter_config.json")) as f:
-            config = json.load(f)
-        r, alpha = config["r"], config.get("lora_alpha", config["r"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MergeError(f"adapter {adapter_path}: no readable adapter_config.json with r and lora_alpha ({e})") from None
+    config_path = os.path.join(adapter_path, "adapter_config.json")
+    config = read_json(config_path, "adapter config")
+    r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if type(r) is not int or r < 1 or type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise MergeError(
+            f"adapter {adapter_path}: {config_path} needs r (a positive integer) and lora_alpha (a number), "
+            f"got r={r!r}, lora_alpha={alpha!r}"
+        )
     if config.get("peft_type", "LORA") != "LORA" or config.get("fan_in_fan_out"):
         raise MergeError(f"adapter {adapter_path}: only plain LoRA adapters are supported (peft_type LORA, fan_in_fan_out false)")
     scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
     file = "adapter_model.safetensors"
-    if not os.path.isfile(os.path.join(adapter_path, file)):
+    if not os.path.exists(os.path.join(adapter_path, file)):
         raise MergeError(f"adapter {adapter_path}: no {file} (pickled adapters are not read)")
     entries, _ = read_header(os.path.join(adapter_path, file))
     prefix = "base_model.model."
@@ -214,7 +267,11 @@ def load_pickled(path: str) -> dict:
     import torch
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block torch.load forever
+            raise MergeError(f"{path}: not a regular file; distmerge reads only regular files")
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except MergeError:
+        raise
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files
         raise MergeError(f"{path}: cannot load it with torch.load(weights_only=True): {e}") from None
 
@@ -239,30 +296,31 @@ def _pickle_tensors(ref: str, path: str, files: dict[str, list[str] | None]) -> 
 def _weight_files(ref: str, path: str, allow_pickle: bool = False) -> dict[str, list[str] | None]:
     """{file: tensor names it holds per the index, or None for "all of them"}."""
     index_path = os.path.join(path, INDEX_FILE)
-    if not os.path.isfile(index_path) and not os.path.isfile(os.path.join(path, SINGLE_FILE)) and allow_pickle:
+    if not os.path.exists(index_path) and not os.path.exists(os.path.join(path, SINGLE_FILE)) and allow_pickle:
         index_path = os.path.join(path, PICKLE_INDEX)
-        if not os.path.isfile(index_path):
-            pickles = [p for p in PICKLE_FILES if os.path.isfile(os.path.join(path, p))]
+        if not os.path.exists(index_path):
+            pickles = [p for p in PICKLE_FILES if os.path.exists(os.path.join(path, p))]
             if pickles:
                 return {pickles[0]: None}
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MergeError(f"model {ref!r}: {index_path} is not a valid index ({e})") from None
+    if os.path.exists(index_path):
+        weight_map = read_json(index_path, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MergeError(
+                f"model {ref!r}: {index_path}: weight_map is a {_json_kind(weight_map)}, not an object "
+                "mapping tensor names to files; re-download the index"
+            )
         files: dict[str, list[str] | None] = {}
         for name, file in sorted(weight_map.items()):
-            if not isinstance(file, str) or os.path.isabs(file) or ".." in file.replace("\\", "/").split("/"):
+            if not isinstance(file, str) or not file or os.path.isabs(file) or ".." in file.replace("\\", "/").split("/"):
                 raise MergeError(
                     f"model {ref!r}: {INDEX_FILE} names {file!r} for {name!r}, which is outside the model "
                     "directory; refusing to read it"
                 )
-            if not os.path.isfile(os.path.join(path, file)):
+            if not os.path.exists(os.path.join(path, file)):
                 raise MergeError(f"model {ref!r}: shard {file} named by {INDEX_FILE} is missing")
             files.setdefault(file, []).append(name)
         return files
-    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+    if os.path.exists(os.path.join(path, SINGLE_FILE)):
         return {SINGLE_FILE: None}
     if is_zero_checkpoint(path):
         tag = find_tag(path)

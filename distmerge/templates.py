@@ -10,6 +10,8 @@ import os
 from collections import Counter
 
 from distmerge.errors import MergeError
+from distmerge.io.header import open_regular
+from distmerge.sources import read_json
 
 CHAT_TEMPLATES = {
     "chatml": (
@@ -50,13 +52,23 @@ def resolve(setting: str | None, model_dirs: list[str]) -> str | None:
 
 
 def _template_of(model_dir: str) -> str | None:
+    """A model's chat template: chat_template.jinja, else tokenizer_config.json's
+    ``chat_template`` when it is a string.
+
+    Only regular files are read (a FIFO there would block forever). A file that is there
+    but unreadable, not UTF-8 or not a JSON object is an error naming it, not "no template".
+    """
     jinja = os.path.join(model_dir, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja) as f:
-            return f.read().strip() or None
-    try:
-        with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
-            template = json.load(f).get("chat_template")
-    except (OSError, ValueError):
+    if os.path.exists(jinja):
+        try:
+            with open_regular(jinja) as f:
+                return f.read().decode("utf-8-sig").strip() or None
+        except OSError as e:
+            raise MergeError(f"chat_template auto: cannot read {jinja}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise MergeError(f"chat_template auto: {jinja} is not UTF-8 text (at byte {e.start}); re-save it as UTF-8") from None
+    config = os.path.join(model_dir, "tokenizer_config.json")
+    if not os.path.exists(config):
         return None
-    return template.strip() if isinstance(template, str) else None
+    template = read_json(config, "tokenizer config").get("chat_template")
+    return (template.strip() or None) if isinstance(template, str) else None

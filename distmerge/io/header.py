@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -35,6 +37,27 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 """safetensors refuses larger headers; so do we (a corrupt length would otherwise allocate GBs)."""
+
+
+def open_regular(path: str) -> BinaryIO:
+    """``path`` opened for binary reading, only if it is a regular file (symlinks followed).
+
+    A FIFO, socket or device named like a model file would block ``open`` forever or read
+    without end; it is opened without blocking, checked with fstat (so the check and the
+    read see the same file) and refused with OSError(EINVAL) naming what it is.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise OSError(22, f"it is {kind}; distmerge reads only regular files", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def itemsize(dtype: str) -> int:
@@ -71,8 +94,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     """
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise MergeError(f"{path}: not a safetensors file (only {size} bytes long)")
@@ -87,8 +110,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
         raise MergeError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: corrupt safetensors header: invalid JSON ({e})") from None
+    except RecursionError:
+        raise MergeError(f"{path}: not a safetensors file: its header JSON is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, integers of too many digits
+        raise MergeError(f"{path}: corrupt safetensors header: invalid JSON ({_one_line(e)})") from None
     if not isinstance(header, dict):
         raise MergeError(f"{path}: corrupt safetensors header: expected a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -98,6 +123,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     entries = {name: _entry(path, name, info, start) for name, info in header.items()}
     _check_layout(path, entries, size)
     return entries, metadata
+
+
+def _one_line(e: Exception, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _entry(path: str, name: str, info: object, start: int) -> TensorEntry:
