@@ -5,10 +5,14 @@ layer) or ``slices`` (layer ranges of models, stacked). Parameters are set at th
 level, per slice, or per model, and each setting is a scalar, a gradient (a list
 interpolated over the layer stack) or a list of ``{filter, value}`` entries matched
 against tensor names. The semantics follow mergekit 0.1.5 (config.py, parameter_resolver.py).
+
+Reading is bounded (see ``load_yaml``): nesting, alias expansion and integers are capped, so
+a hostile recipe is one MergeError, never a hang or a RecursionError in the functions below.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +21,7 @@ import yaml
 
 from distmerge import methods
 from distmerge.errors import MergeError
+from distmerge.io.header import open_regular
 from distmerge.templates import check_setting
 
 TOP_KEYS = {
@@ -25,6 +30,12 @@ TOP_KEYS = {
 }  # fmt: skip
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+MAX_RECIPE_BYTES = 16 * 2**20
+"""A recipe is a few KB of YAML; a larger file is the wrong file."""
+MAX_DEPTH = 64
+"""Deepest nesting of lists and mappings (mergekit's recipes need about 10)."""
+MAX_VALUES = 100_000
+"""Most values a recipe may expand to through YAML aliases (``&name`` ... ``*name``)."""
 
 Setting = Any
 """A parameter setting as written: scalar, list of scalars, {filter, value} or a list of those."""
@@ -110,28 +121,165 @@ class Recipe:
 
 
 def load_recipe(path: str) -> Recipe:
-    """Read and check a recipe file. Raises MergeError with the line for YAML errors."""
+    """Read and check a recipe file: a regular file (a FIFO is never opened for a blocking
+    read) of UTF-8 text, at most MAX_RECIPE_BYTES. Raises MergeError with the line for YAML errors."""
     try:
-        with open(path) as f:
-            text = f.read()
+        with open_regular(path) as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise MergeError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise MergeError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a small YAML file: is this the right file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise MergeError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save the recipe as UTF-8"
+        ) from None
     return parse_recipe(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
 
 
-def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Recipe:
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), refusing nesting deeper than MAX_DEPTH while it
+    composes (before its recursive composer could exhaust the stack), integers beyond 64 bits,
+    and values Python cannot build, each with its line."""
+
+    source = "recipe"
+    depth = 0
+
+    def construct_object(self, node, deep=False):
+        # Constructors raise ValueError for values YAML matches but Python cannot build
+        # (2001-13-01 as a date, integers of over 4300 digits): report them with their line.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read this value ({e})", node.start_mark) from None
+
+    def construct_yaml_int(self, node):
+        try:
+            value = super().construct_yaml_int(node)
+        except ValueError:  # more than 4300 decimal digits
+            value = 2**63
+        if abs(value) >= 2**63:
+            raise yaml.constructor.ConstructorError(None, None, "integer too large (a recipe's integers fit in 64 bits)", node.start_mark)
+        return value
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise MergeError(_too_deep(self.source, self.peek_event().start_mark))
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _too_deep(source: str, mark) -> str:
+    return (
+        f"{source}: values nested more than {MAX_DEPTH} levels deep (at line {mark.line + 1}); "
+        "a recipe needs about 10: check the brackets and indentation there"
+    )
+
+
+def load_yaml(text: str, source: str = "recipe") -> Any:
+    """The YAML document in ``text``, read safely and with bounded work.
+
+    Beyond ``yaml.safe_load`` (which already refuses ``!!python/...`` tags), refuses with a
+    MergeError naming ``source``: nesting deeper than MAX_DEPTH (also through aliases);
+    an alias inside the value it names (a cycle); and aliases that expand the document to
+    more than MAX_VALUES values, counting an aliased value once per use (a "billion laughs"
+    document: each level re-uses the one before several times). A few aliases, as mergekit
+    users write them to share a parameter block, stay far below the cap.
+    """
+    loader = None
     try:
-        doc = yaml.safe_load(text)
+        loader = _Loader(text)
+        loader.source = source
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise MergeError(f"{source}: invalid YAML{where}: {problem}") from None
+        raise MergeError(f"{source}: invalid YAML{_yaml_problem(e)}") from None
+    except RecursionError:  # a backstop: _Loader and _check_expansion bound the depth
+        raise MergeError(f"{source}: values nested too deeply; a recipe needs about 10 levels") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.reader.ReaderError):
+        return f": character #x{e.character:04x} at position {e.position} is not allowed in YAML; remove it"
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    if context and problem.startswith("but "):  # "expected a single document ... but found another document"
+        problem = f"{context} {problem}"
+    return f"{where}: {' '.join(problem.split())}"
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse cycles, and documents that aliases make deeper than MAX_DEPTH or larger than
+    MAX_VALUES. One walk over the node graph: each node is visited once (an alias is the very
+    node it names), its expanded size and depth computed from its children's."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            kids = _children(node)
+            size[key] = min(1 + sum(size[id(k)] for k in kids), 2**62)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            if depth[key] > MAX_DEPTH:
+                raise MergeError(_too_deep(source, node.start_mark))
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise MergeError(
+                f"{source}: a YAML alias at line {node.start_mark.line + 1} is used inside the value it names "
+                "(a value that contains itself); write the values out"
+            )
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in _children(node))
+    if size[id(root)] > MAX_VALUES and size[id(root)] > len(size):
+        where = ""
+        if isinstance(root, yaml.MappingNode) and root.value:
+            k, v = max(root.value, key=lambda kv: size[id(kv[1])])
+            where = f" (under {k.value!r})" if isinstance(k, yaml.ScalarNode) else ""
+        raise MergeError(
+            f"{source}: the recipe uses YAML aliases (*name) that expand to more than {MAX_VALUES:,} values{where}; "
+            "write the values out instead of nesting aliases"
+        )
+
+
+def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Recipe:
+    doc = load_yaml(text, source)
     if not isinstance(doc, dict):
         raise MergeError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
     unknown = sorted(set(doc) - TOP_KEYS, key=str)
     if unknown:
-        raise MergeError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(TOP_KEYS))}")
+        raise MergeError(f"{source}: unknown key {_short(unknown[0])}; valid keys are {', '.join(sorted(TOP_KEYS))}")
     if "modules" in doc:
         raise MergeError(f"{source}: 'modules' (multi-module architectures) is not supported; use models or slices")
     if doc.get("tokenizer") is not None and doc.get("tokenizer_source") is not None:
@@ -139,7 +287,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
 
     name = doc.get("merge_method")
     if not isinstance(name, str) or name not in methods.METHODS:
-        raise MergeError(f"{source}: unknown merge_method {name!r}; valid methods are {', '.join(sorted(methods.METHODS))}")
+        raise MergeError(f"{source}: unknown merge_method {_short(name)}; valid methods are {', '.join(sorted(methods.METHODS))}")
     if ("models" in doc) == ("slices" in doc) or not (doc.get("models") or doc.get("slices")):
         raise MergeError(f"{source}: a recipe needs exactly one of 'models' or 'slices' (non-empty)")
 
@@ -163,7 +311,7 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
 
 def _text(value: Any, where: str, source: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise MergeError(f"{source}: {where} must be text, got {value!r}")
+        raise MergeError(f"{source}: {where} must be text, got {_short(value)}")
     return value
 
 
@@ -185,7 +333,7 @@ def _model(value: Any, where: str, source: str, optional: bool = False) -> str |
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise MergeError(f"{source}: {where} must be a model path or hub id, got {value!r}")
+        raise MergeError(f"{source}: {where} must be a model path or hub id, got {_short(value)}")
     return value
 
 
@@ -202,13 +350,13 @@ def _tokenizer(doc: dict, source: str) -> TokenizerSpec | None:
     _no_unknown(block, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer", source)
     pad = block.get("pad_to_multiple_of")
     if pad is not None and (type(pad) is not int or pad < 1):
-        raise MergeError(f"{source}: tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
+        raise MergeError(f"{source}: tokenizer.pad_to_multiple_of must be a positive integer, got {_short(pad)}")
     tokens = block.get("tokens") or {}
     if not isinstance(tokens, dict):
         raise MergeError(f"{source}: tokenizer.tokens must map tokens to {{source, force}}")
     return TokenizerSpec(
         source=_model(block.get("source", "union"), "tokenizer.source", source),
-        tokens={str(tok): _token_source(cfg, f"tokenizer.tokens[{tok!r}]", source) for tok, cfg in tokens.items()},
+        tokens={str(tok): _token_source(cfg, f"tokenizer.tokens[{_short(tok)}]", source) for tok, cfg in tokens.items()},
         pad_to_multiple_of=pad,
     )
 
@@ -220,7 +368,7 @@ def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
     _no_unknown(cfg, {"source", "force"}, where, source)
     force = cfg.get("force", False)
     if not isinstance(force, bool):
-        raise MergeError(f"{source}: {where}.force must be true or false, got {force!r}")
+        raise MergeError(f"{source}: {where}.force must be true or false, got {_short(force)}")
     src = cfg.get("source")
     if src is None:
         return TokenSource(force=force)
@@ -238,7 +386,7 @@ def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
     if (token_id is None) == (token is None):
         raise MergeError(f"{source}: {where}.source: give exactly one of token_id or token")
     if token_id is not None and (type(token_id) is not int or token_id < 0):
-        raise MergeError(f"{source}: {where}.source.token_id must be a non-negative integer, got {token_id!r}")
+        raise MergeError(f"{source}: {where}.source.token_id must be a non-negative integer, got {_short(token_id)}")
     model = _model(src.get("model"), f"{where}.source.model", source)
     return TokenSource(model=model, token_id=token_id, token=None if token is None else str(token), force=force)
 
@@ -246,7 +394,7 @@ def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
 def _no_unknown(entry: dict, allowed: set[str], where: str, source: str) -> None:
     unknown = sorted(set(entry) - allowed, key=str)
     if unknown:
-        raise MergeError(f"{source}: {where}: unknown key {unknown[0]!r}; valid keys are {', '.join(sorted(allowed))}")
+        raise MergeError(f"{source}: {where}: unknown key {_short(unknown[0])}; valid keys are {', '.join(sorted(allowed))}")
 
 
 def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
@@ -259,7 +407,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
     if sliced:
         lr = entry.get("layer_range")
         if not (isinstance(lr, list) and len(lr) == 2 and all(type(x) is int for x in lr)):
-            raise MergeError(f"{source}: {where}.layer_range must be [start, end] (integers), got {lr!r}")
+            raise MergeError(f"{source}: {where}.layer_range must be [start, end] (integers), got {_short(lr)}")
         if not 0 <= lr[0] < lr[1]:
             raise MergeError(
                 f"{source}: {where}.layer_range {lr} is empty or reversed; it is [start, end) with 0 <= start < end"
@@ -309,10 +457,10 @@ def _check_setting_shape(setting: Setting, where: str, source: str) -> None:
         for cond in setting:
             unknown = sorted(set(cond) - {"filter", "value"}, key=str)
             if unknown or "value" not in cond:
-                raise MergeError(f"{source}: {where}: each entry is {{filter: NAME-PART, value: V}}, got {cond!r}")
+                raise MergeError(f"{source}: {where}: each entry is {{filter: NAME-PART, value: V}}, got {_short(cond)}")
             _check_setting_shape(cond["value"], where, source)
         return
-    raise MergeError(f"{source}: {where}: expected a number, a list of numbers (gradient) or filter entries, got {setting!r}")
+    raise MergeError(f"{source}: {where}: expected a number, a list of numbers (gradient) or filter entries, got {_short(setting)}")
 
 
 def _dtype(value: Any, where: str, source: str) -> str | None:
@@ -320,7 +468,7 @@ def _dtype(value: Any, where: str, source: str) -> str | None:
         return None
     name = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
     if not isinstance(name, str) or name not in DTYPES:
-        raise MergeError(f"{source}: {where} {value!r} is not one of {', '.join(sorted(DTYPES))}")
+        raise MergeError(f"{source}: {where} {_short(value)} is not one of {', '.join(sorted(DTYPES))}")
     return name
 
 
@@ -341,7 +489,7 @@ def _check_parameters(recipe: Recipe, source: str) -> None:
             param = method.param_index.get(key)
             if param is None:
                 valid = ", ".join(p.name for p in method.params) or "none"
-                raise MergeError(f"{source}: {where}: {method.name} has no parameter {key!r}; its parameters are: {valid}")
+                raise MergeError(f"{source}: {where}: {method.name} has no parameter {_short(key)}; its parameters are: {valid}")
             for value in _leaf_values(setting):
                 convert(param, value, f"{source}: {where}.{key}")
 
@@ -380,11 +528,18 @@ def convert(param: methods.Param, value: Any, where: str) -> Any:
                 raise ValueError
         else:
             out = param.type(value)
-    except (TypeError, ValueError):
-        raise MergeError(f"{where}: expected {param.type.__name__}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400), int(inf)
+        raise MergeError(f"{where}: expected {param.type.__name__}, got {_short(value)}") from None
+    if param.type is float and not math.isfinite(out):
+        raise MergeError(f"{where}: {_short(value)} is not a finite number; give a number like 0.5")
     if param.check and (problem := param.check(out)):
         raise MergeError(f"{where} {problem}")
     return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def evaluate(setting: Setting, tensor_name: str, t: float, param: methods.Param, where: str) -> Any:
