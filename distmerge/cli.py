@@ -252,15 +252,21 @@ def slurm_command(recipe, out, nodes, gpus_per_node, partition, time_limit, acco
 
 
 def main(argv=None) -> None:
-    """Entry point: user errors print one line and exit 2, without a traceback."""
-    try:
-        cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
-    except MergeError as e:
+    """Entry point. Exit codes: 0 done; 1 ``verify`` found problems; 2 a user error
+    (MergeError: one line, no traceback; or a click usage error); 3 an internal error (a
+    bug): one line naming it, the traceback saved to a new ``distmerge-crash-*.log`` in
+    $TMPDIR (the line gives its path); 130 interrupted (Ctrl-C)."""
+
+    def who(message: str) -> str:  # "rank N: " when this is one rank of several
         from distmerge.dist import detect
 
         env = detect()
-        who = f"rank {env.rank}: " if env.world_size > 1 and not str(e).startswith(("rank ", "stopping: ")) else ""
-        click.echo(f"error: {who}{e}", err=True)
+        return f"rank {env.rank}: " if env.world_size > 1 and not message.startswith(("rank ", "stopping: ")) else ""
+
+    try:
+        cli.main(args=argv, prog_name="distmerge", standalone_mode=False)
+    except MergeError as e:
+        click.echo(f"error: {who(str(e))}{e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -268,6 +274,22 @@ def main(argv=None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except Exception as e:  # a bug: one line for the user, the traceback kept for the report
+        import tempfile
+        import traceback
+
+        text = traceback.format_exc()
+        try:
+            fd, path = tempfile.mkstemp(prefix="distmerge-crash-", suffix=".log")
+            with open(fd, "w") as f:
+                f.write(f"distmerge {__version__}\nargs: {sys.argv[1:] if argv is None else argv}\n\n{text}")
+            where = f"the traceback is in {path}"
+        except OSError as log_error:  # nowhere to keep it: show it rather than lose it
+            sys.stderr.write(text)
+            where = f"the traceback is above (it could not be saved: {log_error.strerror or log_error})"
+        what = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        click.echo(f"internal error: {who(what)}{what}, please report it at https://github.com/distmerge/distmerge/issues; {where}", err=True)
+        sys.exit(3)
 
 
 if __name__ == "__main__":
