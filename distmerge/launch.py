@@ -32,6 +32,9 @@ class JobOptions:
     device: str = "auto"
     """"cpu", "cuda" or "auto"."""
     overwrite: bool = False
+    hash_inputs: bool = False
+    """Also record (and check on resume) a sha256 of every input file's content: reads
+    every input once more at setup and at each resume (about 1 s per GB per core)."""
     allow_nonfinite: bool = False
     quiet: bool = False
     timeout_s: float = 600.0
@@ -134,7 +137,7 @@ def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> 
                 f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
             )
         group.agree(check_memory(plan, group.env, group.device))
-        resumed = _on_rank0(group, lambda: output.prepare(out_dir, plan, overwrite=options.overwrite))
+        resumed = _on_rank0(group, "prepare", lambda: output.prepare(out_dir, plan, options.overwrite, options.hash_inputs))
         locked = group.rank == 0
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
@@ -220,13 +223,16 @@ def _on_every_rank(group: dist.Group, fn):
     return result
 
 
-def _on_rank0(group: dist.Group, fn):
-    """Run ``fn`` on rank 0; every rank gets its result, or its error."""
+def _on_rank0(group: dist.Group, step: str, fn):
+    """Run ``fn`` on rank 0; every rank gets its result, or its error. The others wait
+    watching rank 0's heartbeat, not on a collective's timeout: ``fn`` may take long
+    (preparing with --hash-inputs reads every input)."""
     result, error = None, None
     if group.rank == 0:
         try:
             result = fn()
         except MergeError as e:
             error = str(e)
+    group.wait_all(step)
     group.agree(error)
     return group.broadcast(result)

@@ -1,5 +1,23 @@
 """The output directory: prepare it (fresh, resumed or refused), and finish it on rank 0.
 
+This module owns what distmerge keeps in the directory besides the checkpoint (run.py
+writes the journal and the per-file records while merging):
+
+    .distmerge.lock             host and pid of the run writing here
+    .distmerge/plan.json        the plan: a rerun of the same plan resumes
+    .distmerge/inputs.json      what identifies each input file (see ``input_identity``):
+                                a rerun refuses inputs that changed since the run started
+    .distmerge/journal/         run.py: tensors on disk, one JSON line each
+    .distmerge/files/           run.py: one record per published shard (tensor sha256s)
+    .distmerge/finishing.json   the names ``finish`` writes, recorded before it writes them
+    .distmerge/manifest.json    every file distmerge wrote, with its size and sha256,
+                                written last: ``distmerge verify`` checks against it
+
+Setup builds plan.json and inputs.json in ``.distmerge.tmp-<pid>`` and renames that to
+``.distmerge`` as its last step, so a kill at any point leaves either a whole state or
+leftovers a rerun recognizes as its own. ``--overwrite`` deletes only the files these
+records name (and the ones the new plan will write), never a user's file.
+
 Finishing writes what turns a set of shards into a Hugging Face checkpoint: the shard
 index, config.json, generation config, tokenizer files, and a model card. Each is
 written atomically, after every rank's files are done.
@@ -7,19 +25,24 @@ written atomically, after every rank's files are done.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
 import socket
+import struct
 import time
 
 import psutil
 import yaml
 
 from distmerge.errors import MergeError
-from distmerge.io.writer import PARTIAL, write_atomic
-from distmerge.plan import Plan
-from distmerge.run import fault_point, forget_lost_files, publish_files, state_dir
+from distmerge.io.header import MAX_HEADER_BYTES
+from distmerge.io.writer import PARTIAL, fsync_dir, write_atomic
+from distmerge.plan import Plan, file_layout
+from distmerge.run import fault_point, forget_lost_files, publish_files, record_path, state_dir
+from distmerge.sources import is_pickle, is_zero
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = (
@@ -27,85 +50,161 @@ TOKENIZER_FILES = (
     "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
 )  # fmt: skip
 RECIPE_FILE = "distmerge_config.yml"
-
+PLAN_FILE, INPUTS_FILE, FINISHING_FILE, MANIFEST_FILE = "plan.json", "inputs.json", "finishing.json", "manifest.json"
+STATE_VERSION = 1
 
 LOCK_FILE = ".distmerge.lock"
+TMP = ".tmp-"
+"""Suffix (+ pid) of what setup builds before renaming it into place."""
 SPACE_MARGIN = 64 * 2**20
 """Free space kept in reserve beyond the planned output (index, card, journals)."""
 
 
-def prepare(out_dir: str, plan: Plan, overwrite: bool = False) -> bool:
+def prepare(out_dir: str, plan: Plan, overwrite: bool = False, hash_inputs: bool = False) -> bool:
     """Make ``out_dir`` ready for ``plan`` and lock it. Returns True when resuming.
 
     An existing directory is reused only if it holds a distmerge run of the same plan
-    (same fingerprint); anything else is refused unless ``overwrite``. Refuses, before
-    anything is written, a directory that is not writable, locked by another run, or on
-    a filesystem without room for the planned output.
+    (same fingerprint) whose inputs are unchanged; anything else is refused unless
+    ``overwrite``. A directory holding only an interrupted setup's leftovers counts as
+    new. Refuses, before anything is written, a directory that is not writable, locked by
+    another run, or on a filesystem without room for the planned output. ``hash_inputs``
+    records a sha256 of every input file's content too (reads every input once).
     """
-    plan_path = os.path.join(state_dir(out_dir), "plan.json")
     resume = False
-    if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {LOCK_FILE}:
-        previous = _fingerprint(plan_path)
+    if os.path.isdir(out_dir) and not _only_leftovers(out_dir):
+        previous = _fingerprint(out_dir)
         if previous is None and not overwrite:
             raise MergeError(
                 f"output directory {out_dir} is not empty and is not a distmerge output; "
                 "choose an empty or new directory, or pass --overwrite"
             )
+        if not overwrite:
+            changed = changed_inputs(out_dir, plan if previous == plan.fingerprint else None)
+            if changed:
+                raise MergeError(f"cannot resume {out_dir}: {changed}; rerun with --overwrite to start afresh")
         if previous not in (None, plan.fingerprint) and not overwrite:
             raise MergeError(
                 f"output directory {out_dir} holds a run of a different recipe or options "
                 f"(plan {previous[:12]}, now {plan.fingerprint[:12]}); pass --overwrite to replace it"
             )
         resume = previous == plan.fingerprint and not overwrite
+    inputs = None if resume else input_identity(plan, full=hash_inputs)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise MergeError(f"cannot create output directory {out_dir}: {e.strerror or e}") from None
+    fault_point(0, "setup-mkdir")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise MergeError(f"output directory {out_dir} is not writable by this user")
     take_lock(out_dir)
+    fault_point(0, "setup-lock")
     try:
         if overwrite:
-            _clear(out_dir)
+            _clear(out_dir, plan)
+            fault_point(0, "setup-clear")
+        for name in _leftovers(out_dir):
+            _remove(os.path.join(out_dir, name))
         if resume:
             forget_lost_files(out_dir, plan)
         check_space(out_dir, plan)
-        os.makedirs(state_dir(out_dir), exist_ok=True)
         if not resume:
-            write_atomic(plan_path, plan.to_json())
+            _create_state(out_dir, plan, inputs)
     except BaseException:
         release_lock(out_dir)
         raise
     return resume
 
 
+def _create_state(out_dir: str, plan: Plan, inputs: dict) -> None:
+    """Build the state in a temporary directory, then rename it into place: a rerun finds
+    a whole state, or a temporary directory it knows to remove."""
+    tmp = state_dir(out_dir) + TMP + str(os.getpid())
+    os.mkdir(tmp)
+    fault_point(0, "setup-state")
+    write_atomic(os.path.join(tmp, PLAN_FILE), plan.to_json())
+    fault_point(0, "setup-plan")
+    write_atomic(os.path.join(tmp, INPUTS_FILE), json.dumps(inputs, indent=1))
+    fault_point(0, "setup-inputs")
+    os.rename(tmp, state_dir(out_dir))
+    fsync_dir(out_dir)
+    fault_point(0, "setup-done")
+
+
+def _leftovers(out_dir: str) -> list[str]:
+    """What an interrupted setup leaves in ``out_dir``: temporary state directories, a
+    state directory without a whole plan and with nothing a run writes later, and lock
+    files being created by processes that are gone."""
+    found = []
+    for name in os.listdir(out_dir):
+        if name.startswith(os.path.basename(state_dir(out_dir)) + TMP):
+            found.append(name)
+        elif name.startswith(LOCK_FILE + TMP) and not _alive(name.rpartition(TMP)[2]):
+            found.append(name)
+        elif name == os.path.basename(state_dir(out_dir)) and _fingerprint(out_dir) is None:
+            held = set(os.listdir(state_dir(out_dir))) if os.path.isdir(state_dir(out_dir)) else {""}
+            if held <= {PLAN_FILE, PLAN_FILE + PARTIAL, INPUTS_FILE, INPUTS_FILE + PARTIAL}:
+                found.append(name)
+    return found
+
+
+def _only_leftovers(out_dir: str) -> bool:
+    return set(os.listdir(out_dir)) - {LOCK_FILE} <= set(_leftovers(out_dir))
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and psutil.pid_exists(int(pid))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 def take_lock(out_dir: str) -> None:
-    """Claim ``out_dir`` for this run: a lock file naming host and pid, created exclusively.
+    """Claim ``out_dir`` for this run: a lock file naming host and pid, created exclusively
+    and whole (hard-linked from a temporary file, so a kill never leaves it empty).
     A lock left by a dead process on this host is taken over; any other lock is refused."""
     path = os.path.join(out_dir, LOCK_FILE)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_json(path) or {}
-            if holder.get("host") == me["host"] and not psutil.pid_exists(holder.get("pid", -1)):
-                os.remove(path)  # stale: its process is gone (killed or crashed)
-                continue
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-            raise MergeError(
-                f"another distmerge run (pid {holder.get('pid')} on {holder.get('host')}, since {since}) "
-                f"is writing to {out_dir}; wait for it to finish, or delete {path} if that run is dead"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return
-    raise MergeError(f"cannot lock {out_dir}: {path} keeps coming back; is another run starting?")
+    tmp = path + TMP + str(os.getpid())
+    with open(tmp, "w") as f:
+        json.dump(me, f)
+    try:
+        for _ in range(2):
+            try:
+                _create_exclusive(tmp, path)
+            except FileExistsError:
+                holder = read_json(path) or {}
+                if holder.get("host") == me["host"] and not psutil.pid_exists(holder.get("pid", -1)):
+                    os.remove(path)  # stale: its process is gone (killed or crashed)
+                    continue
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                raise MergeError(
+                    f"another distmerge run (pid {holder.get('pid')} on {holder.get('host')}, since {since}) "
+                    f"is writing to {out_dir}; wait for it to finish, or delete {path} if that run is dead"
+                ) from None
+            return
+        raise MergeError(f"cannot lock {out_dir}: {path} keeps coming back; is another run starting?")
+    finally:
+        os.remove(tmp)
+
+
+def _create_exclusive(tmp: str, path: str) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links: create exclusively, then fill
+        with open(tmp, "rb") as src, open(path, "xb") as dst:
+            dst.write(src.read())
 
 
 def release_lock(out_dir: str) -> None:
     path = os.path.join(out_dir, LOCK_FILE)
-    holder = _read_json(path) or {}
+    holder = read_json(path) or {}
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         os.remove(path)
 
@@ -128,88 +227,291 @@ def check_space(out_dir: str, plan: Plan) -> None:
         )
 
 
-def _fingerprint(plan_path: str) -> str | None:
-    return (_read_json(plan_path) or {}).get("fingerprint")
+def _state(out_dir: str, name: str) -> str:
+    return os.path.join(state_dir(out_dir), name)
 
 
-def _read_json(path: str) -> dict | None:
+def _fingerprint(out_dir: str) -> str | None:
+    return (read_json(_state(out_dir, PLAN_FILE)) or {}).get("fingerprint")
+
+
+def read_json(path: str) -> dict | None:
+    """The JSON object in ``path``; None when it is missing, unreadable or not an object."""
     try:
-        with open(path) as f:
+        with open(path, "rb") as f:
             value = json.load(f)
         return value if isinstance(value, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
-def _clear(out_dir: str) -> None:
-    """Remove what distmerge writes; leave anything else alone."""
-    shutil.rmtree(state_dir(out_dir), ignore_errors=True)
-    for name in os.listdir(out_dir):
-        if (name.startswith("model-") and ".safetensors" in name) or name == INDEX_FILE:
-            os.remove(os.path.join(out_dir, name))
+def _clear(out_dir: str, plan: Plan) -> None:
+    """Remove what distmerge wrote here, as its own records name it (the earlier plan's
+    files, what finish wrote or was about to write), and what ``plan`` will write, each
+    with its ``.partial``; then the state. Anything else stays."""
+    names = {f.name for f in plan.files} | written_names(out_dir)
+    for name in sorted(names):
+        for path in (os.path.join(out_dir, name), os.path.join(out_dir, name + PARTIAL)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    shutil.rmtree(state_dir(out_dir), ignore_errors=True)  # last: a kill before this clears again
+
+
+def written_names(out_dir: str) -> set[str]:
+    """Every file name the state of ``out_dir`` says distmerge wrote (or meant to write) there."""
+    names = [f.get("name") for f in (read_json(_state(out_dir, PLAN_FILE)) or {}).get("files", []) if isinstance(f, dict)]
+    names += (read_json(_state(out_dir, FINISHING_FILE)) or {}).get("files", [])
+    names += [e["name"] for e in read_manifest(out_dir) or []]
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n}
+
+
+# ---------------------------------------------------------------- what the output is made from
+
+SAFETENSORS, PICKLE, SMALL = "safetensors", "pickle", "small"
+"""How an input file is identified: size, mtime and header sha256; size and mtime; size
+and content sha256 (configs and tokenizer files, a few MB at most)."""
+
+
+def input_identity(plan: Plan, full: bool = False) -> dict:
+    """What identifies every file whose bytes reach the output: each model's weight files,
+    adapters, config.json, and the donor's and tokenizer source's files that finish copies.
+
+    Recorded at setup (inputs.json) and compared on every resume and at finish, so that a
+    rerun never mixes tensors merged from different inputs. Local paths are recorded too:
+    unlike the plan's fingerprint, this record is about this machine's files. ``full``
+    adds a sha256 of every file's content (reads all inputs: about 1 s per GB per core).
+    """
+    files = []
+    for i, m in enumerate(plan.models):
+        for where, name, kind, adapter in _input_files(plan, i):
+            entry = {"model": m.ref, "dir": where, "file": name, **_identify(os.path.join(where, name), kind, full)}
+            files.append({**entry, "adapter": True} if adapter else entry)
+    return {"version": STATE_VERSION, "full": full, "files": files}
+
+
+def _input_files(plan: Plan, i: int) -> list[tuple[str, str, str, bool]]:
+    """(directory, file name, kind, from the adapter) of model ``i``'s files the output depends on."""
+    m = plan.models[i]
+    refs = [r for t in plan.tensors for r in t.all_inputs if r.model == i]
+    out = []
+    for file in sorted({r.file for r in refs}):
+        if is_zero(file):  # a DeepSpeed tag directory, and the file naming it
+            out += [(m.path, name, PICKLE, False) for name in _files_under(m.path, file)]
+            out.append((m.path, "latest", SMALL, False))
+        else:
+            out.append((m.path, file, PICKLE if is_pickle(file) else SAFETENSORS, False))
+    small = ["config.json"]
+    if i == plan.donor:
+        small.append("generation_config.json")
+    if i == plan.tokenizer_source:
+        small += TOKENIZER_FILES
+    out += [(m.path, name, SMALL, False) for name in dict.fromkeys(small)]
+    if m.adapter_path:
+        lora = sorted({r.lora[k][0] for r in refs if r.lora for k in ("a", "b")})
+        out += [(m.adapter_path, name, SAFETENSORS, True) for name in lora]
+        out.append((m.adapter_path, "adapter_config.json", SMALL, True))
+    return out
+
+
+def _files_under(root: str, folder: str) -> list[str]:
+    found = []
+    for here, _, names in os.walk(os.path.join(root, folder)):
+        found += [os.path.relpath(os.path.join(here, n), root) for n in names]
+    return sorted(found)
+
+
+def _identify(path: str, kind: str, full: bool) -> dict:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {"bytes": None}  # absent (an optional file): its appearing later counts as a change
+    except OSError as e:
+        raise MergeError(f"cannot read {path}: {e.strerror or e}") from None
+    ident = {"bytes": st.st_size}
+    if kind != SMALL:
+        ident["mtime_ns"] = st.st_mtime_ns
+    if kind == SAFETENSORS:
+        ident["header_sha256"] = _header_sha256(path)
+    if kind == SMALL or full:
+        ident["sha256"] = file_sha256(path)
+    return ident
+
+
+def changed_inputs(out_dir: str, plan: Plan | None = None, content: bool = True) -> str | None:
+    """How the inputs differ from those recorded when the run in ``out_dir`` started (None:
+    they do not). With ``plan`` (the same plan resuming), also that each model is still
+    read from the directory it started from (a hub model updated since has a new snapshot).
+    Without ``plan`` (another plan), only changes to recorded files count, and a missing
+    record is no reason to refuse. ``content=False`` skips re-hashing whole weight files
+    recorded with ``--hash-inputs``."""
+    record = read_json(_state(out_dir, INPUTS_FILE))
+    if record is None or record.get("version") != STATE_VERSION or not isinstance(record.get("files"), list):
+        return None if plan is None else (
+            f"{_state(out_dir, INPUTS_FILE)} is missing or unreadable (a run started by an older distmerge?), "
+            "so it cannot tell whether the input models changed since the run started"
+        )
+    dirs = {}
+    for m in plan.models if plan is not None else []:
+        dirs.setdefault(m.ref, set()).update({m.path, m.adapter_path})
+    for e in record["files"]:
+        try:
+            if e["model"] in dirs and e["dir"] not in dirs[e["model"]]:
+                return f"model {e['model']!r} is now read from {sorted(d for d in dirs[e['model']] if d)[0]}, this run started with {e['dir']}"
+            what = _what_changed(e, content)
+        except (KeyError, TypeError):
+            return f"{_state(out_dir, INPUTS_FILE)} is corrupt, so it cannot tell whether the input models changed"
+        if what:
+            return f"model {e['model']!r}: {'adapter file ' if e.get('adapter') else ''}{e['file']} {what}"
+    return None
+
+
+def _what_changed(e: dict, content: bool) -> str | None:
+    path = os.path.join(e["dir"], e["file"])
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if e["bytes"] is None:
+        return None if st is None else "appeared since this run started"
+    if st is None:
+        return "was deleted since this run started"
+    if st.st_size != e["bytes"]:
+        return f"changed since this run started (size {e['bytes']} -> {st.st_size})"
+    if "mtime_ns" in e and st.st_mtime_ns != e["mtime_ns"]:
+        return f"changed since this run started (modified {_when(e['mtime_ns'])} -> {_when(st.st_mtime_ns)})"
+    if "header_sha256" in e and _header_sha256(path) != e["header_sha256"]:
+        return "changed since this run started (its safetensors header differs)"
+    if "sha256" in e and (content or "mtime_ns" not in e) and file_sha256(path) != e["sha256"]:
+        return "changed since this run started (its content sha256 differs)"
+    return None
+
+
+def _when(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
+
+
+def _header_sha256(path: str) -> str:
+    """sha256 of a safetensors file's header: the 8-byte length and the JSON it counts."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
+        return hashlib.sha256(prefix + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- finishing
 
 
 def finish(plan: Plan, out_dir: str) -> None:
-    """Rank 0, once every rank has written its tensors: publish the files, then write the
-    index, config, tokenizer and card."""
+    """Rank 0, once every rank has written its tensors: check that no input changed during
+    the run, publish the files, write the index, config, tokenizer and card, and last the
+    manifest of everything written."""
+    changed = changed_inputs(out_dir, plan, content=False)
+    if changed:
+        raise MergeError(
+            f"{out_dir}: {changed}, so the merged tensors may mix old and new inputs; "
+            "rerun with --overwrite to start afresh"
+        )
+    files = finish_files(plan)
+    write_atomic(_state(out_dir, FINISHING_FILE), json.dumps({"files": sorted(files)}, indent=1))
     publish_files(plan, out_dir)
     fault_point(0, "index")
+    for name, data in files.items():
+        write_atomic(os.path.join(out_dir, name), data)
+    fault_point(0, "manifest")
+    write_manifest(out_dir, plan, files)
+
+
+def finish_files(plan: Plan) -> dict[str, bytes]:
+    """The files besides the shards, by name: index, config, the donor's generation config,
+    the tokenizer source's tokenizer files (with added tokens and chat template), recipe, card."""
     weight_map = {name: f.name for f in plan.files for name in f.tensors}
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors)}, "weight_map": weight_map}
-    write_atomic(os.path.join(out_dir, INDEX_FILE), json.dumps(index, indent=2))
-    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(plan.config, indent=2) + "\n")
-    donor = plan.models[plan.donor].path
-    _copy(donor, out_dir, ["generation_config.json"])
+    files = {INDEX_FILE: json.dumps(index, indent=2).encode(), "config.json": (json.dumps(plan.config, indent=2) + "\n").encode()}
+    files.update(_read_files(plan.models[plan.donor].path, ["generation_config.json"]))
     if plan.tokenizer_source is not None:
-        _copy(plan.models[plan.tokenizer_source].path, out_dir, TOKENIZER_FILES)
-    _add_tokens(plan, out_dir)
-    _set_chat_template(plan, out_dir)
-    write_atomic(os.path.join(out_dir, RECIPE_FILE), plan.recipe_text)
-    write_atomic(os.path.join(out_dir, "README.md"), model_card(plan))
+        files.update(_read_files(plan.models[plan.tokenizer_source].path, TOKENIZER_FILES))
+    _add_tokens(plan, files)
+    _set_chat_template(plan, files)
+    files[RECIPE_FILE] = plan.recipe_text.encode()
+    files["README.md"] = model_card(plan).encode()
+    return files
 
 
-def _copy(src_dir: str, out_dir: str, names) -> None:
+def write_manifest(out_dir: str, plan: Plan, files: dict[str, bytes]) -> None:
+    """Record every file written: name, bytes, and its sha256; for a shard, the sha256 of
+    its header and the record's sha256_tree over that and its tensors' sha256s (what each
+    rank hashed as it wrote them: no shard is read again here)."""
+    entries = []
+    for f in plan.files:
+        header, _ = file_layout(plan, f)
+        record = read_json(record_path(out_dir, f.name)) or {}
+        entries.append({
+            "name": f.name, "bytes": f.nbytes, "header_bytes": len(header),
+            "header_sha256": hashlib.sha256(header).hexdigest(), "sha256_tree": record.get("sha256_tree"),
+        })  # fmt: skip
+    entries += [{"name": n, "bytes": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in sorted(files.items())]
+    write_atomic(_state(out_dir, MANIFEST_FILE), json.dumps({"version": STATE_VERSION, "files": entries}, indent=1))
+
+
+def read_manifest(out_dir: str) -> list[dict] | None:
+    """The manifest's entries (None: missing, unreadable or malformed)."""
+    manifest = read_json(_state(out_dir, MANIFEST_FILE)) or {}
+    entries = manifest.get("files")
+    if manifest.get("version") != STATE_VERSION or not isinstance(entries, list):
+        return None
+    shard = {"name": str, "bytes": int, "header_bytes": int, "header_sha256": str, "sha256_tree": str}
+    other = {"name": str, "bytes": int, "sha256": str}
+    for e in entries:
+        keys = shard if isinstance(e, dict) and "header_sha256" in e else other
+        if not isinstance(e, dict) or set(e) != set(keys) or not all(isinstance(e[k], t) for k, t in keys.items()):
+            return None
+    return entries
+
+
+def _read_files(src_dir: str, names) -> dict[str, bytes]:
+    found = {}
     for name in names:
         src = os.path.join(src_dir, name)
         if os.path.isfile(src):
             with open(src, "rb") as f:
-                write_atomic(os.path.join(out_dir, name), f.read())
+                found[name] = f.read()
+    return found
 
 
-def _add_tokens(plan: Plan, out_dir: str) -> None:
+def _add_tokens(plan: Plan, files: dict[str, bytes]) -> None:
     """Append the plan's added tokens (``tokenizer_source: union``, ``tokenizer.tokens``) to
     tokenizer.json and to tokenizer_config.json's added_tokens_decoder."""
     if not plan.added_tokens:
         return
-    path = os.path.join(out_dir, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
+    tok = json.loads(files["tokenizer.json"].decode("utf-8"))
     tok["added_tokens"] = [*(tok.get("added_tokens") or []), *plan.added_tokens]
-    write_atomic(path, json.dumps(tok, indent=2, ensure_ascii=False))
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+    files["tokenizer.json"] = json.dumps(tok, indent=2, ensure_ascii=False).encode()
+    if "tokenizer_config.json" in files:
+        config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
         decoder = config.setdefault("added_tokens_decoder", {})
         for entry in plan.added_tokens:
             decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
-        write_atomic(path, json.dumps(config, indent=2, ensure_ascii=False))
+        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
 
 
-def _set_chat_template(plan: Plan, out_dir: str) -> None:
+def _set_chat_template(plan: Plan, files: dict[str, bytes]) -> None:
     """Write the recipe's chat template where transformers looks for it: chat_template.jinja
     (which takes precedence when present) and tokenizer_config.json."""
     template = plan.chat_template
     if not template:
         return
-    write_atomic(os.path.join(out_dir, "chat_template.jinja"), template)
-    path = os.path.join(out_dir, "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(path):
-        with open(path) as f:
-            config = json.load(f)
+    files["chat_template.jinja"] = template.encode()
+    config = json.loads(files["tokenizer_config.json"].decode("utf-8")) if "tokenizer_config.json" in files else {}
     config["chat_template"] = template
-    write_atomic(path, json.dumps(config, indent=2))
+    files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
 
 
 def model_card(plan: Plan) -> str:

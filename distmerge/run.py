@@ -34,7 +34,8 @@ from distmerge.sources import is_pickle
 from distmerge.vocab import permute
 
 STATE_DIR = ".distmerge"
-"""Bookkeeping inside the output directory: the plan and one record per finished file."""
+"""Bookkeeping inside the output directory: plan, input identities, journal, records,
+manifest (its layout is described in distmerge/output.py)."""
 
 
 @dataclass(slots=True)
@@ -228,14 +229,15 @@ def state_dir(out_dir: str) -> str:
     return os.path.join(out_dir, STATE_DIR)
 
 
-def record_path(out_dir: str, file: OutputFile) -> str:
-    return os.path.join(state_dir(out_dir), "files", file.name + ".json")
+def record_path(out_dir: str, name: str) -> str:
+    """The record of the published output file ``name``: its bytes and tensors' sha256s."""
+    return os.path.join(state_dir(out_dir), "files", name + ".json")
 
 
 def is_done(out_dir: str, file: OutputFile) -> bool:
     """A file counts as done when its record exists and the file on disk has the recorded size."""
     try:
-        with open(record_path(out_dir, file)) as f:
+        with open(record_path(out_dir, file.name)) as f:
             record = json.load(f)
         return record["bytes"] == file.nbytes == os.path.getsize(os.path.join(out_dir, file.name))
     except (OSError, ValueError, KeyError):
@@ -412,7 +414,8 @@ def run_rank(
 
 def fault_point(rank: int, where: int | str) -> None:
     """Test hook: DISTMERGE_FAULT="RANK:WHERE:ACTION" makes rank RANK, at WHERE (after
-    writing that many tensors, or at a named step: "publish", "index"), "raise" an error,
+    writing that many tensors, or at a named step: "setup-mkdir" ... "setup-done" in
+    output.prepare, "publish", "index", "manifest"), "raise" an error,
     "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then on, to give a
     test time to kill the job). Unset in normal use."""
     spec = os.environ.get("DISTMERGE_FAULT")
@@ -473,4 +476,4 @@ def publish_files(plan: Plan, out_dir: str) -> None:
             "sha256_tree": tree.hexdigest(),
             "tensors": [{"name": n, "sha256": h} for n, h in zip(file.tensors, tensor_sha)],
         }
-        write_atomic(record_path(out_dir, file), json.dumps(record, indent=1))
+        write_atomic(record_path(out_dir, file.name), json.dumps(record, indent=1))

@@ -1,7 +1,11 @@
-"""Check a finished output directory against its manifest, its index, and its config.
+"""Check a finished output directory: every file distmerge wrote against its manifest, then
+the index, the shards' headers and the config.
 
-Cheap mode reads headers and sizes only; full mode also re-hashes every tensor's bytes
-and compares them with the sha256 each rank recorded when it wrote them.
+Cheap mode: every file in the manifest exists with its recorded size, each shard's header
+is byte for byte the one written, and index, headers and config agree. Full mode also reads
+every byte: each other file's sha256, and each shard's tensors against the sha256 the rank
+that wrote them recorded, and header plus tensors against the manifest's sha256_tree. So a
+changed byte anywhere in any file is found.
 """
 
 from __future__ import annotations
@@ -14,29 +18,35 @@ import re
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.io.writer import PARTIAL
+from distmerge.output import INDEX_FILE, MANIFEST_FILE, read_json, file_sha256, read_manifest
+from distmerge.run import STATE_DIR, record_path
 
-INDEX_FILE = "model.safetensors.index.json"
-RECORDS = os.path.join(".distmerge", "files")
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 def verify(out_dir: str, full: bool = False) -> list[str]:
     """Every problem found in ``out_dir``; an empty list means it checks out."""
+    problems: list[str] = []
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        problems.append(
+            f"{STATE_DIR}/{MANIFEST_FILE}: missing or unreadable (did the run finish? rerun the same command to finish it)"
+        )
+    for entry in manifest or []:
+        problems += _check_file(out_dir, entry, full)
     try:
         with open(os.path.join(out_dir, INDEX_FILE)) as f:
             index = json.load(f)
         weight_map: dict[str, str] = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{INDEX_FILE}: missing or unreadable ({e})"]
-    problems: list[str] = []
+        return problems + [f"{INDEX_FILE}: missing or unreadable ({e})"]
     headers = {}
     by_file: dict[str, set[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, set()).add(name)
     for file, names in sorted(by_file.items()):
-        path = os.path.join(out_dir, file)
         try:
-            entries, _ = read_header(path)
+            entries, _ = read_header(os.path.join(out_dir, file))
         except MergeError as e:
             problems.append(str(e))
             continue
@@ -44,7 +54,6 @@ def verify(out_dir: str, full: bool = False) -> list[str]:
         if set(entries) != names:
             extra, missing = sorted(set(entries) - names), sorted(names - set(entries))
             problems.append(f"{file}: holds {extra[:3]} not in the index, lacks {missing[:3]} the index puts there")
-        problems += _check_record(out_dir, file, path, entries, full)
     total = sum(e.nbytes for entries in headers.values() for e in entries.values())
     if headers and len(headers) == len(by_file) and index.get("metadata", {}).get("total_size") != total:
         problems.append(f"{INDEX_FILE}: metadata.total_size is {index.get('metadata', {}).get('total_size')}, tensors hold {total} bytes")
@@ -55,34 +64,61 @@ def verify(out_dir: str, full: bool = False) -> list[str]:
     return problems
 
 
-def _check_record(out_dir: str, file: str, path: str, entries, full: bool) -> list[str]:
+def _check_file(out_dir: str, entry: dict, full: bool) -> list[str]:
+    """One file of the manifest: its size; a shard's header; with ``full``, every byte."""
+    name = entry["name"]
+    path = os.path.join(out_dir, name)
     try:
-        with open(os.path.join(out_dir, RECORDS, file + ".json")) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return [f"{file}: no manifest record in {RECORDS} (was the run finished?)"]
-    problems = []
-    size = os.path.getsize(path)
-    if record.get("bytes") != size:
-        problems.append(f"{file}: {size} bytes on disk, the manifest says {record.get('bytes')}")
-    if full:
-        with open(path, "rb") as f:
-            for t in record.get("tensors", []):
-                e = entries.get(t["name"])
-                if e is None:
-                    continue
-                f.seek(e.begin)
-                h = hashlib.sha256()
-                left = e.nbytes
-                while left:
-                    chunk = f.read(min(left, 1 << 24))
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    left -= len(chunk)
-                if h.hexdigest() != t["sha256"]:
-                    problems.append(f"{file}: tensor {t['name']} does not match its recorded sha256 (corrupted on disk?)")
+        size = os.path.getsize(path)
+    except OSError:
+        return [f"{name}: missing (distmerge wrote it; rerun the same command to write it again)"]
+    if size != entry["bytes"]:
+        return [f"{name}: {size} bytes on disk, distmerge wrote {entry['bytes']} (truncated or changed)"]
+    if "header_sha256" in entry:
+        return _check_shard(out_dir, entry, path, full)
+    if full and file_sha256(path) != entry["sha256"]:
+        return [f"{name}: its bytes differ from those distmerge wrote (sha256 mismatch: changed or corrupted)"]
+    return []
+
+
+def _check_shard(out_dir: str, entry: dict, path: str, full: bool) -> list[str]:
+    name = entry["name"]
+    with open(path, "rb") as f:
+        header = f.read(entry["header_bytes"])
+        if hashlib.sha256(header).hexdigest() != entry["header_sha256"]:
+            return [f"{name}: its safetensors header differs from the one distmerge wrote (changed or corrupted)"]
+        if not full:
+            return []
+        record = read_json(record_path(out_dir, name))
+        if record is None or not isinstance(record.get("tensors"), list):
+            return [f"{name}: no readable record in {STATE_DIR}/files (was the run finished?)"]
+        entries, _ = read_header(path)  # the header is the one written: it parses
+        problems, digests = [], []
+        for t in record["tensors"]:
+            e = entries.get(t.get("name"))
+            if e is None:
+                return [f"{name}: its record names tensor {t.get('name')!r}, which its header lacks (record corrupted?)"]
+            digests.append(_sha256_range(f, e.begin, e.end))
+            if digests[-1] != t.get("sha256"):
+                problems.append(f"{name}: tensor {t['name']} does not match its recorded sha256 (corrupted on disk?)")
+    tree = hashlib.sha256(hashlib.sha256(header).digest() + b"".join(bytes.fromhex(d) for d in digests)).hexdigest()
+    covered = len(header) + sum(e.nbytes for e in entries.values())
+    if not problems and (tree != entry["sha256_tree"] or covered != entry["bytes"] or len(digests) != len(entries)):
+        problems.append(f"{name}: its header and tensors do not add up to the manifest's sha256_tree (record or manifest changed?)")
     return problems
+
+
+def _sha256_range(f, begin: int, end: int) -> str:
+    f.seek(begin)
+    h = hashlib.sha256()
+    left = end - begin
+    while left:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
 
 
 def _check_config(out_dir: str, shapes: dict[str, tuple[int, ...]]) -> list[str]:
