@@ -55,7 +55,8 @@ def cli():
 @pickle_option
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1), help="Show how the files split over this many ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
-def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json):
+@click.option("--tensors", "per_tensor", is_flag=True, help="Also list every output tensor with its inputs and parameters.")
+def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json, per_tensor):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
     from distmerge.plan import assign_tensors, imbalance, rank_loads
 
@@ -67,7 +68,7 @@ def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json)
         d["imbalance"] = imbalance(p, shares)
         click.echo(json.dumps(d, indent=1))
         return
-    click.echo(describe(p, world_size))
+    click.echo(describe(p, world_size, per_tensor))
 
 
 def _plan(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool):
@@ -77,8 +78,9 @@ def _plan(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool):
     return make_plan(recipe_path, options)
 
 
-def describe(p, world_size: int = 1) -> str:
-    """The plan for people: summary, layer map, files, then every tensor."""
+def describe(p, world_size: int = 1, per_tensor: bool = False) -> str:
+    """The plan for people: summary, what is left out, layer map, files, ranks; with
+    ``per_tensor`` every output tensor too."""
     from distmerge.plan import assign_tensors, imbalance, rank_loads
 
     lines = [
@@ -99,10 +101,14 @@ def describe(p, world_size: int = 1) -> str:
     )
     lines += describe_left_out(p)
     if p.layer_map:
-        lines.append("layer map (output layer <- model:layer):")
-        lines += [f"  {i:4d} <- " + ", ".join(f"{m}:{k}" for m, k in srcs) for i, srcs in enumerate(p.layer_map)]
-    lines.append("files:")
-    lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}" for f in p.files]
+        lines.append("layer map (output layers <- model:layers):")
+        for first, last, sources in layer_runs(p.layer_map):
+            out = f"{first}" if first == last else f"{first}-{last}"
+            span = last - first
+            lines.append(f"  {out:>9} <- " + ", ".join(f"{m}:{k}" if not span else f"{m}:{k}-{k + span}" for m, k in sources))
+    lines.append(f"files ({len(p.files)}):")
+    shown = p.files if len(p.files) <= 8 or per_tensor else [*p.files[:3], None, p.files[-1]]
+    lines += [f"  {f.name}  {human(f.nbytes)}  {len(f.tensors)} tensors  reads {human(f.read_bytes)}" if f else "  ..." for f in shown]
     shares = assign_tensors(p, world_size)
     contiguous = all(share == list(range(share[0], share[-1] + 1)) for share in shares if share)
     how = "a contiguous run of tensors" if contiguous else "the largest tensors first, spread over all ranks"
@@ -111,12 +117,30 @@ def describe(p, world_size: int = 1) -> str:
         first = p.tensors[share[0]].name if share else "-"
         lines.append(f"  rank {r}: {len(share)} tensors from {first}, moves {human(load)}")
     lines.append(f"imbalance: the busiest rank moves {imbalance(p, shares) * 100:.1f}% more than the mean")
+    if not per_tensor:
+        lines.append(f"({len(p.tensors)} tensors: --tensors lists each with its inputs and parameters, --json gives the whole plan)")
+        return "\n".join(lines)
     lines.append("tensors:")
     for t in p.tensors:
         srcs = ([f"base={p.models[t.base.model].ref}:{t.base.name}"] if t.base else []) + [f"{p.models[r.model].ref}:{r.name}" for r in t.inputs]
         params = {**t.params, **t.input_params}
         lines.append(f"  {t.name} {t.dtype}{t.shape} <- " + ", ".join(srcs) + (f"  {params}" if params else ""))
     return "\n".join(lines)
+
+
+def layer_runs(layer_map) -> list[tuple[int, int, list]]:
+    """The layer map as runs of output layers whose sources all advance by one layer:
+    [(first output layer, last, [(model, its first layer), ...]), ...]."""
+    runs: list[tuple[int, int, list]] = []
+    for i, sources in enumerate(layer_map):
+        if runs:
+            first, last, start = runs[-1]
+            step = i - first
+            if last == i - 1 and [(m, k - step) for m, k in sources] == [tuple(x) for x in start]:
+                runs[-1] = (first, i, start)
+                continue
+        runs.append((i, i, [tuple(x) for x in sources]))
+    return runs
 
 
 def describe_left_out(p) -> list[str]:

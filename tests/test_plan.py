@@ -212,7 +212,11 @@ def test_cli_plan_json_and_text(llama_family, tmp_path):
     assert len(d["tensors"]) == 39 and len(d["assignment"]) == 2
     assert d["assignment"][0]["tensors"][-1] + 1 == d["assignment"][1]["tensors"][0]  # contiguous runs
     r = run_cli("plan", recipe, "--world-size", "2", "--out-shard-size", "30KB")
-    assert "layer map" in r.stdout and "model.layers.3.mlp.up_proj.weight" in r.stdout and "imbalance" in r.stdout
+    assert "layer map" in r.stdout and "imbalance" in r.stdout
+    assert "       0-3 <- " in r.stdout  # the four layers of the same models, as one run
+    assert "model.layers.3.mlp.up_proj.weight" not in r.stdout  # per tensor only with --tensors
+    r = run_cli("plan", recipe, "--world-size", "2", "--out-shard-size", "30KB", "--tensors")
+    assert "model.layers.3.mlp.up_proj.weight" in r.stdout
     assert "peak working memory" in r.stdout
 
 

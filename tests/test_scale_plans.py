@@ -217,5 +217,11 @@ def test_distmerge_plan_cli_on_goliath_at_64_ranks(sparse, tmp_path):
     line = next(line for line in r.output.splitlines() if line.startswith("imbalance:"))
     p = plan_text(text)
     assert f"{imbalance(p, assign_tensors(p, 64)) * 100:.1f}%" in line
-    assert "  16 <- " in r.output and f"{sparse['llama-70b/ft2']}:8" in r.output.split("  16 <- ")[1].splitlines()[0]
+    # goliath's slices as runs: output layers 16-31 are Euryale's layers 8-23
+    assert f"      16-31 <- {sparse['llama-70b/ft2']}:8-23\n" in r.output
+    assert "(layers 0-7, 24, 40, 56, 72-79): its layer is in no slice's layer_range" in r.output  # Euryale's unused layers
+    assert len(r.output.splitlines()) < 120 and "model.layers.16.mlp.up_proj.weight" not in r.output  # a summary
+    r = CliRunner().invoke(cli, ["plan", str(recipe), "--tensors"], env={"HF_HUB_OFFLINE": "1"})
+    assert "model.layers.16.mlp.up_proj.weight" in r.output and len(r.output.splitlines()) > 1200
     assert os.listdir(tmp_path) == ["goliath.yml"]  # planning writes nothing
+
