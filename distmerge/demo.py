@@ -1,7 +1,7 @@
 """Tiny Hugging Face Llama checkpoints for tests and the demo, and sparse full-scale ones.
 
-Needs only torch and the standard library (not even numpy) (``tokenizers`` is used when it
-is importable, to write a tokenizer; without it the checkpoints have no tokenizer files).
+Needs only torch and the standard library (not even numpy); the tokenizer files are written
+as JSON data, so they need no ``tokenizers`` package either.
 
 * :func:`make_llama` writes a small, deterministic Llama checkpoint directory exactly as
   ``LlamaForCausalLM.save_pretrained`` would lay it out (config.json,
@@ -364,49 +364,59 @@ def _tokenizer_vocab(vocab: int) -> tuple[dict[str, int], list[tuple[str, str]]]
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def write_tokenizer(path: str | os.PathLike, *, vocab: int, model_max_length: int = 512) -> bool:
+def write_tokenizer(path: str | os.PathLike, *, vocab: int, model_max_length: int = 512) -> None:
     """Write a tiny BPE tokenizer with exactly ``vocab`` entries (ids: <unk> 0, <s> 1, </s> 2).
 
-    Uses the ``tokenizers`` package when it is importable; returns False (and writes
-    nothing) when it is not. The files are what ``PreTrainedTokenizerFast.save_pretrained``
-    writes: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+    The files are what ``PreTrainedTokenizerFast.save_pretrained`` writes (tokenizer.json,
+    tokenizer_config.json, special_tokens_map.json), built as JSON data so that the demo
+    needs no ``tokenizers`` package: its output loads with ``AutoTokenizer`` all the same.
     """
-    try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-    except ImportError:
-        return False
     path = Path(path)
     vocab_map, merges = _tokenizer_vocab(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab_map, merges=merges, unk_token="<unk>", fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
-    )
-    tok.save(str(path / "tokenizer.json"))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+
+    def special(i: int, token: str) -> dict:
+        return {"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+
+    def template(*parts: str) -> list[dict]:
+        return [{"SpecialToken": {"id": p, "type_id": 0}} if p.startswith("<") else {"Sequence": {"id": p, "type_id": 0}} for p in parts]
+
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [special(i, t) for i, t in enumerate(SPECIAL_TOKENS)],
+        "normalizer": None,
+        "pre_tokenizer": metaspace,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": template("<s>", "A"),
+            "pair": template("<s>", "A", "<s>", "B"),
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS_ID], "tokens": ["<s>"]}},
+        },
+        "decoder": metaspace,
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab_map, "merges": [list(m) for m in merges],
+        },
+    }  # fmt: skip
+    _write_json(path / "tokenizer.json", tokenizer)
+    special_map = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     _write_json(
         path / "tokenizer_config.json",
         {
             "add_bos_token": True,
             "add_eos_token": False,
-            "added_tokens_decoder": {
-                str(i): {
-                    "content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                    "single_word": False, "special": True,
-                }
-                for i, t in enumerate(SPECIAL_TOKENS)
-            },
-            **special,
+            "added_tokens_decoder": {str(i): {k: v for k, v in special(i, t).items() if k != "id"} for i, t in enumerate(SPECIAL_TOKENS)},
+            **special_map,
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length,
             "pad_token": None,
             "tokenizer_class": "PreTrainedTokenizerFast",
         },
     )
-    _write_json(path / "special_tokens_map.json", special)
-    return True
+    _write_json(path / "special_tokens_map.json", special_map)
 
 
 # --------------------------------------------------------------------------- sparse full-size

@@ -136,12 +136,18 @@ def test_sharded_and_single_hold_identical_tensors(tmp_path):
         assert_same_tensors(one, other)
 
 
-def test_no_tokenizer_without_tokenizers_package(tmp_path, monkeypatch):
+def test_tokenizer_is_written_without_the_tokenizers_package(tmp_path, monkeypatch):
+    """A plain install has no ``tokenizers``: the demo's models (and so its merges) still get
+    tokenizer files, the same JSON that the tokenizers library itself would write."""
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import fails
-    assert write_tokenizer(tmp_path, vocab=128) is False
     make_llama(tmp_path / "m", seed=0, num_layers=1)
     names = {p.name for p in (tmp_path / "m").iterdir()}
-    assert names == {"config.json", "generation_config.json", "model.safetensors"}
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= names
+    monkeypatch.delitem(sys.modules, "tokenizers")
+    tokenizers = pytest.importorskip("tokenizers")
+    ours = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    assert json.loads(tokenizers.Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json")).to_str()) == ours
+    assert tokenizers.Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json")).encode("the cat").tokens == ["<s>", "▁", "th", "e", "▁", "c", "at"]
 
 
 def test_demo_needs_no_transformers_or_numpy(tmp_path):
