@@ -165,7 +165,7 @@ def describe_left_out(p) -> list[str]:
 @pickle_option
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory's merge (deletes only the files distmerge wrote).")
-@click.option("--hash-inputs", is_flag=True, help="Also record and, on resume, check a sha256 of every input file's content (reads every input once more: ~1 s per GB).")
+@click.option("--hash-inputs", is_flag=True, help="Also record and, on resume, check a sha256 of every input file's content (reads every input at setup and at each resume: 1-2 s per GB, measured).")
 @click.option("--allow-nonfinite", is_flag=True, help="Keep tensors that come out with NaN or Inf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")

@@ -34,7 +34,7 @@ class JobOptions:
     overwrite: bool = False
     hash_inputs: bool = False
     """Also record (and check on resume) a sha256 of every input file's content: reads
-    every input once more at setup and at each resume (about 1 s per GB per core)."""
+    every input at setup and at each resume (1-2 s per GB on one core, measured)."""
     allow_nonfinite: bool = False
     quiet: bool = False
     timeout_s: float = 600.0
