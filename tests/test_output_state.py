@@ -228,6 +228,16 @@ def test_verify_finds_a_missing_or_resized_file_without_full(recipe, tmp_path, c
     verify_fails_naming(out, ".distmerge/manifest.json", capsys)
 
 
+def test_the_manifest_comes_last_a_run_killed_before_it_does_not_verify(recipe, clean_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": "0:manifest:kill"})
+    assert r.returncode == -9 and (out / "README.md").exists(), r.stderr  # every other file is written
+    verify_fails_naming(out, ".distmerge/manifest.json", capsys)
+    merge(recipe, out)
+    same_output(out, clean_run)
+    main(["verify", str(out), "--full"])
+
+
 # ---------------------------------------------------------------- kills during setup
 
 
