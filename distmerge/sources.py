@@ -28,7 +28,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 COUNT_KEYS = (*LAYER_KEYS, "vocab_size")
-"""Config values the planner counts with: when present (and not null), whole numbers >= 0."""
+"""Config values the planner counts with: when present (and not null), whole numbers in [0, 2**63)."""
 MAX_JSON_BYTES = 256 * 2**20
 """Largest JSON file read (configs, indexes, tokenizer configs are KBs to a few MB)."""
 
@@ -183,7 +183,7 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
     config = read_json(config_path, "model config")
     for key in COUNT_KEYS:
         value = config.get(key)
-        if value is not None and (type(value) is not int or value < 0):
+        if value is not None and (type(value) is not int or not 0 <= value < 2**63):
             raise MergeError(f"model {ref!r}: {config_path}: {key} is {value!r}, not a whole number; fix config.json")
     tensors: dict[str, TensorInfo] = {}
     files = _weight_files(ref, path, allow_pickle)

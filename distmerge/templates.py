@@ -62,11 +62,13 @@ def _template_of(model_dir: str) -> str | None:
     if os.path.exists(jinja):
         try:
             with open_regular(jinja) as f:
-                return f.read().decode("utf-8-sig").strip() or None
+                raw = f.read()
         except OSError as e:
             raise MergeError(f"chat_template auto: cannot read {jinja}: {e.strerror or e}") from None
+        try:
+            return raw.decode("utf-8-sig").strip() or None
         except UnicodeDecodeError as e:
-            raise MergeError(f"chat_template auto: {jinja} is not UTF-8 text (at byte {e.start}); re-save it as UTF-8") from None
+            raise MergeError(f"chat_template auto: {jinja}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save it as UTF-8") from None
     config = os.path.join(model_dir, "tokenizer_config.json")
     if not os.path.exists(config):
         return None

@@ -130,6 +130,15 @@ def _one_line(e: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _short(value: object, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters (values from a hostile header can be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of over 4300 digits
+        return "a number too large to print"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _entry(path: str, name: str, info: object, start: int) -> TensorEntry:
     def bad(why: str) -> MergeError:
         return MergeError(f"{path}: corrupt safetensors header: tensor {name!r} {why}")
@@ -138,16 +147,17 @@ def _entry(path: str, name: str, info: object, start: int) -> TensorEntry:
         raise bad("has no dtype/shape/data_offsets")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise bad(f"has unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"has an invalid shape {shape!r}")
+        raise bad(f"has unsupported dtype {_short(dtype)} (known: {', '.join(DTYPES)})")
+    # Sizes are 64-bit in safetensors; the bound also keeps every number printable in a message.
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**64 for d in shape):
+        raise bad(f"has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
+        or not all(type(o) is int and 0 <= o < 2**64 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise bad(f"has invalid data_offsets {offsets!r}")
+        raise bad(f"has invalid data_offsets {_short(offsets)}")
     entry = TensorEntry(dtype, tuple(shape), start + offsets[0], start + offsets[1])
     if entry.nbytes != entry.numel * itemsize(dtype):
         raise bad(f"has {entry.nbytes} bytes of data but shape {shape} of {dtype} needs {entry.numel * itemsize(dtype)}")
