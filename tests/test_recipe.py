@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from distmerge.errors import MergeError
 from distmerge.methods import Param
-from distmerge.recipe import evaluate, parse_recipe
+from distmerge.recipe import convert, evaluate, load_recipe, parse_recipe
 
 FLOAT = Param("weight", float, scope="input")
 BOOL = Param("normalize", bool, True)
@@ -67,6 +67,24 @@ def test_donor_without_base_is_the_first_model():
         ("merge_method: slerp\nbase_model: a\nslices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 3]}]}]\n", "same number of layers"),
         ("merge_method: linear\nmodels: [a]\ndtype: float8\n", "dtype 'float8' is not one of"),
         ("merge_method: linear\nmodels: [a]\nparameters: {weight: {value: 1, filtr: mlp}}\n", "each entry is {filter"),
+        # non-finite and overflowing numbers, at parse time, naming the parameter and its place
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: .nan}\n", "r.yml: parameters.weight: nan is not a finite number"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [0, .inf]}\n", "parameters.weight: inf is not a finite number"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: '-inf'}\n", "parameters.weight: '-inf' is not a finite number"),
+        ("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1e999}}]\n", "models[0].parameters.weight: '1e999' is not a finite"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [{filter: mlp, value: NaN}]}\n", "weight: 'NaN' is not a finite"),
+        ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, density: .NaN}}]\n", "density: nan is not a finite"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: 123456789012345678901234567890}\n", "line 3, column 22: integer too large"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: " + "9" * 5000 + "}\n", "integer too large"),
+        # hostile YAML: bounded work, one line with the place
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: " + "[" * 100 + "1" + "]" * 100 + "}\n", "nested more than 64 levels deep (at line 3)"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: &w [1, *w]}\n", "alias at line 3 is used inside the value it names"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: &w {filter: x, value: *w}}\n", "used inside the value it names"),
+        ("merge_method: linear\nmodels: [a]\nname: !!python/object/apply:os.system [echo]\n", "could not determine a constructor for the tag"),
+        ("merge_method: linear\nmodels: [a]\nname: 2001-13-01\n", "line 3, column 7: cannot read this value (month must be in 1..12)"),
+        ("merge_method: linear\nmodels: [a]\nname: a\x00b\n", "character #x0000 at position 40 is not allowed in YAML"),
+        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: ties\n", "expected a single document in the stream but found another document"),
+        ("42\n", "a recipe is a YAML mapping"),
     ],
 )
 def test_bad_recipes_get_one_clear_error(text, message):
@@ -74,6 +92,48 @@ def test_bad_recipes_get_one_clear_error(text, message):
         parse_recipe(text, source="r.yml")
     assert message in str(e.value)
     assert str(e.value).startswith("r.yml")
+
+
+def test_alias_bomb_is_refused_before_anything_walks_it():
+    levels = ["l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = "\n".join(levels) + "\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: *l9}}]\n"
+    with pytest.raises(MergeError) as e:
+        parse_recipe(text, source="r.yml")
+    assert str(e.value) == (
+        "r.yml: the recipe uses YAML aliases (*name) that expand to more than 100,000 values (under 'models'); "
+        "write the values out instead of nesting aliases"
+    )
+
+
+def test_ordinary_aliases_and_merge_keys_still_work():
+    r = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: &p {weight: [0.2, 0.8], normalize: false}\n"
+        "  - model: b\n    parameters: *p\n  - model: c\n    parameters: {<<: *p, weight: 0.5}\n"
+    )
+    assert [m.parameters for m in r.models] == [
+        {"weight": [0.2, 0.8], "normalize": False}, {"weight": [0.2, 0.8], "normalize": False}, {"weight": 0.5, "normalize": False},
+    ]  # fmt: skip
+
+
+def test_nesting_up_to_the_limit_is_read():
+    # filters holding gradients (5 levels), and filter values nested 30 deep (33 levels), stay readable
+    r = parse_recipe("merge_method: linear\nmodels: [a]\nparameters: {weight: [{filter: mlp, value: [0.5, 1]}]}\n")
+    assert evaluate(r.parameters["weight"], "x.mlp.y", 1.0, FLOAT, "w") == 1.0
+    deep = "{filter: mlp, value: " * 30 + "0.5" + "}" * 30
+    assert evaluate(parse_recipe(f"merge_method: linear\nmodels: [a]\nparameters: {{weight: {deep}}}\n").parameters["weight"], "mlp", 0, FLOAT, "w") == 0.5
+
+
+def test_recipe_files_with_a_utf8_byte_order_mark_are_read(tmp_path):
+    path = tmp_path / "r.yml"
+    path.write_bytes("merge_method: linear\nmodels: [a]\n".encode("utf-8-sig"))
+    assert load_recipe(str(path)).models[0].model == "a"
+
+
+def test_convert_refuses_non_finite_floats():
+    for value in (float("nan"), float("inf"), "-inf", "nan", 10**400):
+        with pytest.raises(MergeError, match="w: "):
+            convert(FLOAT, value, "w")
+    assert convert(FLOAT, "1e-3", "w") == 0.001
 
 
 def test_yaml_error_names_the_line():

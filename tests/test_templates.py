@@ -1,12 +1,15 @@
 """chat_template in recipes: a Jinja template, a named one, or auto."""
 
 import json
+import os
+import re
 
 import pytest
 import yaml
 
 from distmerge.cli import main
-from distmerge.templates import CHAT_TEMPLATES
+from distmerge.errors import MergeError
+from distmerge.templates import CHAT_TEMPLATES, resolve
 
 
 def merged_tokenizer(fam, tmp_path, chat_template, name="out"):
@@ -53,3 +56,59 @@ def test_templates_are_valid_jinja():
         out = jinja2.Environment().from_string(text).render(messages=[{"role": "user", "content": "x"}], add_generation_prompt=True, bos_token="<s>")
         assert "x" in out and "assistant" in out, name
     assert json.dumps(CHAT_TEMPLATES)
+
+
+# --- auto reads the models' files: only regular files, and only JSON objects ---
+
+
+def _model_dir(tmp_path, tokenizer_config=None, jinja=None):
+    d = tmp_path / "model"
+    d.mkdir()
+    for name, content in (("tokenizer_config.json", tokenizer_config), ("chat_template.jinja", jinja)):
+        if content == "FIFO":
+            os.mkfifo(d / name)
+        elif content is not None:
+            (d / name).write_bytes(content)
+    return d
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["tokenizer_config", "jinja"])
+def test_auto_never_opens_a_fifo(tmp_path, name):
+    d = _model_dir(tmp_path, **{name: "FIFO"})
+    with pytest.raises(MergeError, match="it is a FIFO; distmerge reads only regular files") as e:
+        resolve("auto", [str(d)])
+    assert str(d) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'["{{ messages }}"]', "tokenizer_config.json: holds a JSON list, not the JSON object a tokenizer config is"),
+        (b'"{{ messages }}"', "holds a JSON string"),
+        (b'{"chat_template": "caf\xe9"}', "tokenizer_config.json: not UTF-8 text (byte 0xe9"),
+        (b"[" * 50_000 + b"]" * 50_000, "tokenizer_config.json: its JSON is nested too deeply"),
+        (b'{"chat_template": ', "tokenizer_config.json: invalid JSON"),
+    ],
+    ids=["list", "string", "latin1", "deep", "truncated"],
+)
+def test_auto_refuses_a_tokenizer_config_that_is_not_a_json_object(tmp_path, content, message):
+    d = _model_dir(tmp_path, tokenizer_config=content)
+    with pytest.raises(MergeError, match=re.escape(message)):
+        resolve("auto", [str(d)])
+
+
+def test_auto_refuses_a_template_file_that_is_not_utf8(tmp_path):
+    d = _model_dir(tmp_path, jinja="{{ 'caf\xe9' }}".encode("latin-1"))
+    with pytest.raises(MergeError, match=r"chat_template.jinja: not UTF-8 text \(byte 0xe9 at offset 7\); re-save it as UTF-8"):
+        resolve("auto", [str(d)])
+
+
+def test_auto_takes_string_templates_and_ignores_other_values(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    d = _model_dir(tmp_path, tokenizer_config=json.dumps({"chat_template": f"  {template}\n"}).encode())
+    assert resolve("auto", [str(d)]) == template
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": [{"name": "default", "template": template}]}))
+    assert resolve("auto", [str(d)]) is None  # a list of named templates: not chosen (mergekit fails on it)
+    (d / "tokenizer_config.json").unlink()
+    assert resolve("auto", [str(d)]) is None
