@@ -2,7 +2,9 @@
 
 
 class MergeError(Exception):
-    """A problem with the user's input or environment: the CLI prints it without a traceback.
+    """A problem with the user's input or environment: the CLI prints it without a traceback
+    (``error: <message>``, exit 2). Any other exception is a bug: ``cli.main`` prints one
+    ``internal error`` line, keeps the traceback in a log file and exits 3.
 
-    The message says what is wrong, where, and how to fix it.
+    The message is one line that says what is wrong, where (file, key, line), and how to fix it.
     """
