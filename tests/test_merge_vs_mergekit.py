@@ -450,3 +450,44 @@ def test_a_recipe_whose_only_model_is_the_base_writes_the_base(llama_family_f32,
     assert out.keys() == base.keys()
     for name, x in base.items():
         assert torch.equal(out[name], x.to(getattr(torch, dtype))), name
+
+
+# ---------------------------------------------------------------- tensors above every chunk size
+
+
+@pytest.fixture(scope="module")
+def wide_f32(tmp_path_factory):
+    """float32 models whose embeddings (5000 x 384 = 1.92M elements) exceed mergekit's
+    2^20-element reduction runs and distmerge's 2^18-element chunks."""
+    from distmerge.demo import make_family
+
+    return make_family(tmp_path_factory.mktemp("wide"), n_finetunes=2, seed=7, dtype=torch.float32, num_layers=2, vocab=5000, hidden=384)
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [("slerp", {"t": 0.3}), ("ties", {"density": 0.4, "weight": 0.5}), ("model_stock", {})],
+)
+def test_float32_is_bit_identical_above_every_chunk_size(wide_f32, tmp_path, method, params):
+    f = wide_f32
+    listed = ("base", "ft1") if method == "slerp" else ("ft1", "ft2")
+    recipe = {"merge_method": method, "base_model": str(f["base"]), "dtype": "float32", "models": models(f, *[(m, None) for m in listed])}
+    if params:
+        recipe["parameters"] = params
+    ours, theirs = both(recipe, tmp_path)
+    assert load_state(ours)["model.embed_tokens.weight"].numel() > 2**20
+    assert_same_tensors(ours, theirs)
+
+
+def test_sce_above_32k_elements_is_within_its_stated_tolerance(wide_f32, tmp_path):
+    """SCE's weights are whole-tensor means of τᵢ²; mergekit reduces the models' stacked task
+    vectors as rows of one matrix, distmerge each model's on its own (one buffer, not n), and
+    torch splits the two reductions differently past 32K elements: the outputs differ by
+    float32 rounding, at most 2e-8 here (README, "Differences from mergekit")."""
+    f = wide_f32
+    recipe = {"merge_method": "sce", "base_model": str(f["base"]), "dtype": "float32", "parameters": {"select_topk": 0.5}, "models": models(f, ("ft1", None), ("ft2", None))}
+    ours, theirs = both(recipe, tmp_path)
+    assert_same_tensors(ours, theirs, atol=2e-8)
+    a, b = load_state(ours), load_state(theirs)
+    for name in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):  # small tensors: bit for bit
+        assert torch.equal(a[name], b[name]), name

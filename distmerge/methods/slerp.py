@@ -26,22 +26,30 @@ def slerp(base: torch.Tensor, tensors: list[torch.Tensor], *, t: float) -> torch
     return kernels.slerp_combine(c0, c1, base, other)
 
 
-def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+REDUCTION_RUN = 1 << 20
+"""Elements per run of SLERP's reductions. mergekit 0.1.5 reduces a tensor it merges on its
+own in runs of 2^20 elements (the norm of the runs' norms, the sum of the runs' dot
+products); distmerge reduces in the same runs, so float32 results agree bit for bit."""
+
+
+def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(c₀, c₁) of SLERP's combine c₀·θ₀ + c₁·θ₁ for flat θ₀, θ₁: float32 0-d tensors, not
-    Python floats, so results agree with mergekit bitwise. With ``chunk``, the normalized
-    product is computed chunk by chunk into one buffer (same values, same sum)."""
+    Python floats, and every reduction in mergekit's runs and shapes, so that results agree
+    with mergekit bitwise."""
     t = torch.tensor(t, dtype=v0.dtype)
-    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
-    n0 = torch.where(n0 > EPS, n0, 1)
-    n1 = torch.where(n1 > EPS, n1, 1)
-    if chunk is None:
-        product = (v0 / n0) * (v1 / n1)
-    else:
-        product = torch.empty_like(v0)
-        for i in range(0, v0.numel(), chunk):
-            torch.mul(v0[i : i + chunk] / n0, v1[i : i + chunk] / n1, out=product[i : i + chunk])
-    cos_omega = product.reshape(1, -1).sum(dim=1).clamp(-1, 1)[0]
-    del product
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    runs = chunk_ranges(a.shape[1], REDUCTION_RUN)
+    if not runs:
+        return 1 - t, t
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([torch.linalg.vector_norm(x[:, i:j], dim=1, keepdim=True) for i, j in runs])
+        n = torch.linalg.vector_norm(parts, dim=0)
+        return torch.where(n > EPS, n, 1)
+
+    n0, n1 = norm(a), norm(b)
+    dot = torch.stack([((a[:, i:j] / n0) * (b[:, i:j] / n1)).sum(dim=1, keepdim=True) for i, j in runs])
+    cos_omega = dot.sum(dim=0).clamp(-1, 1)[0, 0]
     if cos_omega.abs() > DOT_THRESHOLD:
         return 1 - t, t  # (1 − t)·θ₀ + t·θ₁
     omega = torch.acos(cos_omega)
@@ -59,7 +67,7 @@ def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float):
     for i, j in ranges:
         base, (other,) = read(i, j)
         v0[i:j], v1[i:j] = base, other
-    c0, c1 = coefficients(v0, v1, t, chunk)
+    c0, c1 = coefficients(v0, v1, t)
     for i, j in ranges:
         yield i, j, kernels.slerp_combine(c0, c1, v0[i:j], v1[i:j])
 
