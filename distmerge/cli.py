@@ -249,6 +249,7 @@ def list_methods(markdown):
 @cli.command("slurm")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- RUN_OPTIONS...]")
 @click.option("--nodes", required=True, type=click.IntRange(min=1), help="Nodes to run on.")
 @click.option("--gpus-per-node", required=True, type=click.IntRange(min=1), help="Ranks (GPUs) per node.")
 @click.option("--partition", default=None, help="Slurm partition.")
@@ -258,19 +259,36 @@ def list_methods(markdown):
 @click.option("--job-name", default="distmerge", show_default=True)
 @click.option("--out-shard-size", default=None, help="Passed to `distmerge run` (default there: 5GB).")
 @click.option("--random-seed", default=None, type=int, help="Passed to `distmerge run`.")
-def slurm_command(recipe, out, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed):
-    """Print an sbatch script that merges RECIPE into OUT with srun + torchrun."""
+def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed):
+    """Print an sbatch script that merges RECIPE into OUT with srun + torchrun.
+
+    RECIPE is planned first, as `distmerge plan` does (hub models are downloaded into the
+    cache): a recipe that cannot run is refused here, not after the job waited in the queue.
+    Options after `--` go to `distmerge run` as they are (`-- --io pread --log-every 60`).
+    """
     import os
 
+    from distmerge.launch import JobOptions, make_plan
     from distmerge.slurm import sbatch_script
 
-    if out_shard_size is not None:
-        parse_size(out_shard_size)  # refuse a typo now, not on the cluster
+    passed = [*(["--out-shard-size", out_shard_size] if out_shard_size is not None else []),
+              *(["--random-seed", str(random_seed)] if random_seed is not None else []), *run_args]  # fmt: skip
+    try:  # refuse a typo now, not on the cluster
+        args = run.make_context("run", [recipe, out, *passed]).params
+        options = JobOptions(out_shard_bytes=parse_size(args["out_shard_size"]), seed=args["random_seed"], allow_pickle=args["allow_pickle"])
+    except click.ClickException as e:
+        raise click.UsageError(f"{e.format_message()} (in the options for `distmerge run`)") from None
+    p = make_plan(recipe, options)
+    click.echo(
+        f"checked {recipe}: {p.method}, {len(p.tensors)} tensors in {len(p.files)} files; reads {human(p.read_bytes)}, "
+        f"writes {human(p.write_bytes)}; peak working memory per rank ~{human(p.peak_memory)}",
+        err=True,
+    )
     click.echo(
         sbatch_script(
             os.path.abspath(recipe), os.path.abspath(out), nodes=nodes, gpus_per_node=gpus_per_node,
             cpus_per_task=cpus_per_task, time=time_limit, partition=partition, account=account,
-            job_name=job_name, out_shard_size=out_shard_size, random_seed=random_seed,
+            job_name=job_name, out_shard_size=out_shard_size, random_seed=random_seed, extra_args=run_args,
         ),  # fmt: skip
         nl=False,
     )

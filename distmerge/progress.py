@@ -2,7 +2,8 @@
 
 Every rank counts what it has done (tensors, bytes, seconds per phase). Ranks publish
 their counts in the rendezvous store at most once a second; rank 0 shows one bar for the
-whole job (or, when stderr is not a terminal, e.g. a Slurm log, a plain line every 30 s).
+whole job (or, when stderr is not a terminal, e.g. a Slurm log, a line when the merge
+starts and a plain line every ``log_seconds``, 30 s by default).
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ class Progress:
             bar.set_postfix_str(f"{tensors}/{self.total_tensors} tensors")
             bar.close()
             return
+        # A log (Slurm's %x-%j.out) shows at once that the merge began, and how often to expect news.
+        print(
+            f"distmerge: merging {self.total_tensors} tensors, {self.total_bytes / 1e9:.2f} GB to read and write, "
+            f"on {self.world_size} rank(s); progress every {self.log_seconds:g}s",
+            file=sys.stderr,
+            flush=True,
+        )
         while not self._stop.wait(self.log_seconds):
             tensors, moved = self._job_totals()
             elapsed = time.monotonic() - start

@@ -5,6 +5,8 @@ with one worker per GPU, and the torchrun agents of all nodes meet through a c10
 rendezvous on the first node of the allocation. ``--kill-on-bad-exit=1`` makes srun end
 every node's task as soon as one of them fails, so a dead node does not leave the others
 waiting. Rerunning the same script after a failure (or a time limit) resumes the merge.
+The job's log (``%x-%j.out``) gets rank 0's progress line every ``--log-every`` seconds
+and the run report at the end.
 """
 
 from __future__ import annotations
@@ -68,13 +70,15 @@ def sbatch_script(
         sbatch.append(f"--account={account}")
     sbatch.append("--output=%x-%j.out")
 
-    run_args = ["--quiet"]
+    # No --quiet: it would also silence the progress lines (printed every --log-every seconds
+    # when stderr is not a terminal) and the final report, and leave the job's log empty.
+    run_args: list[str] = []
     if out_shard_size is not None:
         run_args += ["--out-shard-size", str(out_shard_size)]
     if random_seed is not None:
         run_args += ["--random-seed", str(int(random_seed))]
     run_args += [str(a) for a in extra_args]
-    args_text = " ".join(shlex.quote(a) for a in run_args)
+    args_text = "".join(" " + shlex.quote(a) for a in run_args)
     port_text = str(int(port)) if port is not None else "$((20000 + SLURM_JOB_ID % 20000))"
     threads = max(1, cpus // gpus_per_node)
 
@@ -113,7 +117,7 @@ def sbatch_script(
         f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 --nodes={nodes} \\",
         f'    torchrun --nnodes={nodes} --nproc-per-node={gpus_per_node} \\',
         '        --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" \\',
-        f'        -m distmerge.cli run "$RECIPE" "$OUT" {args_text}',
+        f'        -m distmerge.cli run "$RECIPE" "$OUT"{args_text}',
         "",
     ]
     return "\n".join(lines)
