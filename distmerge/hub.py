@@ -25,6 +25,42 @@ def push(out_dir: str, repo_id: str, *, private: bool = False, token: str | None
         info = api.upload_folder(
             repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_UPLOADED, commit_message="Upload merge made with distmerge"
         )
-    except OSError as e:  # huggingface_hub's HTTP errors are OSErrors
-        raise MergeError(f"uploading {out_dir} to {repo_id} failed: {e}") from None
+    except Exception as e:
+        if unreachable(e):
+            where = getattr(api, "endpoint", None) or "the Hugging Face hub"
+            raise MergeError(
+                f"cannot reach the Hugging Face hub ({where}) to push {out_dir} to {repo_id}: {_reason(e)}; check the "
+                f"network, HF_ENDPOINT and your token (and that HF_HUB_OFFLINE is unset), then run `distmerge push "
+                f"{out_dir} {repo_id}`; the merge itself is complete and verified"
+            ) from None
+        if isinstance(e, OSError):  # the hub answered with an error: huggingface_hub's HTTP errors are OSErrors
+            raise MergeError(f"uploading {out_dir} to {repo_id} failed: {e}") from None
+        raise
     return getattr(info, "commit_url", str(info))
+
+
+# The errors of the HTTP libraries huggingface_hub has used for "no answer came back" (no
+# network, connection refused, DNS, timeouts), by (top-level module, class name), so that none
+# of them has to be importable: httpx2 (huggingface_hub 2.x) and httpx (1.x) raise
+# TransportError's subclasses; requests (0.x) raises ConnectionError and Timeout.
+_TRANSPORT_ERRORS = {("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"), ("requests", "Timeout")}
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` (or what it was raised from) means the hub could not be reached at all,
+    rather than that it answered with an error: the HTTP library's transport errors, OS-level
+    connection errors and timeouts, and huggingface_hub's OfflineModeIsEnabled (a ConnectionError)."""
+    while e is not None:
+        if isinstance(e, (ConnectionError, TimeoutError)) or any(
+            (c.__module__.partition(".")[0], c.__name__) in _TRANSPORT_ERRORS for c in type(e).__mro__
+        ):
+            return True
+        e = e.__cause__
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    if type(e).__name__ == "OfflineModeIsEnabled":
+        return "HF_HUB_OFFLINE is set"
+    text = " ".join(str(e).split()) or "no details"
+    return f"{type(e).__name__}: {text[:300]}"

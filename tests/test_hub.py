@@ -7,7 +7,9 @@ import pytest
 import yaml
 
 from distmerge.cli import main
-from tests.helpers import run_cli
+from distmerge.hub import unreachable
+from distmerge.verify import verify
+from tests.helpers import free_port, run_cli
 from tests.hub_server import HubStandIn
 
 TOKEN = "hf_standin"
@@ -71,3 +73,63 @@ def test_a_refused_upload_is_one_clear_error(merged, hub):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "uploading" in r.stderr and "me/merged failed" in r.stderr and "401" in r.stderr
     assert hub.commits == []
+
+
+# --------------------------------------------------------------------------- no network (issue 14)
+
+
+def no_hub(kind: str) -> dict[str, str]:
+    """An environment where the hub cannot be reached: a closed port on this machine, or offline mode."""
+    if kind == "closed port":
+        return {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0"}
+    return {"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("kind", ["closed port", "offline mode"])
+def test_push_without_network_is_one_clear_line(merged, kind):
+    env = no_hub(kind)
+    r = run_cli("push", merged, "me/merged", env=env)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    endpoint = env.get("HF_ENDPOINT", "https://huggingface.co")
+    assert line.startswith(f"error: cannot reach the Hugging Face hub ({endpoint}) to push {merged} to me/merged: ")
+    assert ("HF_HUB_OFFLINE is set" if kind == "offline mode" else "ConnectError") in line
+    assert line.endswith("the merge itself is complete and verified")
+
+
+def test_run_with_push_to_hub_without_network_keeps_the_verified_merge(llama_family, tmp_path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])], "parameters": {"weight": 1}}))
+    r = run_cli("run", recipe, tmp_path / "out", "--quiet", "--push-to-hub", "me/linear", env=no_hub("closed port"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("error: cannot reach the Hugging Face hub (") and f"then run `distmerge push {tmp_path / 'out'} me/linear`" in line
+    assert verify(tmp_path / "out", full=True) == []
+
+
+def _error(module: str, name: str, *bases: type) -> BaseException:
+    """An instance of a stand-in for another library's exception class (not installed here)."""
+    return type(name, bases or (Exception,), {"__module__": module})("boom")
+
+
+HTTPX2_TRANSPORT = type("TransportError", (Exception,), {"__module__": "httpx2"})
+HTTPX_TRANSPORT = type("TransportError", (Exception,), {"__module__": "httpx._exceptions"})
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (_error("httpx2", "ConnectError", HTTPX2_TRANSPORT), True),  # huggingface_hub 2.x
+        (_error("httpx._exceptions", "ReadTimeout", HTTPX_TRANSPORT), True),  # huggingface_hub 1.x
+        (_error("requests.exceptions", "ConnectionError", OSError), True),  # huggingface_hub 0.x
+        (_error("requests.exceptions", "Timeout", OSError), True),
+        (ConnectionRefusedError(111, "Connection refused"), True),
+        (_error("huggingface_hub.errors", "HfHubHTTPError", OSError), False),  # the hub answered: 401, 404, 500...
+        (ValueError("not a network error"), False),
+    ],
+)
+def test_which_errors_mean_the_hub_was_not_reached(error, expected):
+    assert unreachable(error) is expected
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = error
+    assert unreachable(wrapped) is expected
