@@ -11,12 +11,13 @@ import click
 from distmerge import __version__
 from distmerge.errors import MergeError
 
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+UNITS = {"": 1, "b": 10**9, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 
 
 def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000; also MB, GiB, plain byte counts and 1e9."""
+    """'5GB' -> 5_000_000_000; also MB, GiB, plain byte counts, 1e9, and mergekit-yaml's forms
+    (5B = 5 billion, 500M, 100K: like mergekit, counted in bytes; a B alone is never bytes)."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m[2].lower() not in UNITS:
         raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
@@ -157,6 +158,18 @@ def describe_left_out(p) -> list[str]:
     return lines
 
 
+def mergekit_options(f):
+    """mergekit-yaml's own options, accepted and hidden from --help (README: "mergekit-yaml's
+    options"): typed from habit, they translate or are ignored with a warning."""
+    from distmerge.mergekit_cli import FOREIGN, SHORT, keyword
+
+    for o in reversed(list(FOREIGN.values())):
+        decls = {"bool": [f"--{o.flag}/--no-{o.flag}"], "flag": [f"--{o.flag}"], "count": ["-v"]}.get(o.kind, [f"--{o.flag}"])
+        extra = {"bool": {"default": None}, "flag": {"is_flag": True}, "count": {"count": True}, "int": {"type": int}}.get(o.kind, {})
+        f = click.option(*decls, *([SHORT[o.flag]] if o.flag in SHORT else []), keyword(o.flag), hidden=True, **extra)(f)
+    return f
+
+
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
@@ -174,9 +187,25 @@ def describe_left_out(p) -> list[str]:
 @click.option("--io", "io", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True, help="Read inputs memory-mapped, or with pread (network file systems).")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Upload the verified output to this hub repo when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private):
-    """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun)."""
+@mergekit_options
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private, **mergekit):
+    """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun).
+
+    mergekit-yaml's options are accepted too: --cuda means --device cuda; the others are not
+    needed here and are ignored with a warning saying why."""
+    from distmerge.dist import detect
     from distmerge.launch import JobOptions, merge
+    from distmerge.mergekit_cli import keyword, warnings
+
+    cuda = mergekit.pop(keyword("cuda"))
+    if cuda is not None:
+        wanted = "cuda" if cuda else "cpu"
+        if device not in ("auto", wanted):
+            raise click.UsageError(f"--{'' if cuda else 'no-'}cuda (mergekit's spelling of --device {wanted}) contradicts --device {device}")
+        device = wanted
+    if detect().rank == 0:
+        for line in warnings(mergekit):
+            click.echo(line, err=True)
 
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite, hash_inputs=hash_inputs,
