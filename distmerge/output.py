@@ -515,6 +515,13 @@ def _set_chat_template(plan: Plan, files: dict[str, bytes]) -> None:
     files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
 
 
+def card_title(plan: Plan) -> str:
+    """"A + B (ties merge)": the models by their last path or hub-id component, the base
+    first (a frankenmerge of one model: "A (passthrough merge)")."""
+    names = dict.fromkeys(os.path.basename(os.path.normpath(m.ref.split("+")[0])) for m in plan.models)
+    return f"{' + '.join(names)} ({plan.method} merge)"
+
+
 def model_card(plan: Plan) -> str:
     """A README.md the hub renders: front matter with base models and tags, then the recipe."""
     refs = [m.ref for m in plan.models]
@@ -522,7 +529,7 @@ def model_card(plan: Plan) -> str:
     models = "\n".join(f"- {r}" for r in refs)
     return (
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n"
-        f"# {os.path.basename(os.path.normpath(plan.models[plan.donor].ref))} merge\n\n"
+        f"# {card_title(plan)}\n\n"
         f"This model was merged with [distmerge](https://github.com/distmerge/distmerge) {plan.distmerge_version} "
         f"using the `{plan.method}` method.\n\n## Models\n\n{models}\n\n"
         f"## Recipe\n\n```yaml\n{plan.recipe_text.rstrip()}\n```\n\n"

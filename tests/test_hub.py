@@ -48,6 +48,7 @@ def test_push_uploads_the_checkpoint_byte_for_byte_without_bookkeeping(merged, h
     front = yaml.safe_load(card.split("---")[1])
     assert front["tags"][:2] == ["merge", "distmerge"] and len(front["base_model"]) == 2
     assert "merge_method: ties" in card
+    assert "\n# base + ft1 (ties merge)\n" in card  # named for its models, not "# base merge"
 
 
 def test_run_with_push_to_hub_uploads_once_the_merge_is_verified(llama_family, tmp_path, hub):
