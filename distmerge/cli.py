@@ -9,7 +9,7 @@ import sys
 import click
 
 from distmerge import __version__
-from distmerge.errors import MergeError
+from distmerge.errors import MergeError, Stopped
 
 UNITS = {"": 1, "b": 10**9, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -327,7 +327,8 @@ def main(argv=None) -> None:
     """Entry point. Exit codes: 0 done; 1 ``verify`` found problems; 2 a user error
     (MergeError: one line, no traceback; or a click usage error); 3 an internal error (a
     bug): one line naming it, the traceback saved to a new ``distmerge-crash-*.log`` in
-    $TMPDIR (the line gives its path); 130 interrupted (Ctrl-C)."""
+    $TMPDIR (the line gives its path); 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (a run
+    says what it kept and that rerunning the same command resumes)."""
 
     def who(message: str) -> str:  # "rank N: " when this is one rank of several
         from distmerge.dist import detect
@@ -340,6 +341,9 @@ def main(argv=None) -> None:
     except MergeError as e:
         click.echo(f"error: {who(str(e))}{e}", err=True)
         sys.exit(2)
+    except Stopped as e:  # Ctrl-C or SIGTERM during a run: say what was kept and how to resume
+        click.echo(f"stopped: {who(str(e))}{e}", err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -8,3 +8,13 @@ class MergeError(Exception):
 
     The message is one line that says what is wrong, where (file, key, line), and how to fix it.
     """
+
+
+class Stopped(Exception):
+    """The run was stopped by Ctrl-C or a signal (SIGTERM: what Slurm sends at the time
+    limit). The message says what was kept and how to resume; ``exit_code`` is 128 + the
+    signal's number, as a shell reports a process killed by it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

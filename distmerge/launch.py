@@ -7,18 +7,22 @@ naming the rank and the cause.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
 import psutil
 
 from distmerge import dist, output
-from distmerge.errors import MergeError
+from distmerge.errors import MergeError, Stopped
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.progress import Progress
 from distmerge.recipe import load_recipe
-from distmerge.run import RunOptions, run_rank
+from distmerge.run import RunOptions, read_journal, run_rank, state_dir
 from distmerge.sources import is_hub_ref, resolve
 from distmerge.verify import verify
 
@@ -119,9 +123,53 @@ def check_memory(plan: Plan, env: dist.Env, device: str) -> str | None:
     return None
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as KeyboardInterrupt is for SIGINT (a BaseException,
+    so that no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the job runs, SIGTERM (Slurm's time limit, torchrun stopping the other ranks)
+    stops it the way Ctrl-C does: the other ranks are told, what is written is journaled,
+    the lock is released. Outside the main thread signals cannot be handled: no change."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
-    """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job."""
-    options = options or JobOptions()
+    """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job. Ctrl-C
+    and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun."""
+    with sigterm_raises():
+        try:
+            return _merge(recipe_path, out_dir, options or JobOptions())
+        except (KeyboardInterrupt, Terminated) as e:
+            raise stopped(e, out_dir) from None
+
+
+def stopped(e: BaseException, out_dir: str) -> Stopped:
+    """The Stopped error for an interrupted run: what stopped it, and what a rerun keeps."""
+    if isinstance(e, KeyboardInterrupt):
+        what, code = "interrupted (Ctrl-C)", 128 + signal.SIGINT
+    else:
+        what, code = "stopped by SIGTERM (a Slurm time limit or scancel?)", 128 + signal.SIGTERM
+    kept = len(read_journal(out_dir)) if os.path.isfile(os.path.join(state_dir(out_dir), "plan.json")) else 0
+    if kept:
+        return Stopped(f"{what}: {kept} merged tensors are journaled in {out_dir}; rerun the same command to resume from there", code)
+    return Stopped(f"{what} before any merged tensor was kept; rerun the same command to start again", code)
+
+
+def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
     start = time.time()
     group = dist.init(options.device, options.timeout_s)
     locked = False
@@ -210,6 +258,8 @@ def peak_gpu(device: str) -> int:
 def _describe(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
+    if isinstance(e, Terminated):
+        return "stopped by SIGTERM"
     return str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}"
 
 

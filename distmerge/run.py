@@ -404,6 +404,11 @@ def run_rank(
                 f"writing {current[1].tmp if current else out_dir} failed: {e.strerror or e}; what was "
                 "written stays unpublished: fix the cause (free disk space?) and rerun the same command to resume"
             ) from None
+        except BaseException as e:
+            if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: journal what is already on disk
+                with contextlib.suppress(Exception):
+                    commit()
+            raise
         finally:
             if current is not None:
                 current[1].close()
