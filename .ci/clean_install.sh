@@ -69,7 +69,7 @@ models:
     parameters: {weight: 0.4, density: 0.5}
 EOF
 "$VENV/bin/torchrun" --standalone --nproc-per-node 2 -m distmerge.cli run "$WORK/recipe.yml" "$WORK/merged" \
-    --out-shard-size 200KB 2>&1 | tee -a "$LOG"
+    --out-shard-size 100KB 2>&1 | tee -a "$LOG"
 "$VENV/bin/distmerge" verify "$WORK/merged" --full 2>&1 | tee -a "$LOG"
 
 step "the README's demo: launch/demo.sh"
