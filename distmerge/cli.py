@@ -213,11 +213,13 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         report_json=report_json, log_seconds=log_every, io=io,
     )  # fmt: skip
     result = merge(recipe, out, options)
-    if result.rank == 0 and not quiet:
+    if result.rank == 0 and not quiet and result.complete:
+        click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")
+    elif result.rank == 0 and not quiet:
         p = result.plan
-        again = " (resumed)" if result.resumed else ""
+        again = f" (resumed): kept {result.kept} of {len(p.tensors)} tensors from the earlier run, merged {len(p.tensors) - result.kept} now;" if result.resumed else ":"
         click.echo(
-            f"wrote {out}{again}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)} "
+            f"wrote {out}{again} {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)} "
             f"on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)"
         )
         r = result.report

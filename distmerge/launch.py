@@ -22,7 +22,7 @@ from distmerge.errors import MergeError, Stopped
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.progress import Progress
 from distmerge.recipe import load_recipe
-from distmerge.run import RunOptions, read_journal, run_rank, state_dir
+from distmerge.run import RunOptions, finished_tensors, read_journal, run_rank, state_dir
 from distmerge.sources import is_hub_ref, resolve
 from distmerge.verify import verify
 
@@ -61,6 +61,10 @@ class JobResult:
     written: list[str]
     """Files this rank wrote in this run (resumed runs skip finished ones)."""
     resumed: bool
+    kept: int
+    """Tensors an earlier run had already merged (0 for a fresh run)."""
+    complete: bool
+    """An earlier run had already finished the output (this one only checked it)."""
     seconds: float
     peak_rss: int
     """This process's peak resident memory, in bytes."""
@@ -189,10 +193,13 @@ def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
         locked = group.rank == 0
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
+        kept = finished_tensors(plan, out_dir) if resumed else set()
+        complete = len(kept) == len(plan.tensors) and output.read_manifest(out_dir) is not None
         progress = Progress(
             rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(plan.tensors),
             total_bytes=plan.read_bytes + sum(t.nbytes for t in plan.tensors), enabled=not options.quiet,
-            log_seconds=options.log_seconds,
+            log_seconds=options.log_seconds, kept_tensors=len(kept),
+            kept_bytes=sum(t.read_bytes + t.nbytes for t in plan.tensors if t.name in kept),
         )  # fmt: skip
         work_start = time.time()
         try:
@@ -219,7 +226,7 @@ def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
             if options.report_json:
                 with open(options.report_json, "w") as f:
                     json.dump(report, f, indent=1)
-        return JobResult(plan, group.rank, group.world_size, written, resumed, time.time() - start, peak_rss(), report)
+        return JobResult(plan, group.rank, group.world_size, written, resumed, len(kept), complete, time.time() - start, peak_rss(), report)
     finally:
         if locked:
             output.release_lock(out_dir)

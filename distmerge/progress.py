@@ -40,16 +40,18 @@ class Progress:
 
     def __init__(
         self, *, rank: int, world_size: int, store, total_tensors: int, total_bytes: int, enabled: bool,
-        log_seconds: float = 30.0,
+        log_seconds: float = 30.0, kept_tensors: int = 0, kept_bytes: int = 0,
     ):  # fmt: skip
         self.stats = RankStats(rank=rank)
+        self.kept_tensors, self.kept_bytes = kept_tensors, kept_bytes
+        """What an earlier run already merged: counted as done from the start (not in the rate)."""
         self.log_seconds = log_seconds
         self.rank, self.world_size, self.store = rank, world_size, store
         self.total_tensors, self.total_bytes = total_tensors, total_bytes
         self._pushed = 0.0
         self._stop = threading.Event()
         self._thread = None
-        if enabled and rank == 0 and total_tensors:
+        if enabled and rank == 0 and total_tensors > kept_tensors:
             self._thread = threading.Thread(target=self._render, daemon=True)
             self._thread.start()
 
@@ -68,9 +70,10 @@ class Progress:
         self._pushed = time.monotonic()
 
     def _job_totals(self) -> tuple[int, int]:
+        """Tensors done and bytes moved by the whole job, what earlier runs kept included."""
         if self.store is None:
-            return self.stats.tensors, self.stats.read_bytes + self.stats.write_bytes
-        tensors = moved = 0
+            return self.kept_tensors + self.stats.tensors, self.kept_bytes + self.stats.read_bytes + self.stats.write_bytes
+        tensors, moved = self.kept_tensors, self.kept_bytes
         for r in range(self.world_size):
             key = f"distmerge/progress/{r}"
             if r == self.rank:
@@ -85,7 +88,7 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=self.total_bytes, unit="B", unit_scale=True, desc="merging", mininterval=1.0)
+            bar = tqdm(total=self.total_bytes, initial=self.kept_bytes, unit="B", unit_scale=True, desc="merging", mininterval=1.0)
             while not self._stop.wait(1.0):
                 tensors, moved = self._job_totals()
                 bar.n = moved
@@ -96,8 +99,9 @@ class Progress:
             bar.close()
             return
         # A log (Slurm's %x-%j.out) shows at once that the merge began, and how often to expect news.
+        kept = f" ({self.kept_tensors} kept from the earlier run: resuming)" if self.kept_tensors else ""
         print(
-            f"distmerge: merging {self.total_tensors} tensors, {self.total_bytes / 1e9:.2f} GB to read and write, "
+            f"distmerge: merging {self.total_tensors} tensors{kept}, {self.total_bytes / 1e9:.2f} GB to read and write, "
             f"on {self.world_size} rank(s); progress every {self.log_seconds:g}s",
             file=sys.stderr,
             flush=True,
@@ -105,7 +109,7 @@ class Progress:
         while not self._stop.wait(self.log_seconds):
             tensors, moved = self._job_totals()
             elapsed = time.monotonic() - start
-            rate = moved / elapsed if elapsed else 0.0
+            rate = (moved - self.kept_bytes) / elapsed if elapsed else 0.0
             eta = (self.total_bytes - moved) / rate if rate else float("inf")
             print(
                 f"distmerge: {tensors}/{self.total_tensors} tensors, {moved / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, "

@@ -312,6 +312,12 @@ def _file_of(line: str) -> str | None:
         return None
 
 
+def finished_tensors(plan: Plan, out_dir: str) -> set[str]:
+    """The tensors an earlier run of this plan left on disk: journaled, or in a published file."""
+    published = [f for f in plan.files if is_done(out_dir, f)]
+    return set(read_journal(out_dir)) | {name for f in published for name in f.tensors}
+
+
 def run_rank(
     plan: Plan,
     out_dir: str,
@@ -328,13 +334,9 @@ def run_rank(
     failed); ``progress`` counts the work and times its phases.
     """
     options = options or RunOptions()
-    done = read_journal(out_dir)
-    published = {f.name for f in plan.files if is_done(out_dir, f)}
+    finished = finished_tensors(plan, out_dir)
     file_of = {name: f for f in plan.files for name in f.tensors}
-    todo = [
-        t for t in (plan.tensors[i] for i in assign_tensors(plan, world_size)[rank])
-        if t.name not in done and file_of[t.name].name not in published
-    ]  # fmt: skip
+    todo = [t for t in (plan.tensors[i] for i in assign_tensors(plan, world_size)[rank]) if t.name not in finished]
     journal = Journal(out_dir, rank)
     kernels.compiled.plan_work(sum(math.prod(t.shape) for t in todo))  # worth compiling the CPU loops?
     current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None

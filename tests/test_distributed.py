@@ -489,14 +489,16 @@ def bash_n(path: Path) -> None:
     assert r.returncode == 0, f"{path}: {r.stderr}"
 
 
-def test_distmerge_slurm_prints_a_filled_in_script(tmp_path):
+def test_distmerge_slurm_prints_a_filled_in_script(llama_family, tmp_path):
     recipe = tmp_path / "my recipes" / "ties.yml"  # a space: the paths must be quoted
+    recipe.parent.mkdir()  # `distmerge slurm` plans the recipe first: it must exist and be valid
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])], "parameters": {"weight": 1}}))
     out = tmp_path / "merged out"
     args = ["slurm", str(recipe), str(out), "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu-long",
             "--account", "proj42", "--time", "02:30:00", "--out-shard-size", "2GB"]  # fmt: skip
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    text = r.output
+    text = r.stdout  # the script; the plan's summary goes to stderr
     lines = text.splitlines()
     for want in ["--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--partition=gpu-long", "--account=proj42", "--time=02:30:00"]:
         assert f"#SBATCH {want}" in lines, want

@@ -61,3 +61,26 @@ def test_a_stopped_run_says_what_it_kept_and_the_rerun_resumes(recipe, tmp_path,
     assert r.returncode == 0, r.stderr
     for p in clean.glob("model-*.safetensors"):
         assert filecmp.cmp(p, out / p.name, shallow=False), p.name
+
+
+def test_the_rerun_says_how_many_tensors_it_kept_and_counts_them(recipe, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": "0:20:kill"})
+    assert r.returncode == -9
+    journaled = journal_lines(out)
+    r = run_cli("run", recipe, out, *SHARDS, "--log-every", "0.05", env={"DISTMERGE_FAULT": "0:1:sleep:0.1"})
+    assert r.returncode == 0, r.stderr
+    assert f"(resumed): kept {journaled} of 39 tensors from the earlier run, merged {39 - journaled} now;" in r.stdout
+    assert f"merging 39 tensors ({journaled} kept from the earlier run: resuming)" in r.stderr
+    counts = [int(m) for m in re.findall(r"distmerge: (\d+)/39 tensors", r.stderr)]
+    assert counts and min(counts) >= journaled  # the progress lines count the kept tensors as done
+
+
+def test_a_rerun_of_a_finished_job_says_it_is_already_complete(recipe, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("run", recipe, out, "--quiet", *SHARDS).returncode == 0
+    r = run_cli("run", recipe, out, *SHARDS)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{out} is already complete: all 39 tensors were merged by an earlier run; nothing to merge, its files are finished and verified"
+    assert "GB/s" not in r.stdout + r.stderr
+    assert run_cli("verify", out, "--full").returncode == 0
