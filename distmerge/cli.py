@@ -224,11 +224,12 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         )
         r = result.report
         seconds = r["ranks"][0]["seconds"]
-        click.echo(
-            f"  {r['gb_per_s'] or 0:.2f} GB/s moved; rank 0 time in read {seconds['read']:.1f}s, merge "
-            f"{seconds['merge']:.1f}s, write {seconds['write']:.1f}s, sync {seconds['sync']:.1f}s; "
-            f"imbalance between ranks {r['imbalance'] * 100:.0f}%"
-        )
+        if result.kept < len(p.tensors):  # rates of this run's work (none when an earlier run merged it all)
+            click.echo(
+                f"  {r['gb_per_s'] or 0:.2f} GB/s moved; rank 0 time in read {seconds['read']:.1f}s, merge "
+                f"{seconds['merge']:.1f}s, write {seconds['write']:.1f}s, sync {seconds['sync']:.1f}s; "
+                f"imbalance between ranks {r['imbalance'] * 100:.0f}%"
+            )
     if result.rank == 0 and push_to:
         from distmerge.hub import push
 
