@@ -10,22 +10,9 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from tests.helpers import REPO_ROOT, run_cli
-
-SHARDS = ("--out-shard-size", "60KB")
-
-
-@pytest.fixture
-def recipe(llama_family, tmp_path):
-    f = llama_family
-    path = tmp_path / "r.yml"
-    path.write_text(yaml.safe_dump({
-        "merge_method": "task_arithmetic", "base_model": str(f["base"]), "dtype": "float32",
-        "models": [{"model": str(f["ft1"]), "parameters": {"weight": 0.6}}, {"model": str(f["ft2"]), "parameters": {"weight": 0.4}}],
-    }))  # fmt: skip
-    return path
+from tests.test_faults import SHARDS, recipe  # noqa: F401 (recipe: the fixture, a two-model task_arithmetic)
 
 
 def start_slow_run(recipe, out):
