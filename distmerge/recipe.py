@@ -6,12 +6,20 @@ level, per slice, or per model, and each setting is a scalar, a gradient (a list
 interpolated over the layer stack) or a list of ``{filter, value}`` entries matched
 against tensor names. The semantics follow mergekit 0.1.5 (config.py, parameter_resolver.py).
 
+What mergekit accepts is accepted, or refused here with one reason: ``modules:`` with the one
+module ``default`` (the form mergekit writes into model cards) is the same recipe without it;
+booleans are read as mergekit reads them (``1.0``, ``0``, ``"yes"``); keys mergekit ignores
+(NO_EFFECT) are warnings in ``Recipe.warnings``; multi-stage recipes (mergekit-multi) and
+multimodal modules are refused naming what they are; close misspellings get a "did you mean".
+
 Reading is bounded (see ``load_yaml``): nesting, alias expansion and integers are capped, so
 a hostile recipe is one MergeError, never a hang or a RecursionError in the functions below.
 """
 
 from __future__ import annotations
 
+import difflib
+import heapq
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,8 +36,24 @@ TOP_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template", "name", "modules",
 }  # fmt: skip
+MODULE_KEYS = {"models", "slices", "parameters"}
+"""Keys of a ``modules:`` entry (mergekit's OutputModuleDefinition)."""
+NO_EFFECT = {
+    "model_name": "mergekit ignores it too",
+    "residual_weight": "mergekit reads it and never uses it",
+}
+"""Keys that mergekit accepts and ignores: accepted with a warning, never refused. ``model_name``
+at the top level, in the module, model entries, slices and their sources (mergekit ignores
+unknown keys everywhere); ``residual_weight`` on slices, where mergekit declares it."""
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
+DTYPE_ALIASES = {
+    "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
+    **{f"torch.{name}": name for name in DTYPES},  # mergekit strips a "torch." prefix
+}  # fmt: skip
+TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
+FALSE_WORDS = frozenset({"0", "off", "f", "false", "n", "no"})
+"""Strings a boolean parameter accepts, in any case: the words mergekit's validation
+(pydantic's lax bool) accepts. Unquoted yes/no/on/off are booleans in YAML already."""
 MAX_RECIPE_BYTES = 16 * 2**20
 """A recipe is a few KB of YAML; a larger file is the wrong file."""
 MAX_DEPTH = 64
@@ -99,6 +123,9 @@ class Recipe:
     name: str | None
     base_dir: str = "."
     """Directory of the recipe file; relative model paths are looked up there first."""
+    warnings: tuple[str, ...] = ()
+    """One line per accepted setting that has no effect (``distmerge plan`` and ``run`` print
+    each as ``warning: ...``); not part of the plan."""
 
     @property
     def method(self) -> methods.Method:
@@ -138,6 +165,15 @@ def load_recipe(path: str) -> Recipe:
             f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save the recipe as UTF-8"
         ) from None
     return parse_recipe(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
+
+
+def recipe_warnings(path: str) -> tuple[str, ...]:
+    """The warnings of the recipe at ``path``; none when it cannot be read (the plan, made
+    next, reports why, agreed across ranks)."""
+    try:
+        return load_recipe(path).warnings
+    except MergeError:
+        return ()
 
 
 class _Loader(yaml.SafeLoader):
@@ -186,24 +222,37 @@ def _too_deep(source: str, mark) -> str:
 
 
 def load_yaml(text: str, source: str = "recipe") -> Any:
-    """The YAML document in ``text``, read safely and with bounded work.
+    """The YAML document in ``text`` (None when it is empty), read as ``load_yaml_documents``
+    reads each; MergeError if ``text`` holds more than one."""
+    docs = load_yaml_documents(text, source)
+    if len(docs) > 1:
+        raise MergeError(f"{source}: holds {len(docs)} YAML documents (separated by ---); expected one")
+    return docs[0] if docs else None
 
-    Beyond ``yaml.safe_load`` (which already refuses ``!!python/...`` tags), refuses with a
+
+def load_yaml_documents(text: str, source: str = "recipe") -> list[Any]:
+    """Every YAML document in ``text`` (documents are separated by ``---``), each read safely
+    and with bounded work.
+
+    Beyond ``yaml.safe_load_all`` (which already refuses ``!!python/...`` tags), refuses with a
     MergeError naming ``source``: nesting deeper than MAX_DEPTH (also through aliases);
-    an alias inside the value it names (a cycle); and aliases that expand the document to
+    an alias inside the value it names (a cycle); and aliases that expand a document to
     more than MAX_VALUES values, counting an aliased value once per use (a "billion laughs"
     document: each level re-uses the one before several times). A few aliases, as mergekit
-    users write them to share a parameter block, stay far below the cap.
+    users write them to share a parameter block, stay far below the cap. Each document is
+    checked before it is built (aliases do not cross documents), and the file itself is at
+    most MAX_RECIPE_BYTES, so the work stays proportional to the text.
     """
     loader = None
+    docs: list[Any] = []
     try:
         loader = _Loader(text)
         loader.source = source
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node, source)
-        return loader.construct_document(node)
+        while loader.check_node():
+            node = loader.get_node()
+            _check_expansion(node, source)
+            docs.append(loader.construct_document(node))
+        return docs
     except yaml.YAMLError as e:
         raise MergeError(f"{source}: invalid YAML{_yaml_problem(e)}") from None
     except RecursionError:  # a backstop: _Loader and _check_expansion bound the depth
@@ -274,28 +323,35 @@ def _check_expansion(root: yaml.Node, source: str) -> None:
 
 
 def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Recipe:
-    doc = load_yaml(text, source)
+    docs = [d for d in load_yaml_documents(text, source) if d is not None]
+    if len(docs) > 1:
+        raise MergeError(_multi_stage(docs, source))
+    doc = docs[0] if docs else None
     if not isinstance(doc, dict):
         raise MergeError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
-    unknown = sorted(set(doc) - TOP_KEYS, key=str)
-    if unknown:
-        raise MergeError(f"{source}: unknown key {_short(unknown[0])}; valid keys are {', '.join(sorted(TOP_KEYS))}")
-    if "modules" in doc:
-        raise MergeError(f"{source}: 'modules' (multi-module architectures) is not supported; use models or slices")
+    notes: list[str] = []
+    doc = _drop_no_effect(doc, ("model_name",), "", source, notes)
+    _no_unknown(doc, TOP_KEYS, "", source)
     if doc.get("tokenizer") is not None and doc.get("tokenizer_source") is not None:
         raise MergeError(f"{source}: give either tokenizer_source or a tokenizer: block, not both")
 
     name = doc.get("merge_method")
     if not isinstance(name, str) or name not in methods.METHODS:
-        raise MergeError(f"{source}: unknown merge_method {_short(name)}; valid methods are {', '.join(sorted(methods.METHODS))}")
-    if ("models" in doc) == ("slices" in doc) or not (doc.get("models") or doc.get("slices")):
-        raise MergeError(f"{source}: a recipe needs exactly one of 'models' or 'slices' (non-empty)")
+        raise MergeError(
+            f"{source}: unknown merge_method {_short(name)}{_hint(name, methods.METHODS)}"
+            f"valid methods are {', '.join(sorted(methods.METHODS))}"
+        )
+    if sum(bool(doc.get(k)) for k in ("models", "slices", "modules")) != 1:
+        raise MergeError(f"{source}: a recipe needs exactly one of 'models', 'slices' or 'modules' (non-empty)")
+    at = ""  # where the models or slices are written
+    if doc.get("modules"):
+        doc, at = _single_module(doc, methods.get(name), source, notes), "modules.default."
 
     recipe = Recipe(
         merge_method=name,
         base_model=_model(doc.get("base_model"), "base_model", source, optional=True),
-        models=tuple(_source(m, f"models[{i}]", source, False) for i, m in enumerate(_list(doc, "models", source))) or None,
-        slices=tuple(_slice(s, f"slices[{i}]", source) for i, s in enumerate(_list(doc, "slices", source))) or None,
+        models=tuple(_source(m, f"{at}models[{i}]", source, False, notes) for i, m in enumerate(_list(doc, "models", source))) or None,
+        slices=tuple(_slice(s, f"{at}slices[{i}]", source, notes) for i, s in enumerate(_list(doc, "slices", source))) or None,
         parameters=_params(doc.get("parameters"), "parameters", source),
         dtype=_dtype(doc.get("dtype"), "dtype", source),
         out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
@@ -303,10 +359,129 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         chat_template=_chat_template(doc.get("chat_template"), source),
         name=_text(doc.get("name"), "name", source),
         base_dir=base_dir,
+        warnings=tuple(notes),
     )
-    _check_parameters(recipe, source)
+    _check_parameters(recipe, source, at)
     _check_base(recipe, source)
     return recipe
+
+
+def _multi_stage(docs: list[Any], source: str) -> str:
+    """The refusal of a mergekit-multi recipe: its stages, in an order that runs each after
+    the stages it names as models (mergekit-multi's rule: any text that is a stage's name)."""
+    names = [d.get("name") if isinstance(d, dict) and isinstance(d.get("name"), str) else None for d in docs]
+    index = {n: i for i, n in reversed(list(enumerate(names))) if n is not None}
+    needs: list[set[int]] = [set() for _ in docs]
+    for i, d in enumerate(docs):
+        body = {k: v for k, v in d.items() if k != "name"} if isinstance(d, dict) else d
+        needs[i] = {j for text in _strings(body) if (j := index.get(text.split("+")[0].split("@")[0])) not in (None, i)}
+    order, ready, waiting = [], [i for i in range(len(docs)) if not needs[i]], [set(n) for n in needs]
+    users: list[list[int]] = [[] for _ in docs]
+    for i, n in enumerate(needs):
+        for j in n:
+            users[j].append(i)
+    heapq.heapify(ready)
+    while ready:  # Kahn's algorithm, document order among the stages that are ready
+        j = heapq.heappop(ready)
+        order.append(j)
+        for i in users[j]:
+            waiting[i].discard(j)
+            if not waiting[i]:
+                heapq.heappush(ready, i)
+    if len(order) < len(docs):  # a cycle: mergekit-multi refuses it too; list them as written
+        order = list(range(len(docs)))
+    shown = [_cut(names[i]) if names[i] is not None else "(the unnamed final stage)" for i in order[:12]]
+    more = f", ... ({len(docs) - 12} more)" if len(docs) > 12 else ""
+    return (
+        f"{source}: this is a multi-stage recipe (mergekit-multi) with {len(docs)} stages: {', '.join(shown)}{more}; "
+        "distmerge does not run multi-stage recipes yet: run each stage as its own recipe, in this order, "
+        "writing a stage's output directory where a later stage names it"
+    )
+
+
+def _strings(value: Any):
+    """Every string in a YAML value, keys and values (its size is bounded by load_yaml_documents)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def _single_module(doc: dict, method: methods.Method, source: str, notes: list[str]) -> dict:
+    """A ``modules:`` recipe as the same recipe written without it, when it has the one module
+    ``default``: the form mergekit writes into model cards for a language model. That module's
+    ``models`` or ``slices`` move to the top level; its ``parameters`` rank between the slices'
+    and the top level's, as in mergekit, so a setting it makes comes first and the top level's
+    applies where the module's filters match nothing."""
+    modules = doc["modules"]
+    if not isinstance(modules, dict) or not modules:
+        raise MergeError(f"{source}: modules must be a mapping of module names to {{models or slices, parameters}}")
+    if list(modules) != ["default"]:
+        names = ", ".join(_short(k) for k in list(modules)[:8])
+        raise MergeError(
+            f"{source}: modules {names}: recipes with several modules or named modules (multimodal models) are not "
+            "supported yet; a language model's recipe uses models or slices, or modules with the one module 'default'"
+        )
+    where = "modules.default"
+    module = modules["default"]
+    if not isinstance(module, dict):
+        raise MergeError(f"{source}: {where} must be a mapping with models or slices, and parameters")
+    module = _drop_no_effect(module, ("model_name",), where, source, notes)
+    _no_unknown(module, MODULE_KEYS, where, source)
+    if bool(module.get("models")) == bool(module.get("slices")):
+        raise MergeError(f"{source}: {where} needs exactly one of 'models' or 'slices' (non-empty)")
+    params = _params(module.get("parameters"), f"{where}.parameters", source)
+    _check_block(method, params, f"{where}.parameters", source)
+    top = _params(doc.get("parameters"), "parameters", source)
+    for key, setting in params.items():
+        top[key] = _as_filters(setting) + _as_filters(top[key]) if key in top else setting
+    out = {k: v for k, v in doc.items() if k != "modules"}
+    kind = "models" if module.get("models") else "slices"
+    out[kind] = module[kind]
+    if top:
+        out["parameters"] = top
+    return out
+
+
+def _as_filters(setting: Setting) -> list:
+    """A setting as a list of {filter, value} entries that evaluates to the same values."""
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and all(isinstance(v, dict) for v in setting):
+        return list(setting)
+    return [{"value": setting}]
+
+
+def _drop_no_effect(entry: dict, keys: tuple[str, ...], where: str, source: str, notes: list[str]) -> dict:
+    """``entry`` without those of ``keys`` (see NO_EFFECT) that it has, each noted as a warning."""
+    found = [k for k in keys if k in entry]
+    for key in found:
+        notes.append(
+            f"{source}: {where + '.' if where else ''}{key} has no effect ({NO_EFFECT[key]}); remove it to silence this warning"
+        )
+    return {k: v for k, v in entry.items() if k not in found} if found else entry
+
+
+def _hint(word: Any, choices) -> str:
+    """The join before a list of valid choices: "; did you mean 'X'? " when ``word`` is close
+    to one of them (difflib, ignoring case), else "; "."""
+    if isinstance(word, str) and len(word) <= 100:
+        by_lower = {c.lower(): c for c in choices if isinstance(c, str)}
+        close = difflib.get_close_matches(word.lower(), list(by_lower), n=1)
+        if close:
+            return f"; did you mean {by_lower[close[0]]!r}? "
+    return "; "
+
+
+def _cut(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _text(value: Any, where: str, source: str) -> str | None:
@@ -332,9 +507,36 @@ def _list(doc: dict, key: str, source: str) -> list:
 def _model(value: Any, where: str, source: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
+    if isinstance(value, dict):
+        value = _model_mapping(value, where, source)
     if not isinstance(value, str) or not value.strip():
         raise MergeError(f"{source}: {where} must be a model path or hub id, got {_short(value)}")
     return value
+
+
+def _model_mapping(value: dict, where: str, source: str) -> str:
+    """mergekit's long form of a model reference, ``{model: PATH | {path, revision}, lora:
+    PATH | {path, revision}}``, as its short form ``path@revision+lora@revision``."""
+    _no_unknown(value, {"model", "lora", "override_architecture"}, where, source)
+    if value.get("override_architecture") is not None:
+        raise MergeError(
+            f"{source}: {where}.override_architecture is not supported yet; distmerge merges models as the "
+            "architecture their config.json names: remove it, or edit architectures in a copy of the model's config.json"
+        )
+    parts = []
+    for key in ("model", "lora"):
+        path = value.get(key)
+        if isinstance(path, dict):
+            _no_unknown(path, {"path", "revision"}, f"{where}.{key}", source)
+            path, revision = path.get("path"), path.get("revision")
+            if isinstance(path, str) and revision is not None:
+                path = f"{path}@{_text(revision, f'{where}.{key}.revision', source)}"
+        if path is None and key == "lora":
+            continue
+        if not isinstance(path, str) or not path.strip():
+            raise MergeError(f"{source}: {where}.{key} must be a model path or hub id, got {_short(path)}")
+        parts.append(path)
+    return "+".join(parts)
 
 
 def _tokenizer(doc: dict, source: str) -> TokenizerSpec | None:
@@ -394,14 +596,18 @@ def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
 def _no_unknown(entry: dict, allowed: set[str], where: str, source: str) -> None:
     unknown = sorted(set(entry) - allowed, key=str)
     if unknown:
-        raise MergeError(f"{source}: {where}: unknown key {_short(unknown[0])}; valid keys are {', '.join(sorted(allowed))}")
+        place = f"{where}: " if where else ""
+        raise MergeError(
+            f"{source}: {place}unknown key {_short(unknown[0])}{_hint(unknown[0], allowed)}valid keys are {', '.join(sorted(allowed))}"
+        )
 
 
-def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
+def _source(entry: Any, where: str, source: str, sliced: bool, notes: list[str]) -> Source:
     if isinstance(entry, str) and not sliced:
         return Source(model=entry)
     if not isinstance(entry, dict):
         raise MergeError(f"{source}: {where} must be a mapping with 'model'")
+    entry = _drop_no_effect(entry, ("model_name",), where, source, notes)
     _no_unknown(entry, {"model", "parameters"} | ({"layer_range"} if sliced else set()), where, source)
     layer_range = None
     if sliced:
@@ -420,11 +626,12 @@ def _source(entry: Any, where: str, source: str, sliced: bool) -> Source:
     )
 
 
-def _slice(entry: Any, where: str, source: str) -> Slice:
+def _slice(entry: Any, where: str, source: str, notes: list[str]) -> Slice:
     if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
         raise MergeError(f"{source}: {where} must be a mapping with a non-empty 'sources' list")
+    entry = _drop_no_effect(entry, ("residual_weight", "model_name"), where, source, notes)
     _no_unknown(entry, {"sources", "base_model", "parameters"}, where, source)
-    sources = tuple(_source(s, f"{where}.sources[{i}]", source, True) for i, s in enumerate(entry["sources"]))
+    sources = tuple(_source(s, f"{where}.sources[{i}]", source, True, notes) for i, s in enumerate(entry["sources"]))
     lengths = {s.layer_range[1] - s.layer_range[0] for s in sources}
     if len(lengths) > 1:
         raise MergeError(f"{source}: {where}: every source of a slice must span the same number of layers, got {sorted(lengths)}")
@@ -472,26 +679,32 @@ def _dtype(value: Any, where: str, source: str) -> str | None:
     return name
 
 
-def _all_parameter_blocks(recipe: Recipe):
+def _all_parameter_blocks(recipe: Recipe, at: str = ""):
     yield "parameters", recipe.parameters
     for i, m in enumerate(recipe.models or ()):
-        yield f"models[{i}].parameters", m.parameters
+        yield f"{at}models[{i}].parameters", m.parameters
     for i, s in enumerate(recipe.slices or ()):
-        yield f"slices[{i}].parameters", s.parameters
+        yield f"{at}slices[{i}].parameters", s.parameters
         for j, src in enumerate(s.sources):
-            yield f"slices[{i}].sources[{j}].parameters", src.parameters
+            yield f"{at}slices[{i}].sources[{j}].parameters", src.parameters
 
 
-def _check_parameters(recipe: Recipe, source: str) -> None:
-    method = recipe.method
-    for where, block in _all_parameter_blocks(recipe):
-        for key, setting in block.items():
-            param = method.param_index.get(key)
-            if param is None:
-                valid = ", ".join(p.name for p in method.params) or "none"
-                raise MergeError(f"{source}: {where}: {method.name} has no parameter {_short(key)}; its parameters are: {valid}")
-            for value in _leaf_values(setting):
-                convert(param, value, f"{source}: {where}.{key}")
+def _check_parameters(recipe: Recipe, source: str, at: str = "") -> None:
+    """Every parameter block's names and values; ``at`` prefixes the places of the models and
+    slices (``modules.default.``) in messages."""
+    for where, block in _all_parameter_blocks(recipe, at):
+        _check_block(recipe.method, block, where, source)
+
+
+def _check_block(method: methods.Method, block: dict[str, Setting], where: str, source: str) -> None:
+    for key, setting in block.items():
+        param = method.param_index.get(key)
+        if param is None:
+            valid = ", ".join(p.name for p in method.params) or "none"
+            hint = _hint(key, method.param_index)
+            raise MergeError(f"{source}: {where}: {method.name} has no parameter {_short(key)}{hint}its parameters are: {valid}")
+        for value in _leaf_values(setting):
+            convert(param, value, f"{source}: {where}.{key}")
 
 
 def _leaf_values(setting: Setting):
@@ -517,9 +730,7 @@ def convert(param: methods.Param, value: Any, where: str) -> Any:
         return None
     try:
         if param.type is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            out = value
+            out = as_bool(value)
         elif param.type in (int, float):
             if isinstance(value, bool):
                 raise ValueError
@@ -529,12 +740,26 @@ def convert(param: methods.Param, value: Any, where: str) -> Any:
         else:
             out = param.type(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400), int(inf)
-        raise MergeError(f"{where}: expected {param.type.__name__}, got {_short(value)}") from None
+        expected = "a boolean (true or false, 1 or 0, yes or no, on or off)" if param.type is bool else param.type.__name__
+        raise MergeError(f"{where}: expected {expected}, got {_short(value)}") from None
     if param.type is float and not math.isfinite(out):
         raise MergeError(f"{where}: {_short(value)} is not a finite number; give a number like 0.5")
     if param.check and (problem := param.check(out)):
         raise MergeError(f"{where} {problem}")
     return out
+
+
+def as_bool(value: Any) -> bool:
+    """A recipe's boolean as mergekit's validation reads one (pydantic's lax bool, measured on
+    0.1.5): true or false, the numbers 1 and 0 (also 1.0 and 0.0), or one of TRUE_WORDS and
+    FALSE_WORDS in any case; ValueError for anything else (2, 0.5, "", " true", null)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return value == 1
+    if isinstance(value, str) and (word := value.lower()) in TRUE_WORDS | FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise ValueError(f"not a boolean: {value!r}")
 
 
 def _short(value: Any, limit: int = 80) -> str:

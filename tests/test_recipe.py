@@ -1,6 +1,7 @@
 """Recipes: mergekit's YAML is read unchanged; parameter settings resolve as mergekit resolves them."""
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,14 +53,14 @@ def test_donor_without_base_is_the_first_model():
     "text, message",
     [
         ("merge_method: linear\nmodels: [\n", "invalid YAML at line"),
-        ("merge_method: lienar\nmodels: [a]\n", "unknown merge_method 'lienar'; valid methods are"),
-        ("merge_method: linear\nmodels: [a]\nmodel: b\n", "unknown key 'model'"),
-        ("merge_method: linear\n", "exactly one of 'models' or 'slices'"),
+        ("merge_method: lienar\nmodels: [a]\n", "unknown merge_method 'lienar'; did you mean 'linear'? valid methods are"),
+        ("merge_method: linear\nmodels: [a]\nmodel: b\n", "r.yml: unknown key 'model'; did you mean 'models'? valid keys are"),
+        ("merge_method: linear\n", "exactly one of 'models', 'slices' or 'modules'"),
         ("merge_method: linear\nmodels: [a]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n", "exactly one of"),
         ("merge_method: task_arithmetic\nmodels: [a, b]\n", "needs a base_model"),
-        ("merge_method: linear\nmodels: [a]\nparameters: {wieght: 1}\n", "linear has no parameter 'wieght'; its parameters are: weight, normalize"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {wieght: 1}\n", "linear has no parameter 'wieght'; did you mean 'weight'? its parameters are: weight, normalize"),
         ("merge_method: linear\nmodels: [a]\nparameters: {weight: heavy}\n", "expected float, got 'heavy'"),
-        ("merge_method: linear\nmodels: [a]\nparameters: {normalize: 3}\n", "expected bool, got 3"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {normalize: 3}\n", "parameters.normalize: expected a boolean (true or false, 1 or 0, yes or no, on or off), got 3"),
         ("merge_method: slerp\nbase_model: a\nmodels: [a, b]\nparameters: {t: [0, -0.5]}\n", "t must be in [0, 1]"),
         ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {weight: 1, density: 1.5}}]\n", "density must be in (0, 1]"),
         ("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [4, 2]}]}]\n", "empty or reversed"),
@@ -83,7 +84,24 @@ def test_donor_without_base_is_the_first_model():
         ("merge_method: linear\nmodels: [a]\nname: !!python/object/apply:os.system [echo]\n", "could not determine a constructor for the tag"),
         ("merge_method: linear\nmodels: [a]\nname: 2001-13-01\n", "line 3, column 7: cannot read this value (month must be in 1..12)"),
         ("merge_method: linear\nmodels: [a]\nname: a\x00b\n", "character #x0000 at position 40 is not allowed in YAML"),
-        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: ties\n", "expected a single document in the stream but found another document"),
+        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: ties\n", "multi-stage recipe (mergekit-multi) with 2 stages"),
+        # did you mean: close names at every level, ignoring case
+        ("merge_method: TIES\nmodels: [a]\n", "unknown merge_method 'TIES'; did you mean 'ties'?"),
+        ("merge_method: linear\nslices: [{source: [{model: a, layer_range: [0, 1]}]}]\n", "r.yml: slices[0] must be a mapping with a non-empty 'sources'"),
+        ("merge_method: linear\nslices: [{sources: [{model: a, layer_rang: [0, 1]}]}]\n", "slices[0].sources[0]: unknown key 'layer_rang'; did you mean 'layer_range'? valid keys are layer_range, model, parameters"),
+        ("merge_method: linear\nmodels: [a]\ntokenizer: {sauce: base}\n", "tokenizer: unknown key 'sauce'; did you mean 'source'?"),
+        ("merge_method: linear\nmodels: [a]\nxyzzy: 1\n", "r.yml: unknown key 'xyzzy'; valid keys are"),
+        # modules: only the single module 'default', holding models or slices
+        ("merge_method: linear\nmodules: {text_decoder: {models: [a]}, vision_tower: {models: [a]}}\n", "modules 'text_decoder', 'vision_tower': recipes with several modules or named modules (multimodal models) are not supported yet"),
+        ("merge_method: linear\nmodules: {decoder: {models: [a]}}\n", "modules 'decoder': recipes with several modules"),
+        ("merge_method: linear\nmodels: [a]\nmodules: {default: {models: [a]}}\n", "exactly one of 'models', 'slices' or 'modules'"),
+        ("merge_method: linear\nmodules: {default: {models: [a], slices: [{sources: [{model: a, layer_range: [0, 1]}]}]}}\n", "modules.default needs exactly one of 'models' or 'slices'"),
+        ("merge_method: linear\nmodules: {default: {modles: [a]}}\n", "modules.default: unknown key 'modles'; did you mean 'models'?"),
+        ("merge_method: linear\nmodules: {default: {models: [a], parameters: {weigth: 1}}}\n", "modules.default.parameters: linear has no parameter 'weigth'; did you mean 'weight'?"),
+        ("merge_method: linear\nmodules: {default: {models: [{model: a, parameters: {weight: x}}]}}\n", "modules.default.models[0].parameters.weight: expected float, got 'x'"),
+        # mergekit's long form of a model reference
+        ("merge_method: linear\nmodels: [{model: {model: a, override_architecture: X}}]\n", "models[0].model.override_architecture is not supported yet"),
+        ("merge_method: linear\nmodels: [{model: {model: {path: a, revison: x}}}]\n", "models[0].model.model: unknown key 'revison'; did you mean 'revision'?"),
         ("42\n", "a recipe is a YAML mapping"),
     ],
 )
@@ -92,6 +110,133 @@ def test_bad_recipes_get_one_clear_error(text, message):
         parse_recipe(text, source="r.yml")
     assert message in str(e.value)
     assert str(e.value).startswith("r.yml")
+
+
+def test_multi_stage_recipes_are_named_in_the_order_they_run():
+    text = (
+        "merge_method: dare_ties\nbase_model: a\nmodels: [{model: second-merge, parameters: {weight: 1, density: 0.5}}]\n"
+        "---\nname: second-merge\nmerge_method: slerp\nbase_model: first-merge@main\nmodels: [b]\nparameters: {t: 0.5}\n"
+        "---\nname: first-merge\nmerge_method: linear\nmodels: [a, b]\n---\n"
+    )
+    with pytest.raises(MergeError) as e:
+        parse_recipe(text, source="r.yml")
+    assert str(e.value) == (
+        "r.yml: this is a multi-stage recipe (mergekit-multi) with 3 stages: first-merge, second-merge, (the unnamed final stage); "
+        "distmerge does not run multi-stage recipes yet: run each stage as its own recipe, in this order, "
+        "writing a stage's output directory where a later stage names it"
+    )
+
+
+def test_every_document_of_a_multi_stage_recipe_is_read_with_the_bounds():
+    bomb = "l0: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "\n".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 10))
+    with pytest.raises(MergeError, match="expand to more than 100,000 values"):
+        parse_recipe("name: a\nmerge_method: linear\nmodels: [x]\n---\n" + bomb + "\n", source="r.yml")
+
+
+def test_empty_documents_around_a_recipe_are_ignored():
+    assert parse_recipe("---\nmerge_method: linear\nmodels: [a]\n---\n").models[0].model == "a"
+
+
+MODULE_FORM = """
+merge_method: ties
+base_model: base
+modules:
+  default:
+    slices:
+    - sources:
+      - {layer_range: [0, 4], model: ft1, parameters: {density: 0.5, weight: 0.5}}
+      - {layer_range: [0, 4], model: base}
+    parameters: {weight: [{filter: mlp, value: 0.25}], density: 0.9}
+parameters: {weight: 0.75, normalize: 1.0}
+"""
+
+
+def test_module_default_is_the_recipe_with_its_models_or_slices_at_the_top_level():
+    r = parse_recipe(MODULE_FORM.replace("    parameters: {weight: [{filter: mlp, value: 0.25}], density: 0.9}\n", ""))
+    top = parse_recipe(
+        "merge_method: ties\nbase_model: base\nslices:\n- sources:\n  - {layer_range: [0, 4], model: ft1, parameters: {density: 0.5, weight: 0.5}}\n"
+        "  - {layer_range: [0, 4], model: base}\nparameters: {weight: 0.75, normalize: 1.0}\n"
+    )
+    assert r == top
+    models = parse_recipe("merge_method: linear\nmodules:\n  default:\n    models: [a, {model: b, parameters: {weight: 2}}]\n")
+    assert models.models == parse_recipe("merge_method: linear\nmodels: [a, {model: b, parameters: {weight: 2}}]\n").models
+
+
+def test_module_parameters_rank_between_the_slices_and_the_top_level_as_in_mergekit():
+    from mergekit.config import ConfigReader, MergeConfiguration, evaluate_setting
+
+    r = parse_recipe(MODULE_FORM)
+    config = MergeConfiguration.model_validate(yaml.safe_load(MODULE_FORM))
+    module = config.modules["default"]
+    reader = ConfigReader(config=config, t=0, module=module).for_out_slice(module.slices[0])
+    for key in ("weight", "density", "normalize"):
+        for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.weight"):
+            theirs = next(v for s in reader.parameter_sources() if s and key in s if (v := evaluate_setting(name, s[key], 0, validate=float)) is not None)
+            ours = next(v for s in (r.slices[0].parameters, r.parameters) if key in s if (v := evaluate(s[key], name, 0, FLOAT, "w")) is not None)
+            assert ours == theirs
+    assert evaluate(r.parameters["weight"], "model.layers.0.mlp.up_proj.weight", 0, FLOAT, "w") == 0.25  # the module's filter
+    assert evaluate(r.parameters["weight"], "model.layers.0.self_attn.o_proj.weight", 0, FLOAT, "w") == 0.75  # falls through
+
+
+def test_settings_that_have_no_effect_are_accepted_with_a_warning():
+    r = parse_recipe(
+        "model_name: my-merge\nmerge_method: passthrough\nslices:\n"
+        "- {sources: [{model: a, layer_range: [0, 2], model_name: A}], residual_weight: 0.5}\n",
+        source="r.yml",
+    )
+    assert r.warnings == (
+        "r.yml: model_name has no effect (mergekit ignores it too); remove it to silence this warning",
+        "r.yml: slices[0].residual_weight has no effect (mergekit reads it and never uses it); remove it to silence this warning",
+        "r.yml: slices[0].sources[0].model_name has no effect (mergekit ignores it too); remove it to silence this warning",
+    )
+    assert r.slices[0].sources[0].model == "a" and r.name is None
+    assert parse_recipe("merge_method: linear\nmodels: [a]\n").warnings == ()
+
+
+def test_mergekit_long_model_references_and_torch_dtype_names():
+    r = parse_recipe(
+        "merge_method: linear\nbase_model: {model: {path: org/base, revision: v2}}\ndtype: torch.bfloat16\n"
+        "models: [{model: {model: org/a, lora: {path: org/adapter}}}, {model: {model: org/b}}]\n"
+    )
+    assert r.model_refs() == ["org/base@v2", "org/a+org/adapter", "org/b"]
+    assert r.dtype == "bfloat16"
+
+
+# what mergekit 0.1.5's validation (pydantic's lax bool) makes of each value, measured: None = refused
+MERGEKIT_BOOLS = [
+    (True, True), (False, False), (1, True), (0, False), (1.0, True), (0.0, False), (-0.0, False),
+    ("true", True), ("TRUE", True), ("yes", True), ("Yes", True), ("on", True), ("y", True), ("t", True), ("1", True),
+    ("false", False), ("no", False), ("OFF", False), ("n", False), ("f", False), ("0", False),
+    (2, None), (-1, None), (0.5, None), (float("nan"), None), ("1.0", None), (" true", None), ("true ", None),
+    ("", None), ("none", None), ("01", None), (None, None), ([1], None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("value, expected", MERGEKIT_BOOLS)
+def test_booleans_are_read_as_mergekit_reads_them(value, expected):
+    from mergekit.merge_methods.base import ParameterScope, ParameterSpec
+
+    spec = ParameterSpec("normalize", bool, ParameterScope.SHARED, default=True)
+    try:
+        theirs = spec.validate(value)
+    except Exception:
+        theirs = None
+    assert theirs == expected  # the table above is mergekit's behaviour
+    if expected is None:
+        with pytest.raises(MergeError, match="n: expected a boolean"):
+            convert(BOOL, value, "n")
+    else:
+        assert convert(BOOL, value, "n") is expected
+
+
+def test_numbers_for_booleans_in_recipes_and_gradients():
+    r = parse_recipe(
+        "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 1}}]\n"
+        "parameters: {normalize: 1.0, int8_mask: 0, rescale: 'off'}\n"
+    )
+    method = r.method
+    assert [evaluate(r.parameters[k], "x", 0, method.param_index[k], k) for k in ("normalize", "int8_mask")] == [True, False]
+    assert evaluate([1, 0.0], "x", 1.0, BOOL, "n") is False
 
 
 def test_alias_bomb_is_refused_before_anything_walks_it():
