@@ -60,7 +60,10 @@ def cli():
 def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json, per_tensor):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
     from distmerge.plan import assign_tensors, imbalance, rank_loads
+    from distmerge.recipe import recipe_warnings
 
+    for line in recipe_warnings(recipe):
+        click.echo(f"warning: {line}", err=True)
     p = _plan(recipe, out_shard_size, random_seed, allow_pickle)
     shares = assign_tensors(p, world_size)
     if as_json:
@@ -196,6 +199,7 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
     from distmerge.dist import detect
     from distmerge.launch import JobOptions, merge
     from distmerge.mergekit_cli import keyword, warnings
+    from distmerge.recipe import recipe_warnings
 
     cuda = mergekit.pop(keyword("cuda"))
     if cuda is not None:
@@ -206,6 +210,8 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
     if detect().rank == 0:
         for line in warnings(mergekit):
             click.echo(line, err=True)
+        for line in recipe_warnings(recipe):
+            click.echo(f"warning: {line}", err=True)
 
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite, hash_inputs=hash_inputs,
