@@ -15,6 +15,10 @@ token; where it lacks it, the row comes from a fallback shared by all models:
 
 Planning reads tokenizers as data (``tokenizer.json``); the row maps go into the plan, and
 :func:`permute` applies one while the tensor is merged.
+
+Everything the merge will rely on is checked while planning, so that a plan that is
+accepted also runs: each tokenizer.json's shape (:func:`vocabulary`), every row a map reads
+against the model's embedding rows, and the padding's size.
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ import torch
 
 from distmerge.errors import MergeError
 from distmerge.recipe import TokenSource, TokenizerSpec
+from distmerge.sources import read_json
 
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
 """Tensors indexed by token id along their first axis."""
 ADDED_TOKEN_KEYS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+MAX_PAD_FACTOR, MAX_PADDED_ROWS = 16, 2**24
+"""``pad_to_multiple_of`` may pad the vocabulary to at most 16 times its size and 2**24 rows
+(real vocabularies have 32k-256k tokens and pad to multiples of 8-128; a larger value is a typo
+that would plan terabytes of embedding)."""
 
 
 @dataclass(slots=True)
@@ -64,33 +73,93 @@ class OutputVocab:
     """Model -> its row for each output token id, or -1."""
     own: dict[str, dict[str, int]]
     """Model -> its own vocabulary (for ``model_token`` sources given by token)."""
+    limits: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Model -> (rows, name) of its vocabulary tensor with the fewest rows: no row map may
+    read a row at or past it."""
 
 
 def read_tokenizer(path: str) -> dict | None:
-    """A model's ``tokenizer.json`` as data, or None when it has none."""
+    """A model's ``tokenizer.json`` as data, or None when it has none.
+
+    Anything at that name is read (a FIFO or directory there is an error, not "no tokenizer"):
+    a regular UTF-8 file holding a JSON object, see ``sources.read_json``.
+    """
     file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
+    if not os.path.lexists(file):
         return None
-    try:
-        with open(file, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise MergeError(f"{file}: cannot read it: {e}") from None
+    return read_json(file, "tokenizer.json")
 
 
-def vocabulary(tok: dict, where: str) -> dict[str, int]:
-    """Token -> id, added tokens included: what ``get_vocab()`` of the fast tokenizer gives."""
-    model = tok.get("model") or {}
+def vocabulary(tok: dict, file: str) -> dict[str, int]:
+    """Token -> id, added tokens included: what ``get_vocab()`` of the fast tokenizer gives.
+
+    Checks what this module reads of ``tok`` (the tokenizer.json at ``file``): ``model.vocab``
+    (an object of token -> id, or a Unigram model's list of [piece, score]) and
+    ``added_tokens`` (a list of objects with a string ``content`` and an ``id``); ids are
+    whole numbers >= 0, tokens strings UTF-8 can write. Anything else is a MergeError naming
+    the file and the entry.
+    """
+    fix = "re-download the tokenizer or fix the file"
+    model = tok.get("model")
+    if not isinstance(model, dict):
+        raise MergeError(f"{file}: 'model' is {_kind(model)}, not the JSON object of a tokenizer model; {fix}")
     vocab = model.get("vocab")
     if model.get("type") == "Unigram" and isinstance(vocab, list):
-        out = {piece[0]: i for i, piece in enumerate(vocab)}
+        out = {}
+        for i, piece in enumerate(vocab):
+            if not (isinstance(piece, list) and piece and isinstance(piece[0], str)):
+                raise MergeError(f"{file}: model.vocab[{i}] is {_short(piece)}, not a [piece, score] pair; {fix}")
+            out[_token(piece[0], file, f"model.vocab[{i}]")] = i
     elif isinstance(vocab, dict):
-        out = dict(vocab)
+        out = {}
+        for token, i in vocab.items():
+            out[_token(token, file, "model.vocab")] = _token_id(i, file, f"model.vocab[{_short(token)}]")
     else:
-        raise MergeError(f"{where}: tokenizer.json has a {model.get('type')!r} model without a vocabulary distmerge can read")
-    for a in tok.get("added_tokens") or []:
-        out[a["content"]] = a["id"]
+        raise MergeError(f"{file}: a {_short(model.get('type'))} model without a vocabulary distmerge can read (model.vocab is {_kind(vocab)}); {fix}")
+    added = tok.get("added_tokens")
+    if added is not None and not isinstance(added, list):
+        raise MergeError(f"{file}: 'added_tokens' is {_kind(added)}, not a list; {fix}")
+    for k, a in enumerate(added or []):
+        if not isinstance(a, dict) or not isinstance(a.get("content"), str):
+            raise MergeError(f"{file}: added_tokens[{k}] is {_short(a)}, not an object with a string 'content'; {fix}")
+        out[_token(a["content"], file, f"added_tokens[{k}]")] = _token_id(a.get("id"), file, f"added_tokens[{k}].id")
     return out
+
+
+def is_utf8(text: str) -> bool:
+    """Whether UTF-8 can write ``text``: JSON and YAML allow unpaired surrogate escapes
+    (``"\\ud800"``), which UTF-8 cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _token(token: str, file: str, where: str) -> str:
+    if not is_utf8(token):
+        raise MergeError(f"{file}: {where}: token {_short(token)} holds an unpaired surrogate (a \\ud800-\\udfff escape), which no tokenizer loads; re-download the tokenizer or fix the file") from None
+    return token
+
+
+def _token_id(i: object, file: str, where: str) -> int:
+    if type(i) is not int or i < 0:
+        raise MergeError(f"{file}: {where} is {_short(i)}, not a token id (a whole number >= 0); re-download the tokenizer or fix the file")
+    return i
+
+
+_JSON_KINDS = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, for messages: "a list", "an object", or "missing" for None (absent or null)."""
+    name = _JSON_KINDS.get(type(value), type(value).__name__)
+    return "missing" if value is None else f"an {name}" if name == "object" else f"a {name}"
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVocab | None:
@@ -104,7 +173,7 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
         return None  # no model has a tokenizer.json: one shared vocabulary, nothing to re-index
     if tokenizers[donor] is None:
         raise MergeError(f"tokenizer: the base model {donor!r} has no tokenizer.json to build the output vocabulary from")
-    own = {ref: vocabulary(tok, ref) for ref, tok in tokenizers.items() if tok is not None}
+    own = {ref: vocabulary(tok, os.path.join(checkpoints[ref].path, "tokenizer.json")) for ref, tok in tokenizers.items() if tok is not None}
     base_vocab = own[donor]
     # A model's usable ids: below its config's vocab_size (else all of its tokenizer's).
     sizes = {}
@@ -139,10 +208,11 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
             next_id += 1
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise MergeError(f"tokenizer: the token ids of {source!r}'s tokenizer are not 0..{len(vocab) - 1}")
-    rows = len(vocab)
-    pad = spec.pad_to_multiple_of
-    if pad and rows % pad:
-        rows += pad - rows % pad
+    for token in spec.tokens:
+        if not is_utf8(token):
+            raise MergeError(f"tokenizer.tokens: token {_short(token)} holds an unpaired surrogate (a \\ud800-\\udfff escape), which no tokenizer loads; fix the recipe")
+    rows = _padded(len(vocab), spec.pad_to_multiple_of)
+    limits = {ref: lim for ref, ck in checkpoints.items() if (lim := _limit(ref, ck)) is not None}
     perms = {}
     for ref in checkpoints:
         theirs = own.get(ref, base_vocab)  # a model without a tokenizer is taken to share the base's
@@ -150,8 +220,46 @@ def build_vocab(spec: TokenizerSpec, checkpoints: dict, donor: str) -> OutputVoc
         for token, i in vocab.items():
             j = theirs.get(token, -1)
             row[i] = j if j < sizes[ref] else -1
+            if row[i] >= 0 and ref in limits and row[i] >= limits[ref][0]:
+                n, name = limits[ref]
+                whose = "its tokenizer" if ref in own else "the base's tokenizer (it has none of its own)"
+                raise MergeError(
+                    f"tokenizer: model {ref!r}: token {_short(token)} has id {row[i]} in {whose}, past the {n} rows of its "
+                    f"{name}; set vocab_size to {n} in its config.json (ids from there on are then left out) or fix the checkpoint"
+                )
         perms[ref] = row
-    return OutputVocab(source=source, added=added, vocab=vocab, rows=rows, perms=perms, own=own)
+    ov = OutputVocab(source=source, added=added, vocab=vocab, rows=rows, perms=perms, own=own, limits=limits)
+    for token, cfg in spec.tokens.items():
+        if cfg.model is not None and cfg.model in checkpoints and (cfg.token_id is not None or cfg.token is not None):
+            _model_token_row(ov, cfg, token)
+    return ov
+
+
+def _padded(n: int, pad: int | None) -> int:
+    """``n`` rows padded to a multiple of ``pad``; refuses padding past MAX_PAD_FACTOR times
+    the vocabulary or MAX_PADDED_ROWS rows (mergekit 0.1.5 has no bound: it fails allocating
+    the embedding in the middle of the merge)."""
+    if not pad or n % pad == 0:
+        return n
+    rows = n + pad - n % pad
+    bound = min(MAX_PAD_FACTOR * max(n, 1), MAX_PADDED_ROWS)
+    if rows > bound:
+        raise MergeError(
+            f"tokenizer.pad_to_multiple_of {pad} would pad the {n}-token vocabulary to {rows} rows; distmerge pads "
+            f"to at most {MAX_PAD_FACTOR}x the vocabulary and 2^24 rows (here {bound}): use a multiple such as 8, 64 or 128"
+        )
+    return rows
+
+
+def _limit(ref: str, ck) -> tuple[int, str] | None:
+    """(rows, name) of the model's vocabulary tensor with the fewest rows (None: it has none)."""
+    found = []
+    for name, info in ck.tensors.items():
+        if VOCAB_TENSOR.search(name):
+            if not info.shape:
+                raise MergeError(f"model {ref!r}: tensor {name} is a scalar, not an embedding with a row per token; fix the checkpoint")
+            found.append((info.shape[0], name))
+    return min(found) if found else None
 
 
 def _added(content: str, *, special: bool, id: int | None = None, like: dict | None = None) -> dict:
@@ -241,16 +349,29 @@ def vocab_map(ov: OutputVocab, spec: TokenizerSpec, order: list[str], index: dic
 def _source_row(ov: OutputVocab, cfg: TokenSource, token: str, i: int, perms: dict[str, list[int]], name: str) -> int:
     if cfg.model not in perms:
         raise MergeError(f"{name}: token {token!r} takes its row from {cfg.model!r}, which is not one of this tensor's models")
-    if cfg.token_id is not None:
-        return cfg.token_id
+    if cfg.token_id is not None or cfg.token is not None:
+        return _model_token_row(ov, cfg, token)
+    if perms[cfg.model][i] < 0:
+        raise MergeError(f"tokenizer.tokens[{token!r}]: {cfg.model!r} does not have this token to take its row from")
+    return perms[cfg.model][i]
+
+
+def _model_token_row(ov: OutputVocab, cfg: TokenSource, token: str) -> int:
+    """The row a ``{kind: model_token}`` source names: its ``token_id``, or its ``token``'s id in
+    the model's vocabulary; below the model's embedding rows (mergekit checks this only when
+    it reaches the tensor, mid-merge)."""
+    where = f"tokenizer.tokens[{_short(token)}].source"
     if cfg.token is not None:
         theirs = ov.own.get(cfg.model, {})
         if cfg.token not in theirs:
             raise MergeError(f"tokenizer.tokens[{token!r}]: token {cfg.token!r} is not in {cfg.model!r}'s vocabulary")
-        return theirs[cfg.token]
-    if perms[cfg.model][i] < 0:
-        raise MergeError(f"tokenizer.tokens[{token!r}]: {cfg.model!r} does not have this token to take its row from")
-    return perms[cfg.model][i]
+        row, what = theirs[cfg.token], f"token {_short(cfg.token)} (id {theirs[cfg.token]} in its tokenizer)"
+    else:
+        row, what = cfg.token_id, f"token_id {cfg.token_id}"
+    if cfg.model in ov.limits and row >= ov.limits[cfg.model][0]:
+        n, name = ov.limits[cfg.model]
+        raise MergeError(f"{where}: {what} is past the {n} rows of {name} in model {cfg.model!r}; use an id below {n}")
+    return row
 
 
 def is_identity(vm: VocabMap, rows: dict[int, int]) -> bool:
@@ -293,3 +414,4 @@ def permute(vm: VocabMap, tensors: dict[int, torch.Tensor]) -> dict[int, torch.T
             new[vm.vocab :] = torch.mean(new[: vm.vocab], dim=0)
         out[m] = new
     return out
+
