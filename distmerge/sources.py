@@ -317,7 +317,7 @@ def _weight_files(ref: str, path: str, allow_pickle: bool = False) -> dict[str, 
                     "directory; refusing to read it"
                 )
             if not os.path.exists(os.path.join(path, file)):
-                raise MergeError(f"model {ref!r}: shard {file} named by {INDEX_FILE} is missing")
+                raise MergeError(f"model {ref!r}: shard {file!r} named by {INDEX_FILE} is missing")
             files.setdefault(file, []).append(name)
         return files
     if os.path.exists(os.path.join(path, SINGLE_FILE)):

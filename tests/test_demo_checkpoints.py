@@ -21,7 +21,6 @@ from distmerge.demo import (
     make_llama,
     make_sparse_checkpoint,
     save_safetensors,
-    write_tokenizer,
 )
 from tests.helpers import (
     REPO_ROOT,
