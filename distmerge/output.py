@@ -478,41 +478,27 @@ def read_manifest(out_dir: str) -> list[dict] | None:
 
 
 def _read_files(src_dir: str, names) -> dict[str, bytes]:
-    found = {}
-    for name in names:
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src):
-            with open(src, "rb") as f:
-                found[name] = f.read()
-    return found
+    """The files ``names`` of ``src_dir`` that are there (regular files only; see vocab.read_files)."""
+    from distmerge import vocab  # vocab owns the tokenizer-file edits; build_plan runs them too
+
+    return vocab.read_files(src_dir, names)
 
 
 def _add_tokens(plan: Plan, files: dict[str, bytes]) -> None:
     """Append the plan's added tokens (``tokenizer_source: union``, ``tokenizer.tokens``) to
-    tokenizer.json and to tokenizer_config.json's added_tokens_decoder."""
-    if not plan.added_tokens:
-        return
-    tok = json.loads(files["tokenizer.json"].decode("utf-8"))
-    tok["added_tokens"] = [*(tok.get("added_tokens") or []), *plan.added_tokens]
-    files["tokenizer.json"] = json.dumps(tok, indent=2, ensure_ascii=False).encode()
-    if "tokenizer_config.json" in files:
-        config = json.loads(files["tokenizer_config.json"].decode("utf-8"))
-        decoder = config.setdefault("added_tokens_decoder", {})
-        for entry in plan.added_tokens:
-            decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
-        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode()
+    tokenizer.json and to tokenizer_config.json's added_tokens_decoder (vocab.add_tokens;
+    build_plan has run it on the same files, so it cannot fail here on their shape)."""
+    from distmerge import vocab
+
+    vocab.add_tokens(files, plan.added_tokens, plan.models[plan.tokenizer_source].path if plan.tokenizer_source is not None else "")
 
 
 def _set_chat_template(plan: Plan, files: dict[str, bytes]) -> None:
-    """Write the recipe's chat template where transformers looks for it: chat_template.jinja
-    (which takes precedence when present) and tokenizer_config.json."""
-    template = plan.chat_template
-    if not template:
-        return
-    files["chat_template.jinja"] = template.encode()
-    config = json.loads(files["tokenizer_config.json"].decode("utf-8")) if "tokenizer_config.json" in files else {}
-    config["chat_template"] = template
-    files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
+    """Write the recipe's chat template into chat_template.jinja and tokenizer_config.json
+    (vocab.set_chat_template; checked by build_plan on the same files)."""
+    from distmerge import vocab
+
+    vocab.set_chat_template(files, plan.chat_template, plan.models[plan.tokenizer_source].path if plan.tokenizer_source is not None else "")
 
 
 def card_title(plan: Plan) -> str:

@@ -22,7 +22,7 @@ from distmerge.errors import MergeError
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
 from distmerge.recipe import Recipe, Slice, Source, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
-from distmerge.vocab import VOCAB_TENSOR, OutputVocab, VocabMap, build_vocab, is_identity, vocab_map
+from distmerge.vocab import VOCAB_TENSOR, OutputVocab, VocabMap, build_vocab, is_identity, tokenizer_files, vocab_map
 
 PLAN_VERSION = 1
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -329,6 +329,8 @@ def build_plan(
         left_out=left_out,
         added_tokens=vocab.added if vocab else [],
     )
+    # The files finish reads and edits, built now and dropped: bad ones are refused before any work.
+    tokenizer_files(plan.models[donor].path, plan.models[plan.tokenizer_source].path, plan.added_tokens, plan.chat_template)
     plan.fingerprint = fingerprint(plan)
     return plan
 

@@ -46,6 +46,7 @@ def resolve(setting: str | None, model_dirs: list[str]) -> str | None:
     if setting != "auto":
         if problem := check_setting(setting):
             raise MergeError(problem)
+        _check_utf8(setting, "the recipe's chat_template", "fix the recipe")
         return setting
     found = [t for t in (_template_of(d) for d in model_dirs) if t]
     return Counter(found).most_common(1)[0][0] if found else None
@@ -73,4 +74,15 @@ def _template_of(model_dir: str) -> str | None:
     if not os.path.exists(config):
         return None
     template = read_json(config, "tokenizer config").get("chat_template")
+    if isinstance(template, str):
+        _check_utf8(template, f"chat_template auto: {config}: its chat_template", "fix the file or set chat_template in the recipe")
     return (template.strip() or None) if isinstance(template, str) else None
+
+
+def _check_utf8(template: str, what: str, fix: str) -> None:
+    """Refuse a template UTF-8 cannot write (an unpaired ``\\ud800``-``\\udfff`` escape in JSON
+    or YAML) now, not when the output's chat_template.jinja is written."""
+    try:
+        template.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MergeError(f"{what} holds an unpaired surrogate ({template[e.start]!r} at character {e.start}), which UTF-8 cannot write; {fix}") from None

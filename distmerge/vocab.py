@@ -16,9 +16,10 @@ token; where it lacks it, the row comes from a fallback shared by all models:
 Planning reads tokenizers as data (``tokenizer.json``); the row maps go into the plan, and
 :func:`permute` applies one while the tensor is merged.
 
-Everything the merge will rely on is checked while planning, so that a plan that is
-accepted also runs: each tokenizer.json's shape (:func:`vocabulary`), every row a map reads
-against the model's embedding rows, and the padding's size.
+Everything the merge and ``finish`` will rely on is checked while planning, so that a plan
+that is accepted also runs: each tokenizer.json's shape (:func:`vocabulary`), every row a
+map reads against the model's embedding rows, the padding's size, and the tokenizer files
+``finish`` edits (:func:`tokenizer_files` runs the same edits on the same bytes).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from distmerge.errors import MergeError
+from distmerge.io.header import open_regular
 from distmerge.recipe import TokenSource, TokenizerSpec
-from distmerge.sources import read_json
+from distmerge.sources import MAX_JSON_BYTES, read_json
 
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
 """Tensors indexed by token id along their first axis."""
@@ -415,3 +417,117 @@ def permute(vm: VocabMap, tensors: dict[int, torch.Tensor]) -> dict[int, torch.T
         out[m] = new
     return out
 
+
+# ---------------------------------------------------------------- the output's tokenizer files
+
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
+)  # fmt: skip
+"""What the output copies from the tokenizer source (the same names as ``output.TOKENIZER_FILES``)."""
+
+
+def tokenizer_files(donor_dir: str, tokenizer_dir: str | None, added: list[dict], template: str | None) -> dict[str, bytes]:
+    """The donor's generation config and the tokenizer source's tokenizer files, with the
+    added tokens and the chat template written in: what ``output.finish`` writes, by name.
+
+    ``build_plan`` calls this too and drops the result: any file ``finish`` would fail to
+    read or edit is refused then, before the output directory exists (``finish`` checks
+    first that no input changed, so it reads the same bytes).
+    """
+    files = read_files(donor_dir, ["generation_config.json"])
+    if tokenizer_dir is not None:
+        files.update(read_files(tokenizer_dir, TOKENIZER_FILES))
+    add_tokens(files, added, tokenizer_dir or donor_dir)
+    set_chat_template(files, template, tokenizer_dir or donor_dir)
+    return files
+
+
+def read_files(src_dir: str, names) -> dict[str, bytes]:
+    """The bytes of each of ``names`` in ``src_dir`` that is there. Only regular files of at
+    most MAX_JSON_BYTES are read; anything else at one of the names (a FIFO, a directory, a
+    link to nothing, an unreadable or huge file) is a MergeError naming it."""
+    found = {}
+    for name in names:
+        src = os.path.join(src_dir, name)
+        if not os.path.lexists(src):
+            continue
+        if not os.path.exists(src):
+            raise MergeError(f"cannot read {src}: it is a link to {os.readlink(src)}, which is missing; re-download the model or remove the link")
+        try:
+            with open_regular(src) as f:
+                data = f.read(MAX_JSON_BYTES + 1)
+        except OSError as e:
+            raise MergeError(f"cannot read {src}: {e.strerror or e}; the output copies it, so fix it or remove it") from None
+        if len(data) > MAX_JSON_BYTES:
+            raise MergeError(f"{src}: larger than {MAX_JSON_BYTES // 2**20} MiB, not a tokenizer or config file; re-download or remove it")
+        found[name] = data
+    return found
+
+
+def add_tokens(files: dict[str, bytes], added: list[dict], where: str) -> None:
+    """Append ``added`` (tokenizer.json added_tokens entries) to ``files``' tokenizer.json and
+    to tokenizer_config.json's added_tokens_decoder. ``where``: the directory they came from."""
+    if not added:
+        return
+    if "tokenizer.json" not in files:
+        raise MergeError(f"{where}: no tokenizer.json to add the tokens {', '.join(_short(a['content']) for a in added[:3])} to")
+    tok = _json_object(files, "tokenizer.json", where)
+    old = tok.get("added_tokens")
+    if old is not None and not isinstance(old, list):
+        raise MergeError(f"{os.path.join(where, 'tokenizer.json')}: 'added_tokens' is {_kind(old)}, not a list; re-download the tokenizer or fix the file")
+    tok["added_tokens"] = [*(old or []), *added]
+    files["tokenizer.json"] = _dump(tok, "tokenizer.json", where, ensure_ascii=False)
+    if "tokenizer_config.json" in files:
+        config = _json_object(files, "tokenizer_config.json", where)
+        decoder = config.get("added_tokens_decoder")
+        if decoder is None:
+            decoder = config["added_tokens_decoder"] = {}
+        if not isinstance(decoder, dict):
+            raise MergeError(
+                f"{os.path.join(where, 'tokenizer_config.json')}: 'added_tokens_decoder' is {_kind(decoder)}, not the object "
+                "of id -> token the added tokens go into; re-download the tokenizer or fix the file"
+            )
+        for entry in added:
+            decoder[str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
+        files["tokenizer_config.json"] = _dump(config, "tokenizer_config.json", where, ensure_ascii=False)
+
+
+def set_chat_template(files: dict[str, bytes], template: str | None, where: str) -> None:
+    """Write ``template`` where transformers looks for it: chat_template.jinja (which takes
+    precedence when present) and tokenizer_config.json (made when ``files`` has none)."""
+    if not template:
+        return
+    files["chat_template.jinja"] = _dump(template, "chat_template.jinja", where)
+    config = _json_object(files, "tokenizer_config.json", where) if "tokenizer_config.json" in files else {}
+    config["chat_template"] = template
+    files["tokenizer_config.json"] = _dump(config, "tokenizer_config.json", where)
+
+
+def _json_object(files: dict[str, bytes], name: str, where: str) -> dict:
+    """``files[name]`` parsed as ``sources.read_json`` parses a file (UTF-8, BOM allowed, a JSON object)."""
+    path, fix = os.path.join(where, name), "re-download the tokenizer or fix the file"
+    try:
+        value = json.loads(files[name].decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise MergeError(f"{path}: not UTF-8 text (byte 0x{files[name][e.start]:02x} at offset {e.start}); {fix}") from None
+    except RecursionError:
+        raise MergeError(f"{path}: its JSON is nested too deeply; {fix}") from None
+    except ValueError as e:
+        raise MergeError(f"{path}: invalid JSON ({' '.join(str(e).split())}); {fix}") from None
+    if not isinstance(value, dict):
+        raise MergeError(f"{path}: holds a JSON {_JSON_KINDS.get(type(value))}, not the JSON object distmerge edits (added tokens, chat template); {fix}")
+    return value
+
+
+def _dump(value: dict | str, name: str, where: str, **json_options) -> bytes:
+    """``value`` as UTF-8 (a dict as indented JSON), or a MergeError when it holds an
+    unpaired surrogate UTF-8 cannot write."""
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, **json_options)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MergeError(
+            f"{os.path.join(where, name)}: the output's {name} would hold an unpaired surrogate (a \\ud800-\\udfff escape), "
+            "which UTF-8 cannot write; fix the file (or the recipe's chat_template)"
+        ) from None
