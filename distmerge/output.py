@@ -5,7 +5,7 @@ writes the journal and the per-file records while merging):
 
     .distmerge.lock             host and pid of the run writing here
     .distmerge/plan.json        the plan: a rerun of the same plan resumes
-    .distmerge/inputs.json      what identifies each input file (see ``input_identity``):
+    .distmerge/inputs.json      what identifies each input file (see ``distmerge.inputs``):
                                 a rerun refuses inputs that changed since the run started
     .distmerge/journal/         run.py: tensors on disk, one JSON line each
     .distmerge/files/           run.py: one record per published shard (tensor sha256s)
@@ -31,24 +31,20 @@ import json
 import os
 import shutil
 import socket
-import struct
 import time
 
 import psutil
 import yaml
 
 from distmerge.errors import MergeError
-from distmerge.io.header import MAX_HEADER_BYTES
 from distmerge.io.writer import PARTIAL, fsync_dir, write_atomic
 from distmerge.plan import Plan, file_layout
 from distmerge.run import STATE_DIR, fault_point, forget_lost_files, publish_files, record_path, state_dir
-from distmerge.sources import is_pickle, is_zero
+from distmerge.inputs import VERSION as INPUTS_VERSION
+from distmerge.inputs import input_identity, what_changed
+from distmerge.vocab import tokenizer_files
 
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = (
-    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json",
-)  # fmt: skip
 RECIPE_FILE = "distmerge_config.yml"
 PLAN_FILE, INPUTS_FILE, FINISHING_FILE, MANIFEST_FILE = "plan.json", "inputs.json", "finishing.json", "manifest.json"
 STATE_VERSION = 1
@@ -266,76 +262,7 @@ def written_names(out_dir: str) -> set[str]:
     return {n for n in names if isinstance(n, str) and n not in ("", ".", "..") and os.path.basename(n) == n}
 
 
-# ---------------------------------------------------------------- what the output is made from
-
-SAFETENSORS, PICKLE, SMALL = "safetensors", "pickle", "small"
-"""How an input file is identified: size, mtime and header sha256; size and mtime; size
-and content sha256 (configs and tokenizer files, a few MB at most)."""
-
-
-def input_identity(plan: Plan, full: bool = False) -> dict:
-    """What identifies every file whose bytes reach the output: each model's weight files,
-    adapters, config.json, and the donor's and tokenizer source's files that finish copies.
-
-    Recorded at setup (inputs.json) and compared on every resume and at finish, so that a
-    rerun never mixes tensors merged from different inputs. Local paths are recorded too:
-    unlike the plan's fingerprint, this record is about this machine's files. ``full``
-    adds a sha256 of every file's content (reads all inputs: 1-2 s per GB on one core).
-    """
-    files = []
-    for i, m in enumerate(plan.models):
-        for where, name, kind, adapter in _input_files(plan, i):
-            entry = {"model": m.ref, "dir": where, "file": name, **_identify(os.path.join(where, name), kind, full)}
-            files.append({**entry, "adapter": True} if adapter else entry)
-    return {"version": STATE_VERSION, "full": full, "files": files}
-
-
-def _input_files(plan: Plan, i: int) -> list[tuple[str, str, str, bool]]:
-    """(directory, file name, kind, from the adapter) of model ``i``'s files the output depends on."""
-    m = plan.models[i]
-    refs = [r for t in plan.tensors for r in t.all_inputs if r.model == i]
-    out = []
-    for file in sorted({r.file for r in refs}):
-        if is_zero(file):  # a DeepSpeed tag directory, and the file naming it
-            out += [(m.path, name, PICKLE, False) for name in _files_under(m.path, file)]
-            out.append((m.path, "latest", SMALL, False))
-        else:
-            out.append((m.path, file, PICKLE if is_pickle(file) else SAFETENSORS, False))
-    small = ["config.json"]
-    if i == plan.donor:
-        small.append("generation_config.json")
-    if i == plan.tokenizer_source:
-        small += TOKENIZER_FILES
-    out += [(m.path, name, SMALL, False) for name in dict.fromkeys(small)]
-    if m.adapter_path:
-        lora = sorted({r.lora[k][0] for r in refs if r.lora for k in ("a", "b")})
-        out += [(m.adapter_path, name, SAFETENSORS, True) for name in lora]
-        out.append((m.adapter_path, "adapter_config.json", SMALL, True))
-    return out
-
-
-def _files_under(root: str, folder: str) -> list[str]:
-    found = []
-    for here, _, names in os.walk(os.path.join(root, folder)):
-        found += [os.path.relpath(os.path.join(here, n), root) for n in names]
-    return sorted(found)
-
-
-def _identify(path: str, kind: str, full: bool) -> dict:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return {"bytes": None}  # absent (an optional file): its appearing later counts as a change
-    except OSError as e:
-        raise MergeError(f"cannot read {path}: {e.strerror or e}") from None
-    ident = {"bytes": st.st_size}
-    if kind != SMALL:
-        ident["mtime_ns"] = st.st_mtime_ns
-    if kind == SAFETENSORS:
-        ident["header_sha256"] = _header_sha256(path)
-    if kind == SMALL or full:
-        ident["sha256"] = file_sha256(path)
-    return ident
+# ---------------------------------------------------------------- the inputs recorded at setup
 
 
 def changed_inputs(out_dir: str, plan: Plan | None = None, content: bool = True) -> str | None:
@@ -346,7 +273,7 @@ def changed_inputs(out_dir: str, plan: Plan | None = None, content: bool = True)
     record is no reason to refuse. ``content=False`` skips re-hashing whole weight files
     recorded with ``--hash-inputs``."""
     record = read_json(_state(out_dir, INPUTS_FILE))
-    if record is None or record.get("version") != STATE_VERSION or not isinstance(record.get("files"), list):
+    if record is None or record.get("version") != INPUTS_VERSION or not isinstance(record.get("files"), list):
         return None if plan is None else (
             f"{_state(out_dir, INPUTS_FILE)} is missing or unreadable (a run started by an older distmerge?), "
             "so it cannot tell whether the input models changed since the run started"
@@ -358,53 +285,12 @@ def changed_inputs(out_dir: str, plan: Plan | None = None, content: bool = True)
         try:
             if e["model"] in dirs and e["dir"] not in dirs[e["model"]]:
                 return f"model {e['model']!r} is now read from {sorted(d for d in dirs[e['model']] if d)[0]}, this run started with {e['dir']}"
-            what = _what_changed(e, content)
+            what = what_changed(e, content)
         except (KeyError, TypeError):
             return f"{_state(out_dir, INPUTS_FILE)} is corrupt, so it cannot tell whether the input models changed"
         if what:
             return f"model {e['model']!r}: {'adapter file ' if e.get('adapter') else ''}{e['file']} {what}"
     return None
-
-
-def _what_changed(e: dict, content: bool) -> str | None:
-    path = os.path.join(e["dir"], e["file"])
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if e["bytes"] is None:
-        return None if st is None else "appeared since this run started"
-    if st is None:
-        return "was deleted since this run started"
-    if st.st_size != e["bytes"]:
-        return f"changed since this run started (size {e['bytes']} -> {st.st_size})"
-    if "mtime_ns" in e and st.st_mtime_ns != e["mtime_ns"]:
-        return f"changed since this run started (modified {_when(e['mtime_ns'])} -> {_when(st.st_mtime_ns)})"
-    if "header_sha256" in e and _header_sha256(path) != e["header_sha256"]:
-        return "changed since this run started (its safetensors header differs)"
-    if "sha256" in e and (content or "mtime_ns" not in e) and file_sha256(path) != e["sha256"]:
-        return "changed since this run started (its content sha256 differs)"
-    return None
-
-
-def _when(ns: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns // 10**9)) + f".{ns % 10**9:09d}"
-
-
-def _header_sha256(path: str) -> str:
-    """sha256 of a safetensors file's header: the 8-byte length and the JSON it counts."""
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        return hashlib.sha256(prefix + f.read(min(n, MAX_HEADER_BYTES))).hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- finishing
@@ -436,11 +322,9 @@ def finish_files(plan: Plan) -> dict[str, bytes]:
     weight_map = {name: f.name for f in plan.files for name in f.tensors}
     index = {"metadata": {"total_size": sum(t.nbytes for t in plan.tensors)}, "weight_map": weight_map}
     files = {INDEX_FILE: json.dumps(index, indent=2).encode(), "config.json": (json.dumps(plan.config, indent=2) + "\n").encode()}
-    files.update(_read_files(plan.models[plan.donor].path, ["generation_config.json"]))
-    if plan.tokenizer_source is not None:
-        files.update(_read_files(plan.models[plan.tokenizer_source].path, TOKENIZER_FILES))
-    _add_tokens(plan, files)
-    _set_chat_template(plan, files)
+    # The same reads and edits build_plan ran: they cannot fail here on the files' shape.
+    tokenizer_dir = plan.models[plan.tokenizer_source].path if plan.tokenizer_source is not None else None
+    files.update(tokenizer_files(plan.models[plan.donor].path, tokenizer_dir, plan.added_tokens, plan.chat_template))
     files[RECIPE_FILE] = plan.recipe_text.encode()
     files["README.md"] = model_card(plan).encode()
     return files
@@ -475,30 +359,6 @@ def read_manifest(out_dir: str) -> list[dict] | None:
         if not isinstance(e, dict) or set(e) != set(keys) or not all(isinstance(e[k], t) for k, t in keys.items()):
             return None
     return entries
-
-
-def _read_files(src_dir: str, names) -> dict[str, bytes]:
-    """The files ``names`` of ``src_dir`` that are there (regular files only; see vocab.read_files)."""
-    from distmerge import vocab  # vocab owns the tokenizer-file edits; build_plan runs them too
-
-    return vocab.read_files(src_dir, names)
-
-
-def _add_tokens(plan: Plan, files: dict[str, bytes]) -> None:
-    """Append the plan's added tokens (``tokenizer_source: union``, ``tokenizer.tokens``) to
-    tokenizer.json and to tokenizer_config.json's added_tokens_decoder (vocab.add_tokens;
-    build_plan has run it on the same files, so it cannot fail here on their shape)."""
-    from distmerge import vocab
-
-    vocab.add_tokens(files, plan.added_tokens, plan.models[plan.tokenizer_source].path if plan.tokenizer_source is not None else "")
-
-
-def _set_chat_template(plan: Plan, files: dict[str, bytes]) -> None:
-    """Write the recipe's chat template into chat_template.jinja and tokenizer_config.json
-    (vocab.set_chat_template; checked by build_plan on the same files)."""
-    from distmerge import vocab
-
-    vocab.set_chat_template(files, plan.chat_template, plan.models[plan.tokenizer_source].path if plan.tokenizer_source is not None else "")
 
 
 def card_title(plan: Plan) -> str:

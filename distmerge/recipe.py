@@ -417,9 +417,10 @@ def _token_source(cfg: Any, where: str, source: str) -> TokenSource:
     if not isinstance(cfg, dict):
         raise MergeError(f"{source}: {where} must be a mapping with source and/or force")
     _no_unknown(cfg, {"source", "force"}, where, source)
-    force = cfg.get("force", False)
-    if not isinstance(force, bool):
-        raise MergeError(f"{source}: {where}.force must be true or false, got {_short(force)}")
+    try:
+        force = as_bool(cfg.get("force", False))
+    except ValueError:
+        raise MergeError(f"{source}: {where}.force must be true or false, got {_short(cfg['force'])}") from None
     src = cfg.get("source")
     if src is None:
         return TokenSource(force=force)

@@ -18,7 +18,8 @@ import re
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.io.writer import PARTIAL
-from distmerge.output import INDEX_FILE, MANIFEST_FILE, read_json, file_sha256, read_manifest
+from distmerge.inputs import file_sha256
+from distmerge.output import INDEX_FILE, MANIFEST_FILE, read_json, read_manifest
 from distmerge.run import STATE_DIR, record_path
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")

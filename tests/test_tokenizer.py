@@ -191,7 +191,7 @@ def test_different_vocabularies_without_a_tokenizer_setting_name_the_remedy(voca
         ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be a positive integer"),
         ({"tokens": {"<x>": {"source": {"kind": "model_token", "model": "m"}}}}, "exactly one of token_id or token"),
         ({"tokens": {"<x>": {"source": {"kind": "random"}}}}, "must be a model, {kind: zero} or"),
-        ({"tokens": {"<x>": {"force": "yes"}}}, "force must be true or false"),
+        ({"tokens": {"<x>": {"force": "maybe"}}}, "force must be true or false"),  # "yes" is true, as in mergekit
     ],
 )
 def test_bad_tokenizer_blocks_are_clear_errors(vocab_family, tmp_path, capsys, tokenizer, message):

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distmerge import output, vocab
+from distmerge import vocab
 from distmerge.errors import MergeError
 from tests.helpers import run_cli
 from tests.test_bad_input import assert_refused, copy_model, linear, replace_file, write_recipe
@@ -163,10 +163,6 @@ def test_a_directory_or_dangling_link_among_the_files_finish_copies_is_refused(l
     os.rmdir(bad / "merges.txt")
     os.symlink(tmp_path / "gone.json", bad / "vocab.json")
     assert_refused(tmp_path, recipe, f"cannot read {bad}/vocab.json: it is a link to {tmp_path / 'gone.json'}, which is missing", commands=PLAN)
-
-
-def test_finish_copies_the_files_the_plan_checks():
-    assert output.TOKENIZER_FILES == vocab.TOKENIZER_FILES
 
 
 # --- 4: pad_to_multiple_of ---
