@@ -13,7 +13,7 @@ from distmerge.demo import make_family
 from distmerge.errors import MergeError
 from distmerge.plan import LAYER_NAME, build_plan
 from distmerge.recipe import parse_recipe
-from tests.helpers import load_state, run_cli
+from tests.helpers import load_state, run_cli, run_main
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def refused(tmp_path: Path, recipe: dict, *fragments: str) -> str:
     path = write_recipe(tmp_path / "r.yml", recipe)
     out = tmp_path / "out"
     for args in (("plan", path), ("run", path, out)):
-        r = run_cli(*args, timeout=120)
+        r = run_main(*args) if args[0] == "plan" else run_cli(*args, timeout=120)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -229,14 +229,14 @@ def test_a_frankenmerge_lists_what_it_leaves_out_with_reasons(family, tmp_path):
 
 
 def test_plan_prints_the_left_out_list(family, tmp_path):
-    r = run_cli("plan", write_recipe(tmp_path / "r.yml", frankenmerge(family)))
+    r = run_main("plan", write_recipe(tmp_path / "r.yml", frankenmerge(family)))
     assert r.returncode == 0, r.stderr
     assert "left out (not read): 21 input tensors" in r.stdout  # 9 per Llama layer, + norm, lm_head, embeddings
     assert f"{family['ft1']}: 9 tensors (layers 3): its layer is in no slice's layer_range" in r.stdout
     assert f"{family['ft2']}: 1 tensors (model.embed_tokens.weight): embeddings come from the first slice's models" in r.stdout
-    j = json.loads(run_cli("plan", tmp_path / "r.yml", "--json").stdout)
+    j = json.loads(run_main("plan", tmp_path / "r.yml", "--json").stdout)
     assert sum(len(g["tensors"]) for g in j["left_out"]) == 21
-    r = run_cli("plan", write_recipe(tmp_path / "r2.yml", linear(family["ft1"], family["ft2"])))
+    r = run_main("plan", write_recipe(tmp_path / "r2.yml", linear(family["ft1"], family["ft2"])))
     assert "left out: nothing (every input tensor is read)" in r.stdout
 
 

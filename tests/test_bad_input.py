@@ -16,7 +16,7 @@ import yaml
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.sources import load_checkpoint
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, run_main
 
 TIMEOUT = 60
 """Seconds a CLI call may take: ~10 s on a loaded machine; a hang fails instead of blocking."""
@@ -59,7 +59,8 @@ def assert_refused(tmp_path, recipe_path, *fragments, commands=("plan", "run")):
     tmpdir.mkdir(exist_ok=True)
     for command in commands:
         args = ("plan", recipe_path) if command == "plan" else ("run", recipe_path, out, "--quiet", "--device", "cpu")
-        r = run_cli(*args, timeout=TIMEOUT, env={"TMPDIR": tmpdir})
+        # plan in this process (no 2-3 s start-up; pytest-timeout bounds a hang), run as a real one
+        r = run_main(*args, env={"TMPDIR": tmpdir}) if command == "plan" else run_cli(*args, timeout=TIMEOUT, env={"TMPDIR": tmpdir})
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2, f"{command}: exit {r.returncode}\n{r.stderr}"
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{command}:\n{r.stderr}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_same_tensors, run_cli, run_mergekit, safetensors_files
+from tests.helpers import assert_same_tensors, run_cli, run_main, run_mergekit, safetensors_files
 
 
 def write(path: Path, text: str) -> Path:
@@ -18,7 +18,7 @@ def write(path: Path, text: str) -> Path:
 def plan_content(recipe: Path) -> dict:
     """``distmerge plan --json`` without what depends on the recipe's text rather than on what
     it asks for (the text itself, kept for the model card, and the fingerprint of it all)."""
-    r = run_cli("plan", recipe, "--json")
+    r = run_main("plan", recipe, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     for key in ("recipe_text", "fingerprint"):
@@ -119,7 +119,7 @@ def test_a_boolean_mergekit_refuses_is_refused_at_plan_time(llama_family_f32, tm
     f = llama_family_f32
     text = f"merge_method: linear\nmodels: [{{model: {f['ft1']}}}, {{model: {f['ft2']}}}]\nparameters: {{normalize: 2}}\n"
     recipe = write(tmp_path / "r.yml", text)
-    r = run_cli("plan", recipe)
+    r = run_main("plan", recipe)
     assert r.returncode == 2
     assert r.stderr == (
         f"error: {recipe}: parameters.normalize: expected a boolean (true or false, 1 or 0, yes or no, on or off), got 2\n"
@@ -144,7 +144,7 @@ dtype: bfloat16
         f"warning: {recipe}: slices[0].residual_weight has no effect (mergekit reads it and never uses it); remove it to silence this warning\n"
         f"warning: {recipe}: slices[1].sources[0].model_name has no effect (mergekit ignores it too); remove it to silence this warning\n"
     )
-    r = run_cli("plan", recipe)
+    r = run_main("plan", recipe)
     assert r.returncode == 0 and r.stderr == warnings
     assert run(recipe, tmp_path / "ours").stderr == warnings  # one rank: printed once
     plain = write(tmp_path / "plain.yml", text.replace("model_name: stacked\n", "").replace("    residual_weight: 0.5\n", "").replace(", model_name: second", ""))
@@ -197,6 +197,6 @@ models: [{{model: second-merge, parameters: {{weight: 0.5}}}}]
 )
 def test_close_names_get_a_did_you_mean_through_the_cli(tmp_path, text, message):
     recipe = write(tmp_path / "r.yml", text)
-    r = run_cli("plan", recipe)
+    r = run_main("plan", recipe)
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: {recipe}: {message}") and r.stderr.count("\n") == 1

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from distmerge import vocab
 from distmerge.errors import MergeError
-from tests.helpers import run_cli
+from tests.helpers import run_main
 from tests.test_bad_input import assert_refused, copy_model, linear, replace_file, write_recipe
 from tests.test_tokenizer import vocab_family  # noqa: F401 (a fixture)
 
@@ -41,7 +41,7 @@ def edit_json(path, change) -> None:
 
 
 def plans(tmp_path, recipe: dict) -> bool:
-    return run_cli("plan", write_recipe(tmp_path, recipe), timeout=60).returncode == 0
+    return run_main("plan", write_recipe(tmp_path, recipe)).returncode == 0
 
 
 # --- 1: model_token sources and ids past a model's embedding rows ---
