@@ -181,7 +181,7 @@ def test_missing_shard_named_by_the_index_is_reported(llama_family, tmp_path):
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[-1]
     (d / shard).unlink()
-    expect_error({"merge_method": "linear", "models": [str(d)], "parameters": {"weight": 1}}, f"shard {shard}", "is missing")
+    expect_error({"merge_method": "linear", "models": [str(d)], "parameters": {"weight": 1}}, f"shard {shard!r}", "is missing")
 
 
 def test_corrupt_header_is_reported(llama_family, tmp_path):
