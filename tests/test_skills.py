@@ -86,6 +86,7 @@ RECIPES = {
     "ties d0.7": recipe("ties", {A: 1.0, B: 1.0}, density=0.7, normalize=False),
     "dare_ties d0.5": recipe("dare_ties", {A: 1.0, B: 1.0}, density=0.5),
     "dare_ties d0.7": recipe("dare_ties", {A: 1.0, B: 1.0}, density=0.7),
+    "task_arithmetic bf16": recipe("task_arithmetic", {A: 1.0, B: 1.0}) | {"dtype": "bfloat16"},
     # broken on purpose: B's weight lost (0), as a dropped model or a zeroed weight would
     f"broken: {B} weight 0": recipe("task_arithmetic", {A: 1.0, B: 0.0}),
 }
@@ -160,6 +161,7 @@ def test_each_finetune_learns_its_skill(scores, skill):
 
 def test_task_arithmetic_combines_two_skills(scores):
     assert combines(scores["task_arithmetic"], scores["base"]), skills.table(scores)
+    assert combines(scores["task_arithmetic bf16"], scores["base"]), skills.table(scores)
     # teeth: the same recipe with B's weight lost does not pass
     assert not combines(scores[f"broken: {B} weight 0"], scores["base"])
 
