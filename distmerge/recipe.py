@@ -28,7 +28,7 @@ from typing import Any
 from distmerge import methods
 from distmerge.errors import MergeError
 from distmerge.safe_yaml import load_yaml_documents
-from distmerge.io.header import open_regular
+from distmerge.io.header import read_small
 from distmerge.templates import check_setting
 
 TOP_KEYS = {
@@ -146,12 +146,9 @@ def load_recipe(path: str) -> Recipe:
     """Read and check a recipe file: a regular file (a FIFO is never opened for a blocking
     read) of UTF-8 text, at most MAX_RECIPE_BYTES. Raises MergeError with the line for YAML errors."""
     try:
-        with open_regular(path) as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
+        raw = read_small(path, MAX_RECIPE_BYTES, "a recipe")
     except OSError as e:
         raise MergeError(f"cannot read recipe {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise MergeError(f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a small YAML file: is this the right file?")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 
 from distmerge.errors import MergeError
-from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, open_regular, read_header
+from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header, read_small
 from distmerge.io.zero import ZeroCheckpoint, find_tag, is_zero_checkpoint
 
 SINGLE_FILE = "model.safetensors"
@@ -79,12 +79,9 @@ def read_json(path: str, kind: str = "object") -> dict:
     or too deeply nested JSON, or a JSON value that is not an object.
     """
     try:
-        with open_regular(path) as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
+        raw = read_small(path, MAX_JSON_BYTES, f"a JSON {kind}")
     except OSError as e:
         raise MergeError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise MergeError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB; this is not a JSON {kind} file distmerge reads")
     try:
         value = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:

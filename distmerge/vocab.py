@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distmerge.errors import MergeError
-from distmerge.io.header import open_regular
+from distmerge.io.header import read_small
 from distmerge.recipe import TokenSource, TokenizerSpec
 from distmerge.sources import MAX_JSON_BYTES, read_json
 
@@ -455,13 +455,9 @@ def read_files(src_dir: str, names) -> dict[str, bytes]:
         if not os.path.exists(src):
             raise MergeError(f"cannot read {src}: it is a link to {os.readlink(src)}, which is missing; re-download the model or remove the link")
         try:
-            with open_regular(src) as f:
-                data = f.read(MAX_JSON_BYTES + 1)
+            found[name] = read_small(src, MAX_JSON_BYTES, "a tokenizer or config file")
         except OSError as e:
             raise MergeError(f"cannot read {src}: {e.strerror or e}; the output copies it, so fix it or remove it") from None
-        if len(data) > MAX_JSON_BYTES:
-            raise MergeError(f"{src}: larger than {MAX_JSON_BYTES // 2**20} MiB, not a tokenizer or config file; re-download or remove it")
-        found[name] = data
     return found
 
 

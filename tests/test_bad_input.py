@@ -180,6 +180,13 @@ def test_chat_template_auto_with_bad_tokenizer_config_is_refused(llama_family, t
 # --- the same class: other files, values and YAML that must not hang or crash ---
 
 
+def test_recipe_larger_than_16_mib_is_refused_before_it_is_read(tmp_path):
+    """A large file given as the recipe (a checkpoint, a log) is refused, not parsed."""
+    big = tmp_path / "recipe.yml"
+    big.write_bytes(b"# " + b"x" * 16 * 2**20 + b"\n")
+    assert_refused(tmp_path, big, f"cannot read recipe {big}: larger than 16 MiB, too large for a recipe; is this the right file?")
+
+
 def test_recipe_that_is_a_fifo_is_refused(tmp_path):
     os.mkfifo(tmp_path / "recipe.yml")
     assert_refused(tmp_path, tmp_path / "recipe.yml", "cannot read recipe", "it is a FIFO", commands=("plan",))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import errno
 import os
 import stat
 import struct
@@ -58,6 +59,20 @@ def open_regular(path: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_small(path: str, limit: int, what: str) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), at most ``limit``.
+
+    For the small files distmerge reads whole (recipes, configs, tokenizer files): a larger
+    file at such a name is the wrong file (a checkpoint, a log), refused with OSError(EFBIG)
+    before it is read into memory. ``what`` names the kind of file in that error.
+    """
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit // 2**20} MiB, too large for {what}; is this the right file?", path)
+    return data
 
 
 def itemsize(dtype: str) -> int:
