@@ -33,12 +33,15 @@ CLI::
 
     python -m distmerge.skills make ROOT          # ROOT/base, ROOT/reverse, ROOT/lookup, ROOT/sort
     python -m distmerge.skills score MODEL...     # a skills table of the given checkpoints
+    python -m distmerge.skills score --json MODEL # the scores as JSON (for distmerge eval --eval-cmd)
+    python -m distmerge.skills lm-eval-task DIR   # the held-out items as lm-evaluation-harness tasks
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
@@ -55,7 +58,7 @@ from distmerge.tinyllama import BOS_ID, EOS_ID, ModelArgs, forward, generate, in
 
 __all__ = [
     "SKILLS", "CHARS", "MODEL_ARGS", "encode", "decode", "apply", "is_test", "sample", "test_items",
-    "anchor_set", "train", "train_base", "finetune", "make_skill_models", "score", "score_all", "table", "main",
+    "anchor_set", "train", "train_base", "finetune", "make_skill_models", "score", "score_all", "table", "write_lm_eval_tasks", "main",
 ]  # fmt: skip
 
 #: skill -> the character that ends its prompts ("kxqd>" asks for the reverse of "kxqd")
@@ -345,6 +348,42 @@ def table(rows: dict[str, dict[str, float]], skills=tuple(SKILLS)) -> str:
     return "\n".join(lines)
 
 
+def write_lm_eval_tasks(out: str | os.PathLike, n_items: int = 256, skills=tuple(SKILLS)) -> Path:
+    """Write the first ``n_items`` test items of each skill as a local lm-evaluation-harness task.
+
+    ``out/skills_<skill>.jsonl`` holds the items ({"prompt", "answer"}), ``out/skills_<skill>.yaml``
+    the task: greedy generation until ``</s>``, exact match with the answer; every task is
+    tagged ``skills``, so ``distmerge eval MODEL --include-path out --tasks skills`` runs them
+    all. The prompt is the bare text ("kxqd>"): lm-eval's Hugging Face backend encodes it with
+    the checkpoint's tokenizer, which puts <s> first (its post-processor; add_bos_token), as
+    :func:`score` does. The JSONL paths in the YAML are absolute (lm-eval hands ``data_files``
+    to ``datasets.load_dataset``, which reads them relative to the working directory), so
+    move the folder by writing it again. Returns ``out``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for skill in skills:
+        data = (out / f"skills_{skill}.jsonl").resolve()
+        data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in test_items(skill, n_items)))
+        task = {
+            "task": f"skills_{skill}",
+            "tag": ["skills"],
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test",
+            "output_type": "generate_until",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}",
+            "target_delimiter": "",
+            # Answers are <= 6 letters: 8 new tokens leave room for </s>, which stops generation.
+            "generation_kwargs": {"until": ["</s>"], "do_sample": False, "temperature": 0.0, "max_gen_toks": 8},
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0},
+        }  # fmt: skip
+        (out / f"skills_{skill}.yaml").write_text(json.dumps(task, indent=1) + "\n")  # JSON is YAML
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distmerge.skills", description="Tiny Llamas with real skills.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -354,12 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("score", help="print the skills table of the given checkpoints")
     sc.add_argument("models", nargs="+")
     sc.add_argument("--items", type=int, default=256, help="held-out items per skill (default 256)")
+    sc.add_argument("--json", action="store_true", help='print {"reverse": 0.59, ...} (several models: {name: {...}})')
+    lt = sub.add_parser("lm-eval-task", help="write the held-out items as lm-evaluation-harness tasks (tag: skills)")
+    lt.add_argument("dir")
+    lt.add_argument("--items", type=int, default=256, help="held-out items per skill (default 256)")
     a = parser.parse_args(argv)
     if a.command == "make":
         t0 = time.perf_counter()
         for name, path in make_skill_models(a.root, seed=a.seed).items():
             print(f"{name}: {path}")
         print(f"trained in {time.perf_counter() - t0:.0f} s")
+    elif a.command == "lm-eval-task":
+        print(f"wrote lm-eval tasks skills_{{{','.join(SKILLS)}}} (tag: skills) to {write_lm_eval_tasks(a.dir, a.items)}")
+    elif a.json:
+        rows = {Path(m).name: score_all(m, a.items) for m in a.models}
+        print(json.dumps(next(iter(rows.values())) if len(a.models) == 1 else rows))
     else:
         print(table({Path(m).name: score_all(m, a.items) for m in a.models}))
     return 0
