@@ -10,6 +10,7 @@ import click
 
 from distmerge import __version__
 from distmerge.errors import MergeError, Stopped
+from distmerge.evaluate import eval_options
 
 UNITS = {"": 1, "b": 10**9, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
@@ -268,6 +269,27 @@ def verify_command(out, full):
             click.echo(f"problem: {problem}", err=True)
         raise SystemExit(1)
     click.echo(f"{out}: OK ({'every byte of every file matches its recorded sha256' if full else 'sizes and headers check out'})")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(file_okay=False))
+@eval_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result (score, metrics, cached, model_hash) as JSON.")
+def eval_command(model, as_json, **options):
+    """Score the checkpoint MODEL with lm-evaluation-harness tasks or a command (--eval-cmd).
+
+    Scores are cached by the checkpoint's content: the same bytes are evaluated once."""
+    from dataclasses import asdict
+
+    from distmerge.evaluate import evaluate, spec_from_options
+
+    result = evaluate(model, spec_from_options(**options))
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=1))
+        return
+    for name, value in result.metrics.items():
+        click.echo(f"{name:40s} {value:.4f}")
+    click.echo(f"{'score':40s} {result.score:.4f}{'  (cached)' if result.cached else ''}")
 
 
 @cli.command("methods")
