@@ -9,6 +9,7 @@ without a word is noticed by its stale heartbeat.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
@@ -21,7 +22,8 @@ import torch.distributed as dist
 
 from distmerge.errors import MergeError
 
-ABORT_KEY = "distmerge/abort"
+_JOBS = itertools.count()
+"""Numbers the groups this process opens: each job's barrier keys are its own (see ``init``)."""
 HEARTBEAT_SECONDS = 5.0
 WATCH_SECONDS = 30.0
 """How often a working rank looks at the others' heartbeats (between tensors)."""
@@ -110,6 +112,10 @@ class Group:
     _beats: dict = field(default_factory=dict, repr=False)
     """rank -> (last heartbeat value seen, monotonic time it was first seen)."""
     _last_watch: float = field(default_factory=time.monotonic, repr=False)
+    _owner: bool = field(default=False, repr=False)
+    """This group started the process group (and ``close`` ends it)."""
+    _scope: str = field(default="distmerge", repr=False)
+    """Prefix of this job's barrier and abort keys in the store."""
 
     @property
     def rank(self) -> int:
@@ -161,7 +167,7 @@ class Group:
         """Tell every rank to stop (not collective: any rank may call it at any time)."""
         if self._store is not None:
             try:
-                self._store.set(ABORT_KEY, f"rank {self.rank}: {message}")
+                self._store.set(f"{self._scope}/abort", f"rank {self.rank}: {message}")
             except Exception:  # the store is gone with rank 0: the others find out by themselves
                 pass
 
@@ -171,8 +177,8 @@ class Group:
         if self._store is None:
             return
         with self._store_errors():
-            if self._store.check([ABORT_KEY]):
-                raise MergeError(f"stopping: {self._store.get(ABORT_KEY).decode()}")
+            if self._store.check([f"{self._scope}/abort"]):
+                raise MergeError(f"stopping: {self._store.get(f'{self._scope}/abort').decode()}")
             if time.monotonic() - self._last_watch >= WATCH_SECONDS:
                 self._watch(range(self.world_size))
 
@@ -183,11 +189,11 @@ class Group:
             return
         store = self._store
         with self._store_errors():
-            store.set(f"distmerge/{what}/{self.rank}", "1")
-            keys = [f"distmerge/{what}/{r}" for r in range(self.world_size)]
+            store.set(f"{self._scope}/{what}/{self.rank}", "1")
+            keys = [f"{self._scope}/{what}/{r}" for r in range(self.world_size)]
             while not store.check(keys):
                 self.check_abort()
-                self._watch(r for r in range(self.world_size) if not store.check([f"distmerge/{what}/{r}"]))
+                self._watch(r for r in range(self.world_size) if not store.check([f"{self._scope}/{what}/{r}"]))
                 time.sleep(0.2)
 
     def _watch(self, ranks) -> None:
@@ -216,7 +222,7 @@ class Group:
         self._stop.set()
         if self._beat is not None:
             self._beat.join(timeout=2 * HEARTBEAT_SECONDS)
-        if dist.is_initialized():
+        if self._owner and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -238,7 +244,13 @@ def init(device: str = "auto", timeout_s: float = 600.0, environ=os.environ) -> 
     group = Group(env=env, device=device, timeout=timeout)
     if env.world_size == 1:
         return group
-    if not dist.is_initialized():
+    # A process may run several jobs in one process group (distmerge soup holds one across
+    # its merges): only the group that started it ends it. Each job gets its own store keys:
+    # torchrun's store outlives the process group, and a barrier key left by an earlier job
+    # let the next job's barrier pass early (rank 0 finished a merge rank 1 had not written).
+    group._owner = not dist.is_initialized()
+    group._scope = f"distmerge/{next(_JOBS)}"
+    if group._owner:
         if env.master_addr is None or env.master_port is None:
             raise MergeError("distributed launch without MASTER_ADDR/MASTER_PORT; use torchrun or srun")
         # env:// so that under torchrun the workers join the agent's store rather than
