@@ -292,6 +292,33 @@ def eval_command(model, as_json, **options):
     click.echo(f"{'score':40s} {result.score:.4f}{'  (cached)' if result.cached else ''}")
 
 
+@cli.command("soup")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("ingredients", nargs=-1)
+@click.option("--ingredients-file", type=click.File(), help="Also the ingredients listed in this file, one path a line.")
+@click.option("--greedy", is_flag=True, help="Greedy soup: add each ingredient, best first, only if the score does not drop.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="dtype of the final checkpoint  [default: the ingredients']")
+@eval_options
+@shard_option
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available) for the merges.")
+@click.option("--quiet", is_flag=True, help="No progress bars for the merges.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
+def soup_command(out, ingredients, ingredients_file, greedy, dtype, out_shard_size, device, quiet, timeout, **eval_kw):
+    """Average fine-tunes of one base (INGREDIENTS) into OUT: the uniform soup, or with --greedy
+    the greedy soup (Wortsman et al. 2022). Alone, or as one rank under torchrun or srun;
+    rerunning the same command resumes."""
+    from distmerge.dist import detect
+    from distmerge.evaluate import spec_from_options
+    from distmerge.launch import JobOptions
+    from distmerge.soup import SoupOptions, run_soup
+
+    listed = [line.strip() for line in ingredients_file or [] if line.strip() and not line.startswith("#")]
+    spec = spec_from_options(**eval_kw) if eval_kw["tasks"] or eval_kw["eval_cmd"] else None
+    job = JobOptions(out_shard_bytes=parse_size(out_shard_size), device=device, quiet=quiet, timeout_s=timeout)
+    say = (lambda line: click.echo(line, err=True)) if detect().rank == 0 else (lambda line: None)
+    run_soup(out, [*ingredients, *listed], spec, SoupOptions(greedy=greedy, dtype=dtype, job=job), say)
+
+
 @cli.command("methods")
 @click.option("--markdown", is_flag=True, help="Print the README's table of methods.")
 def list_methods(markdown):

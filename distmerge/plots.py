@@ -1,0 +1,65 @@
+"""Plots of distmerge's logs (matplotlib, imported only when a plot is drawn)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _name(path: str) -> str:
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def soup_plot(path: Path, log: dict) -> None:
+    """soup.png from soup.json's ``log``: the candidate's score at each greedy step (accepted:
+    green dot, rejected: red cross), the soup's score as it grows, each ingredient's own score
+    (grey), the final checkpoint (star) and the best ingredient as a line.
+
+    The PNG's Description field holds the plotted steps as JSON (step, ingredient, score,
+    accepted), so that a test or a script can read what the picture shows. Raises ImportError
+    without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    own = {m: v["score"] for m, v in log["ingredients"].items()}
+    steps, final = log["steps"], log.get("final") or {}
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * (len(steps) or len(own)) + 2), 3.6), dpi=100)
+    if steps:
+        xs = [s["step"] for s in steps]
+        ax.step(xs, [s["soup_score"] for s in steps], where="post", color="tab:blue", label="soup")
+        ax.scatter(xs, [s["ingredient_score"] for s in steps], color="0.6", s=18, label="ingredient alone", zorder=2)
+        for s in steps:
+            style = dict(color="tab:green", marker="o") if s["accepted"] else dict(color="tab:red", marker="x")
+            ax.scatter([s["step"]], [s["score"]], s=40, zorder=3, **style)
+        ax.scatter([], [], color="tab:green", marker="o", label="accepted")
+        ax.scatter([], [], color="tab:red", marker="x", label="rejected")
+        labels = [_name(s["ingredient"]) if s["step"] == 0 else "+" + _name(s["ingredient"]) for s in steps]
+        title = f"greedy soup: {len(steps[-1]['soup'])} of {len(own)} ingredients"
+    else:
+        xs = list(range(len(own)))
+        ax.scatter(xs, list(own.values()), color="0.6", s=18, label="ingredient alone", zorder=2)
+        labels = [_name(m) for m in own]
+        title = f"uniform soup of {len(own)} ingredients"
+    if final.get("score") is not None:
+        x = len(xs)
+        ax.scatter([x], [final["score"]], marker="*", s=120, color="tab:purple", zorder=3, label="final")
+        if not steps:
+            ax.axhline(final["score"], color="tab:purple", lw=1, ls=":", label="uniform soup")
+        xs, labels = xs + [x], labels + ["final"]
+    if own:
+        ax.axhline(max(own.values()), color="0.4", lw=1, ls="--", label="best ingredient")
+    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    shown = [{k: s[k] for k in ("step", "ingredient", "score", "accepted")} for s in steps]
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, metadata={"Description": json.dumps({"steps": shown, "final": final.get("score")})})
+    plt.close(fig)
+    os.replace(tmp, path)
