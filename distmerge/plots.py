@@ -63,3 +63,30 @@ def soup_plot(path: Path, log: dict) -> None:
     fig.savefig(tmp, metadata={"Description": json.dumps({"steps": shown, "final": final.get("score")})})
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def skills_plot(path: Path, rows: dict[str, dict[str, float]]) -> None:
+    """A grouped bar chart of a skills table (distmerge.skills): one group per model, one bar
+    per skill, exact match in percent. Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(rows)
+    skills = list(next(iter(rows.values())))
+    width = 0.8 / len(skills)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(models) + 1.5), 3.6), dpi=100)
+    for i, skill in enumerate(skills):
+        xs = [m + (i - (len(skills) - 1) / 2) * width for m in range(len(models))]
+        ax.bar(xs, [100 * rows[name][skill] for name in models], width, label=skill)
+    ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("exact match on held-out items (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, metadata={"Description": json.dumps(rows)})
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("models", nargs="+")
     sc.add_argument("--items", type=int, default=256, help="held-out items per skill (default 256)")
     sc.add_argument("--json", action="store_true", help='print {"reverse": 0.59, ...} (several models: {name: {...}})')
+    sc.add_argument("--plot", metavar="PNG", help="also draw the table as a bar chart (needs matplotlib)")
     lt = sub.add_parser("lm-eval-task", help="write the held-out items as lm-evaluation-harness tasks (tag: skills)")
     lt.add_argument("dir")
     lt.add_argument("--items", type=int, default=256, help="held-out items per skill (default 256)")
@@ -405,11 +406,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trained in {time.perf_counter() - t0:.0f} s")
     elif a.command == "lm-eval-task":
         print(f"wrote lm-eval tasks skills_{{{','.join(SKILLS)}}} (tag: skills) to {write_lm_eval_tasks(a.dir, a.items)}")
-    elif a.json:
-        rows = {Path(m).name: score_all(m, a.items) for m in a.models}
-        print(json.dumps(next(iter(rows.values())) if len(a.models) == 1 else rows))
     else:
-        print(table({Path(m).name: score_all(m, a.items) for m in a.models}))
+        rows = {Path(m).name: score_all(m, a.items) for m in a.models}
+        print(json.dumps(next(iter(rows.values())) if len(a.models) == 1 else rows) if a.json else table(rows))
+        if a.plot:
+            try:
+                from distmerge.plots import skills_plot
+
+                skills_plot(Path(a.plot), rows)
+            except ImportError:
+                print(f"warning: no plot: {a.plot} needs matplotlib (pip install matplotlib)", file=sys.stderr)
     return 0
 
 

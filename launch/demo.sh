@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# distmerge demo: from nothing to a merged model in a few minutes, on CPU.
+# distmerge demo: tiny models with real skills, merged, in a few minutes on CPU.
 #
 #   bash launch/demo.sh
 #
 # 1. creates .venv-demo (python3 -m venv) unless it exists, installs torch and distmerge;
-# 2. writes three tiny Llama checkpoints (a base and two fine-tunes) to demo-out/models;
-# 3. writes a task-arithmetic recipe, shows the plan, runs the merge to demo-out/merged;
-# 4. lists what was written.
+# 2. trains a tiny Llama base that knows three skills a little (reverse a word, look letters
+#    up in a table, sort letters) and one fine-tune per skill (about a minute, one core),
+#    and prints their skills table: exact match on held-out words, in percent;
+# 3. merges the "reverse" and "lookup" fine-tunes three ways (task arithmetic, TIES, and
+#    negating lookup's task vector), showing the plan of the first;
+# 4. prints the skills table after the merges, and where the merged models and the plot
+#    (demo-out/skills.png) are.
 #
 # Environment: PYTHON (default python3), VENV (default .venv-demo),
 # TORCH_SPEC (default torch==2.13.0), PIP_EXTRA (extra `pip install` arguments for torch,
@@ -21,7 +25,6 @@ VENV="${VENV:-.venv-demo}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 OUT="$ROOT/demo-out"
 MODELS="$OUT/models"
-RECIPE="$OUT/recipe.yaml"
 MERGED="$OUT/merged"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -40,63 +43,57 @@ step "Installing $TORCH_SPEC"
 # shellcheck disable=SC2086  # PIP_EXTRA is a list of words on purpose
 "$PY" -m pip install --quiet "$TORCH_SPEC" ${PIP_EXTRA:-}
 
-step "Installing distmerge from $ROOT"
-"$PY" -m pip install --quiet -e "$ROOT"
+step "Installing distmerge from $ROOT (with matplotlib, for the plot)"
+"$PY" -m pip install --quiet -e "$ROOT[plot]"
 DISTMERGE="$VENV/bin/distmerge"
 
-step "Writing demo checkpoints to $MODELS (base, ft1, ft2)"
-"$PY" -m distmerge.demo make "$MODELS"
+step "Training the skill models in $MODELS (base, reverse, lookup, sort)"
+"$PY" -m distmerge.skills make "$MODELS"
 
-step "Writing the recipe $RECIPE"
-cat > "$RECIPE" <<EOF
-# Task arithmetic: base + 0.5 * (ft1 - base) + 0.5 * (ft2 - base)
-merge_method: task_arithmetic
-base_model: $MODELS/base
-models:
-  - model: $MODELS/ft1
-    parameters:
-      weight: 0.5
-  - model: $MODELS/ft2
-    parameters:
-      weight: 0.5
-dtype: bfloat16
-EOF
-cat "$RECIPE"
+step "Skills before merging (exact match on 256 held-out words per skill, %)"
+"$PY" -m distmerge.skills score "$MODELS"/{base,reverse,lookup,sort}
 
-step "distmerge plan $RECIPE"
-"$DISTMERGE" plan "$RECIPE"
+# recipe NAME METHOD "MODEL:WEIGHT ..." [EXTRA YAML LINES]: $OUT/NAME.yaml over $MODELS
+recipe() {
+    local name=$1 method=$2 models=$3 extra=${4:-}
+    {
+        echo "merge_method: $method"
+        echo "base_model: $MODELS/base"
+        echo "models:"
+        for m in $models; do
+            echo "  - model: $MODELS/${m%%:*}"
+            echo "    parameters: {weight: ${m##*:}$extra}"
+        done
+        echo "dtype: float32"
+    } > "$OUT/$name.yaml"
+}
+# base + (reverse - base) + (lookup - base): both skills in one model
+recipe task_arithmetic task_arithmetic "reverse:1.0 lookup:1.0"
+# TIES: keep the largest 70% of each task vector, elect a sign per weight, sum what agrees
+recipe ties ties "reverse:1.0 lookup:1.0" ", density: 0.7"
+echo "parameters: {normalize: false}" >> "$OUT/ties.yaml"
+# base - (lookup - base): forget lookup, keep the rest
+recipe negate_lookup task_arithmetic "lookup:-1.0"
 
-step "distmerge run $RECIPE $MERGED"
-rm -rf "$MERGED"
-"$DISTMERGE" run "$RECIPE" "$MERGED"
+step "The recipe $OUT/task_arithmetic.yaml"
+cat "$OUT/task_arithmetic.yaml"
 
-step "Done. The merged model is in $MERGED"
-"$PY" - "$MERGED" <<'EOF'
-import json, os, sys
-from pathlib import Path
+step "distmerge plan $OUT/task_arithmetic.yaml"
+"$DISTMERGE" plan "$OUT/task_arithmetic.yaml"
 
-out = Path(sys.argv[1])
-for f in sorted(out.rglob("*")):
-    if f.is_file():
-        print(f"  {f.stat().st_size:>12,d}  {f.relative_to(out)}")
+for name in task_arithmetic ties negate_lookup; do
+    step "distmerge run $OUT/$name.yaml $MERGED/$name"
+    rm -rf "${MERGED:?}/$name"
+    "$DISTMERGE" run "$OUT/$name.yaml" "$MERGED/$name"
+done
 
-index = out / "model.safetensors.index.json"
-if index.exists():
-    data = json.loads(index.read_text())
-    n_files = len(set(data["weight_map"].values()))
-    total = data["metadata"]["total_size"]
-    print(f"\n{len(data['weight_map'])} tensors, {total:,d} bytes of weights in {n_files} file(s) "
-          f"(from {index.name})")
-else:  # a single model.safetensors without an index
-    from safetensors import safe_open
-    n, total = 0, 0
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as g:
-            for k in g.keys():
-                sl = g.get_slice(k)
-                size = {"BF16": 2, "F16": 2, "F32": 4}.get(sl.get_dtype(), 0)
-                for d in sl.get_shape():
-                    size *= d
-                n, total = n + 1, total + size
-    print(f"\n{n} tensors, {total:,d} bytes of weights (from the safetensors headers)")
-EOF
+step "Skills after merging (%)"
+"$PY" -m distmerge.skills score "$MODELS"/{base,reverse,lookup} "$MERGED"/{task_arithmetic,ties,negate_lookup} \
+    --plot "$OUT/skills.png"
+
+step "Done"
+echo "merged models:  $MERGED/{task_arithmetic,ties,negate_lookup} (Hugging Face Llama checkpoints)"
+echo "recipes:        $OUT/*.yaml"
+if [[ -f "$OUT/skills.png" ]]; then echo "plot:           $OUT/skills.png (the table above as bars)"; fi
+echo "task arithmetic should score well above the base on both reverse and lookup;"
+echo "negate_lookup should have lost lookup and kept reverse and sort."
