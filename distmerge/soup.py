@@ -35,6 +35,7 @@ not reach the process group's timeout, and a rank 0 that dies is noticed after `
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -221,20 +222,14 @@ def finish(out: Path, log: dict, soup: list[str], spec: EvalSpec | None, options
     say(f"soup of {len(soup)} of {len(log['fingerprint']['ingredients'])} ingredients{score}: {out / FINAL} (recipe {out / RECIPE})")
 
 
-_warned = False
-
-
 def plot(out: Path, log: dict, say) -> None:
-    """soup.png, or one warning line when matplotlib is missing (the log is written anyway)."""
+    """soup.png; nothing without matplotlib (run_soup said so once, at the start)."""
     from distmerge.plots import soup_plot
 
-    global _warned
     try:
         soup_plot(out / PLOT, log)
     except ImportError:
-        if not _warned:
-            say("warning: install matplotlib (pip install 'distmerge[eval]') for soup.png")
-            _warned = True
+        pass
 
 
 def on_rank0(group: dist.Group, step: str, fn: Callable):
@@ -267,6 +262,8 @@ def run_soup(out: str, ingredients: list[str], spec: EvalSpec | None, options: S
     group = dist.init(options.job.device, options.job.timeout_s)
     try:
         if group.rank == 0:
+            if importlib.util.find_spec("matplotlib") is None:
+                say(f"warning: no {PLOT}: install matplotlib (pip install 'distmerge[plot]'); the log {LOG} is written")
             out_dir.mkdir(parents=True, exist_ok=True)
             jobs = (greedy if options.greedy else uniform)(out_dir, ingredients, spec, options, say)
         for i in itertools.count():
