@@ -80,7 +80,10 @@ class EvalSpec:
         what = {k: v for k, v in asdict(self).items() if k not in ("device", "batch_size", "cache_dir", "include_path")}
         what["version"] = CACHE_VERSION
         if self.tasks:
-            what["lm_eval"] = importlib.metadata.version("lm_eval")
+            try:
+                what["lm_eval"] = importlib.metadata.version("lm_eval")
+            except importlib.metadata.PackageNotFoundError:  # evaluate() says what to install
+                what["lm_eval"] = None
             what["task_files"] = _folder_digest(self.include_path) if self.include_path else None
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 

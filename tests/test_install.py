@@ -21,6 +21,7 @@ IMPORT_NAMES = {"pyyaml": "yaml"}
 GUARDED = {
     "triton": "imported only when distmerge.kernels.triton_available() says it imports",
     "deepspeed": "the extra distmerge[deepspeed]; without it, reading a ZeRO checkpoint is a MergeError naming it",
+    "lm_eval": "the extra distmerge[eval]; imported only in distmerge eval's child process; without it, --tasks is a MergeError naming it",
 }
 """Imported by distmerge but not required by a plain install, and why that is fine."""
 
@@ -61,7 +62,7 @@ def test_without_the_optional_packages_distmerge_imports_and_says_what_to_instal
     """A fresh interpreter in which the optional packages cannot be imported, as in a plain install."""
     script = """
 import importlib, pkgutil, sys
-for name in ("triton", "deepspeed", "transformers", "tokenizers"):
+for name in ("triton", "deepspeed", "transformers", "tokenizers", "lm_eval"):
     sys.modules[name] = None  # `import name` now raises ImportError
 import distmerge
 from distmerge.errors import MergeError
