@@ -22,6 +22,7 @@ GUARDED = {
     "triton": "imported only when distmerge.kernels.triton_available() says it imports",
     "deepspeed": "the extra distmerge[deepspeed]; without it, reading a ZeRO checkpoint is a MergeError naming it",
     "lm_eval": "the extra distmerge[eval]; imported only in distmerge eval's child process; without it, --tasks is a MergeError naming it",
+    "matplotlib": "the extras distmerge[plot] and [eval]; imported only in distmerge.plots, when a plot is drawn; without it, soup and skills --plot say what to install and write no PNG",
 }
 """Imported by distmerge but not required by a plain install, and why that is fine."""
 
@@ -62,7 +63,7 @@ def test_without_the_optional_packages_distmerge_imports_and_says_what_to_instal
     """A fresh interpreter in which the optional packages cannot be imported, as in a plain install."""
     script = """
 import importlib, pkgutil, sys
-for name in ("triton", "deepspeed", "transformers", "tokenizers", "lm_eval"):
+for name in ("triton", "deepspeed", "transformers", "tokenizers", "lm_eval", "matplotlib"):
     sys.modules[name] = None  # `import name` now raises ImportError
 import distmerge
 from distmerge.errors import MergeError

@@ -184,3 +184,18 @@ def test_ties_is_as_good_as_task_arithmetic(scores, density):
 @pytest.mark.parametrize("density", [0.5, 0.7])
 def test_dare_ties_combines_two_skills(scores, density):
     assert combines(scores[f"dare_ties d{density}"], scores["base"], DARE_COMBINES), skills.table(scores)
+
+
+def test_score_plot_draws_the_table(skill_models, tmp_path, capsys):
+    """``skills score --plot``: the table printed, and the same numbers drawn (read back from the PNG)."""
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    png = tmp_path / "skills.png"
+    assert skills.main(["score", str(skill_models["base"]), str(skill_models["lookup"]), "--items", "16", "--plot", str(png)]) == 0
+    printed = capsys.readouterr().out
+    rows = {name: skills.score_all(skill_models[name], 16) for name in ("base", "lookup")}
+    assert printed.strip() == skills.table(rows)
+    with Image.open(png) as im:
+        assert im.size[0] >= 400
+        assert json.loads(im.text["Description"]) == rows
