@@ -284,6 +284,50 @@ def numel_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+# --------------------------------------------------------------------------- synthetic tensors
+
+
+def synthetic_models(
+    shape: int | tuple[int, ...],
+    n: int,
+    seed: int,
+    *,
+    spread: float = 0.1,
+    shared: float = 0.0,
+    dtype: torch.dtype = torch.float32,
+    as_float32: bool = False,
+    from_rounded_base: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A seeded base and ``n`` fine-tunes for tests of merge math: ``(base, [ft_1, ..., ft_n])``.
+
+    ``base ~ N(0, 1)`` and ``ft_i = base + shared * S + spread * N_i`` with ``S, N_i ~ N(0, 1)``:
+    ``S`` is one draw that every task vector shares (``shared > 0`` makes them correlated,
+    cos θ ≈ shared² / (shared² + spread²)). One ``torch.Generator`` seeded with ``seed`` draws,
+    in this order, the base, ``S`` (only when ``shared``), then ``N_1 ... N_n``: the same
+    arguments give the same bits on every machine, and tests may pin values drawn from them.
+
+    Every value is rounded to ``dtype`` (``torch.bfloat16`` makes exact ties: equal ``|τ|``,
+    equal variances) and returned in ``dtype``, or as float32 holding ``dtype``'s values with
+    ``as_float32``. ``from_rounded_base`` builds the fine-tunes on the rounded base (as a
+    fine-tune of a stored checkpoint is) instead of on the exact draw.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(dtype)
+        return x.float() if as_float32 else x
+
+    base = torch.randn(shape, generator=g)
+    if from_rounded_base:
+        base = base.to(dtype).float()
+    common = shared * torch.randn(shape, generator=g) if shared else None
+    tunes = []
+    for _ in range(n):
+        start = base if common is None else base + common
+        tunes.append(rounded(start + spread * torch.randn(shape, generator=g)))
+    return rounded(base), tunes
+
+
 __all__ = [
     "REPO_ROOT",
     "recipe_text",
@@ -296,4 +340,5 @@ __all__ = [
     "run_cli",
     "run_main",
     "numel_bytes",
+    "synthetic_models",
 ]

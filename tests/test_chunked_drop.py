@@ -8,13 +8,12 @@ import torch
 from distmerge import rng
 from distmerge.errors import MergeError
 from distmerge.methods import METHODS
+from tests.helpers import synthetic_models
 
 
 def family(shape, n, seed):
     """bf16-rounded base and fine-tunes in float32: many exactly equal |δ| (rank ties)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g).to(torch.bfloat16).float()
-    return base, [(base + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16).float() for _ in range(n)]
+    return synthetic_models(shape, n, seed, spread=0.01, dtype=torch.bfloat16, as_float32=True, from_rounded_base=True)
 
 
 def run_chunked(name, base, tensors, chunk, **params):

@@ -10,16 +10,14 @@ import torch
 
 from distmerge.methods import METHODS
 from distmerge.methods.model_stock import model_stock, model_stock_chunked
+from tests.helpers import synthetic_models
 from tests.test_merge_vs_mergekit import distmerge, models
 
 
 def family(shape, n, seed):
     """bf16-rounded base and fine-tunes in float32, the fine-tunes' task vectors partly shared
     (cos θ around 0.5) so that t is neither 0 nor 1."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g).to(torch.bfloat16).float()
-    shared = 0.01 * torch.randn(shape, generator=g)
-    return base, [(base + shared + 0.01 * torch.randn(shape, generator=g)).to(torch.bfloat16).float() for _ in range(n)]
+    return synthetic_models(shape, n, seed, spread=0.01, shared=0.01, dtype=torch.bfloat16, as_float32=True, from_rounded_base=True)
 
 
 def run_chunked(base, tensors, chunk, filter_wise):
@@ -99,7 +97,7 @@ def test_opposite_task_vectors_give_the_base(shape, filter_wise):
 def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch, filter_wise):
     """bf16 recipe, base + 2 models: merged in 777- and 4099-element chunks, the same bytes as
     the whole-tensor merge."""
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     method = METHODS["model_stock"]
     calls = []
@@ -117,11 +115,11 @@ def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch
         "parameters": {"filter_wise": filter_wise},
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
     assert not calls
     for chunk in (777, 4099):
-        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)
         chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)

@@ -8,6 +8,7 @@ import torch
 from distmerge.methods import chunk_ranges, get
 from distmerge.methods import sce as sce_module
 from distmerge.methods.sce import _chunk_variance, erase_and_merge, sce, sce_chunked, task_vector_weights, variance
+from tests.helpers import synthetic_models
 from tests.test_merge_vs_mergekit import distmerge, models
 
 
@@ -36,12 +37,7 @@ def chunked(base, tensors, chunk, **params) -> torch.Tensor:
 
 def family(shape, n: int, seed: int, bf16: bool = True):
     """A base and n fine-tunes; bf16-rounded values make exact ties (equal deltas, equal variances)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    tensors = [base + 0.02 * torch.randn(shape, generator=g) for _ in range(n)]
-    if bf16:
-        base, tensors = base.bfloat16().float(), [x.bfloat16().float() for x in tensors]
-    return base, tensors
+    return synthetic_models(shape, n, seed, spread=0.02, dtype=torch.bfloat16 if bf16 else torch.float32, as_float32=True)
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
@@ -125,7 +121,7 @@ def test_chunked_sce_reads_each_pass_in_order():
 
 def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
     """bf16 inputs merged with sce in 777- and 4099-element chunks give the bytes of the whole-tensor merge."""
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     f = llama_family
     recipe = {
@@ -135,13 +131,13 @@ def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypa
         "parameters": {"select_topk": 0.3},
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
     passes = []  # the chunked form does run (it is not None for these tensors)
     real = sce_module._sce_passes
     monkeypatch.setattr(sce_module, "_sce_passes", lambda *a: passes.append(a[1]) or real(*a))
     for chunk in (777, 4099):
-        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)
         chunked_out = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)
