@@ -147,15 +147,14 @@ def _from_manifest(model_dir: Path, names: list[str]) -> dict[str, str] | None:
     """Each file's digest from ``.distmerge/manifest.json``, when ``model_dir`` is a finished
     merge that verifies (cheaply: sizes and headers), holds no file the manifest lacks, and
     no file changed after the manifest was written (mtime); otherwise None."""
-    from distmerge.output import MANIFEST_FILE, read_manifest
-    from distmerge.run import STATE_DIR
+    from distmerge.state import MANIFEST_FILE, read_manifest, state_path
     from distmerge.verify import verify
 
     entries = read_manifest(str(model_dir))
     if entries is None:
         return None
     digests = {e["name"]: e.get("sha256_tree") or e["sha256"] for e in entries}
-    written = (model_dir / STATE_DIR / MANIFEST_FILE).stat().st_mtime_ns
+    written = os.stat(state_path(str(model_dir), MANIFEST_FILE)).st_mtime_ns
     if any(n not in digests or (model_dir / n).stat().st_mtime_ns > written for n in names) or verify(str(model_dir)):
         return None
     return {n: digests[n] for n in names}

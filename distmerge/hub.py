@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from distmerge.errors import MergeError
+from distmerge.state import BOOKKEEPING
 from distmerge.verify import verify
-
-NOT_UPLOADED = [".distmerge/*", ".distmerge.lock", "*.partial"]
-"""distmerge's bookkeeping stays local: the hub gets a plain Hugging Face checkpoint."""
 
 
 def push(out_dir: str, repo_id: str, *, private: bool = False, token: str | None = None, api=None) -> str:
@@ -23,7 +21,7 @@ def push(out_dir: str, repo_id: str, *, private: bool = False, token: str | None
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(
-            repo_id=repo_id, folder_path=out_dir, ignore_patterns=NOT_UPLOADED, commit_message="Upload merge made with distmerge"
+            repo_id=repo_id, folder_path=out_dir, ignore_patterns=BOOKKEEPING, commit_message="Upload merge made with distmerge"
         )
     except Exception as e:
         if unreachable(e):

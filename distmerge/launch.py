@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -17,12 +16,12 @@ from dataclasses import dataclass
 
 import psutil
 
-from distmerge import dist, output
+from distmerge import dist, output, state
 from distmerge.errors import MergeError, Stopped
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
 from distmerge.progress import Progress
 from distmerge.recipe import load_recipe
-from distmerge.run import RunOptions, finished_tensors, read_journal, run_rank, state_dir
+from distmerge.run import RunOptions, run_rank
 from distmerge.sources import is_hub_ref, resolve
 from distmerge.verify import verify
 
@@ -167,7 +166,7 @@ def stopped(e: BaseException, out_dir: str) -> Stopped:
         what, code = "interrupted (Ctrl-C)", 128 + signal.SIGINT
     else:
         what, code = "stopped by SIGTERM (a Slurm time limit or scancel?)", 128 + signal.SIGTERM
-    kept = len(read_journal(out_dir)) if os.path.isfile(os.path.join(state_dir(out_dir), "plan.json")) else 0
+    kept = len(state.read_journal(out_dir)) if state.has_state(out_dir) else 0
     if kept:
         return Stopped(f"{what}: {kept} merged tensors are journaled in {out_dir}; rerun the same command to resume from there", code)
     return Stopped(f"{what} before any merged tensor was kept; rerun the same command to start again", code)
@@ -193,8 +192,8 @@ def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
         locked = group.rank == 0
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
-        kept = finished_tensors(plan, out_dir) if resumed else set()
-        complete = len(kept) == len(plan.tensors) and output.read_manifest(out_dir) is not None
+        kept = state.finished_tensors(plan, out_dir) if resumed else set()
+        complete = len(kept) == len(plan.tensors) and state.read_manifest(out_dir) is not None
         progress = Progress(
             rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(plan.tensors),
             total_bytes=plan.read_bytes + sum(t.nbytes for t in plan.tensors), enabled=not options.quiet,
@@ -229,7 +228,7 @@ def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
         return JobResult(plan, group.rank, group.world_size, written, resumed, len(kept), complete, time.time() - start, peak_rss(), report)
     finally:
         if locked:
-            output.release_lock(out_dir)
+            state.release_lock(out_dir)
         group.close()
 
 

@@ -4,18 +4,16 @@ Memory stays bounded by one tensor's inputs and result: inputs are memory-mapped
 in float32, cast, appended to the output file, and dropped before the next tensor.
 Each rank writes a contiguous share of the plan's tensors into the (shared) partial output
 files at the offsets the plan gives, and journals each tensor once its bytes are synced;
-a rerun redoes only what no journal holds. Rank 0 publishes each file when it is whole.
+a rerun redoes only what no journal holds (``distmerge.state``). Rank 0 publishes each file
+when it is whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,18 +22,16 @@ import torch
 
 from distmerge import kernels, methods
 from distmerge.errors import MergeError
+from distmerge.faults import fault_point
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.staging import Downloader, Uploader
-from distmerge.io.writer import PARTIAL, PartialFile, publish, write_atomic
+from distmerge.io.writer import PartialFile
 from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputFile, OutputTensor, Plan, assign_tensors, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
+from distmerge.state import Journal, finished_tensors
 from distmerge.vocab import permute
-
-STATE_DIR = ".distmerge"
-"""Bookkeeping inside the output directory: plan, input identities, journal, records,
-manifest (its layout is described in distmerge/output.py)."""
 
 
 @dataclass(slots=True)
@@ -225,99 +221,6 @@ def _work_dtype(plan: Plan, t: OutputTensor) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
-def state_dir(out_dir: str) -> str:
-    return os.path.join(out_dir, STATE_DIR)
-
-
-def record_path(out_dir: str, name: str) -> str:
-    """The record of the published output file ``name``: its bytes and tensors' sha256s."""
-    return os.path.join(state_dir(out_dir), "files", name + ".json")
-
-
-def is_done(out_dir: str, file: OutputFile) -> bool:
-    """A file counts as done when its record exists and the file on disk has the recorded size."""
-    try:
-        with open(record_path(out_dir, file.name)) as f:
-            record = json.load(f)
-        return record["bytes"] == file.nbytes == os.path.getsize(os.path.join(out_dir, file.name))
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-class Journal:
-    """Which tensors are safely on disk: one JSON line per tensor, appended by the rank that
-    wrote it, only after its bytes were fsynced. Lines from every rank of every earlier run
-    of the same plan count, so a rerun, with any number of ranks, redoes only the rest."""
-
-    COMMIT_BYTES = 1 << 30
-    COMMIT_SECONDS = 10.0
-
-    def __init__(self, out_dir: str, rank: int):
-        self.dir = os.path.join(state_dir(out_dir), "journal")
-        os.makedirs(self.dir, exist_ok=True)
-        self.path = os.path.join(self.dir, f"rank-{rank:05d}.jsonl")
-        self.pending: list[dict] = []
-        self.pending_bytes = 0
-        self.last_commit = time.monotonic()
-
-    def add(self, tensor: str, file: str, sha256: str, nbytes: int) -> None:
-        self.pending.append({"tensor": tensor, "file": file, "sha256": sha256})
-        self.pending_bytes += nbytes
-
-    def due(self) -> bool:
-        return self.pending_bytes >= self.COMMIT_BYTES or time.monotonic() - self.last_commit >= self.COMMIT_SECONDS
-
-    def commit(self) -> None:
-        """Append the pending lines. The caller has fsynced the data they describe."""
-        if self.pending:
-            with open(self.path, "a") as f:
-                f.write("".join(json.dumps(e) + "\n" for e in self.pending))
-                f.flush()
-                os.fsync(f.fileno())
-        self.pending, self.pending_bytes, self.last_commit = [], 0, time.monotonic()
-
-
-def read_journal(out_dir: str) -> dict[str, dict]:
-    """tensor name -> its journal entry, from every rank's journal. A line cut short by a
-    kill is ignored (its tensor is redone)."""
-    done: dict[str, dict] = {}
-    folder = os.path.join(state_dir(out_dir), "journal")
-    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name)) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                    done[entry["tensor"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return done
-
-
-def forget_lost_files(out_dir: str, plan: Plan) -> None:
-    """Drop journal lines of files that are neither partial nor final any more (deleted by
-    hand, or published already), so that their tensors are redone or not needed."""
-    keep = {f.name for f in plan.files if os.path.exists(os.path.join(out_dir, f.name + PARTIAL))}
-    folder = os.path.join(state_dir(out_dir), "journal")
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name)
-        with open(path) as f:
-            lines = [line for line in f if _file_of(line) in keep]
-        write_atomic(path, "".join(lines))
-
-
-def _file_of(line: str) -> str | None:
-    try:
-        return json.loads(line)["file"]
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def finished_tensors(plan: Plan, out_dir: str) -> set[str]:
-    """The tensors an earlier run of this plan left on disk: journaled, or in a published file."""
-    published = [f for f in plan.files if is_done(out_dir, f)]
-    return set(read_journal(out_dir)) | {name for f in published for name in f.tensors}
-
-
 def run_rank(
     plan: Plan,
     out_dir: str,
@@ -419,28 +322,6 @@ def run_rank(
     return written
 
 
-def fault_point(rank: int, where: int | str) -> None:
-    """Test hook: DISTMERGE_FAULT="RANK:WHERE:ACTION" makes rank RANK, at WHERE (after
-    writing that many tensors, or at a named step: "setup-mkdir" ... "setup-done" in
-    output.prepare, "publish", "index", "manifest"), "raise" an error,
-    "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then on, to give a
-    test time to kill the job). Unset in normal use."""
-    spec = os.environ.get("DISTMERGE_FAULT")
-    if not spec:
-        return
-    who, at, action = spec.split(":", 2)
-    if int(who) != rank:
-        return
-    if action.startswith("sleep:"):
-        if isinstance(where, int) and at.isdigit() and where >= int(at):
-            time.sleep(float(action.split(":")[1]))
-        return
-    if str(where) == at:
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        raise RuntimeError(f"injected fault at {where}")
-
-
 def _open(plan: Plan, file: OutputFile, out_dir: str) -> tuple[PartialFile, dict[str, int]]:
     header, offsets = file_layout(plan, file)
     return PartialFile(os.path.join(out_dir, file.name), header, file.nbytes), offsets
@@ -457,30 +338,3 @@ def _check_finite(t: OutputTensor, value: torch.Tensor) -> None:
             f"tensor {t.name!r}: the merge produced NaN/Inf values ({bad} found); check the recipe's "
             "parameters for this tensor, or pass --allow-nonfinite to keep them"
         )
-
-
-def publish_files(plan: Plan, out_dir: str) -> None:
-    """Rank 0, once every rank is done: rename each complete file into place and record it
-    (bytes, the sha256 of every tensor, and a sha256 over the header and those)."""
-    done = read_journal(out_dir)
-    os.makedirs(os.path.join(state_dir(out_dir), "files"), exist_ok=True)
-    for file in plan.files:
-        if is_done(out_dir, file):
-            continue
-        missing = [n for n in file.tensors if n not in done]
-        if missing:
-            raise MergeError(f"{file.name}: {len(missing)} tensors were never written (first: {missing[0]}); rerun to resume")
-        path = os.path.join(out_dir, file.name)
-        if os.path.exists(path + PARTIAL):
-            fault_point(0, "publish")
-            publish(path)
-        header, _ = file_layout(plan, file)
-        tensor_sha = [done[n]["sha256"] for n in file.tensors]
-        tree = hashlib.sha256(hashlib.sha256(header).digest() + b"".join(bytes.fromhex(h) for h in tensor_sha))
-        record = {
-            "file": file.name,
-            "bytes": file.nbytes,
-            "sha256_tree": tree.hexdigest(),
-            "tensors": [{"name": n, "sha256": h} for n, h in zip(file.tensors, tensor_sha)],
-        }
-        write_atomic(record_path(out_dir, file.name), json.dumps(record, indent=1))

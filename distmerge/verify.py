@@ -19,8 +19,7 @@ from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.io.writer import PARTIAL
 from distmerge.inputs import file_sha256
-from distmerge.output import INDEX_FILE, MANIFEST_FILE, read_json, read_manifest
-from distmerge.run import STATE_DIR, record_path
+from distmerge.state import INDEX_FILE, MANIFEST_FILE, RECORDS_DIR, STATE_DIR, read_json, read_manifest, record_path
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
@@ -92,7 +91,7 @@ def _check_shard(out_dir: str, entry: dict, path: str, full: bool) -> list[str]:
             return []
         record = read_json(record_path(out_dir, name))
         if record is None or not isinstance(record.get("tensors"), list):
-            return [f"{name}: no readable record in {STATE_DIR}/files (was the run finished?)"]
+            return [f"{name}: no readable record in {STATE_DIR}/{RECORDS_DIR} (was the run finished?)"]
         entries, _ = read_header(path)  # the header is the one written: it parses
         problems, digests = [], []
         for t in record["tensors"]:
