@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -42,6 +42,8 @@ class RunOptions:
     """Keep going when a merged tensor has NaN or Inf (default: stop and name the tensor)."""
     io: str = "mmap"
     """How inputs are read: "mmap" (zero-copy) or "pread" (into buffers; network file systems)."""
+    kernels: kernels.KernelOptions = field(default_factory=kernels.KernelOptions.from_env)
+    """How the merge methods' fused steps run (compiled CPU loops, Triton); from the environment by default."""
 
 
 CHUNK_ELEMENTS = 1 << 18
@@ -59,6 +61,7 @@ def merge_tensor(
     progress: Progress | None = None,
     allow_nonfinite: bool = False,
     uploader: Uploader | None = None,
+    kernel_options: kernels.KernelOptions | None = None,
 ) -> torch.Tensor:
     """The merged value of one output tensor, in its output dtype. Raises MergeError
     naming the tensor if the result has NaN or Inf, unless ``allow_nonfinite``.
@@ -110,6 +113,8 @@ def merge_tensor(
     kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
     if t.seeds is not None:
         kwargs["seeds"] = t.seeds
+    if method.kernel_options:
+        kwargs["options"] = kernel_options
     numel = inputs[0].numel()
     flat = [x.reshape(-1) for x in inputs]
     flat_base = base.reshape(-1) if base is not None else None
@@ -241,7 +246,7 @@ def run_rank(
     file_of = {name: f for f in plan.files for name in f.tensors}
     todo = [t for t in (plan.tensors[i] for i in assign_tensors(plan, world_size)[rank]) if t.name not in finished]
     journal = Journal(out_dir, rank)
-    kernels.compiled.plan_work(sum(math.prod(t.shape) for t in todo))  # worth compiling the CPU loops?
+    kernel_options = options.kernels.for_work(sum(math.prod(t.shape) for t in todo))  # worth compiling the CPU loops?
     current: tuple[OutputFile, PartialFile, dict[str, int]] | None = None
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
 
@@ -288,7 +293,7 @@ def run_rank(
                         current[1].close()
                     current = (file, *_open(plan, file, out_dir))
                 mark = reader.mark()
-                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite, uploader)
+                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite, uploader, kernel_options)
                 with timed("write"):
                     ready = None
                     if downloader is not None:  # copied out on the download stream; the writer waits for it

@@ -86,45 +86,94 @@ CASES = [((7,), 2), ((130,), 3), ((5, 3, 4), 4), ((16, 9), 3), ((300,), 2)]
 @parent_only
 def test_use_triton_only_for_cuda_tensors(monkeypatch):
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
-    monkeypatch.delenv("DISTMERGE_NO_TRITON", raising=False)
     assert not kernels.use_triton(torch.zeros(3))
     cuda_like = types.SimpleNamespace(is_cuda=True)
     assert kernels.use_triton(cuda_like)
-    for off in ("1", "true", "yes"):
-        monkeypatch.setenv("DISTMERGE_NO_TRITON", off)
-        assert not kernels.use_triton(cuda_like)
-    monkeypatch.setenv("DISTMERGE_NO_TRITON", "0")
-    assert kernels.use_triton(cuda_like)
+    assert kernels._impl(cuda_like, kernels.KernelOptions(triton=False)) is reference  # DISTMERGE_NO_TRITON=1
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     assert not kernels.use_triton(cuda_like)
 
 
 @parent_only
-def test_cpu_tensors_never_touch_triton(monkeypatch):
-    def no_triton():
-        raise AssertionError("the Triton path was taken for CPU tensors")
+def test_kernel_options_from_the_environment():
+    """DISTMERGE_NO_TRITON and DISTMERGE_COMPILE, read once where a run starts (RunOptions)."""
+    from_env = kernels.KernelOptions.from_env
+    assert from_env({}) == kernels.KernelOptions(compile="auto", triton=True)
+    for off in ("1", "true", "yes"):
+        assert not from_env({"DISTMERGE_NO_TRITON": off}).triton
+    assert from_env({"DISTMERGE_NO_TRITON": "0"}).triton
+    assert from_env({"DISTMERGE_COMPILE": "1"}).compile == "always"
+    assert from_env({"DISTMERGE_COMPILE": "off"}).compile == "never"
+    assert from_env({"DISTMERGE_COMPILE": "auto"}).compile == "auto"
+    assert kernels.KernelOptions().for_work(123).work == 123
 
-    monkeypatch.setattr(kernels, "_triton", no_triton)
+
+@parent_only
+def test_kernels_are_a_leaf():
+    """distmerge.kernels imports nothing of the methods: they hand it what to keep as data."""
+    import pathlib
+
+    for path in pathlib.Path(kernels.__file__).parent.glob("*.py"):
+        assert "distmerge.methods" not in path.read_text(), path.name
+
+
+@parent_only
+def test_cpu_tensors_never_touch_triton(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "distmerge.kernels.triton_kernels", None)  # importing it fails
     base, xs = models((9,), 2, seed=1)
     kernels.linear_sum(xs, [0.5, 0.5], normalize=True)
-    kernels.task_merge(base, xs, [1.0, 1.0], kernels.TopK([0.5, 0.5]), consensus=True, normalize=True, lambda_=1.0)
-    kernels.dare_drop(xs[0] - base, 0.5, 3)
+    kernels.task_merge(base, xs, [1.0, 1.0], top_k([0.5, 0.5])(base, xs), consensus=True, normalize=True, lambda_=1.0)
     kernels.slerp_combine(0.5, 0.5, base, xs[0])
     kernels.scale(base, 2.0)
     kernels.stock_interpolate(base, xs, torch.tensor([0.3]))
 
 
 @parent_only
-def test_sparsifiers_are_the_sparsify_functions():
+def test_top_cut_selects_the_top_k_mask():
+    """A ``kernels.Top`` (threshold, tie cut) keeps what ``sparsify.top_k_mask`` keeps, ties included."""
     from distmerge.methods import sparsify
 
-    base, (x,) = models((40,), 1, seed=2)
-    d = x - base
-    assert_same(kernels.TopK([0.3], True)(0, d), sparsify.magnitude(d, 0.3, True))
-    assert_same(kernels.Outliers([0.3], [0.1])(0, d), sparsify.magnitude_outliers(d, 0.3, 0.1))
-    assert_same(kernels.RandomDrop([0.3], [7])(0, d), sparsify.random(d, 0.3, 7))
-    mask = d > 0
-    assert_same(kernels.Masked([mask], True)(0, d), sparsify.masked(d, mask, True))
+    _, (x,) = deltas_with_ties((40, 7), 1, seed=2)
+    for k in (0, 1, 17, 139, 140, 279, 280, 300):
+        mask = reference.in_top(x.abs(), sparsify.top_cut(x.abs(), k))
+        assert int(mask.sum()) == min(k, x.numel())
+        order = torch.sort(x.abs().reshape(-1), descending=True, stable=True).indices[:k]
+        assert torch.equal(mask.reshape(-1).nonzero().reshape(-1), order.sort().values)
+
+
+# ---------------------------------------------------------------- what to keep, as the methods decide it
+
+
+def top_k(densities, rescale=False):
+    """TIES's trim of each model's task vector (``sparsify.top_k``)."""
+    from distmerge.methods import sparsify
+
+    return lambda base, xs: kernels.Keep(tuple(sparsify.top_k(x.float() - base.float(), d) for x, d in zip(xs, densities)), rescale)
+
+
+def outliers(densities, gammas, rescale=False):
+    """Breadcrumbs' band of each model's task vector (``sparsify.outliers``)."""
+    from distmerge.methods import sparsify
+
+    return lambda base, xs: kernels.Keep(
+        tuple(sparsify.outliers(x.float() - base.float(), d, g) for x, d, g in zip(xs, densities, gammas)), rescale
+    )
+
+
+def draws(densities, seeds, rescale=True):
+    """DARE's drop (``sparsify.drop``)."""
+    from distmerge.methods import sparsify
+
+    return lambda base, xs: kernels.Keep(tuple(sparsify.drop(d, s) for d, s in zip(densities, seeds)), rescale)
+
+
+def masks(rescale=False, dense=()):
+    """Given masks (DELLA's MagPrune draws are such masks); None for the inputs in ``dense``."""
+    return lambda base, xs: kernels.Keep(
+        tuple(None if i in dense else torch.arange(x.numel()).view(x.shape) % (i + 2) == 0 for i, x in enumerate(xs)),
+        rescale,
+    )
 
 
 # ---------------------------------------------------------------- the interpreted kernels
@@ -177,6 +226,14 @@ def fma_check(tk):
     return lambda got, want: torch.testing.assert_close(got, want, **TOL)
 
 
+def _drop_alone(tk, delta, density, seed, rescale):
+    """One delta through the fused kernel with a DARE draw, as a merge from a zero base."""
+    zero = torch.zeros_like(delta)
+    keep = kernels.Keep((kernels.Draw(seed, density),), rescale)
+    options = dict(consensus=False, normalize=False, lambda_=1.0)
+    return tk.task_merge(zero, [delta], [1.0], keep, **options), reference.task_merge(zero, [delta], [1.0], keep, **options)
+
+
 @interpreted
 def test_draws_are_the_rng_bits(tk):
     """tl.rand inside the kernels = distmerge.rng.uniform: the kept set and its size are exact,
@@ -184,30 +241,29 @@ def test_draws_are_the_rng_bits(tk):
     base, (x,) = models((130,), 1, seed=3)
     delta = x - base
     for seed, offset in [(0, 0), (12345, 2**32 - 37), (2**63 - 25, 5), (2**64 - 1, 2**32 - 37)]:
-        got = tk.dare_drop(delta, 0.4, seed, rescale=False, offset=offset)
-        assert_same(got, reference.dare_drop(delta, 0.4, seed, rescale=False, offset=offset))
+        if offset == 0:
+            assert_same(*_drop_alone(tk, delta, 0.4, seed, rescale=False))
         plan = tk._Plan([1.0])
-        tk._keep_plan(plan, kernels.RandomDrop([0.4], [seed]), None, delta.numel(), delta.device)
+        tk._keep_plan(plan, kernels.Keep((kernels.Draw(seed, 0.4),)), delta.numel(), delta.device)
         _, _, kept = tk.keep_norms(None, (delta,), plan, idx0=offset)
         assert int(kept[0]) == int(rng.bernoulli_keep(seed, delta.shape, 0.4, offset=offset).sum())
 
 
 @interpreted
 @pytest.mark.parametrize("shape", [(7,), (16, 9), (300,)])
-def test_dare_drop_rescale(tk, shape):
+def test_drop_rescale(tk, shape):
     base, xs = models(shape, 2, seed=4)
     for x, seed, density in zip(xs, SEEDS, DENSITIES):
         delta = x - base
-        got, want = tk.dare_drop(delta, density, seed), reference.dare_drop(delta, density, seed)
+        got, want = _drop_alone(tk, delta, density, seed, rescale=True)
         assert torch.equal(got != 0, want != 0)  # the same entries kept
         torch.testing.assert_close(got, want, **TOL)  # the scale's L1 sums: another reduction order
         plan = tk._Plan([1.0])
-        tk._keep_plan(plan, kernels.RandomDrop([density], [seed]), None, delta.numel(), delta.device)
+        tk._keep_plan(plan, kernels.Keep((kernels.Draw(seed, density),), True), delta.numel(), delta.device)
         before, after, _ = tk.keep_norms(None, (delta,), plan)
         kept = torch.where(want != 0, delta, 0.0)
         torch.testing.assert_close(before[0], delta.abs().sum(), **TOL)
         torch.testing.assert_close(after[0], kept.abs().sum(), **TOL)
-    assert_same(tk.dare_drop(xs[0], 1.0, 5), reference.dare_drop(xs[0], 1.0, 5))  # density 1: δ itself
 
 
 @interpreted
@@ -237,29 +293,23 @@ def test_task_combine(tk, shape, n, dtype):
         assert_same(tk.task_combine(base, deltas, w, **options), reference.task_combine(base, deltas, w, **options))
 
 
-def _della_like(i, delta):
-    """A sparsifier the kernels do not know (materialized in torch, then fused)."""
-    from distmerge.methods import sparsify
-
-    return sparsify.della_magprune(delta, 0.5, 0.1, SEEDS[i], True)
-
-
 SPARSIFIERS = {
-    "none": lambda n: None,
-    "topk": lambda n: kernels.TopK(DENSITIES[:n]),
-    "topk-edge": lambda n: kernels.TopK([1.0, 0.0, 1e-9, 0.5][:n]),  # dense, zeros, k = 1
-    "outliers": lambda n: kernels.Outliers(DENSITIES[:n], [0.1, 0.0, 0.3, 0.05][:n]),
-    "outliers-over": lambda n: kernels.Outliers([0.9] * n, [0.3] * n),  # density + γ > 1
-    "random": lambda n: kernels.RandomDrop([0.5, 1.0, 0.3, 0.8][:n], SEEDS[:n], rescale=False),
-    "all-dense": lambda n: kernels.RandomDrop([1.0] * n, SEEDS[:n], rescale=True),  # no draw, no rescale
-    "masked": lambda n: kernels.Masked([torch.arange(300) % (i + 2) == 0 for i in range(n)]),
-    "opaque": lambda n: _della_like,
+    "none": lambda n: lambda base, xs: None,
+    "topk": lambda n: top_k(DENSITIES[:n]),
+    "topk-edge": lambda n: top_k([1.0, 0.0, 1e-9, 0.5][:n]),  # dense, zeros, k = 1
+    "outliers": lambda n: outliers(DENSITIES[:n], [0.1, 0.0, 0.3, 0.05][:n]),
+    "outliers-over": lambda n: outliers([0.9] * n, [0.3] * n),  # density + γ > 1
+    "random": lambda n: draws([0.5, 1.0, 0.3, 0.8][:n], SEEDS[:n], rescale=False),
+    "all-dense": lambda n: draws([1.0] * n, SEEDS[:n], rescale=True),  # no draw, no rescale
+    "masked": lambda n: masks(),
+    "masked-one-dense": lambda n: masks(dense=(1,)),
 }
 RESCALED = {
-    "topk+rescale": lambda n: kernels.TopK(DENSITIES[:n], rescale=True),
-    "outliers+rescale": lambda n: kernels.Outliers(DENSITIES[:n], [0.05] * n, rescale=True),
-    "random+rescale": lambda n: kernels.RandomDrop(DENSITIES[:n], SEEDS[:n], rescale=True),
-    "masked+rescale": lambda n: kernels.Masked([torch.arange(300) % (i + 2) == 0 for i in range(n)], True),
+    "topk+rescale": lambda n: top_k(DENSITIES[:n], rescale=True),
+    "outliers+rescale": lambda n: outliers(DENSITIES[:n], [0.05] * n, rescale=True),
+    "random+rescale": lambda n: draws(DENSITIES[:n], SEEDS[:n], rescale=True),
+    "masked+rescale": lambda n: masks(rescale=True),
+    "masked-one-dense+rescale": lambda n: masks(rescale=True, dense=(0,)),
 }
 
 
@@ -269,10 +319,10 @@ RESCALED = {
 def test_task_merge(tk, name, consensus):
     n = 3 if consensus else 2
     base, xs = models((300,), n, seed=7)
-    sparsifier = {**SPARSIFIERS, **RESCALED}[name](n)
+    keep = {**SPARSIFIERS, **RESCALED}[name](n)(base, xs)
     options = dict(consensus=consensus, normalize=consensus, lambda_=0.7 if consensus else 1.0)
-    got = tk.task_merge(base, xs, WEIGHTS[:n], sparsifier, **options)
-    want = reference.task_merge(base, xs, WEIGHTS[:n], sparsifier, **options)
+    got = tk.task_merge(base, xs, WEIGHTS[:n], keep, **options)
+    want = reference.task_merge(base, xs, WEIGHTS[:n], keep, **options)
     if name in RESCALED:
         torch.testing.assert_close(got, want, **TOL)
     else:
@@ -285,27 +335,22 @@ def test_top_k_tie_rule(tk, shape, n):
     """Among equal |τ| at the threshold the lower flat indices are kept, as sparsify.top_k_mask."""
     base, xs = deltas_with_ties(shape, n, seed=8)
     for densities in ([0.5, 0.3, 0.8, 0.21][:n], [0.1] * n, [0.95] * n):
-        for sparsifier in (kernels.TopK(densities), kernels.Outliers(densities, [0.1] * n)):
+        for keep in (top_k(densities)(base, xs), outliers(densities, [0.1] * n)(base, xs)):
             options = dict(consensus=True, normalize=True, lambda_=1.0)
-            got = tk.task_merge(base, xs, WEIGHTS[:n], sparsifier, **options)
-            assert_same(got, reference.task_merge(base, xs, WEIGHTS[:n], sparsifier, **options))
+            got = tk.task_merge(base, xs, WEIGHTS[:n], keep, **options)
+            assert_same(got, reference.task_merge(base, xs, WEIGHTS[:n], keep, **options))
 
 
 @interpreted
-def test_task_merge_storage_dtypes_and_casts(tk):
-    """fp16 / bf16 inputs read as stored, rounded to the recipe dtype inside the kernel, the
-    result rounded to it and written in the output dtype, as run.merge_tensor does."""
+def test_task_merge_storage_dtypes(tk):
+    """fp16 / bf16 inputs read as stored and widened inside the kernel (an element-wise method's
+    chunks arrive so), each input its own dtype."""
     base, xs = models((16, 9), 3, seed=9, dtype=torch.bfloat16)
     xs[1] = xs[1].to(torch.float16)  # inputs may differ in dtype
-    for work, out, sparsifier in [
-        (None, None, None),
-        (torch.float16, torch.bfloat16, kernels.TopK([0.5, 0.3, 0.8])),
-        (torch.bfloat16, torch.float16, kernels.RandomDrop([0.5, 0.3, 0.8], SEEDS[:3], False)),
-        (torch.float32, torch.bfloat16, kernels.Outliers([0.5, 0.3, 0.8], [0.1] * 3)),
-    ]:
-        options = dict(consensus=True, normalize=True, lambda_=1.0, work_dtype=work, out_dtype=out)
-        got = tk.task_merge(base, xs, WEIGHTS[:3], sparsifier, **options)
-        assert_same(got, reference.task_merge(base, xs, WEIGHTS[:3], sparsifier, **options))
+    for keep in [None, top_k([0.5, 0.3, 0.8]), draws([0.5, 0.3, 0.8], SEEDS[:3], False), outliers([0.5, 0.3, 0.8], [0.1] * 3)]:
+        keep = keep and keep(base, xs)
+        options = dict(consensus=True, normalize=True, lambda_=1.0)
+        assert_same(tk.task_merge(base, xs, WEIGHTS[:3], keep, **options), reference.task_merge(base, xs, WEIGHTS[:3], keep, **options))
 
 
 def _awkward_floats() -> torch.Tensor:
@@ -321,13 +366,10 @@ def _awkward_floats() -> torch.Tensor:
 @interpreted
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, on the values meant to overflow
 @pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16])
-def test_scale_and_casts(tk, storage):
+def test_scale_and_widening(tk, storage):
     x = _awkward_floats().to(storage)
-    for work in (None, torch.float32, torch.float16, torch.bfloat16):
-        for out in (None, torch.float16, torch.bfloat16):
-            for s in (None, 0.37, -3.0):
-                options = dict(work_dtype=work, out_dtype=out)
-                assert_same(tk.scale(x, s, block=1024, **options), reference.scale(x, s, **options))
+    for s in (None, 0.37, -3.0):
+        assert_same(tk.scale(x, s, block=1024), reference.scale(x, s))
 
 
 @interpreted
@@ -358,10 +400,9 @@ def test_stock_interpolate(tk, shape, n, dtype):
 def test_empty_tensors(tk):
     e = torch.zeros(0, 4)
     options = dict(consensus=True, normalize=True, lambda_=1.0)
-    assert tk.task_merge(e, [e, e], [1.0, 1.0], kernels.TopK([0.5, 0.5]), **options).shape == e.shape
+    assert tk.task_merge(e, [e, e], [1.0, 1.0], top_k([0.5, 0.5])(e, [e, e]), **options).shape == e.shape
     assert tk.linear_sum([e], [1.0], normalize=True).shape == e.shape
     assert tk.scale(e, 2.0).shape == e.shape and tk.slerp_combine(0.5, 0.5, e, e).shape == e.shape
-    assert tk.dare_drop(e, 0.5, 1).shape == e.shape
 
 
 # ---------------------------------------------------------------- the methods, routed through the kernels
@@ -391,6 +432,7 @@ METHOD_CASES = [
     ("dare_ties", dict(weight=WEIGHTS[:3], density=DENSITIES[:3], rescale=False), True),
     ("dare_linear", dict(weight=WEIGHTS[:3], density=DENSITIES[:3]), False),
     ("della", dict(weight=WEIGHTS[:3], density=DENSITIES[:3], epsilon=0.05), False),
+    ("della_linear", dict(weight=WEIGHTS[:3], density=DENSITIES[:3], epsilon=0.05, rescale=False), True),
     ("model_stock", dict(), True),
     ("model_stock", dict(filter_wise=True), True),
     ("slerp", dict(t=0.3), True),
@@ -413,8 +455,7 @@ def test_methods_through_the_kernels(tk, fma_check, monkeypatch, name, params, e
         calls.append(tensor)
         return True
 
-    monkeypatch.setattr(kernels, "_triton_module", tk)
-    monkeypatch.setattr(kernels, "use_triton", use_triton)
+    monkeypatch.setattr(kernels, "use_triton", use_triton)  # CPU tensors to the (interpreted) kernels
     got = _call(name, base, xs, params, SEEDS[: len(xs)])
     assert calls, "the method did not go through distmerge.kernels"
     if exact:
@@ -444,10 +485,9 @@ PTX_CHECK = textwrap.dedent(
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
         return triton.compile(src, target=target, options={"enable_fp_fusion": False, "num_warps": 4}).asm["ptx"]
 
-    merge = dict(out_ptr="*bf16", base_ptr="*bf16", xs=("*bf16", "*fp16", "*fp32"), fpar_ptr="*fp32",
+    merge = dict(out_ptr="*fp32", base_ptr="*bf16", xs=("*bf16", "*fp16", "*fp32"), fpar_ptr="*fp32",
                  ipar_ptr="*i64", n="i64", idx0="i64", divisor="fp32", lam="fp32")
-    flags = dict(masks=None, SUB_BASE=True, ADD_BASE=True, RESCALE=True, NORMALIZE=True, SCALE_LAMBDA=True,
-                 ROUND_X=tl.float16, ROUND_B=tl.float16, WORK=tl.float16, BLOCK=1024)
+    flags = dict(masks=None, SUB_BASE=True, ADD_BASE=True, RESCALE=True, NORMALIZE=True, SCALE_LAMBDA=True, BLOCK=1024)
     found = {}
     for keep, consensus in [(tk.KEEP_RANK, True), (tk.KEEP_RANDOM, False)]:
         code = ptx(tk.task_merge_kernel, merge, {**flags, "KEEP": keep, "CONSENSUS": consensus, "FMA": False})
@@ -459,7 +499,7 @@ PTX_CHECK = textwrap.dedent(
     found["linear"] = ptx(tk.task_merge_kernel, {**merge, "base_ptr": "constexpr"}, {**linear, "base_ptr": None})
     found["norms"] = ptx(tk.keep_norms_kernel, dict(part_ptr="*fp32", count_ptr="*i32", base_ptr="*fp32",
         xs=("*fp32", "*fp32"), fpar_ptr="*fp32", ipar_ptr="*i64", n="i32", idx0="i64", P="i32"),
-        dict(masks=None, SUB_BASE=True, KEEP=tk.KEEP_RANDOM, ROUND_X=None, ROUND_B=None, BLOCK=1024))
+        dict(masks=None, SUB_BASE=True, KEEP=tk.KEEP_RANDOM, BLOCK=1024))
     for name, code in found.items():
         fma = len(re.findall(r"\\bfma\\.rn\\.f32", code))
         assert "div.full" not in code and ".ftz" not in code, name

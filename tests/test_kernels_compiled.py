@@ -12,10 +12,8 @@ from tests.helpers import synthetic_models
 N = 70001  # above compiled.MIN_ELEMENTS, not a multiple of any vector width
 
 
-@pytest.fixture(autouse=True)
-def always_compile(monkeypatch):
-    """The compiled loops whatever the size of the run (by default only large runs use them)."""
-    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
+ALWAYS = kernels.KernelOptions(compile="always")
+"""The compiled loops whatever the size of the run (by default only large runs use them)."""
 
 
 def no_reference(monkeypatch):
@@ -40,30 +38,34 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("consensus", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("n,weight,lambda_", [(1, [0.7], 1.0), (2, [0.6, -0.3], 1.0), (3, [0.5, 0.3, 0.2], 0.8), (2, [0.5, -0.5], 1.3)])
-@pytest.mark.parametrize("dtype,work,out", [(torch.float32, None, None), (torch.bfloat16, torch.bfloat16, torch.bfloat16)])
-def test_task_merge_compiled_is_the_reference(consensus, normalize, n, weight, lambda_, dtype, work, out):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_task_merge_compiled_is_the_reference(consensus, normalize, n, weight, lambda_, dtype):
     base, models = family(n, seed=n, dtype=dtype)
-    kw = dict(consensus=consensus, normalize=normalize, lambda_=lambda_, work_dtype=work, out_dtype=out)
+    kw = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     deltas = [x.float() - base.float() for x in models]
     expected = reference.task_merge(base, models, weight, **kw), reference.task_combine(base, deltas, weight, **kw)
     with pytest.MonkeyPatch.context() as mp:
         no_reference(mp)
         assert same(compiled.task_merge(base, models, weight, **kw), expected[0])
         assert same(compiled.task_combine(base, deltas, weight, **kw), expected[1])
-    assert not compiled._broken  # the compiled loops ran, not the eager fallback
+    assert not compiled.fell_back()  # the compiled loops ran, not the eager fallback
 
 
-def test_task_merge_with_a_sparsifier_sparsifies_eagerly_then_combines_compiled():
+def test_task_merge_with_a_keep_rule_sparsifies_eagerly_then_combines_compiled():
+    from distmerge.methods import sparsify
+
     base, models = family(2, seed=5)
-    trim = kernels.TopK([0.3, 0.6], False)
-    kw = dict(consensus=True, normalize=True, lambda_=1.0)
-    assert same(compiled.task_merge(base, models, [0.5, 0.5], trim, **kw), reference.task_merge(base, models, [0.5, 0.5], trim, **kw))
+    for rescale in (False, True):
+        trim = kernels.Keep(tuple(sparsify.top_k(x - base, d) for x, d in zip(models, [0.3, 0.6])), rescale)
+        kw = dict(consensus=True, normalize=True, lambda_=1.0)
+        want = reference.task_merge(base, models, [0.5, 0.5], trim, **kw)
+        assert same(compiled.task_merge(base, models, [0.5, 0.5], trim, **kw), want)
 
 
-@pytest.mark.parametrize("dtype,work,out", [(torch.float32, None, None), (torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.bfloat16, None, torch.float16)])
-def test_slerp_scale_and_stock_compiled_are_the_references(dtype, work, out):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slerp_scale_and_stock_compiled_are_the_references(dtype):
     base, (a, b, c) = family(3, seed=9, dtype=dtype)
-    kw = dict(work_dtype=work, out_dtype=out)
+    kw = {}
     c0, c1 = torch.tensor(0.3712), torch.tensor(0.6931)
     ts = (torch.tensor([0.42]), torch.tensor([0.0]), torch.tensor([1.0]))
     want = (
@@ -79,20 +81,16 @@ def test_slerp_scale_and_stock_compiled_are_the_references(dtype, work, out):
             assert same(compiled.stock_interpolate(base, [a, b, c], t, **kw), w)
 
 
-def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs(monkeypatch):
+def test_dispatch_uses_compiled_loops_for_large_cpu_tensors_of_large_runs():
     big, small = torch.zeros(compiled.MIN_ELEMENTS), torch.zeros(10)
-    monkeypatch.setattr(compiled, "_work", 0)
-    monkeypatch.delenv("DISTMERGE_COMPILE", raising=False)
-    assert kernels._impl(big) is reference  # auto: a small run does not repay compiling
-    compiled.plan_work(compiled.WORK_TO_COMPILE_CONSENSUS)  # enough for the TIES consensus only
-    assert kernels._impl(big, consensus=True) is compiled and kernels._impl(big) is reference
-    compiled.plan_work(compiled.WORK_TO_COMPILE)
-    assert kernels._impl(big) is compiled and kernels._impl(small) is reference
-    monkeypatch.setenv("DISTMERGE_COMPILE", "0")
-    assert kernels._impl(big) is reference
-    monkeypatch.setenv("DISTMERGE_COMPILE", "1")
-    compiled.plan_work(0)
-    assert kernels._impl(big) is compiled
+    auto = kernels.KernelOptions()
+    assert kernels._impl(big, auto) is reference and kernels._impl(big, None) is reference  # a small run
+    consensus_only = auto.for_work(compiled.WORK_TO_COMPILE_CONSENSUS)  # enough for the TIES consensus only
+    assert kernels._impl(big, consensus_only, consensus=True) is compiled and kernels._impl(big, consensus_only) is reference
+    large = auto.for_work(compiled.WORK_TO_COMPILE)
+    assert kernels._impl(big, large) is compiled and kernels._impl(small, large) is reference
+    assert kernels._impl(big, kernels.KernelOptions(compile="never", work=compiled.WORK_TO_COMPILE)) is reference
+    assert kernels._impl(big, ALWAYS) is compiled
 
 
 def test_a_failing_compiler_falls_back_to_the_same_operations(monkeypatch):
@@ -103,13 +101,13 @@ def test_a_failing_compiler_falls_back_to_the_same_operations(monkeypatch):
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(compiled, "_broken", False)
+    monkeypatch.setattr(compiled, "_LOOPS", [])
     fresh = compiled._compiled(compiled._scale.__wrapped__)
     x = torch.randn(N)
     with pytest.warns(UserWarning, match="torch.compile failed"):
-        y = fresh(x, torch.tensor(0.5), None, None)
-    assert same(y, reference.scale(x, 0.5)) and compiled._broken
-    assert kernels._impl(x) is reference
+        y = fresh(x, torch.tensor(0.5))
+    assert same(y, reference.scale(x, 0.5)) and compiled.fell_back() == ["_scale"]
+    assert same(fresh(x, torch.tensor(0.5)), y)  # eager from then on, without another warning
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
@@ -133,7 +131,7 @@ def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32,
     }
     ours, theirs = both(recipe, tmp_path)
     assert_same_tensors(ours, theirs)
-    assert not compiled._broken
+    assert not compiled.fell_back()
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear", "passthrough"])
@@ -163,4 +161,4 @@ def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge
     chunked = distmerge(recipe, tmp_path / "chunked")
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
     assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
-    assert not compiled._broken
+    assert not compiled.fell_back()

@@ -385,7 +385,8 @@ def test_chunked_top_k_trim_is_the_masked_delta(special):
     """ChunkedTopK.trim (int32 cuts on |δ|'s bits, ties split inside a chunk, a drop band,
     the float fallback with NaN) = masked(δ, mask(|δ|) & ~drop.mask(|δ|)), bit for bit, and
     with finite δ = masked(δ, top_k_mask(|δ|, k) & ~top_k_mask(|δ|, j))."""
-    from distmerge.methods.sparsify import ChunkedTopK, masked, top_k_mask
+    from distmerge.kernels.reference import masked
+    from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
 
     g = torch.Generator().manual_seed(1)
     delta = torch.randint(-4, 5, (10007,), generator=g).float() * 0.25

@@ -1,49 +1,54 @@
 """Fused element-wise steps of the merge methods: Triton kernels on CUDA, plain torch elsewhere.
 
-Each function here has a plain-torch reference in ``distmerge.kernels.reference`` (the
-methods' math, operation for operation), a Triton launcher of the same signature in
-``distmerge.kernels.triton_kernels``, and on CPU a fused loop compiled by torch.compile
-from the same operations (``distmerge.kernels.compiled``); it runs the kernel when
-``use_triton`` says so for its first tensor, the compiled loop for a large CPU tensor, and
-the reference otherwise. The kernels compute the same
-float32 operations in the same order (see ``triton_kernels`` for what is and is not bitwise).
+A leaf package: it imports torch, triton and ``distmerge.rng``, never the methods. The methods
+decide what to compute (which entries to keep, the weights, the coefficients) and hand it
+over as data; the functions here only compute it.
+
+Each function has a plain-torch reference in ``distmerge.kernels.reference`` (the methods'
+math, operation for operation), a Triton launcher of the same signature in
+``distmerge.kernels.triton_kernels``, and on CPU a fused loop compiled by torch.compile from
+the same operations (``distmerge.kernels.compiled``). Which one runs is decided per call from
+the tensor and the run's ``KernelOptions``: the kernel for a CUDA tensor when triton imports,
+the compiled loop for a large CPU tensor when compiling repays, the reference otherwise. They
+compute the same float32 operations in the same order (see ``triton_kernels`` for what is
+and is not bitwise). Inputs may be stored in float32, float16 or bfloat16; results are float32.
 
 ==================  ============================================================  ==============
 function            computes                                                      used by
 ==================  ============================================================  ==============
 linear_sum          Σᵢ wᵢθᵢ (/ Σᵢ wᵢ), FMA-accumulated like ``addcmul_``             linear
-task_combine        θ₀ + λ·Σᵢ wᵢτᵢ / D, or TIES: sign election + disjoint mean     (given τᵢ)
+task_combine        θ₀ + λ·Σᵢ wᵢτᵢ / D, or TIES: sign election + disjoint mean     chunked merges
 task_merge          the same from the models: τᵢ = θᵢ − θ₀, sparsified inside the    task-arithmetic
-                    kernel by a ``sparsifiers`` rule (top-k, breadcrumbs band,      family
-                    DARE draw, mask) with the L1 rescale's norms in a first pass
-dare_drop           DARE drop + L1 rescale of one delta (two passes)                 —
+                    kernel by a ``Keep`` (magnitude band, DARE draw, mask) with     family
+                    the L1 rescale's norms in a first pass
 slerp_combine       c₀·a + c₁·b                                                     slerp
-scale               s·x with the casts                                              passthrough
+scale               s·x                                                             passthrough
 stock_interpolate   t·mean(θᵢ) + (1 − t)·θ₀                                          model_stock
 ==================  ============================================================  ==============
-
-Every function also takes ``work_dtype`` / ``out_dtype`` (see ``reference``), so a kernel
-can read inputs in their storage dtype and write the output dtype directly.
-
-``DISTMERGE_NO_TRITON=1`` forces the references everywhere (a debugging switch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
+from typing import Literal
 
 import torch
 
 from distmerge.kernels import compiled, reference
-from distmerge.kernels.sparsifiers import Masked, Outliers, RandomDrop, TopK
+from distmerge.kernels.keep import ALL, NONE, Band, Draw, Keep, Rule, Top
 
 __all__ = [
-    "Masked",
-    "Outliers",
-    "RandomDrop",
-    "TopK",
-    "dare_drop",
+    "ALL",
+    "NONE",
+    "Band",
+    "Draw",
+    "KernelOptions",
+    "Keep",
+    "Rule",
+    "Top",
     "linear_sum",
     "scale",
     "slerp_combine",
@@ -54,52 +59,70 @@ __all__ = [
     "use_triton",
 ]
 
+_OFF = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class KernelOptions:
+    """How the fused steps run: decided once per run (``RunOptions.kernels``) and passed to
+    every call. The defaults are what a method called directly gets."""
+
+    compile: Literal["auto", "always", "never"] = "auto"
+    """CPU: run the steps as loops compiled by torch.compile (``compiled``): "always",
+    "never", or "auto": when ``work`` is large enough to repay compiling."""
+    triton: bool = True
+    """CUDA: run the Triton kernels when triton imports (False: the torch references; a
+    debugging switch)."""
+    work: int = 0
+    """Elements this rank is about to merge (``for_work``): what "auto" weighs."""
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> KernelOptions:
+        """The defaults a run takes from its environment: ``DISTMERGE_COMPILE`` (``auto``,
+        ``1`` always, ``0`` never) and ``DISTMERGE_NO_TRITON=1`` (the torch references on CUDA)."""
+        mode = environ.get("DISTMERGE_COMPILE", "auto").strip().lower()
+        compile = "auto" if mode in ("", "auto") else "never" if mode in _OFF else "always"
+        no_triton = environ.get("DISTMERGE_NO_TRITON", "0").strip().lower() not in ("", *_OFF)
+        return cls(compile=compile, triton=not no_triton)
+
+    def for_work(self, elements: int) -> KernelOptions:
+        """These options for a rank that merges ``elements`` elements in all."""
+        return dataclasses.replace(self, work=elements)
+
+
+DEFAULT = KernelOptions()
+
 
 @functools.cache
 def triton_available() -> bool:
     """Whether ``import triton`` works here (checked once per process)."""
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
+        importlib.import_module("triton.language")
     except Exception:  # ImportError, or a broken install failing at import time
         return False
     return True
 
 
 def use_triton(tensor) -> bool:
-    """True for a CUDA tensor when triton is importable and DISTMERGE_NO_TRITON is not set."""
-    if not getattr(tensor, "is_cuda", False):
-        return False
-    if os.environ.get("DISTMERGE_NO_TRITON", "0").strip().lower() not in ("", "0", "false", "no"):
-        return False
-    return triton_available()
+    """True for a CUDA tensor when triton is importable."""
+    return getattr(tensor, "is_cuda", False) and triton_available()
 
 
-_triton_module = None
+def _impl(tensor, options: KernelOptions | None, consensus: bool = False):
+    """The module whose function runs a step on ``tensor``: triton_kernels, compiled or reference."""
+    options = options or DEFAULT
+    if options.triton and use_triton(tensor):
+        from distmerge.kernels import triton_kernels  # imported on first use: it needs triton
 
-
-def _triton():
-    """``distmerge.kernels.triton_kernels``, imported on first use (tests swap in an interpreted copy)."""
-    global _triton_module
-    if _triton_module is None:
-        from distmerge.kernels import triton_kernels
-
-        _triton_module = triton_kernels
-    return _triton_module
-
-
-def _impl(tensor, consensus: bool = False):
-    if use_triton(tensor):
-        return _triton()
-    return compiled if compiled.enabled(tensor, consensus) else reference
+        return triton_kernels
+    return compiled if compiled.enabled(tensor, options, consensus) else reference
 
 
 def linear_sum(
-    tensors: list[torch.Tensor], weight: list[float], *, normalize: bool, work_dtype=None, out_dtype=None
+    tensors: list[torch.Tensor], weight: list[float], *, normalize: bool, options: KernelOptions | None = None
 ) -> torch.Tensor:
     """Σᵢ wᵢθᵢ, divided by Σᵢ wᵢ when ``normalize`` (model soups)."""
-    impl = _impl(tensors[0])
-    return impl.linear_sum(tensors, weight, normalize=normalize, work_dtype=work_dtype, out_dtype=out_dtype)
+    return _impl(tensors[0], options).linear_sum(tensors, weight, normalize=normalize)
 
 
 def task_combine(
@@ -110,54 +133,41 @@ def task_combine(
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    work_dtype=None,
-    out_dtype=None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ·(Σᵢ wᵢτᵢ, or the TIES disjoint sum)/D for given task vectors τᵢ."""
-    return _impl(base, consensus).task_combine(
-        base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
-        work_dtype=work_dtype, out_dtype=out_dtype,
-    )  # fmt: skip
+    impl = _impl(base, options, consensus)
+    return impl.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def task_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
     weight: list[float],
-    sparsifier=None,
+    keep: Keep | None = None,
     *,
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    work_dtype=None,
-    out_dtype=None,
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
-    """θ₀ + λ·combine(sparsifier(i, θᵢ − θ₀)) — the task-arithmetic family from the models."""
-    return _impl(base, consensus).task_merge(
-        base, tensors, weight, sparsifier, consensus=consensus, normalize=normalize, lambda_=lambda_,
-        work_dtype=work_dtype, out_dtype=out_dtype,
-    )  # fmt: skip
+    """θ₀ + λ·combine(τ̂ᵢ), τ̂ᵢ = θᵢ − θ₀ with only what ``keep`` keeps: the task-arithmetic family."""
+    impl = _impl(base, options, consensus)
+    return impl.task_merge(base, tensors, weight, keep, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-def dare_drop(
-    delta: torch.Tensor, density: float, seed: int, rescale: bool = True, *, offset: int = 0, out_dtype=None
-) -> torch.Tensor:
-    """δ ⊙ [uniform(seed)[offset + j] < density], L1-rescaled when ``rescale``."""
-    return _impl(delta).dare_drop(delta, density, seed, rescale, offset=offset, out_dtype=out_dtype)
-
-
-def slerp_combine(c0, c1, a: torch.Tensor, b: torch.Tensor, *, work_dtype=None, out_dtype=None) -> torch.Tensor:
+def slerp_combine(c0, c1, a: torch.Tensor, b: torch.Tensor, *, options: KernelOptions | None = None) -> torch.Tensor:
     """c₀·a + c₁·b (float32 coefficients computed beforehand)."""
-    return _impl(a).slerp_combine(c0, c1, a, b, work_dtype=work_dtype, out_dtype=out_dtype)
+    return _impl(a, options).slerp_combine(c0, c1, a, b)
 
 
-def scale(x: torch.Tensor, s: float | None, *, work_dtype=None, out_dtype=None) -> torch.Tensor:
+def scale(x: torch.Tensor, s: float | None, *, options: KernelOptions | None = None) -> torch.Tensor:
     """s·x, or x when s is None."""
-    return _impl(x).scale(x, s, work_dtype=work_dtype, out_dtype=out_dtype)
+    return _impl(x, options).scale(x, s)
 
 
 def stock_interpolate(
-    w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, *, work_dtype=None, out_dtype=None
+    w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, *, options: KernelOptions | None = None
 ) -> torch.Tensor:
     """t·(Σᵢ θᵢ / N) + (1 − t)·θ₀, t one ratio or one per row."""
-    return _impl(w0).stock_interpolate(w0, models, t, work_dtype=work_dtype, out_dtype=out_dtype)
+    return _impl(w0, options).stock_interpolate(w0, models, t)

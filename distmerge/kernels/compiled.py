@@ -14,38 +14,36 @@ on random and adversarial inputs (tests/test_kernels_compiled.py).
   function, number of inputs, dtypes and flags, cached on disk by inductor across runs.
 - ``linear_sum`` is not here: the reference accumulates with ``addcmul_``, which torch's
   own CPU kernel rounds once (an FMA); a compiled loop rounds ``w·x`` and the sum separately.
-- If compiling fails (no C++ compiler, an unsupported CPU), a warning is printed once and
-  the same functions run eagerly: the reference path, unchanged.
+- If compiling fails (no C++ compiler, an unsupported CPU), a warning is printed and that
+  loop runs its operations eagerly from then on: the reference's bits (``fell_back``).
 - Below ``MIN_ELEMENTS`` the call overhead of a compiled function (guards, about 20–50 µs)
   outweighs the gain, and the reference runs.
 - Compiling costs each process about 5 s (importing inductor, then compiling or loading the
   loop from inductor's disk cache), which a 256K-element chunk repays at about 2 ms (0.14
   against 2.2 ms for θ₀ + Σᵢ wᵢτᵢ with two bf16 models, measured here). So by default
   ("auto") ``distmerge.kernels`` dispatches here only when the rank has at least
-  ``WORK_TO_COMPILE`` elements to merge (``plan_work``, called by the run): a 70B merge, not
-  a 1B test. The TIES
+  ``WORK_TO_COMPILE`` elements to merge (``KernelOptions.work``, set once per rank by the
+  run): a 70B merge, not a 1B test. The TIES
   consensus combine (sign election and disjoint mean, about fifteen torch ops per chunk)
   repays it sooner, from ``WORK_TO_COMPILE_CONSENSUS``: ties on two 2.5 GB fine-tunes took
   30.7 and 28.2 s with it against 39.9 and 36.1 s without (alternating runs), for 0.2 GB more
   resident memory (inductor's modules).
 
-``DISTMERGE_COMPILE``: ``auto`` (default), ``1`` (always, any size of run), ``0`` (never:
-the references everywhere on CPU).
+Whether to compile is ``KernelOptions.compile`` ("auto", "always", "never"), decided once per
+run and passed down with every call (``enabled``).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
 from distmerge.kernels import reference
-from distmerge.kernels.reference import _in, _out, linear_divisor
-from distmerge.kernels.reference import dare_drop, linear_sum  # not fused (see above)
+from distmerge.kernels.reference import disjoint_sum, linear_divisor, linear_sum, total  # linear_sum: not fused (see above)
 
-__all__ = ["dare_drop", "enabled", "linear_sum", "scale", "slerp_combine", "stock_interpolate", "task_combine", "task_merge"]
+__all__ = ["enabled", "fell_back", "linear_sum", "scale", "slerp_combine", "stock_interpolate", "task_combine", "task_merge"]
 
 MIN_ELEMENTS = 1 << 16
 """Smallest tensor worth a compiled call."""
@@ -54,37 +52,34 @@ WORK_TO_COMPILE = 1 << 32
 WORK_TO_COMPILE_CONSENSUS = 1 << 28
 """The same for the TIES consensus combine."""
 
-_broken = False
-_work = 0
 
-
-def plan_work(elements: int) -> None:
-    """How many elements this process is about to merge (``run.run_rank`` says so)."""
-    global _work
-    _work = elements
-
-
-def enabled(tensor, consensus: bool = False) -> bool:
-    """Whether a step on ``tensor`` runs compiled: a large CPU tensor, in a run large enough to
-    repay compiling this step (the TIES ``consensus`` combine sooner; ``DISTMERGE_COMPILE=1``:
-    any run), compiling not broken here."""
-    if _broken or getattr(tensor, "is_cuda", False) or tensor.numel() < MIN_ELEMENTS:
+def enabled(tensor, options, consensus: bool = False) -> bool:
+    """Whether a step on ``tensor`` runs compiled under ``options`` (a ``KernelOptions``): a
+    large CPU tensor, and compile "always", or "auto" in a run large enough to repay compiling
+    this step (the TIES ``consensus`` combine sooner)."""
+    if getattr(tensor, "is_cuda", False) or tensor.numel() < MIN_ELEMENTS or options.compile == "never":
         return False
-    mode = os.environ.get("DISTMERGE_COMPILE", "auto").strip().lower()
-    if mode in ("0", "false", "no", "off"):
-        return False
-    return mode != "auto" or _work >= (WORK_TO_COMPILE_CONSENSUS if consensus else WORK_TO_COMPILE)
+    return options.compile == "always" or options.work >= (WORK_TO_COMPILE_CONSENSUS if consensus else WORK_TO_COMPILE)
+
+
+_LOOPS = []
+"""Every ``_compiled`` function (see ``fell_back``)."""
+
+
+def fell_back() -> list[str]:
+    """The compiled loops that failed to compile in this process and run eagerly instead."""
+    return [loop.__name__ for loop in _LOOPS if loop.failed]
 
 
 def _compiled(fn):
-    """``fn`` compiled on first call; ``fn`` itself (eager: the reference's operations) if that fails."""
+    """``fn`` compiled on first call; ``fn`` itself (eager: the reference's operations, the
+    same bits) from the first failure on, after one warning."""
     compiled = None
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        global _broken
         nonlocal compiled
-        if not _broken:
+        if not call.failed:
             try:
                 if compiled is None:
                     # One specialization per number of inputs, dtypes and flags: allow more than
@@ -92,11 +87,13 @@ def _compiled(fn):
                     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
                     compiled = torch.compile(fn, dynamic=True)
                 return compiled(*args, **kwargs)
-            except Exception as e:  # a compiler missing or failing: fall back, once, loudly
-                _broken = True
+            except Exception as e:  # a compiler missing or failing: fall back, loudly
+                call.failed = True
                 warnings.warn(f"distmerge: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); merging with plain torch ops")
         return fn(*args, **kwargs)
 
+    call.failed = False
+    _LOOPS.append(call)
     return call
 
 
@@ -108,41 +105,27 @@ def _f32(values, device) -> torch.Tensor:
 
 
 @_compiled
-def _combine(base, deltas, w, lam, divisor, *, consensus: bool, normalize: bool, scale: bool, work_dtype, out_dtype):
-    """``reference.task_combine``'s operations: the same order, the same roundings."""
-    weighted = [d.to(torch.float32) * w[i] for i, d in enumerate(deltas)]
-    if consensus:  # distmerge.methods.consensus.disjoint_sum, then disjoint_mean_divisor
-        total = weighted[0]
-        for x in weighted[1:]:
-            total = total + x
-        sign = torch.where(total >= 0, 1.0, -1.0)
-        mixed = torch.zeros_like(weighted[0])
-        divisor = torch.zeros_like(weighted[0])
-        for i, x in enumerate(weighted):
-            agree = torch.sign(x) == sign
-            mixed = mixed + torch.where(agree, x, 0.0)
-            divisor = divisor + agree * w[i]
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+def _combine(base, deltas, w, lam, divisor, *, consensus: bool, normalize: bool, scale: bool):
+    """``reference.task_combine``'s operations: the same functions, the same roundings."""
+    weights = [w[i] for i in range(len(deltas))]  # indexed, not iterated: dynamo unrolls a list
+    weighted = [d.to(torch.float32) * wi for d, wi in zip(deltas, weights)]
+    if consensus:
+        mixed, divisor = disjoint_sum(weighted, weights)
     else:
-        mixed = weighted[0]
-        for x in weighted[1:]:
-            mixed = mixed + x
+        mixed = total(weighted)
     if normalize:
         mixed = mixed / divisor
     if scale:
         mixed = mixed * lam
-    return _out(_in(base, work_dtype) + mixed, work_dtype, out_dtype)
+    return base.to(torch.float32) + mixed
 
 
 @_compiled
-def _merge(base, tensors, w, lam, divisor, *, consensus: bool, normalize: bool, scale: bool, work_dtype, out_dtype):
-    """τᵢ = θᵢ − θ₀ and ``_combine``, in one loop (``reference.task_merge`` without sparsifier)."""
-    b = _in(base, work_dtype)
-    deltas = [_in(x, work_dtype) - b for x in tensors]
-    return _combine.__wrapped__(
-        b, deltas, w, lam, divisor, consensus=consensus, normalize=normalize, scale=scale,
-        work_dtype=work_dtype, out_dtype=out_dtype,
-    )  # fmt: skip
+def _merge(base, tensors, w, lam, divisor, *, consensus: bool, normalize: bool, scale: bool):
+    """τᵢ = θᵢ − θ₀ and ``_combine``, in one loop (``reference.task_merge`` without a keep rule)."""
+    b = base.to(torch.float32)
+    deltas = [x.to(torch.float32) - b for x in tensors]
+    return _combine.__wrapped__(b, deltas, w, lam, divisor, consensus=consensus, normalize=normalize, scale=scale)
 
 
 def _scalars(weight, lambda_, device):
@@ -151,63 +134,56 @@ def _scalars(weight, lambda_, device):
     return w, _f32(lambda_, device), linear_divisor(w)
 
 
-def task_combine(base, deltas, weight, *, consensus, normalize, lambda_, work_dtype=None, out_dtype=None):
+def task_combine(base, deltas, weight, *, consensus, normalize, lambda_):
     w, lam, divisor = _scalars(weight, lambda_, base.device)
-    return _combine(
-        base, list(deltas), w, lam, divisor, consensus=consensus, normalize=normalize, scale=lambda_ != 1,
-        work_dtype=work_dtype, out_dtype=out_dtype,
-    )  # fmt: skip
+    flags = dict(consensus=consensus, normalize=normalize, scale=lambda_ != 1)
+    return _combine(base, list(deltas), w, lam, divisor, **flags)
 
 
-def task_merge(base, tensors, weight, sparsifier=None, *, consensus, normalize, lambda_, work_dtype=None, out_dtype=None):
-    if sparsifier is not None:  # the sparsifiers need whole-tensor statistics: eager, then the fused combine
-        b = _in(base, work_dtype)
-        deltas = [sparsifier(i, _in(x, work_dtype) - b) for i, x in enumerate(tensors)]
-        return task_combine(
-            b, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
-            work_dtype=work_dtype, out_dtype=out_dtype,
-        )  # fmt: skip
+def task_merge(base, tensors, weight, keep=None, *, consensus, normalize, lambda_):
+    if keep is not None:  # a rescale needs whole-tensor norms: sparsify eagerly, then the fused combine
+        b = base.to(torch.float32)
+        deltas = [reference.sparsified(x.to(torch.float32) - b, rule, keep.rescale) for x, rule in zip(tensors, keep.rules)]
+        return task_combine(b, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
     w, lam, divisor = _scalars(weight, lambda_, base.device)
-    return _merge(
-        base, list(tensors), w, lam, divisor, consensus=consensus, normalize=normalize, scale=lambda_ != 1,
-        work_dtype=work_dtype, out_dtype=out_dtype,
-    )  # fmt: skip
+    flags = dict(consensus=consensus, normalize=normalize, scale=lambda_ != 1)
+    return _merge(base, list(tensors), w, lam, divisor, **flags)
 
 
 # ---------------------------------------------------------------- SLERP, passthrough, model_stock
 
 
 @_compiled
-def _lerp2(c0, c1, a, b, work_dtype, out_dtype):
-    return _out(c0 * _in(a, work_dtype) + c1 * _in(b, work_dtype), work_dtype, out_dtype)
+def _lerp2(c0, c1, a, b):
+    return c0 * a.to(torch.float32) + c1 * b.to(torch.float32)
 
 
-def slerp_combine(c0, c1, a, b, *, work_dtype=None, out_dtype=None):
+def slerp_combine(c0, c1, a, b):
     c0, c1 = (c if isinstance(c, torch.Tensor) else _f32(c, a.device) for c in (c0, c1))
-    return _lerp2(c0.to(torch.float32), c1.to(torch.float32), a, b, work_dtype, out_dtype)
+    return _lerp2(c0.to(torch.float32), c1.to(torch.float32), a, b)
 
 
 @_compiled
-def _scale(x, s, work_dtype, out_dtype):
-    return _out(_in(x, work_dtype) * s, work_dtype, out_dtype)
+def _scale(x, s):
+    return x.to(torch.float32) * s
 
 
-def scale(x, s, *, work_dtype=None, out_dtype=None):
+def scale(x, s):
     if s is None:
-        return reference.scale(x, None, work_dtype=work_dtype, out_dtype=out_dtype)
-    return _scale(x, _f32(s, x.device), work_dtype, out_dtype)
+        return reference.scale(x, None)
+    return _scale(x, _f32(s, x.device))
 
 
 @_compiled
-def _stock(w0, models, t, work_dtype, out_dtype):
-    w0 = _in(w0, work_dtype)
-    models = [_in(x, work_dtype) for x in models]
-    total = models[0]
+def _stock(w0, models, t):
+    w0 = w0.to(torch.float32)
+    models = [x.to(torch.float32) for x in models]
+    summed = models[0]
     for x in models[1:]:
-        total = total + x
-    average = total / len(models)
-    return _out(t * average + (1 - t) * w0, work_dtype, out_dtype)
+        summed = summed + x
+    average = summed / len(models)
+    return t * average + (1 - t) * w0
 
 
-def stock_interpolate(w0, models, t, *, work_dtype=None, out_dtype=None):
-    return _stock(w0, list(models), t, work_dtype, out_dtype)
+def stock_interpolate(w0, models, t):
+    return _stock(w0, list(models), t)

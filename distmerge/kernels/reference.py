@@ -1,96 +1,67 @@
 """Plain-torch references of the fused steps: the CPU path, and what each Triton kernel must equal.
 
 Every function here is the math the merge methods run on CPU, operation for operation (the
-methods call them through ``distmerge.kernels``), so a CPU merge is unchanged by the kernels.
-Each takes the same ``work_dtype`` / ``out_dtype`` as its kernel:
+methods call them through ``distmerge.kernels``). Model tensors may be stored in float32,
+float16 or bfloat16 (an element-wise method gets its chunks as stored): they are widened to
+float32, exactly, and results are float32. A float32 input is used as it is, without a copy.
 
-- ``work_dtype``: model tensors (bases, models, a passthrough input) are rounded to it and
-  then computed on in float32, and the result is rounded to it — as ``run.merge_tensor``
-  does with the recipe dtype. None: inputs are only converted to float32 (exact).
-- ``out_dtype``: the dtype of the result (None: float32).
-
-With both None a float32 input is used as it is, without a copy, and the result is float32.
-Task vectors given explicitly (``task_combine``'s deltas, ``dare_drop``'s delta) are not
-rounded to ``work_dtype``: they are differences, not checkpoint tensors.
+The steps several paths share are written once, here: the TIES sign election and disjoint
+mean, the linear divisor, the L1 rescale and its epsilon, and what a ``keep`` rule keeps.
+(``compiled`` traces these same functions; ``triton_kernels`` is their Triton transcription.)
 """
 
 from __future__ import annotations
 
 import torch
 
+from distmerge import rng
+from distmerge.kernels.keep import CUT_ALL, CUT_NONE, Band, Draw, Rule, Top
 
-def _in(x: torch.Tensor, work_dtype: torch.dtype | None) -> torch.Tensor:
-    """A model tensor as the math sees it: rounded to ``work_dtype``, then float32."""
-    if work_dtype is not None:
-        x = x.to(work_dtype)
+RESCALE_EPS = 1e-7
+"""Below this L1 norm (before or after masking) mergekit returns the mask unrescaled."""
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def _out(y: torch.Tensor, work_dtype: torch.dtype | None, out_dtype: torch.dtype | None) -> torch.Tensor:
-    if work_dtype is not None:
-        y = y.to(work_dtype)
-    return y.to(out_dtype or torch.float32)  # no copy when it is float32 already
+def total(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ in list order from the first term (for up to four inputs the rounding of a stacked sum)."""
+    out = tensors[0].clone()
+    for x in tensors[1:]:
+        out += x
+    return out
 
 
-# ---------------------------------------------------------------- 1. weighted sums
+# ---------------------------------------------------------------- TIES sign consensus
 
 
-def linear_sum(
-    tensors: list[torch.Tensor],
-    weight: list[float],
-    *,
-    normalize: bool,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Σᵢ wᵢ θᵢ (/ Σᵢ wᵢ): accumulated from 0 with one fused multiply-add per input
-    (``addcmul_``, as mergekit's linear merge, so float32 results agree bitwise)."""
-    tensors = [_in(x, work_dtype) for x in tensors]
-    w = torch.tensor(weight, dtype=torch.float32)
-    out = torch.zeros_like(tensors[0])
-    for wi, x in zip(w, tensors):
-        out.addcmul_(x, wi)  # out += wᵢ·θᵢ, one rounding (an FMA on CPU)
-    if normalize:
-        out = out / w.sum()
-    return _out(out, work_dtype, out_dtype)
+def elect_sign(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """γ = +1 where Σᵢ τᵢ ≥ 0, else −1 (TIES "elect", mergekit's "sum" consensus), float32.
 
-
-def task_combine(
-    base: torch.Tensor,
-    deltas: list[torch.Tensor],
-    weight: list[float],
-    *,
-    consensus: bool,
-    normalize: bool,
-    lambda_: float,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """θ₀ + λ · (Σᵢ wᵢτᵢ, or its TIES disjoint version) / D — the task-arithmetic family's last step.
-
-    Linear: Σ from the first weighted delta, D = Σᵢ wᵢ (1 when |D| < 1e-8). Consensus: the
-    sign γ is elected on the weighted deltas, Σᵢ [sgn wᵢτᵢ = γ] wᵢτᵢ / Σᵢ [sgn wᵢτᵢ = γ] wᵢ,
-    an exactly-zero divisor replaced by 1 (``distmerge.methods.consensus``).
+    Yadav et al. 2023, "TIES-Merging" (https://arxiv.org/abs/2306.01708), step 2: the sign
+    of the larger total mass; an entry with Σᵢ τᵢ = 0 elects +1.
     """
-    from distmerge.methods.consensus import disjoint_mean_divisor, disjoint_sum
+    return torch.where(total(deltas) >= 0, 1.0, -1.0)
 
-    base = _in(base, work_dtype)
-    deltas = [d.to(torch.float32) for d in deltas]
-    w = torch.tensor(weight, dtype=torch.float32, device=base.device)
-    weighted = [delta * wi for delta, wi in zip(deltas, w)]
-    if consensus:
-        mixed, divisor = disjoint_sum(weighted, w)
-        divisor = disjoint_mean_divisor(divisor)
-    else:
-        mixed = weighted[0].clone()
-        for x in weighted[1:]:
-            mixed += x
-        divisor = linear_divisor(w)
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return _out(base + mixed, work_dtype, out_dtype)
+
+def agrees(delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """[sgn τ = γ]: True where a delta has the elected sign (never where τ = 0)."""
+    return torch.sign(delta) == sign
+
+
+def disjoint_sum(deltas: list[torch.Tensor], weights: list[float] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σᵢ [sgn τᵢ = γ] τᵢ, D) with γ = ``elect_sign(τ)`` and D = Σᵢ [sgn τᵢ = γ] wᵢ, exact
+    zeros (no model agrees) replaced by 1: TIES's "disjoint merge" (step 3), and the divisor
+    of its disjoint *mean*, the total weight of the models that agree at each entry."""
+    sign = elect_sign(deltas)
+    mixed = torch.zeros_like(deltas[0])
+    divisor = torch.zeros_like(deltas[0])
+    for delta, weight in zip(deltas, weights):
+        agree = agrees(delta, sign)
+        mixed += torch.where(agree, delta, 0.0)
+        divisor += agree * weight
+    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
 
 
 def linear_divisor(w: torch.Tensor) -> torch.Tensor:
@@ -99,102 +70,134 @@ def linear_divisor(w: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(divisor) if divisor.abs() < 1e-8 else divisor
 
 
+# ---------------------------------------------------------------- what a keep rule keeps
+
+
+def masked(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """δ ⊙ m, times ‖δ‖₁ / ‖δ ⊙ m‖₁ when ``rescale``.
+
+    This is what "rescale" means in mergekit 0.1.5 for every sparsification: the kept
+    entries are scaled so the L1 norm of the delta is preserved. It is not DARE's
+    1/density (the two agree only in expectation, for random drops). Either norm below
+    ``RESCALE_EPS`` leaves the masked delta unscaled.
+    """
+    kept = torch.where(keep, delta, 0.0)
+    if not rescale:
+        return kept
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def in_top(magnitudes: torch.Tensor, top: Top) -> torch.Tensor:
+    """The bool mask of ``top``: |τ| > threshold, or = threshold up to the flat index ``cut``."""
+    if top.cut == CUT_ALL:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    flat = magnitudes.reshape(-1)  # row-major, whatever the strides
+    keep = flat > top.threshold
+    ties = flat == top.threshold
+    ties[top.cut + 1 :] = False
+    return (keep | ties).view(magnitudes.shape)
+
+
+def keep_mask(rule: Rule, delta: torch.Tensor) -> torch.Tensor:
+    """The bool mask of a rule that is not None (``distmerge.kernels.keep``) for a delta."""
+    if isinstance(rule, torch.Tensor):
+        return rule
+    if isinstance(rule, Draw):
+        return rng.bernoulli_keep(rule.seed, delta.shape, rule.p, device=delta.device)
+    if isinstance(rule, Band):
+        magnitudes = delta.abs()
+        keep = in_top(magnitudes, rule.top)
+        if rule.skip.cut != CUT_NONE:
+            keep &= ~in_top(magnitudes, rule.skip)
+        return keep
+    raise TypeError(f"not a keep rule: {rule!r}")
+
+
+def sparsified(delta: torch.Tensor, rule: Rule, rescale: bool) -> torch.Tensor:
+    """τ̂ = τ ⊙ m (``masked``) for the mask of ``rule``; τ itself when the rule is None."""
+    return delta if rule is None else masked(delta, keep_mask(rule, delta), rescale)
+
+
+# ---------------------------------------------------------------- weighted sums
+
+
+def linear_sum(tensors: list[torch.Tensor], weight: list[float], *, normalize: bool) -> torch.Tensor:
+    """Σᵢ wᵢ θᵢ (/ Σᵢ wᵢ): accumulated from 0 with one fused multiply-add per input
+    (``addcmul_``, as mergekit's linear merge, so float32 results agree bitwise)."""
+    tensors = [_f32(x) for x in tensors]
+    w = torch.tensor(weight, dtype=torch.float32)
+    out = torch.zeros_like(tensors[0])
+    for wi, x in zip(w, tensors):
+        out.addcmul_(x, wi)  # out += wᵢ·θᵢ, one rounding (an FMA on CPU)
+    if normalize:
+        out = out / w.sum()
+    return out
+
+
+def task_combine(
+    base: torch.Tensor, deltas: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float
+) -> torch.Tensor:
+    """θ₀ + λ · (Σᵢ wᵢτᵢ, or its TIES disjoint version) / D — the task-arithmetic family's last step.
+
+    Linear: Σ from the first weighted delta, D = ``linear_divisor``. Consensus: the sign γ
+    is elected on the weighted deltas, Σᵢ [sgn wᵢτᵢ = γ] wᵢτᵢ / Σᵢ [sgn wᵢτᵢ = γ] wᵢ
+    (``disjoint_sum``).
+    """
+    base = _f32(base)
+    w = torch.tensor(weight, dtype=torch.float32, device=base.device)
+    weighted = [_f32(delta) * wi for delta, wi in zip(deltas, w)]
+    if consensus:
+        mixed, divisor = disjoint_sum(weighted, w)
+    else:
+        mixed, divisor = total(weighted), linear_divisor(w)
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
 def task_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
     weight: list[float],
-    sparsifier=None,
+    keep=None,
     *,
     consensus: bool,
     normalize: bool,
     lambda_: float,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The whole task-arithmetic family: τᵢ = θᵢ − θ₀, τ̂ᵢ = sparsifier(i, τᵢ), then ``task_combine``.
-
-    ``sparsifier`` is None (no sparsification) or a callable ``(i, τᵢ) -> τ̂ᵢ``; the
-    ``distmerge.kernels`` sparsifiers (TopK, Outliers, RandomDrop, Masked) are such callables
-    that the Triton path can also run inside its kernel.
-    """
-    base = _in(base, work_dtype)
-    deltas = [_in(x, work_dtype) - base for x in tensors]
-    if sparsifier is not None:
-        deltas = [sparsifier(i, delta) for i, delta in enumerate(deltas)]
-    return task_combine(
-        base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, out_dtype=out_dtype,
-        work_dtype=work_dtype,
-    )
+    """The whole task-arithmetic family: τᵢ = θᵢ − θ₀, τ̂ᵢ = ``sparsified(τᵢ, keep.rules[i])``
+    (``keep`` None: τ̂ᵢ = τᵢ), then ``task_combine``."""
+    base = _f32(base)
+    deltas = [_f32(x) - base for x in tensors]
+    if keep is not None:
+        deltas = [sparsified(delta, rule, keep.rescale) for delta, rule in zip(deltas, keep.rules)]
+    return task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
-# ---------------------------------------------------------------- 3. DARE drop and rescale
+# ---------------------------------------------------------------- SLERP's combine, scale, model_stock
 
 
-def dare_drop(
-    delta: torch.Tensor,
-    density: float,
-    seed: int,
-    rescale: bool = True,
-    *,
-    offset: int = 0,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """δ ⊙ m, m_j = [uniform(seed)[offset + j] < density] (j the row-major index), times
-    ‖δ‖₁ / ‖δ ⊙ m‖₁ when ``rescale`` (mergekit 0.1.5's rescale; see ``sparsify.masked``).
-    density ≥ 1 returns δ itself (no draw, no rescale), as ``sparsify.random``."""
-    from distmerge import rng
-    from distmerge.methods.sparsify import masked
-
-    delta = delta.to(torch.float32)
-    if density >= 1:
-        return _out(delta, None, out_dtype)
-    keep = rng.bernoulli_keep(seed, delta.shape, density, offset=offset, device=delta.device)
-    return _out(masked(delta, keep, rescale), None, out_dtype)
-
-
-# ---------------------------------------------------------------- 4. SLERP's combine, 5. scale
-
-
-def slerp_combine(
-    c0: torch.Tensor | float,
-    c1: torch.Tensor | float,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    *,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def slerp_combine(c0: torch.Tensor | float, c1: torch.Tensor | float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """c₀·a + c₁·b with float32 coefficients (two products, one sum: no fused multiply-add)."""
-    a, b = _in(a, work_dtype), _in(b, work_dtype)
-    return _out(c0 * a + c1 * b, work_dtype, out_dtype)
+    return c0 * _f32(a) + c1 * _f32(b)
 
 
-def scale(
-    x: torch.Tensor,
-    s: float | None,
-    *,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def scale(x: torch.Tensor, s: float | None) -> torch.Tensor:
     """s · x (x itself when s is None); s is rounded to float32."""
-    x = _in(x, work_dtype)
-    return _out(x if s is None else x * s, work_dtype, out_dtype)
+    x = _f32(x)
+    return x if s is None else x * s
 
 
-# ---------------------------------------------------------------- model_stock's last step
-
-
-def stock_interpolate(
-    w0: torch.Tensor,
-    models: list[torch.Tensor],
-    t: torch.Tensor,
-    *,
-    work_dtype: torch.dtype | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def stock_interpolate(w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
     """t θ̄ + (1 − t) θ₀ with θ̄ = Σᵢ θᵢ / N (summed in order from 0); t is float32 of
     shape [1] (one ratio) or w0.shape[:-1] + [1] (one per row of the last axis)."""
-    w0 = _in(w0, work_dtype)
-    models = [_in(x, work_dtype) for x in models]
+    w0 = _f32(w0)
+    models = [_f32(x) for x in models]
     average = sum(models) / len(models)
-    return _out(t * average + (1 - t) * w0, work_dtype, out_dtype)
+    return t * average + (1 - t) * w0

@@ -9,9 +9,7 @@ Triton would otherwise differ from torch on CPU:
   an FMA behind our back (torch's CPU ``a * b + c`` rounds twice). Where the CPU rounds
   once (``addcmul_`` in ``linear``) the kernel calls ``tl.fma`` explicitly;
 - divisions use ``tl.div_rn`` (IEEE), not ``/`` (``div.full.f32``, up to 2 ulp off);
-- float32 <-> bfloat16 conversions are done on the bits (round to nearest even, NaN ->
-  0x7FC0, as c10::BFloat16), which also makes them exact under the Triton interpreter,
-  whose own bfloat16 conversion is not.
+- bfloat16 inputs are widened on the bits (exact, also under the Triton interpreter).
 
 What is not element-wise is not bitwise: the L1 norms of the rescale (``masked``) are
 sums over the whole tensor, reduced per block here and across blocks in float64 on the
@@ -19,7 +17,7 @@ host, in another order than torch's; the scale factor, and so the rescaled entri
 differ from the CPU's in the last bits (relative 1e-6 in the tests).
 
 Inputs are read in their storage dtype (float32, float16, bfloat16; each input its own),
-converted inside the kernel, computed on in float32, and written once in the output dtype.
+converted inside the kernel, computed on in float32, and written once as float32.
 N inputs arrive as a tuple of tensors (one specialization per N and dtypes), and each
 program keeps its N weighted deltas in registers between the sign election and the
 disjoint mean, so every input is read from memory once per pass.
@@ -32,25 +30,21 @@ Dropout draws for element j (the row-major flat index) are word j % 4 of
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
 import triton.language as tl
 
+from distmerge.kernels import reference
+from distmerge.kernels.keep import Band, Draw, Keep
+from distmerge.kernels.reference import RESCALE_EPS
+
 BLOCK = 1024
 """Elements per program on a GPU (with NUM_WARPS warps: 8 per thread per input)."""
 NUM_WARPS = 4
-RESCALE_EPS = 1e-7
-"""As ``sparsify.RESCALE_EPS``: below this L1 norm (before or after) no rescale."""
-
 KEEP_ALL, KEEP_MASK, KEEP_RANK, KEEP_RANDOM = 0, 1, 2, 3
-"""Per-input keep rules: everything; a boolean mask; a band of magnitude ranks given by
-(threshold, tie cut) pairs; a Philox draw below a probability."""
-CUT_ALL, CUT_NONE = -2, -1
-"""Tie cuts meaning "every entry is in the top k" (k ≥ n) and "none is" (k ≤ 0)."""
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+"""Per-input keep rules (``distmerge.kernels.keep``): everything; a boolean mask; a band of
+magnitude ranks given by (threshold, tie cut) pairs; a Philox draw below a probability."""
 
 
 # ---------------------------------------------------------------- device helpers
@@ -63,15 +57,6 @@ def _bf16_to_f32(x):
 
 
 @triton.jit
-def _f32_to_bf16(x):
-    """Round to nearest even on the bits, NaN -> 0x7FC0 (c10::BFloat16's rule)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _to_f32(x):
     if tl.constexpr(x.dtype == tl.bfloat16):
         return _bf16_to_f32(x)
@@ -80,32 +65,9 @@ def _to_f32(x):
 
 
 @triton.jit
-def _from_f32(x, DT: tl.constexpr):
-    if tl.constexpr(DT == tl.bfloat16):
-        return _f32_to_bf16(x)
-    elif tl.constexpr(DT == tl.float32):
-        return x
-    else:
-        return x.to(DT)
-
-
-@triton.jit
-def _load(ptr, offs, m, ROUND: tl.constexpr):
-    """An input as float32, rounded first to ROUND (the recipe dtype) when given."""
-    raw = tl.load(ptr + offs, mask=m, other=0.0)
-    x = _to_f32(raw)
-    if ROUND is not None:
-        if tl.constexpr(raw.dtype != ROUND):
-            x = _to_f32(_from_f32(x, ROUND))
-    return x
-
-
-@triton.jit
-def _store(ptr, offs, m, y, WORK: tl.constexpr):
-    """Round the float32 result to WORK (when given), then to the output's dtype."""
-    if WORK is not None:
-        y = _to_f32(_from_f32(y, WORK))
-    tl.store(ptr + offs, _from_f32(y, ptr.dtype.element_ty), mask=m)
+def _load(ptr, offs, m):
+    """An input as float32."""
+    return _to_f32(tl.load(ptr + offs, mask=m, other=0.0))
 
 
 @triton.jit
@@ -118,7 +80,7 @@ def _block_flag(idx, value):
 @triton.jit
 def _in_top(a, idx, thr, cut):
     """Whether |δ| = a is among the k largest: a > thr, or a = thr at a flat index ≤ cut (the
-    ties to the lower index, as ``sparsify.top_k_mask``); cut = CUT_ALL: always."""
+    ties to the lower index, as ``reference.in_top``); cut = -2 (``keep.CUT_ALL``): always."""
     return _block_flag(idx, cut == -2) | (a > thr) | ((a == thr) & (idx <= cut))
 
 
@@ -139,7 +101,7 @@ def _keep(d, offs, gidx, m, masks, fpar_ptr, ipar_ptr, i: tl.constexpr, KEEP: tl
     ipar[i] = (seed, cut_k, cut_skip, dense); dense = 1 keeps everything.
     """
     if KEEP == 1:
-        keep = tl.load(masks[i] + offs, mask=m, other=0) != 0
+        keep = (tl.load(masks[i] + offs, mask=m, other=0) != 0) | _block_flag(offs, tl.load(ipar_ptr + 4 * i + 3))
     elif KEEP == 2:
         a = tl.abs(d)
         top = _in_top(a, offs, tl.load(fpar_ptr + 4 * i + 2), tl.load(ipar_ptr + 4 * i + 1))
@@ -159,7 +121,7 @@ def task_merge_kernel(
     out_ptr, base_ptr, xs, masks, fpar_ptr, ipar_ptr, n, idx0, divisor, lam,
     SUB_BASE: tl.constexpr, ADD_BASE: tl.constexpr, KEEP: tl.constexpr, RESCALE: tl.constexpr,
     CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, SCALE_LAMBDA: tl.constexpr, FMA: tl.constexpr,
-    ROUND_X: tl.constexpr, ROUND_B: tl.constexpr, WORK: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """[θ₀ +] λ · Σᵢ wᵢ · sᵢ · keepᵢ(τᵢ) / D, or the TIES disjoint mean, in one pass.
 
@@ -171,11 +133,11 @@ def task_merge_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     if SUB_BASE or ADD_BASE:
-        b = _load(base_ptr, offs, m, ROUND_B)
+        b = _load(base_ptr, offs, m)
     acc = tl.zeros([BLOCK], tl.float32)
     weighted = ()
     for i in tl.static_range(len(xs)):
-        d = _load(xs[i], offs, m, ROUND_X)
+        d = _load(xs[i], offs, m)
         if SUB_BASE:
             d = d - b
         if KEEP != 0:
@@ -212,13 +174,13 @@ def task_merge_kernel(
         mixed = mixed * lam
     if ADD_BASE:
         mixed = b + mixed
-    _store(out_ptr, offs, m, mixed, WORK)
+    tl.store(out_ptr + offs, mixed, mask=m)
 
 
 @triton.jit
 def keep_norms_kernel(
     part_ptr, count_ptr, base_ptr, xs, masks, fpar_ptr, ipar_ptr, n, idx0, P,
-    SUB_BASE: tl.constexpr, KEEP: tl.constexpr, ROUND_X: tl.constexpr, ROUND_B: tl.constexpr, BLOCK: tl.constexpr,
+    SUB_BASE: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """First pass of a rescale: per program and input, Σ|τᵢ|, Σ|keepᵢ(τᵢ)| (float32, into
     part[i, 0 | 1, program]) and the number kept (int32, into count[i, program])."""
@@ -226,9 +188,9 @@ def keep_norms_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     if SUB_BASE:
-        b = _load(base_ptr, offs, m, ROUND_B)
+        b = _load(base_ptr, offs, m)
     for i in tl.static_range(len(xs)):
-        d = _load(xs[i], offs, m, ROUND_X)
+        d = _load(xs[i], offs, m)
         if SUB_BASE:
             d = d - b
         a = tl.abs(d)
@@ -242,46 +204,42 @@ def keep_norms_kernel(
 
 
 @triton.jit
-def lerp2_kernel(out_ptr, a_ptr, b_ptr, n, c0, c1, ROUND: tl.constexpr, WORK: tl.constexpr, BLOCK: tl.constexpr):
+def lerp2_kernel(out_ptr, a_ptr, b_ptr, n, c0, c1, BLOCK: tl.constexpr):
     """c₀·a + c₁·b (SLERP after its reductions; its LERP fallback with c₀ = 1 − t)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    a = _load(a_ptr, offs, m, ROUND)
-    b = _load(b_ptr, offs, m, ROUND)
-    _store(out_ptr, offs, m, c0 * a + c1 * b, WORK)
+    tl.store(out_ptr + offs, c0 * _load(a_ptr, offs, m) + c1 * _load(b_ptr, offs, m), mask=m)
 
 
 @triton.jit
-def scale_kernel(
-    out_ptr, x_ptr, n, s, HAS_SCALE: tl.constexpr, ROUND: tl.constexpr, WORK: tl.constexpr, BLOCK: tl.constexpr
-):
-    """s·x with the casts (passthrough)."""
+def scale_kernel(out_ptr, x_ptr, n, s, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """s·x (passthrough)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    x = _load(x_ptr, offs, m, ROUND)
+    x = _load(x_ptr, offs, m)
     if HAS_SCALE:
         x = x * s
-    _store(out_ptr, offs, m, x, WORK)
+    tl.store(out_ptr + offs, x, mask=m)
 
 
 @triton.jit
 def stock_kernel(
     out_ptr, base_ptr, xs, t_ptr, n, cols, count,
-    PER_ROW: tl.constexpr, ROUND: tl.constexpr, WORK: tl.constexpr, BLOCK: tl.constexpr,
+    PER_ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """t·(Σᵢ θᵢ / N) + (1 − t)·θ₀, t one float32 or one per row of ``cols`` entries (model_stock)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     total = tl.zeros([BLOCK], tl.float32)
     for i in tl.static_range(len(xs)):
-        total = total + _load(xs[i], offs, m, ROUND)
+        total = total + _load(xs[i], offs, m)
     average = tl.div_rn(total, count)
     if PER_ROW:
         t = tl.load(t_ptr + offs // cols, mask=m, other=0.0)
     else:
         t = tl.load(t_ptr)
-    b = _load(base_ptr, offs, m, ROUND)
-    _store(out_ptr, offs, m, t * average + (1.0 - t) * b, WORK)
+    b = _load(base_ptr, offs, m)
+    tl.store(out_ptr + offs, t * average + (1.0 - t) * b, mask=m)
 
 
 # ---------------------------------------------------------------- launchers
@@ -295,44 +253,13 @@ def _launch(kernel, n: int, block: int | None, out: torch.Tensor, *args, **const
         kernel[grid](out, *args, BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False, **constexprs)
 
 
-def _tl(dtype: torch.dtype | None):
-    if dtype is None:
-        return None
-    if dtype not in _TL_DTYPES:
-        raise TypeError(f"no Triton kernel for dtype {dtype}")
-    return _TL_DTYPES[dtype]
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """Row-major contiguous: flat index j is the element the draws and tie cuts refer to."""
     return x.reshape(-1) if x.is_contiguous() else x.contiguous().reshape(-1)
 
 
-def _empty_out(like: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
-    return torch.empty(like.shape, dtype=out_dtype or torch.float32, device=like.device)
-
-
-def _rounded(x: torch.Tensor, work_dtype: torch.dtype | None) -> torch.Tensor:
-    if work_dtype is not None:
-        x = x.to(work_dtype)
-    return x.to(torch.float32)
-
-
-def rank_cut(score: torch.Tensor, k: int) -> tuple[float, int]:
-    """(threshold, tie cut) such that ``_in_top`` selects exactly ``sparsify.top_k_mask(score, k)``:
-    the k largest of a flat non-negative float32 tensor, ties to the lower flat index."""
-    from distmerge.methods.sparsify import _index_of_nth_true, kth_largest
-
-    n = score.numel()
-    if k >= n:
-        return -math.inf, CUT_ALL
-    if k <= 0:
-        return math.inf, CUT_NONE
-    threshold = kth_largest(score, k)
-    wanted = k - int((score > threshold).sum())
-    ties = score == threshold
-    cut = _index_of_nth_true(ties, wanted) if int(ties.sum()) > wanted else n
-    return float(threshold), cut
+def _empty_out(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=torch.float32, device=like.device)
 
 
 class _Plan:
@@ -352,54 +279,32 @@ class _Plan:
     def dense(self, i: int) -> None:
         self.ipar[i, 3] = 1
 
-    def band(self, i: int, magnitudes: torch.Tensor, skip: int, k: int) -> None:
-        """Keep the entries of magnitude rank skip .. skip+k−1 (0 = largest)."""
-        self.fpar[i, 2], self.ipar[i, 1] = rank_cut(magnitudes, skip + k)
-        self.fpar[i, 3], self.ipar[i, 2] = rank_cut(magnitudes, skip)
 
-
-def _keep_plan(plan: _Plan, sparsifier, deltas_of, n: int, device) -> None:
-    """Fill ``plan`` from a kernels sparsifier, as ``distmerge.methods.sparsify`` decides."""
-    from distmerge.kernels.sparsifiers import Masked, Outliers, RandomDrop, TopK
-
-    if isinstance(sparsifier, (TopK, Outliers)):
-        plan.keep = KEEP_RANK
-        for i in range(len(plan.rescale)):
-            density = sparsifier.density[i]
-            if density >= 1:
-                plan.dense(i)
-                continue
-            if isinstance(sparsifier, TopK):  # sparsify.magnitude
-                if density <= 0 or n == 0:  # zeros: nothing is in the top band
-                    plan.fpar[i, 2], plan.ipar[i, 1] = math.inf, CUT_NONE
-                    plan.fpar[i, 3], plan.ipar[i, 2] = math.inf, CUT_NONE
-                    continue
-                skip, k = 0, max(1, int(density * n))
-            else:  # sparsify.magnitude_outliers
-                target = max(0, int(density * n))
-                skip = n - max(0, n - target - int(sparsifier.gamma[i] * n)) - target
-                k = target
-            plan.band(i, deltas_of(i).abs_(), skip, k)
-            plan.rescale[i] = sparsifier.rescale
-    elif isinstance(sparsifier, RandomDrop):  # sparsify.random
-        plan.keep = KEEP_RANDOM
-        for i, (density, seed) in enumerate(zip(sparsifier.density, sparsifier.seeds)):
-            if density >= 1:
-                plan.dense(i)
-                continue
-            if not 0 <= seed < 1 << 64:
-                raise ValueError(f"Philox key must be in [0, 2**64), got {seed}")
-            plan.ipar[i, 0] = seed - (1 << 64) if seed >= 1 << 63 else seed
-            plan.fpar[i, 2] = density
-            plan.rescale[i] = sparsifier.rescale
-    elif isinstance(sparsifier, Masked):  # sparsify.masked
-        plan.keep = KEEP_MASK
-        plan.masks = tuple(_flat(mask.to(device=device, dtype=torch.bool)) for mask in sparsifier.masks)
-        plan.rescale = [sparsifier.rescale] * len(plan.rescale)
-    else:
-        raise TypeError(f"not a kernels sparsifier: {sparsifier!r}")
-    if plan.keep in (KEEP_RANK, KEEP_RANDOM) and bool(plan.ipar[:, 3].all()):
-        plan.keep = KEEP_ALL  # every density ≥ 1: nothing to select or draw
+def _keep_plan(plan: _Plan, keep: Keep, n: int, device) -> None:
+    """Fill ``plan`` from the methods' decision: a ``Keep`` of bands, draws or masks."""
+    kind = keep.kind()
+    plan.keep = {Band: KEEP_RANK, Draw: KEEP_RANDOM, torch.Tensor: KEEP_MASK, None: KEEP_ALL}[kind]
+    masks = []
+    for i, rule in enumerate(keep.rules):
+        if rule is None:
+            plan.dense(i)
+            masks.append(torch.ones(n, dtype=torch.bool, device=device) if kind is torch.Tensor else None)
+            continue
+        plan.rescale[i] = keep.rescale
+        if isinstance(rule, Band):
+            plan.fpar[i, 2], plan.ipar[i, 1] = rule.top.threshold, rule.top.cut
+            plan.fpar[i, 3], plan.ipar[i, 2] = rule.skip.threshold, rule.skip.cut
+        elif isinstance(rule, Draw):
+            if not 0 <= rule.seed < 1 << 64:
+                raise ValueError(f"Philox key must be in [0, 2**64), got {rule.seed}")
+            plan.ipar[i, 0] = rule.seed - (1 << 64) if rule.seed >= 1 << 63 else rule.seed
+            plan.fpar[i, 2] = rule.p
+        else:
+            masks.append(_flat(rule.to(device=device, dtype=torch.bool)))
+    if kind is torch.Tensor:
+        plan.masks = tuple(masks)
+    elif bool(plan.ipar[:, 3].all()):
+        plan.keep = KEEP_ALL  # every rule None: nothing to select or draw
 
 
 def keep_norms(
@@ -408,8 +313,6 @@ def keep_norms(
     plan: _Plan,
     *,
     idx0: int = 0,
-    round_x=None,
-    round_b=None,
     block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σ|τᵢ|, Σ|keepᵢ(τᵢ)|) as float32 and the kept counts as int64, one per input."""
@@ -422,17 +325,17 @@ def keep_norms(
     _launch(
         keep_norms_kernel, n, block, partial, counts, base, xs, plan.masks,
         plan.fpar.to(device), plan.ipar.to(device), n, idx0, programs,
-        SUB_BASE=base is not None, KEEP=plan.keep, ROUND_X=round_x, ROUND_B=round_b,
+        SUB_BASE=base is not None, KEEP=plan.keep,
     )  # fmt: skip
     sums = partial.to(torch.float64).sum(-1).to(torch.float32)
     return sums[:, 0], sums[:, 1], counts.to(torch.int64).sum(-1)
 
 
-def _apply_rescale(plan: _Plan, base, xs, *, idx0=0, round_x=None, round_b=None, block=None) -> None:
-    """Scale factors ‖τᵢ‖₁ / ‖keepᵢ(τᵢ)‖₁ (1 when either is below 1e-7), as ``sparsify.masked``."""
+def _apply_rescale(plan: _Plan, base, xs, *, block=None) -> None:
+    """Scale factors ‖τᵢ‖₁ / ‖keepᵢ(τᵢ)‖₁ (1 when either is below RESCALE_EPS), as ``reference.masked``."""
     if not any(plan.rescale):
         return
-    before, after, _ = keep_norms(base, xs, plan, idx0=idx0, round_x=round_x, round_b=round_b, block=block)
+    before, after, _ = keep_norms(base, xs, plan, block=block)
     ratio = torch.where((before < RESCALE_EPS) | (after < RESCALE_EPS), 1.0, before / after)
     wanted = torch.tensor(plan.rescale, device=ratio.device)
     plan.fpar[:, 1] = torch.where(wanted, ratio, 1.0).cpu()
@@ -440,111 +343,64 @@ def _apply_rescale(plan: _Plan, base, xs, *, idx0=0, round_x=None, round_b=None,
 
 def _merge_launch(
     out, base, xs, plan: _Plan, *, sub_base, add_base, consensus, normalize, lambda_, fma=False, divisor=1.0,
-    idx0=0, round_x=None, round_b=None, work=None, block=None,
+    idx0=0, block=None,
 ) -> torch.Tensor:  # fmt: skip
     n = out.numel()
     _launch(
         task_merge_kernel, n, block, out.view(-1), base, xs, plan.masks,
         plan.fpar.to(out.device), plan.ipar.to(out.device), n, idx0, float(divisor), float(lambda_),
         SUB_BASE=sub_base, ADD_BASE=add_base, KEEP=plan.keep, RESCALE=any(plan.rescale), CONSENSUS=consensus,
-        NORMALIZE=normalize, SCALE_LAMBDA=lambda_ != 1, FMA=fma, ROUND_X=round_x, ROUND_B=round_b, WORK=work,
+        NORMALIZE=normalize, SCALE_LAMBDA=lambda_ != 1, FMA=fma,
     )  # fmt: skip
     return out
 
 
 def _linear_divisor(weight: list[float]) -> float:
-    divisor = torch.tensor(weight, dtype=torch.float32).sum()
-    return 1.0 if divisor.abs() < 1e-8 else float(divisor)
+    return float(reference.linear_divisor(torch.tensor(weight, dtype=torch.float32)))
 
 
 # ---------------------------------------------------------------- the public launchers
 
 
-def linear_sum(tensors, weight, *, normalize, work_dtype=None, out_dtype=None, block=None):
+def linear_sum(tensors, weight, *, normalize, block=None):
     """``reference.linear_sum`` in one pass."""
-    from distmerge.kernels import reference
-
     if tensors[0].numel() == 0:
-        return reference.linear_sum(tensors, weight, normalize=normalize, work_dtype=work_dtype, out_dtype=out_dtype)
+        return reference.linear_sum(tensors, weight, normalize=normalize)
     xs = tuple(_flat(x) for x in tensors)
-    out = _empty_out(tensors[0], out_dtype)
+    out = _empty_out(tensors[0])
     divisor = float(torch.tensor(weight, dtype=torch.float32).sum())
     return _merge_launch(
         out, None, xs, _Plan(weight), sub_base=False, add_base=False, consensus=False, normalize=normalize,
-        lambda_=1.0, fma=True, divisor=divisor, round_x=_tl(work_dtype), work=_tl(work_dtype), block=block,
+        lambda_=1.0, fma=True, divisor=divisor, block=block,
     )  # fmt: skip
 
 
-def task_combine(base, deltas, weight, *, consensus, normalize, lambda_, work_dtype=None, out_dtype=None, block=None):
+def task_combine(base, deltas, weight, *, consensus, normalize, lambda_, block=None):
     """``reference.task_combine`` in one pass over the given task vectors."""
-    from distmerge.kernels import reference
-
     if base.numel() == 0:
-        return reference.task_combine(
-            base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_,
-            work_dtype=work_dtype, out_dtype=out_dtype,
-        )  # fmt: skip
-    out = _empty_out(base, out_dtype)
+        return reference.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
     return _merge_launch(
-        out, _flat(base), tuple(_flat(d) for d in deltas), _Plan(weight), sub_base=False, add_base=True,
-        consensus=consensus, normalize=normalize, lambda_=lambda_, divisor=_linear_divisor(weight),
-        round_b=_tl(work_dtype), work=_tl(work_dtype), block=block,
+        _empty_out(base), _flat(base), tuple(_flat(d) for d in deltas), _Plan(weight), sub_base=False,
+        add_base=True, consensus=consensus, normalize=normalize, lambda_=lambda_, divisor=_linear_divisor(weight),
+        block=block,
     )  # fmt: skip
 
 
-def task_merge(
-    base, tensors, weight, sparsifier=None, *, consensus, normalize, lambda_, work_dtype=None, out_dtype=None,
-    block=None,
-):  # fmt: skip
-    """``reference.task_merge``: task vectors, sparsification and combination in one pass over
-    the models (two with a rescale: its norms first), for the ``kernels.sparsifiers``; any
-    other sparsifier callable runs in torch and only the combination is fused."""
-    from distmerge.kernels import reference
-    from distmerge.kernels.sparsifiers import Masked, Outliers, RandomDrop, TopK
-
+def task_merge(base, tensors, weight, keep: Keep | None = None, *, consensus, normalize, lambda_, block=None):
+    """``reference.task_merge``: task vectors, what ``keep`` keeps of them and their combination in
+    one pass over the models (two with a rescale: its norms first)."""
     n = base.numel()
+    options = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     if n == 0 or not tensors:
-        return reference.task_merge(
-            base, tensors, weight, sparsifier, consensus=consensus, normalize=normalize, lambda_=lambda_,
-            work_dtype=work_dtype, out_dtype=out_dtype,
-        )  # fmt: skip
-    options = dict(consensus=consensus, normalize=normalize, lambda_=lambda_, divisor=_linear_divisor(weight))
-    rb, rx, work = _tl(work_dtype), _tl(work_dtype), _tl(work_dtype)
+        return reference.task_merge(base, tensors, weight, keep, **options)
     b, xs = _flat(base), tuple(_flat(x) for x in tensors)
-    out = _empty_out(base, out_dtype)
     plan = _Plan(weight)
-    if sparsifier is not None and not isinstance(sparsifier, (TopK, Outliers, RandomDrop, Masked)):
-        # Not one the kernel knows: materialize τ̂ᵢ with torch, fuse the combination.
-        b32 = _rounded(base, work_dtype)  # in its shape: a sparsifier may work along an axis
-        deltas = tuple(_flat(sparsifier(i, _rounded(x, work_dtype) - b32)) for i, x in enumerate(tensors))
-        return _merge_launch(
-            out, b, deltas, plan, sub_base=False, add_base=True, round_b=rb, work=work, block=block, **options
-        )
-    if sparsifier is not None:
-        b32 = _rounded(b, work_dtype) if isinstance(sparsifier, (TopK, Outliers)) else None
-        _keep_plan(plan, sparsifier, lambda i: _rounded(xs[i], work_dtype) - b32, n, base.device)
-        _apply_rescale(plan, b, xs, round_x=rx, round_b=rb, block=block)
+    if keep is not None:
+        _keep_plan(plan, keep, n, base.device)
+        _apply_rescale(plan, b, xs, block=block)
     return _merge_launch(
-        out, b, xs, plan, sub_base=True, add_base=True, round_x=rx, round_b=rb, work=work, block=block, **options
-    )
-
-
-def dare_drop(delta, density, seed, rescale=True, *, offset=0, out_dtype=None, block=None):
-    """``reference.dare_drop``: pass 1 the two L1 norms (with the draws), pass 2 the masked,
-    rescaled delta; both draw ``rng.uniform(seed)[offset + j]`` for element j (``_uniform``)."""
-    from distmerge.kernels import reference
-    from distmerge.kernels.sparsifiers import RandomDrop
-
-    if density >= 1 or delta.numel() == 0:
-        return reference.dare_drop(delta, density, seed, rescale, offset=offset, out_dtype=out_dtype)
-    plan = _Plan([1.0])
-    _keep_plan(plan, RandomDrop([density], [seed], rescale), None, delta.numel(), delta.device)
-    xs = (_flat(delta),)
-    _apply_rescale(plan, None, xs, idx0=offset, block=block)
-    out = _empty_out(delta, out_dtype)
-    return _merge_launch(
-        out, None, xs, plan, sub_base=False, add_base=False, consensus=False, normalize=False, lambda_=1.0,
-        idx0=offset, block=block,
+        _empty_out(base), b, xs, plan, sub_base=True, add_base=True, divisor=_linear_divisor(weight), block=block,
+        **options,
     )  # fmt: skip
 
 
@@ -553,31 +409,28 @@ def _scalar(c) -> float:
     return float(torch.as_tensor(c, dtype=torch.float32))
 
 
-def slerp_combine(c0, c1, a, b, *, work_dtype=None, out_dtype=None, block=None):
+def slerp_combine(c0, c1, a, b, *, block=None):
     """``reference.slerp_combine``: c₀·a + c₁·b."""
-    out = _empty_out(a, out_dtype)
+    out = _empty_out(a)
     if a.numel():
-        _launch(
-            lerp2_kernel, a.numel(), block, out.view(-1), _flat(a), _flat(b), a.numel(), _scalar(c0), _scalar(c1),
-            ROUND=_tl(work_dtype), WORK=_tl(work_dtype),
-        )  # fmt: skip
+        _launch(lerp2_kernel, a.numel(), block, out.view(-1), _flat(a), _flat(b), a.numel(), _scalar(c0), _scalar(c1))
     return out
 
 
-def scale(x, s, *, work_dtype=None, out_dtype=None, block=None):
-    """``reference.scale``: s·x with the casts."""
-    out = _empty_out(x, out_dtype)
+def scale(x, s, *, block=None):
+    """``reference.scale``: s·x."""
+    out = _empty_out(x)
     if x.numel():
         _launch(
             scale_kernel, x.numel(), block, out.view(-1), _flat(x), x.numel(), 1.0 if s is None else _scalar(s),
-            HAS_SCALE=s is not None, ROUND=_tl(work_dtype), WORK=_tl(work_dtype),
+            HAS_SCALE=s is not None,
         )  # fmt: skip
     return out
 
 
-def stock_interpolate(w0, models, t, *, work_dtype=None, out_dtype=None, block=None):
+def stock_interpolate(w0, models, t, *, block=None):
     """``reference.stock_interpolate``: t·mean(θᵢ) + (1 − t)·θ₀ in one pass."""
-    out = _empty_out(w0, out_dtype)
+    out = _empty_out(w0)
     n = w0.numel()
     if n:
         t = _flat(t.to(device=w0.device, dtype=torch.float32))
@@ -587,6 +440,6 @@ def stock_interpolate(w0, models, t, *, work_dtype=None, out_dtype=None, block=N
             raise ValueError(f"t has {t.numel()} entries for {n // cols} rows")
         _launch(
             stock_kernel, n, block, out.view(-1), _flat(w0), tuple(_flat(x) for x in models), t, n, cols,
-            float(len(models)), PER_ROW=per_row, ROUND=_tl(work_dtype), WORK=_tl(work_dtype),
+            float(len(models)), PER_ROW=per_row,
         )  # fmt: skip
     return out

@@ -14,6 +14,9 @@ Every method is a plain function::
 - randomized methods also get ``seeds``: one 64-bit key per entry of ``tensors``
   (see ``distmerge.rng``), so the draw depends on (recipe seed, output tensor name,
   input model) and on nothing about where or in which order the tensor is computed.
+- methods whose steps run in ``distmerge.kernels`` (``Method.kernel_options``) also get
+  ``options``: the run's ``kernels.KernelOptions`` (compiled CPU loops, Triton), passed on
+  to every kernel call; called directly, they take the defaults.
 
 Inputs arrive in float32 (the run casts them); the result is cast by the run to the
 output dtype. Methods never modify their inputs: they may be read-only memory-mapped
@@ -93,6 +96,9 @@ class Method:
     yields the merged flat ranges in order. A method whose statistics run along rows may
     read whole rows at a time. None means "not for these parameters": the run then calls
     ``merge``."""
+    kernel_options: bool = False
+    """``merge`` and ``chunked`` take ``options``, a ``distmerge.kernels.KernelOptions`` (how
+    the fused steps run), and pass it on to the kernels they call."""
     divides_by_weight_sum: str | None = None
     """The boolean parameter that, when true, makes the method divide by Σᵢ weightᵢ with no
     guard against zero (as mergekit does): the plan refuses weights that sum to zero."""

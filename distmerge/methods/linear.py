@@ -8,14 +8,16 @@ from distmerge import kernels
 from distmerge.methods import Method, Param
 
 
-def linear(base: None, tensors: list[torch.Tensor], *, weight: list[float], normalize: bool = True) -> torch.Tensor:
+def linear(
+    base: None, tensors: list[torch.Tensor], *, weight: list[float], normalize: bool = True, options=None
+) -> torch.Tensor:
     """θ = Σᵢ wᵢ θᵢ, divided by Σᵢ wᵢ when ``normalize``.
 
     Wortsman et al. 2022, "Model soups" (https://arxiv.org/abs/2203.05482).
     Accumulates in input order with one fused multiply-add per model (``addcmul_``), as
     mergekit does, so float32 results agree bitwise (``distmerge.kernels.linear_sum``).
     """
-    return kernels.linear_sum(tensors, weight, normalize=normalize)
+    return kernels.linear_sum(tensors, weight, normalize=normalize, options=options)
 
 
 METHODS = (
@@ -28,6 +30,7 @@ METHODS = (
         ),
         base="ignored",
         elementwise=True,
+        kernel_options=True,
         divides_by_weight_sum="normalize",
         summary="Weighted average of the models (model soups).",
         paper="https://arxiv.org/abs/2203.05482",

@@ -36,7 +36,9 @@ def _ratio(cosines: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
 
-def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise: bool = False, options=None
+) -> torch.Tensor:
     """θ = t θ̄ + (1 − t) θ₀ with θ̄ = Σ θᵢ / N and t = N cos θ / (1 + (N − 1) cos θ).
 
     Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models"
@@ -47,7 +49,7 @@ def model_stock(base: torch.Tensor, tensors: list[torch.Tensor], *, filter_wise:
     w0 = _vectors(base, filter_wise)
     models = [_vectors(x, filter_wise) for x in tensors]
     t = _ratio(_pairwise_cosines([x - w0 for x in models]), len(models))
-    return kernels.stock_interpolate(w0, models, t).reshape(base.shape)  # t θ̄ + (1 − t) θ₀
+    return kernels.stock_interpolate(w0, models, t, options=options).reshape(base.shape)  # t θ̄ + (1 − t) θ₀
 
 
 def _vectors(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
@@ -58,7 +60,7 @@ def _vectors(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 1 else x
 
 
-def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise: bool = False):
+def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise: bool = False, options=None):
     """``model_stock`` for a tensor read in flat chunks: the same bits in bounded memory.
 
     One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
@@ -74,11 +76,11 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
     vector_shape = _vectors(torch.empty(shape, device="meta"), filter_wise).shape  # as model_stock sees them
     n = input_count(read)
     if math.prod(vector_shape[:-1]) > 1:
-        return _rows_chunked(read, n, vector_shape, chunk)
-    return _vector_chunked(read, n, vector_shape, chunk)
+        return _rows_chunked(read, n, vector_shape, chunk, options)
+    return _vector_chunked(read, n, vector_shape, chunk, options)
 
 
-def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
+def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
     """``model_stock_chunked`` of one vector (a whole tensor, or one row)."""
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
@@ -100,10 +102,10 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
     del buffer
     for start, end in ranges:
         base, tensors = read(start, end)
-        yield start, end, kernels.stock_interpolate(base, tensors, t)
+        yield start, end, kernels.stock_interpolate(base, tensors, t, options=options)
 
 
-def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
+def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
     """``model_stock_chunked`` with ``filter_wise`` of a tensor of several rows.
 
     Pass 1 reduces each batch of whole rows as ``model_stock`` does (every row's norms and
@@ -124,7 +126,7 @@ def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int):
     for first, last in batches:
         base, tensors = read(first * columns, last * columns)
         models = [x.reshape(-1, columns) for x in tensors]
-        merged = kernels.stock_interpolate(base.reshape(-1, columns), models, t[first:last])
+        merged = kernels.stock_interpolate(base.reshape(-1, columns), models, t[first:last], options=options)
         yield first * columns, last * columns, merged.reshape(-1)
 
 
@@ -148,5 +150,6 @@ METHODS = (
         summary="Average of the models, pulled toward the base by the angle between their task vectors.",
         paper="https://arxiv.org/abs/2403.19522",
         chunked=model_stock_chunked,
+        kernel_options=True,
     ),
 )

@@ -8,10 +8,10 @@ from distmerge import kernels
 from distmerge.methods import Method, Param
 
 
-def passthrough(base: None, tensors: list[torch.Tensor], *, scale: list[float | None]) -> torch.Tensor:
+def passthrough(base: None, tensors: list[torch.Tensor], *, scale: list[float | None], options=None) -> torch.Tensor:
     """θ = s · θ₁ (θ₁ itself when no scale is set)."""
     (x,), (s,) = tensors, scale
-    return x if s is None else kernels.scale(x, s)
+    return x if s is None else kernels.scale(x, s, options=options)
 
 
 METHODS = (
@@ -21,6 +21,7 @@ METHODS = (
         params=(Param("scale", float, None, scope="input", doc="multiply the tensor by this"),),
         base="ignored",
         elementwise=True,
+        kernel_options=True,
         max_inputs=1,
         summary="Copy layers from one model per slice; stack slices into a deeper model.",
         paper="https://arxiv.org/abs/2312.15166",

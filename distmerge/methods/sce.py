@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from distmerge.kernels.reference import agrees, elect_sign
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
-from distmerge.methods.consensus import agrees, elect_sign
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
 
 

@@ -14,7 +14,7 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp(base: torch.Tensor, tensors: list[torch.Tensor], *, t: float) -> torch.Tensor:
+def slerp(base: torch.Tensor, tensors: list[torch.Tensor], *, t: float, options=None) -> torch.Tensor:
     """θ = sin((1−t)Ω)/sin Ω · θ₀ + sin(tΩ)/sin Ω · θ₁, with cos Ω = θ₀·θ₁ / (|θ₀| |θ₁|).
 
     Shoemake 1985, "Animating rotation with quaternion curves"; the whole tensor is
@@ -23,7 +23,7 @@ def slerp(base: torch.Tensor, tensors: list[torch.Tensor], *, t: float) -> torch
     """
     (other,) = tensors
     c0, c1 = coefficients(base.reshape(-1), other.reshape(-1), t)
-    return kernels.slerp_combine(c0, c1, base, other)
+    return kernels.slerp_combine(c0, c1, base, other, options=options)
 
 
 REDUCTION_RUN = 1 << 20
@@ -57,7 +57,7 @@ def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Te
     return torch.sin((1 - t) * omega) / sin_omega, torch.sin(t * omega) / sin_omega
 
 
-def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float):
+def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float, options=None):
     """``slerp`` for a tensor read in flat chunks, the same bits with less memory traffic:
     pass 1 gathers θ₀ and θ₁ in float32 and reduces them exactly as ``slerp`` does (the
     norms and cos Ω are whole-tensor sums); pass 2 combines chunk by chunk."""
@@ -69,7 +69,7 @@ def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float):
         v0[i:j], v1[i:j] = base, other
     c0, c1 = coefficients(v0, v1, t)
     for i, j in ranges:
-        yield i, j, kernels.slerp_combine(c0, c1, v0[i:j], v1[i:j])
+        yield i, j, kernels.slerp_combine(c0, c1, v0[i:j], v1[i:j], options=options)
 
 
 METHODS = (
@@ -83,5 +83,6 @@ METHODS = (
         summary="Spherical interpolation between the base and one other model.",
         paper="https://en.wikipedia.org/wiki/Slerp",
         chunked=slerp_chunked,
+        kernel_options=True,
     ),
 )

@@ -9,8 +9,10 @@ Four ways to drop entries, as in mergekit 0.1.5's ``sparsify`` (one per paper):
 - ``della_magprune``: keep with a probability that grows with |δ|'s rank in its row,
   from density − ε (smallest) to density + ε (largest) (DELLA, 2406.11617).
 
-Each returns δ ⊙ m, optionally rescaled (see ``masked``). density ≥ 1 returns δ itself,
-unrescaled, even for ``magnitude_outliers`` with γ > 0 (mergekit does the same).
+Each is a decision about what to keep (``top_k``, ``outliers``, ``drop``, ``magprune``: a
+``distmerge.kernels`` keep rule, data the fused kernels apply) and the delta it leaves
+(``magnitude``, …: δ ⊙ m, optionally rescaled, see ``kernels.reference.masked``). density ≥ 1
+keeps δ itself, unrescaled, even for ``magnitude_outliers`` with γ > 0 (mergekit does the same).
 
 **Ranking ties.** mergekit ranks with ``torch.argsort``/``torch.sort``, which on CPU is
 unstable above a few dozen elements: which of several equal |δ| it keeps depends on the
@@ -28,31 +30,12 @@ import sys
 
 import torch
 
-from distmerge import rng
+from distmerge import kernels, rng
 from distmerge.errors import MergeError
+from distmerge.kernels.reference import sparsified
 
-RESCALE_EPS = 1e-7
-"""Below this L1 norm (before or after masking) mergekit returns the mask unrescaled."""
 _CHUNK = 1 << 22
 """Elements per pass in the selection scans: bounds their scratch memory."""
-
-
-def masked(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """δ ⊙ m, times ‖δ‖₁ / ‖δ ⊙ m‖₁ when ``rescale``.
-
-    This is what "rescale" means in mergekit 0.1.5 for every sparsification: the kept
-    entries are scaled so the L1 norm of the delta is preserved. It is not DARE's
-    1/density (the two agree only in expectation, for random drops). Both norms below
-    1e-7 leave the masked delta unscaled.
-    """
-    kept = torch.where(keep, delta, 0.0)
-    if not rescale:
-        return kept
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept * (before / after)
 
 
 # ---------------------------------------------------------------- top-k selection
@@ -121,71 +104,88 @@ def _index_of_nth_true(mask: torch.Tensor, n: int) -> int:
     raise ValueError(f"fewer than {n} True entries")
 
 
-def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly k entries: the k largest scores, ties to the lower flat index.
-
-    The order (score descending, then flat index ascending) is what a stable descending
-    sort gives; the entries are found with a threshold and a mask instead of a sort.
-    Scores must be non-negative float32 (magnitudes, variances) and not NaN.
-    """
+def top_cut(score: torch.Tensor, k: int) -> kernels.Top:
+    """The k largest of the non-negative float32 ``score`` (not NaN), ties to the lower flat
+    index, as data (``kernels.Top``): the k-th largest value and the flat index of the last
+    entry equal to it that is kept. The order (score descending, then flat index ascending) is
+    what a stable descending sort gives; it is found with a threshold instead of a sort."""
     flat = score.reshape(-1).to(torch.float32).contiguous()
     n = flat.numel()
     if k >= n:
-        return torch.ones_like(score, dtype=torch.bool)
+        return kernels.ALL
     if k <= 0:
-        return torch.zeros_like(score, dtype=torch.bool)
+        return kernels.NONE
     threshold = kth_largest(flat, k)
-    keep = flat > threshold
+    wanted = k - int((flat > threshold).sum())
     ties = flat == threshold
-    wanted = k - int(keep.sum())
-    if int(ties.sum()) > wanted:
-        ties[_index_of_nth_true(ties, wanted) + 1 :] = False
-    return (keep | ties).view(score.shape)
+    cut = _index_of_nth_true(ties, wanted) if int(ties.sum()) > wanted else n
+    return kernels.Top(float(threshold), cut)
 
 
-# ---------------------------------------------------------------- the four methods
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly k entries: the k largest scores, ties to the lower flat index (``top_cut``)."""
+    return kernels.reference.in_top(score.to(torch.float32), top_cut(score, k))
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the k = max(1, ⌊density·n⌋) entries of largest |δ| (TIES "trim").
+# ---------------------------------------------------------------- the four sparsifications
+
+
+def top_count(n: int, density: float) -> int:
+    """TIES's k = max(1, ⌊density·n⌋), and 0 for density ≤ 0 (or n = 0)."""
+    return max(1, int(density * n)) if density > 0 and n > 0 else 0
+
+
+def band_ranks(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' band (skip, k): drop the ⌊γ·n⌋ largest |δ| and keep the next
+    k = ⌊density·n⌋; when density + γ > 1 fewer are dropped, so that k entries stay."""
+    k = max(0, int(density * n))
+    return n - max(0, n - k - int(gamma * n)) - k, k
+
+
+def top_k(delta: torch.Tensor, density: float) -> kernels.Band | None:
+    """TIES "trim": keep the k = max(1, ⌊density·n⌋) entries of largest |δ| (None: all, density ≥ 1).
 
     Yadav et al. 2023, "TIES-Merging" (https://arxiv.org/abs/2306.01708).
     """
     if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    return masked(delta, top_k_mask(delta.abs(), k), rescale)
+        return None
+    return kernels.Band(top_cut(delta.abs(), top_count(delta.numel(), density)))
+
+
+def outliers(delta: torch.Tensor, density: float, gamma: float = 0.01) -> kernels.Band | None:
+    """Breadcrumbs: drop the ⌊γ·n⌋ largest |δ| (outliers) and keep the next ⌊density·n⌋ (``band_ranks``).
+
+    Davari & Belilovsky 2023, "Model Breadcrumbs" (https://arxiv.org/abs/2312.06795).
+    """
+    if density >= 1:
+        return None
+    skip, k = band_ranks(delta.numel(), density, gamma)
+    magnitudes = delta.abs()
+    return kernels.Band(top_cut(magnitudes, skip + k), top_cut(magnitudes, skip))
+
+
+def drop(density: float, seed: int) -> kernels.Draw | None:
+    """DARE "drop": keep each entry independently with probability density: entry i keeps when
+    ``rng.uniform(seed)[i] < density``.
+
+    Yu et al. 2023, "Language models are Super Mario" (https://arxiv.org/abs/2311.03099).
+    """
+    return None if density >= 1 else kernels.Draw(seed, density)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """δ with only ``top_k``'s entries, rescaled when ``rescale``."""
+    return sparsified(delta, top_k(delta, density), rescale)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
-    """Drop the ⌊γ·n⌋ largest |δ| (outliers) and keep the next ⌊density·n⌋.
-
-    Davari & Belilovsky 2023, "Model Breadcrumbs" (https://arxiv.org/abs/2312.06795).
-    When density + γ > 1 fewer outliers are dropped so that ⌊density·n⌋ entries stay
-    (mergekit keeps the ⌊density·n⌋ smallest then).
-    """
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    target = max(0, int(density * n))
-    dropped_top = n - max(0, n - target - int(gamma * n)) - target
-    magnitudes = delta.abs()
-    keep = top_k_mask(magnitudes, dropped_top + target) & ~top_k_mask(magnitudes, dropped_top)
-    return masked(delta, keep, rescale)
+    """δ with only ``outliers``' band, rescaled when ``rescale``."""
+    return sparsified(delta, outliers(delta, density, gamma), rescale)
 
 
 def random(delta: torch.Tensor, density: float, seed: int, rescale: bool = True) -> torch.Tensor:
-    """Keep each entry independently with probability density (DARE "drop").
-
-    Yu et al. 2023, "Language models are Super Mario" (https://arxiv.org/abs/2311.03099).
-    Entry i keeps when ``rng.uniform(seed)[i] < density``.
-    """
-    if density >= 1:
-        return delta
-    keep = rng.bernoulli_keep(seed, delta.shape, density, device=delta.device)
-    return masked(delta, keep, rescale)
+    """δ with only ``drop``'s entries, rescaled when ``rescale``."""
+    return sparsified(delta, drop(density, seed), rescale)
 
 
 def _row_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -231,21 +231,26 @@ def check_della(density: float, epsilon: float) -> None:
         )
 
 
+def magprune(delta: torch.Tensor, density: float, epsilon: float, seed: int) -> torch.Tensor | None:
+    """DELLA "MagPrune": the mask keeping entry i with probability pᵢ from ``della_probabilities``
+    (None: all, density ≥ 1). Entry i keeps when ``rng.uniform(seed)[i] < pᵢ``; density ± ε
+    must lie in (0, 1).
+
+    Deep et al. 2024, "DELLA-Merging" (https://arxiv.org/abs/2406.11617).
+    """
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    check_della(density, epsilon)
+    return rng.bernoulli_keep(seed, delta.shape, della_probabilities(delta, density, epsilon), device=delta.device)
+
+
 def della_magprune(
     delta: torch.Tensor, density: float, epsilon: float, seed: int, rescale: bool = True
 ) -> torch.Tensor:
-    """Keep entry i with probability pᵢ from ``della_probabilities`` (DELLA "MagPrune").
-
-    Deep et al. 2024, "DELLA-Merging" (https://arxiv.org/abs/2406.11617). Entry i keeps
-    when ``rng.uniform(seed)[i] < pᵢ``. density ± ε must lie in (0, 1).
-    """
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    check_della(density, epsilon)
-    keep = rng.bernoulli_keep(seed, delta.shape, della_probabilities(delta, density, epsilon), device=delta.device)
-    return masked(delta, keep, rescale)
+    """δ with only ``magprune``'s entries, rescaled when ``rescale``."""
+    return sparsified(delta, magprune(delta, density, epsilon, seed), rescale)
 
 
 # ---------------------------------------------------------------- top-k over a tensor read in chunks
@@ -394,7 +399,7 @@ class ChunkedTopK:
     def trim(self, delta: torch.Tensor, drop: ChunkedTopK | None = None) -> torch.Tensor:
         """The next chunk of δ (flat float32, score |δ|; the chunks of the statistics passes)
         with the entries this selection does not keep, or that ``drop`` keeps, set to +0 in
-        place: ``masked(δ, mask(|δ|) & ~drop.mask(|δ|))``, the same bits.
+        place: ``masked(δ, mask(|δ|) & ~drop.mask(|δ|))`` (``kernels.reference``), the same bits.
 
         Done on the bit patterns: (c − bits) >> 31 is all ones where bits > c, else 0, and
         δ & that is δ or +0 — four int32 ops instead of float compares and a ``where``.
