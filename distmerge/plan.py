@@ -325,7 +325,7 @@ def build_plan(
         seed=seed,
         recipe_text=recipe_text,
         chat_template=templates.resolve(recipe.chat_template, [ck.path for ck in checkpoints.values()]),
-        peak_memory=max((_working_bytes(t) for t in planner.tensors), default=0),
+        peak_memory=max((_working_bytes(method, t) for t in planner.tensors), default=0),
         left_out=left_out,
         added_tokens=vocab.added if vocab else [],
     )
@@ -563,10 +563,9 @@ def _tokenizer_source(recipe: Recipe, vocab: OutputVocab | None, index: dict[str
     return source if source in index else recipe.donor
 
 
-def _working_bytes(t: OutputTensor) -> int:
-    numel = math.prod(t.shape)
-    n = len(t.all_inputs)
-    return numel * 4 * (n + 2) + t.nbytes
+def _working_bytes(method: methods.Method, t: OutputTensor) -> int:
+    """The memory merging ``t`` needs: the method's working memory (``Method.work_bytes``) and the output."""
+    return method.work_bytes(len(t.all_inputs), math.prod(t.shape)) + t.nbytes
 
 def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
     config = copy.deepcopy(donor)

@@ -222,7 +222,7 @@ def _non_base_range(contract):
 
 def test_registry_matches_mergekit():
     theirs_all = {m.spec.name: m.spec for m in mk_registry.registered_methods()}
-    assert set(METHODS) == set(theirs_all)
+    assert set(theirs_all) <= set(METHODS), sorted(set(theirs_all) - set(METHODS))  # distmerge may add methods
     for name, spec in theirs_all.items():
         method = METHODS[name]
         assert method.base == spec.contract.base.value, name

@@ -21,11 +21,18 @@ Every method is a plain function::
 Inputs arrive in float32 (the run casts them); the result is cast by the run to the
 output dtype. Methods never modify their inputs: they may be read-only memory-mapped
 views of the checkpoint files, where an in-place write would crash the process.
+
+**Adding a method** is one new module in this package with a module-level ``METHODS``
+tuple of ``Method``s: the registry imports every module here that has one (``_registry``),
+in module-name order, and the README table, ``distmerge methods``, recipe validation and
+the plan follow from it.
 """
 
 from __future__ import annotations
 
+import importlib
 import keyword
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -61,6 +68,12 @@ class Param:
     def arg(self) -> str:
         """The keyword the merge function takes it as (``lambda`` -> ``lambda_``)."""
         return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+
+def float32_copies(n_inputs: int, numel: int) -> int:
+    """The default working memory of a merge, in bytes: a float32 copy of each of the
+    ``n_inputs`` inputs (base included), plus two tensor-sized float32 temporaries."""
+    return numel * 4 * (n_inputs + 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +112,10 @@ class Method:
     kernel_options: bool = False
     """``merge`` and ``chunked`` take ``options``, a ``distmerge.kernels.KernelOptions`` (how
     the fused steps run), and pass it on to the kernels they call."""
+    work_bytes: Callable[[int, int], int] = float32_copies
+    """``work_bytes(n_inputs, numel)``: the bytes the merge of one tensor of ``numel`` elements
+    from ``n_inputs`` inputs (base included) needs besides its output, for ``distmerge plan``'s
+    memory estimate. A method with more scratch (an SVD, a stack of every input) says so here."""
     divides_by_weight_sum: str | None = None
     """The boolean parameter that, when true, makes the method divide by Σᵢ weightᵢ with no
     guard against zero (as mergekit does): the plan refuses weights that sum to zero."""
@@ -137,24 +154,12 @@ def fraction(value: float) -> str | None:
 
 
 def _registry() -> dict[str, Method]:
-    from distmerge.methods import (
-        arcee_fusion,
-        linear,
-        model_stock,
-        nearswap,
-        passthrough,
-        ram,
-        sce,
-        slerp,
-        spherical,
-        task_arithmetic,
-    )
-
+    """Every ``Method`` in the ``METHODS`` tuple of a module of this package, by module name."""
     methods: dict[str, Method] = {}
-    modules = (linear, slerp, spherical, task_arithmetic, sce, model_stock, nearswap, arcee_fusion, ram, passthrough)
-    for module in modules:
-        for method in module.METHODS:
-            assert method.name not in methods, f"duplicate method {method.name}"
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for method in getattr(module, "METHODS", ()):
+            assert method.name not in methods, f"duplicate method {method.name} in {module.__name__}"
             methods[method.name] = method
     return methods
 
