@@ -150,13 +150,14 @@ def layer_runs(layer_map) -> list[tuple[int, int, list]]:
 
 def describe_left_out(p) -> list[str]:
     """The input tensors the run will not read, a line per model and reason."""
-    from distmerge.plan import LAYER_NAME, layer_ranges
+    from distmerge.architecture import layer_index
+    from distmerge.plan import layer_ranges
 
     if not p.left_out:
         return ["left out: nothing (every input tensor is read)"]
     lines = [f"left out (not read): {sum(len(g.tensors) for g in p.left_out)} input tensors"]
     for g in p.left_out:
-        layers = {int(m["index"]) for n in g.tensors if (m := LAYER_NAME.match(n))}
+        layers = {i for n in g.tensors if (i := layer_index(n)) is not None}
         what = f"layers {layer_ranges(layers)}" if layers else ", ".join(g.tensors[:3]) + (", ..." if len(g.tensors) > 3 else "")
         lines.append(f"  [{g.model}] {p.models[g.model].ref}: {len(g.tensors)} tensors ({what}): {g.reason}")
     return lines

@@ -13,25 +13,19 @@ import hashlib
 import heapq
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge import __version__, methods, templates
+from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
 from distmerge.recipe import Recipe, Slice, Source, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
-from distmerge.vocab import VOCAB_TENSOR, OutputVocab, VocabMap, build_vocab, is_identity, tokenizer_files, vocab_map
+from distmerge.vocab import OutputVocab, VocabMap, build_vocab, is_identity, tokenizer_files, vocab_map
 
 PLAN_VERSION = 1
 DEFAULT_SHARD_BYTES = 5 * 10**9
-LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
-"""A layer tensor: the stack's prefix (the first ``layers``/``h``/``blocks`` segment followed
-by a number, so an expert list inside a layer is not taken for a stack), index, and rest."""
-EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe|word_embeddings)(\.|$)")
-"""Non-layer tensors that come before the layers (taken from the first slice's models);
-every other non-layer tensor (final norm, lm_head) comes after (from the last slice's)."""
 TORCH_DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
 
@@ -211,10 +205,10 @@ def split_layers(ref: str, names: list[str]) -> _Layered:
     out = _Layered()
     stacks: dict[str, str] = {}  # prefix -> its first tensor
     for name in names:
-        m = LAYER_NAME.match(name)
-        if m:
-            stacks.setdefault(m["prefix"], name)
-            out.layers.setdefault(int(m["index"]), []).append(m["rest"])
+        layer = split_layer_name(name)
+        if layer:
+            stacks.setdefault(layer.stack, name)
+            out.layers.setdefault(layer.index, []).append(layer.rest)
         else:
             out.other.append(name)
     if len(stacks) > 1:
@@ -279,8 +273,8 @@ def build_plan(
     planner = _Planner(recipe, method, checkpoints, index, seed, vocab)
     first, last = slices[0], slices[-1]
     donor_names = layered[first.sources[0].model].other
-    pre = [n for n in donor_names if EMBEDDING.search(n)]
-    post = [n for n in layered[last.sources[0].model].other if not EMBEDDING.search(n)]
+    pre = [n for n in donor_names if comes_before_layers(n)]
+    post = [n for n in layered[last.sources[0].model].other if not comes_before_layers(n)]
     for name in pre:
         planner.add(first, {s.model: name for s in first.sources}, name, t=0.0, layer=None)
     layer_map = []
@@ -349,12 +343,12 @@ def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dic
         for name in ck.tensors:
             if name in read.get(ref, ()):
                 continue
-            m = LAYER_NAME.match(name)
+            index = layer_index(name)
             if not sourced:
                 reason = "named as a base_model but in no slice's sources, so the method does not read it"
-            elif m:
-                reason = None if int(m["index"]) in taken else "its layer is in no slice's layer_range"
-            elif EMBEDDING.search(name):
+            elif index is not None:
+                reason = None if index in taken else "its layer is in no slice's layer_range"
+            elif comes_before_layers(name):
                 reason = None if ref in first else "embeddings come from the first slice's models"
             else:
                 reason = None if ref in last else "tensors after the layers (final norm, lm_head) come from the last slice's models"
@@ -440,7 +434,7 @@ class _Planner:
         order = [src.model for src in s.sources]
         base_ref = s.base_model or self.recipe.base_model
         vocab = None
-        reindexed = self.vocab is not None and bool(VOCAB_TENSOR.search(out_name))
+        reindexed = self.vocab is not None and is_vocab_tensor(out_name)
         if reindexed:
             shapes = {m: shape[1:] for m, shape in shapes.items()}  # rows are re-indexed
             vocab = vocab_map(self.vocab, self.recipe.tokenizer, order, self.index, base_ref, out_name)
@@ -448,7 +442,7 @@ class _Planner:
                 vocab = None
         if len(set(shapes.values())) > 1:
             detail = ", ".join(f"{m}: {list(shape)}" for m, shape in shapes.items())
-            hint = " The vocabularies differ: set tokenizer_source (union, base or a model) to re-index the embeddings to one tokenizer." if VOCAB_TENSOR.search(out_name) else ""
+            hint = " The vocabularies differ: set tokenizer_source (union, base or a model) to re-index the embeddings to one tokenizer." if is_vocab_tensor(out_name) else ""
             raise MergeError(f"tensor {out_name!r} has different shapes across models ({detail}).{hint}")
 
         if self.method.base == "ignored" or base_ref not in order:
@@ -570,7 +564,7 @@ def _working_bytes(method: methods.Method, t: OutputTensor) -> int:
 def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
     config = copy.deepcopy(donor)
     if recipe.slices:
-        config["num_hidden_layers"] = len(layer_map)
+        set_layer_count(config, len(layer_map))
         for key, value in list(config.items()):
             # Per-layer lists (e.g. layer_types) follow the layer map of the donor's layers.
             if isinstance(value, list) and len(value) == len(donor_layers.layers) and key != "architectures":

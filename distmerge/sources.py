@@ -14,6 +14,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from distmerge.architecture import LAYER_KEYS, layer_count
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header, read_small
 from distmerge.io.zero import ZeroCheckpoint, find_tag, is_zero_checkpoint
@@ -26,7 +27,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
 """What a hub download fetches: weights, configs, tokenizer files. Never code or pickles."""
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 COUNT_KEYS = (*LAYER_KEYS, "vocab_size")
 """Config values the planner counts with: when present (and not null), whole numbers in [0, 2**63)."""
 MAX_JSON_BYTES = 256 * 2**20
@@ -65,10 +65,7 @@ class Checkpoint:
     @property
     def num_layers(self) -> int | None:
         """The config's layer count (``load_checkpoint`` refuses one that is not a whole number)."""
-        for key in LAYER_KEYS:
-            if type(self.config.get(key)) is int:
-                return self.config[key]
-        return None
+        return layer_count(self.config)
 
 
 def read_json(path: str, kind: str = "object") -> dict:
@@ -206,7 +203,7 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
 def _check_layer_count(ref: str, config_path: str, config: dict, tensors: dict) -> None:
     """Every layer has at least one tensor: a layer count beyond the tensor count is a
     corrupt config (and would have the planner walk through that many layers)."""
-    n = next((config[k] for k in LAYER_KEYS if config.get(k) is not None), None)
+    n = layer_count(config)
     if n is not None and n > len(tensors):
         raise MergeError(
             f"model {ref!r}: {config_path} says {n} layers but the checkpoint holds only {len(tensors)} tensors; fix config.json"

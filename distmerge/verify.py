@@ -13,15 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 
+from distmerge.architecture import LAYER_KEYS, layer_count, layer_index
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.io.writer import PARTIAL
 from distmerge.inputs import file_sha256
 from distmerge.state import INDEX_FILE, MANIFEST_FILE, RECORDS_DIR, STATE_DIR, read_json, read_manifest, record_path
-
-LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 def verify(out_dir: str, full: bool = False) -> list[str]:
@@ -128,9 +126,11 @@ def _check_config(out_dir: str, shapes: dict[str, tuple[int, ...]]) -> list[str]
     except (OSError, ValueError):
         return ["config.json: missing or unreadable"]
     problems = []
-    layers = {int(m[1]) for n in shapes if (m := LAYER.search(n))}
-    if "num_hidden_layers" in config and layers and config["num_hidden_layers"] != len(layers):
-        problems.append(f"config.json: num_hidden_layers is {config['num_hidden_layers']}, the weights have {len(layers)} layers")
+    layers = {i for n in shapes if (i := layer_index(n)) is not None}
+    stated = layer_count(config)
+    if stated is not None and layers and stated != len(layers):
+        key = next(k for k in LAYER_KEYS if config.get(k) is not None)
+        problems.append(f"config.json: {key} is {stated}, the weights have {len(layers)} layers")
     if layers and layers != set(range(len(layers))):
         problems.append(f"layers are not numbered 0..{len(layers) - 1}")
     embed = next((s for n, s in shapes.items() if n.endswith("embed_tokens.weight")), None)

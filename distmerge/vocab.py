@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from distmerge.architecture import is_vocab_tensor
 from distmerge.errors import MergeError
 from distmerge.io.header import read_small
 from distmerge.recipe import TokenSource, TokenizerSpec
 from distmerge.sources import MAX_JSON_BYTES, read_json
 
-VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|lm_head|embed_out)\.weight$")
 """Tensors indexed by token id along their first axis."""
 ADDED_TOKEN_KEYS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
 MAX_PAD_FACTOR, MAX_PADDED_ROWS = 16, 2**24
@@ -257,7 +256,7 @@ def _limit(ref: str, ck) -> tuple[int, str] | None:
     """(rows, name) of the model's vocabulary tensor with the fewest rows (None: it has none)."""
     found = []
     for name, info in ck.tensors.items():
-        if VOCAB_TENSOR.search(name):
+        if is_vocab_tensor(name):
             if not info.shape:
                 raise MergeError(f"model {ref!r}: tensor {name} is a scalar, not an embedding with a row per token; fix the checkpoint")
             found.append((info.shape[0], name))

@@ -9,9 +9,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from distmerge.architecture import layer_index
 from distmerge.demo import make_family
 from distmerge.errors import MergeError
-from distmerge.plan import LAYER_NAME, build_plan
+from distmerge.plan import build_plan
 from distmerge.recipe import parse_recipe
 from tests.helpers import load_state, run_cli, run_main
 
@@ -221,8 +222,8 @@ def test_a_frankenmerge_lists_what_it_leaves_out_with_reasons(family, tmp_path):
     left = {(plan.models[g.model].ref, g.reason): sorted(g.tensors) for g in plan.left_out}
     ft1, ft2 = str(family["ft1"]), str(family["ft2"])
     layer3 = left[ft1, "its layer is in no slice's layer_range"]
-    assert layer3 and all(LAYER_NAME.match(n)["index"] == "3" for n in layer3)
-    assert all(LAYER_NAME.match(n)["index"] == "0" for n in left[ft2, "its layer is in no slice's layer_range"])
+    assert layer3 and all(layer_index(n) == 3 for n in layer3)
+    assert all(layer_index(n) == 0 for n in left[ft2, "its layer is in no slice's layer_range"])
     assert left[ft2, "embeddings come from the first slice's models"] == ["model.embed_tokens.weight"]
     assert left[ft1, "tensors after the layers (final norm, lm_head) come from the last slice's models"] == ["lm_head.weight", "model.norm.weight"]
     assert len(left) == 4
