@@ -235,7 +235,7 @@ def cmd_kernel(argv: list[str]) -> int:
 
     from distmerge.io.reader import TensorReader
     from distmerge.launch import JobOptions, make_plan
-    from distmerge.run import merge_tensor
+    from distmerge.tensor_merge import merge_tensor
 
     recipe, device, shard = argv[0], argv[1], int(argv[2])
     plan = make_plan(recipe, JobOptions(out_shard_bytes=shard, seed=0))

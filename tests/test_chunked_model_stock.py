@@ -97,7 +97,7 @@ def test_opposite_task_vectors_give_the_base(shape, filter_wise):
 def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch, filter_wise):
     """bf16 recipe, base + 2 models: merged in 777- and 4099-element chunks, the same bytes as
     the whole-tensor merge."""
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     method = METHODS["model_stock"]
     calls = []
@@ -115,11 +115,11 @@ def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch
         "parameters": {"filter_wise": filter_wise},
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
     assert not calls
     for chunk in (777, 4099):
-        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)
         chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)

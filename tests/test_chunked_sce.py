@@ -121,7 +121,7 @@ def test_chunked_sce_reads_each_pass_in_order():
 
 def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
     """bf16 inputs merged with sce in 777- and 4099-element chunks give the bytes of the whole-tensor merge."""
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     f = llama_family
     recipe = {
@@ -131,13 +131,13 @@ def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypa
         "parameters": {"select_topk": 0.3},
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
     passes = []  # the chunked form does run (it is not None for these tensors)
     real = sce_module._sce_passes
     monkeypatch.setattr(sce_module, "_sce_passes", lambda *a: passes.append(a[1]) or real(*a))
     for chunk in (777, 4099):
-        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)
         chunked_out = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)

@@ -273,14 +273,14 @@ def test_allow_pickle_still_never_runs_pickled_code(llama_family, tmp_path, caps
 def test_finite_check_finds_one_bad_value_anywhere(dtype, bad):
     from distmerge.errors import MergeError
     from distmerge.plan import OutputTensor
-    from distmerge.run import _check_finite
+    from distmerge.tensor_merge import check_finite
 
     t = OutputTensor.__new__(OutputTensor)
     object.__setattr__(t, "name", "x")
     value = torch.linspace(-3, 3, 10001).to(dtype)
-    _check_finite(t, value)  # finite: no error
+    check_finite(t, value)  # finite: no error
     for where in (0, 5000, 10000):
         broken = value.clone()
         broken[where] = bad
         with pytest.raises(MergeError, match=r"\(1 found\)"):
-            _check_finite(t, broken)
+            check_finite(t, broken)

@@ -113,13 +113,13 @@ def test_a_failing_compiler_falls_back_to_the_same_operations(monkeypatch):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32, tmp_path, monkeypatch, method):
     """Every chunk through the compiled loops (no size floor), float32: mergekit's result, bit for bit."""
-    import distmerge.run
+    import distmerge.tensor_merge
     from tests.helpers import assert_same_tensors
     from tests.test_merge_vs_mergekit import both, models
 
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
     monkeypatch.setenv("DISTMERGE_COMPILE", "1")
-    monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 4099)
+    monkeypatch.setattr(distmerge.tensor_merge, "CHUNK_ELEMENTS", 4099)
     f = llama_family_f32
     params = [{"weight": 0.7, "density": 0.3}, {"weight": -0.4, "density": 0.7}]
     recipe = {
@@ -140,7 +140,7 @@ def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge
     loop) give the bytes of the whole-tensor merge on float32 copies (plain torch)."""
     import filecmp
 
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
     from tests.test_merge_vs_mergekit import distmerge, models
 
     f = llama_family
@@ -153,11 +153,11 @@ def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge
         else:
             recipe["base_model"] = str(f["base"])
     recipe["dtype"] = "bfloat16"
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)
     whole = distmerge(recipe, tmp_path / "whole")
     monkeypatch.setattr(compiled, "MIN_ELEMENTS", 0)
     monkeypatch.setenv("DISTMERGE_COMPILE", "1")
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 4099)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 4099)
     chunked = distmerge(recipe, tmp_path / "chunked")
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
     assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)

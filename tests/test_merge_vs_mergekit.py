@@ -132,10 +132,10 @@ def test_task_arithmetic_bf16_is_float32_math_rounded_once(llama_family, tmp_pat
 @pytest.mark.parametrize("chunk", [None, 777])
 def test_slerp_scalar_t_float32(llama_family_f32, tmp_path, monkeypatch, chunk):
     """float32 shows a one-ulp change of the coefficients, which bf16 rounding would hide."""
-    import distmerge.run
+    import distmerge.tensor_merge
 
     if chunk is not None:
-        monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(distmerge.tensor_merge, "CHUNK_ELEMENTS", chunk)
     f = llama_family_f32
     recipe = {
         "merge_method": "slerp",
@@ -152,10 +152,10 @@ def test_slerp_scalar_t_float32(llama_family_f32, tmp_path, monkeypatch, chunk):
 def test_slerp_filtered_gradients_bf16(llama_family, tmp_path, monkeypatch, chunk):
     """Whole tensors, and the chunked path (float32 gathered in chunks, whole-tensor norms
     and cos Ω over the same values, combine chunk by chunk) with odd chunk sizes."""
-    import distmerge.run
+    import distmerge.tensor_merge
 
     if chunk is not None:
-        monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(distmerge.tensor_merge, "CHUNK_ELEMENTS", chunk)
     f = llama_family
     recipe = {
         "merge_method": "slerp",
@@ -251,12 +251,12 @@ def test_output_loads_in_transformers_and_runs(llama_deep, tmp_path, method):
 def test_chunked_elementwise_merge_is_bit_identical(llama_family, tmp_path, monkeypatch, method):
     """Large tensors of element-wise methods are merged in chunks; force tiny, odd-sized
     chunks and the result must still be mergekit's, bit for bit."""
-    import distmerge.run
+    import distmerge.tensor_merge
 
     from distmerge.methods import get
 
     assert get(method).elementwise
-    monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(distmerge.tensor_merge, "CHUNK_ELEMENTS", 777)
     f = llama_family
     if method == "passthrough":
         recipe = {"merge_method": method, "slices": [{"sources": [{"model": str(f["ft1"]), "layer_range": [0, 4], "parameters": {"scale": 0.5}}]}], "dtype": "bfloat16"}
@@ -274,11 +274,11 @@ def test_chunked_elementwise_merge_is_bit_identical(llama_family, tmp_path, monk
 def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_path, monkeypatch, method):
     """The TIES family's two-pass chunked path (top-k statistics, then element-wise trim
     and consensus) on tiny, odd-sized chunks: mergekit's float32 result, bit for bit."""
-    import distmerge.run
+    import distmerge.tensor_merge
     from distmerge.methods import get
 
     assert get(method).chunked is not None and not get(method).elementwise
-    monkeypatch.setattr(distmerge.run, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(distmerge.tensor_merge, "CHUNK_ELEMENTS", 777)
     f = llama_family_f32
     params = [{"weight": 0.7, "density": 0.3}, {"weight": -0.4, "density": 0.7}]
     if method == "breadcrumbs_ties":
@@ -319,7 +319,7 @@ def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, 
     masks and the same whole-tensor L1 rescale; DELLA's chunks are whole rows)."""
     import filecmp
 
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     f = llama_family
     names = ("ft1", "ft2", "ft3")[: len(params)]
@@ -329,10 +329,10 @@ def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, 
         "models": models(f, *zip(names, params)),
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
     for chunk in (777, 4099):
-        monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", chunk)
         chunked = distmerge(recipe, tmp_path / f"chunked{chunk}")
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
@@ -341,7 +341,7 @@ def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, 
 def test_chunked_dare_without_rescale_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
     import filecmp
 
-    from distmerge import run as run_module
+    from distmerge import tensor_merge
 
     f = llama_family
     recipe = {
@@ -351,9 +351,9 @@ def test_chunked_dare_without_rescale_is_the_whole_tensor_result(llama_family, t
         "parameters": {"rescale": False},
         "dtype": "bfloat16",
     }
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 1 << 40)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)
     whole = distmerge(recipe, tmp_path / "whole")
-    monkeypatch.setattr(run_module, "CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 777)
     chunked = distmerge(recipe, tmp_path / "chunked")
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
     assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)

@@ -1,0 +1,280 @@
+"""Merge one output tensor: read its inputs, run the method, round to the output dtype.
+
+``TensorInputs`` is one output tensor's inputs: each is fetched (already staged on the GPU,
+unpickled, or memory-mapped), gets its LoRA adapter applied and, for vocabulary tensors, its
+rows re-indexed to the output vocabulary; then each is rounded to the work dtype (the
+recipe's ``dtype``) and widened to float32, whole or chunk by chunk. ``merge_tensor`` takes
+it from there; the helpers below it take tensors and return tensors.
+
+Rounding follows mergekit: inputs are rounded to the work dtype first, computed on in
+float32, and the result is rounded to the work dtype, then cast to the output dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from distmerge import kernels, methods
+from distmerge.errors import MergeError
+from distmerge.io.header import DTYPES
+from distmerge.io.reader import TensorReader
+from distmerge.io.staging import Uploader
+from distmerge.plan import TORCH_DTYPE_NAMES, InputRef, OutputTensor, Plan
+from distmerge.progress import Progress
+from distmerge.sources import is_pickle
+from distmerge.vocab import permute
+
+CHUNK_ELEMENTS = 1 << 18
+"""Elements per chunk for element-wise methods: 1 MB of float32 per input stays in cache."""
+DROP_ELEMENTS = 16 * CHUNK_ELEMENTS
+"""How much of each input a chunked merge reads before unmapping it again (one madvise per
+input per 16 chunks: frequent enough to bound memory, rare enough to cost nothing)."""
+
+
+class TensorInputs:
+    """One output tensor's inputs, read for the merge.
+
+    ``load`` fetches them (``base`` and ``inputs``, in their stored dtype, on ``device``);
+    ``widened`` gives them rounded to the work dtype and in float32; ``read_range`` gives
+    a flat range of them the same way, unmapping what earlier ranges read as it goes, so
+    a chunked merge of a large tensor never holds more than a few chunks of its pages.
+    """
+
+    def __init__(self, plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu", uploader: Uploader | None = None):
+        self.plan, self.t, self.reader, self.device, self.uploader = plan, t, reader, device, uploader
+        self.work = DTYPES[work_dtype(plan, t)]
+        """The compute dtype: inputs are rounded to it before the float32 math, and so is the result."""
+        self.in_shape = (-1, *t.shape[1:]) if t.vocab is not None else tuple(t.shape)  # inputs' vocabularies differ
+        self.base: torch.Tensor | None = None
+        self.inputs: list[torch.Tensor] = []
+        # read_range's position: [dropped, last) is read and still mapped; the seconds it spent
+        self._flat: list[torch.Tensor | None] | None = None
+        self.last = self.dropped = 0
+        self.read_seconds = 0.0
+
+    def load(self) -> None:
+        """Fetch every input (the non-base ones first), and re-index vocabulary rows."""
+        t = self.t
+        self.inputs = [self.fetch(r) for r in t.inputs]
+        self.base = self.fetch(t.base) if t.base else None
+        if t.vocab is not None:  # rows re-indexed to the output vocabulary, in the compute dtype
+            values = [self.base, *self.inputs][self.base is None :]
+            rows = permute(t.vocab, {r.model: x.to(self.work) for r, x in zip(t.all_inputs, values)})
+            self.inputs, self.base = [rows[r.model] for r in t.inputs], rows[t.base.model] if t.base else None
+
+    def all(self) -> list[torch.Tensor]:
+        """The base (if any) and the inputs, in ``t.all_inputs`` order."""
+        return [self.base, *self.inputs] if self.base is not None else self.inputs
+
+    def fetch(self, ref: InputRef) -> torch.Tensor:
+        """One input tensor as stored (LoRA applied), on the device."""
+        plan, reader = self.plan, self.reader
+        staged = self.uploader.take(stage_key(plan, ref)) if self.uploader is not None else None
+        if staged is not None:  # already on the GPU: its bytes, read and copied while the last tensor merged
+            x = staged.view(DTYPES[ref.dtype]).view(self.in_shape)
+        elif is_pickle(ref.file):
+            x = reader.read_pickled(input_path(plan, ref), ref.name)
+        else:
+            x = reader.read(input_path(plan, ref), ref.dtype, self.in_shape, ref.begin, ref.end)
+        x = x.to(self.device)
+        if ref.lora is not None:
+            b, a = self._lora_part(ref, "b"), self._lora_part(ref, "a")
+            x = apply_lora(x, a, b, ref.lora["scale"])
+        return x
+
+    def _lora_part(self, ref: InputRef, key: str) -> torch.Tensor:
+        file, dtype, shape, begin, end = ref.lora[key]
+        path = os.path.join(self.plan.models[ref.model].adapter_path, file)
+        return self.reader.read(path, dtype, tuple(shape), begin, end).to(self.device, torch.float32)
+
+    def widen(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else widen(x, self.work)
+
+    def as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """An input already in the compute dtype as it is: the element-wise kernels widen it to
+        float32 inside their loop (the same values as ``widen``, without a pass of its own)."""
+        return x if x.dtype == self.work else widen(x, self.work)
+
+    def widened(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Float32 (base, inputs), whole."""
+        return self.widen(self.base), [widen(x, self.work) for x in self.inputs]
+
+    def read_range(self, i: int, j: int, how: Callable | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(base, inputs) of the flat range [i, j), widened by ``how`` (default: to float32).
+        Called chunk by chunk in order (a chunked method may go over the tensor more than
+        once): pages behind the reads are unmapped every DROP_ELEMENTS, and on a new pass."""
+        if i != self.last or self.last - self.dropped >= DROP_ELEMENTS:  # a new pass, or 16 chunks behind us
+            self.drop_read()
+            self.dropped = i
+        self.last = j
+        start = time.perf_counter()
+        how = how or self.widen
+        *flat, flat_base = self._flattened()
+        chunks = (how(flat_base[i:j]) if flat_base is not None else None), [how(x[i:j]) for x in flat]
+        self.read_seconds += time.perf_counter() - start
+        return chunks
+
+    def _flattened(self) -> list[torch.Tensor | None]:
+        """Flat views of the inputs, then of the base (None without one)."""
+        if self._flat is None:
+            self._flat = [x.reshape(-1) for x in self.inputs] + [self.base.reshape(-1) if self.base is not None else None]
+        return self._flat
+
+    def drop_read(self) -> None:
+        """Unmap the inputs' pages read so far (before ``last``)."""
+        for x in self._flattened():
+            if x is not None and self.last > self.dropped:
+                self.reader.drop(x[self.dropped : self.last])
+        self.dropped = self.last
+
+
+def merge_tensor(
+    plan: Plan,
+    t: OutputTensor,
+    reader: TensorReader,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    allow_nonfinite: bool = False,
+    uploader: Uploader | None = None,
+    kernel_options: kernels.KernelOptions | None = None,
+) -> torch.Tensor:
+    """The merged value of one output tensor, in its output dtype. Raises MergeError
+    naming the tensor if the result has NaN or Inf, unless ``allow_nonfinite``.
+
+    Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
+    inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
+    every input (and the finite check runs on each chunk while it is still in cache). On CPU,
+    methods with a ``chunked`` form (the TIES family: top-k statistics in a first pass over
+    the chunks, then element-wise trimming and consensus) do the same, bit for bit.
+    """
+    timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
+    method = methods.get(plan.method)
+    src = TensorInputs(plan, t, reader, device, uploader)
+    work, out_dtype = src.work, DTYPES[t.dtype]
+    check = (lambda value: None) if allow_nonfinite else (lambda value: check_finite(t, value))
+
+    with timed("read"):
+        src.load()
+    if not out_dtype.is_floating_point:  # integer and bool tensors: copied bit for bit, never cast
+        return same_in_every_model(plan, t, src.all())
+    if not src.inputs:  # the base alone (a recipe with no other model): written as it is, rounded like mergekit's
+        out = widen(src.base, work).to(work).to(out_dtype)
+        check(out)
+        return out
+    if is_plain_copy(method, t, src.inputs, work, out_dtype):
+        return src.inputs[0]  # the mapped input's bytes go to the writer as they are
+    kwargs = method_kwargs(method, t, kernel_options)
+    numel = src.inputs[0].numel()
+    pieces = _pieces(method, src, kwargs) if numel > CHUNK_ELEMENTS else None
+    if pieces is None:
+        with timed("read"):
+            base, inputs = src.widened()
+        with timed("merge"):
+            # Round to the compute dtype first, as mergekit returns it, then to the output dtype.
+            out = method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
+            check(out)
+            return out
+    out = torch.empty(numel, dtype=out_dtype, device=device)
+    start = time.perf_counter()
+    for i, j, merged in pieces:
+        out[i:j] = merged.to(work)
+        check(out[i:j])
+    src.drop_read()
+    if progress is not None:  # the reads inside the merge count as "read"
+        seconds = progress.stats.seconds
+        seconds["read"] = seconds.get("read", 0.0) + src.read_seconds
+        seconds["merge"] = seconds.get("merge", 0.0) + time.perf_counter() - start - src.read_seconds
+    return out.view(t.shape)
+
+
+def _pieces(method: methods.Method, src: TensorInputs, kwargs: dict) -> Iterator | None:
+    """(start, end, merged) chunk by chunk, for a method that can merge this large tensor in
+    chunks (element-wise, or with a ``chunked`` form on CPU); None for one that cannot."""
+    if method.elementwise:
+        ranges = methods.chunk_ranges(src.inputs[0].numel(), CHUNK_ELEMENTS)
+        return ((i, j, method.merge(*src.read_range(i, j, src.as_stored), **kwargs)) for i, j in ranges)
+    if method.chunked is not None and not src.inputs[0].is_cuda:
+        return method.chunked(src.read_range, tuple(src.inputs[0].shape), CHUNK_ELEMENTS, **kwargs)
+    return None
+
+
+def method_kwargs(method: methods.Method, t: OutputTensor, kernel_options: kernels.KernelOptions | None = None) -> dict:
+    """The keyword arguments of the method's function for ``t``: its parameters, seeds, kernel options."""
+    kwargs = {method.param_index[k].arg: v for k, v in {**t.params, **t.input_params}.items()}
+    if t.seeds is not None:
+        kwargs["seeds"] = t.seeds
+    if method.kernel_options:
+        kwargs["options"] = kernel_options
+    return kwargs
+
+
+def widen(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
+    """Like mergekit: round an input to the recipe's dtype first, then compute in float32."""
+    return x.to(work).to(torch.float32)
+
+
+def apply_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B·A in float32, rounded to W's dtype: the weight a merged-and-saved adapter
+    would have on disk."""
+    return (w.float() + scale * (b @ a)).to(w.dtype)
+
+
+def same_in_every_model(plan: Plan, t: OutputTensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """The one value every model holds for an integer or bool tensor; MergeError naming two
+    models that disagree (such a tensor is not merged, and picking one would hide it)."""
+    refs = t.all_inputs
+    for ref, x in zip(refs[1:], values[1:]):
+        if not torch.equal(x, values[0]):
+            raise MergeError(
+                f"tensor {t.name!r} ({t.dtype}) holds different values in {plan.models[refs[0].model].ref!r} and "
+                f"{plan.models[ref.model].ref!r}; integer and bool tensors are copied, not merged, so every model "
+                "must hold the same values: remove it from the checkpoints that differ, or make them agree"
+            )
+    return values[0]
+
+
+def is_plain_copy(method: methods.Method, t: OutputTensor, inputs: list[torch.Tensor], work, out_dtype) -> bool:
+    """Passthrough without ``scale`` into the input's own dtype: the output is the input,
+    byte for byte (no rounding, and a copy produces no NaN or Inf of its own)."""
+    return (
+        method.name == "passthrough"
+        and t.input_params.get("scale") == [None]
+        and inputs[0].dtype == work == out_dtype
+    )
+
+
+def check_finite(t: OutputTensor, value: torch.Tensor) -> None:
+    """MergeError naming ``t`` when ``value`` holds NaN or Inf."""
+    if not value.is_floating_point() or value.numel() == 0:
+        return
+    # One pass, no mask of the tensor's size: NaN propagates into min and max, and an Inf is one of them.
+    low, high = torch.aminmax(value)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        bad = int((~torch.isfinite(value)).sum())
+        raise MergeError(
+            f"tensor {t.name!r}: the merge produced NaN/Inf values ({bad} found); check the recipe's "
+            "parameters for this tensor, or pass --allow-nonfinite to keep them"
+        )
+
+
+def input_path(plan: Plan, ref: InputRef) -> str:
+    return os.path.join(plan.models[ref.model].path, ref.file)
+
+
+def stage_key(plan: Plan, ref: InputRef) -> tuple[str, int, int]:
+    """What identifies an input's bytes staged on the GPU ahead of its merge."""
+    return input_path(plan, ref), ref.begin, ref.end
+
+
+def work_dtype(plan: Plan, t: OutputTensor) -> str:
+    """The compute dtype's name: the recipe's ``dtype``, else the inputs' own when they
+    agree, else F32."""
+    if plan.dtype:
+        return TORCH_DTYPE_NAMES[plan.dtype]
+    dtypes = {r.dtype for r in t.all_inputs}
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
