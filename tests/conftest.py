@@ -16,6 +16,7 @@ hf_hub_cache      (cache_dir, repo_id): a huggingface_hub cache with repo_id
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -29,15 +30,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from distmerge.demo import make_family  # noqa: E402
-from hypothesis import settings  # noqa: E402
+
+try:  # the test extra; without it the property-based test files skip (each says so)
+    from hypothesis import settings
+except ImportError:
+    settings = None
 
 # CI explores the same examples every run (a green run stays green); a developer's runs draw
 # new ones each time, which is how the fuzz tests find new problems.
-settings.register_profile("ci", derandomize=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+if settings is not None:
+    settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
 
 HUB_REPO_ID = "distmerge-test/tiny-llama"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.needs("mergekit", ...)``: the test is skipped, saying which, where an
+    optional package of the test extra is not installed (looked up without importing it)."""
+    for item in items:
+        for mark in item.iter_markers("needs"):
+            missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}, not installed (pip install -e '.[test]')"))
 
 
 @pytest.fixture(scope="session")

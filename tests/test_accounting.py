@@ -99,6 +99,8 @@ def tiny_vision_language(kind: str, out: Path) -> Path:
 
 @pytest.mark.parametrize(
     "kind, stacks",
+@pytest.mark.needs("transformers")
+@pytest.mark.slow
     [("qwen2_vl", ["model.layers.N", "visual.blocks.N"]), ("llava", ["language_model.model.layers.N", "vision_tower.encoder.layers.N"])],
 )
 def test_a_checkpoint_with_several_layer_stacks_is_refused_up_front(tmp_path, kind, stacks):

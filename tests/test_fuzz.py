@@ -6,8 +6,11 @@ import struct
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+try:  # the test extra
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    pytest.skip("hypothesis is not installed (property-based tests); pip install -e '.[test]'", allow_module_level=True)
 
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header

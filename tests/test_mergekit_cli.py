@@ -53,6 +53,7 @@ def test_out_shard_size_takes_mergekits_forms(text, size):
 
 def test_readme_maps_every_mergekit_yaml_option():
     from mergekit.scripts.run_yaml import main as mergekit_yaml
+@pytest.mark.needs("mergekit")
 
     readme = (REPO_ROOT / "README.md").read_text()
     assert markdown_table() in readme, "README's mergekit-yaml table is out of date: paste distmerge.mergekit_cli.markdown_table()"

@@ -159,6 +159,8 @@ def test_multi_stage_recipe_is_named_with_its_stages_and_nothing_is_written(llam
 
     f = llama_family
     text = f"""name: first-merge
+@pytest.mark.needs("mergekit")
+@pytest.mark.slow
 merge_method: linear
 models: [{{model: {f['ft1']}, parameters: {{weight: 1}}}}, {{model: {f['ft2']}, parameters: {{weight: 1}}}}]
 ---

@@ -12,8 +12,11 @@ import typing
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
-from hypothesis import strategies as st
+try:  # the test extra
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    pytest.skip("hypothesis is not installed (property-based tests); pip install -e '.[test]'", allow_module_level=True)
 
 from distmerge import rng
 from distmerge.errors import MergeError

@@ -2,8 +2,11 @@
 
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
+try:  # the test extra
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    pytest.skip("hypothesis is not installed (property-based tests); pip install -e '.[test]'", allow_module_level=True)
 
 from distmerge.errors import MergeError
 from distmerge.methods import Param
@@ -162,6 +165,7 @@ def test_module_default_is_the_recipe_with_its_models_or_slices_at_the_top_level
     assert models.models == parse_recipe("merge_method: linear\nmodels: [a, {model: b, parameters: {weight: 2}}]\n").models
 
 
+@pytest.mark.needs("mergekit")
 def test_module_parameters_rank_between_the_slices_and_the_top_level_as_in_mergekit():
     from mergekit.config import ConfigReader, MergeConfiguration, evaluate_setting
 
@@ -212,6 +216,7 @@ MERGEKIT_BOOLS = [
 ]  # fmt: skip
 
 
+@pytest.mark.needs("mergekit")
 @pytest.mark.parametrize("value, expected", MERGEKIT_BOOLS)
 def test_booleans_are_read_as_mergekit_reads_them(value, expected):
     from mergekit.merge_methods.base import ParameterScope, ParameterSpec
@@ -327,6 +332,7 @@ conds = st.lists(st.fixed_dictionaries({"filter": filters, "value": st.one_of(sc
 settings_ = st.one_of(scalars, gradients, conds)
 
 
+@pytest.mark.needs("mergekit")
 @settings(max_examples=300, deadline=None)
 @given(setting=settings_, name=names, t=st.floats(min_value=0, max_value=1))
 def test_evaluate_matches_mergekit(setting, name, t):

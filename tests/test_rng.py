@@ -9,8 +9,11 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+try:  # the test extra
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    pytest.skip("hypothesis is not installed (property-based tests); pip install -e '.[test]'", allow_module_level=True)
 
 from distmerge import rng
 

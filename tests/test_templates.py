@@ -22,12 +22,14 @@ def merged_tokenizer(fam, tmp_path, chat_template, name="out"):
     return transformers.AutoTokenizer.from_pretrained(tmp_path / name)
 
 
+@pytest.mark.needs("transformers")
 def test_named_chatml_template_is_applied(llama_family, tmp_path):
     tok = merged_tokenizer(llama_family, tmp_path, "chatml")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.needs("transformers")
 def test_literal_template_and_auto(llama_family, tmp_path):
     literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
     tok = merged_tokenizer(llama_family, tmp_path, literal, "literal")

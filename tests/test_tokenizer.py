@@ -98,6 +98,8 @@ def models(fam, weights) -> list[dict]:
     return [{"model": str(fam[n]), "parameters": {"weight": w}} for n, w in weights.items()]
 
 
+@pytest.mark.needs("transformers")
+@pytest.mark.slow
 def test_union_has_every_models_tokens_and_equals_mergekit_token_by_token(vocab_family, tmp_path):
     recipe = {"merge_method": "linear", "base_model": str(vocab_family["base"]),
               "models": models(vocab_family, {"base": 0.2, "ft1": 0.5, "ft2": 0.3}),
@@ -117,6 +119,8 @@ def test_union_has_every_models_tokens_and_equals_mergekit_token_by_token(vocab_
     assert tok("<tool><|im_start|>hi").input_ids[1:3] == [130, 128]
 
 
+@pytest.mark.needs("transformers")
+@pytest.mark.slow
 def test_tokenizer_source_base_drops_added_tokens_like_mergekit(vocab_family, tmp_path):
     recipe = {"merge_method": "task_arithmetic", "base_model": str(vocab_family["base"]),
               "models": models(vocab_family, {"ft1": 0.6, "ft2": 0.4}),
@@ -126,6 +130,8 @@ def test_tokenizer_source_base_drops_added_tokens_like_mergekit(vocab_family, tm
     assert len(vocab) == 128 and "<tool>" not in vocab
 
 
+@pytest.mark.needs("transformers")
+@pytest.mark.slow
 def test_tokenizer_source_model_takes_that_models_vocabulary(vocab_family, tmp_path):
     recipe = {"merge_method": "slerp", "base_model": str(vocab_family["base"]),
               "models": [{"model": str(vocab_family["base"])}, {"model": str(vocab_family["ft2"])}],
@@ -135,6 +141,8 @@ def test_tokenizer_source_model_takes_that_models_vocabulary(vocab_family, tmp_p
     assert vocab == vocab_of(vocab_family["ft2"])
 
 
+@pytest.mark.needs("transformers")
+@pytest.mark.slow
 def test_tokenizer_block_token_sources_force_and_padding_equal_mergekit(vocab_family, tmp_path):
     recipe = {
         "merge_method": "linear", "base_model": str(vocab_family["base"]),
@@ -160,6 +168,7 @@ def test_tokenizer_block_token_sources_force_and_padding_equal_mergekit(vocab_fa
     assert torch.equal(emb[132], emb[135])
 
 
+@pytest.mark.needs("transformers")
 def test_merged_vocabulary_loads_in_transformers(vocab_family, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -28,7 +28,11 @@ RANKS = {2: 2, 3: 3}
 """Ranks of each fine-tune: with 3, stage 3 pads parameters (4096 elements are not a multiple of 3)."""
 
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [
+    pytest.mark.timeout(1200),
+    pytest.mark.slow,
+    pytest.mark.needs("deepspeed", "transformers"),  # zero_finetune.py: DeepSpeed fine-tunes a transformers Llama
+]
 """The first test here also pays for two real DeepSpeed fine-tunes (see ``zero_checkpoints``)."""
 
 
