@@ -234,7 +234,7 @@ def cmd_kernel(argv: list[str]) -> int:
     import torch
 
     from distmerge.io.reader import TensorReader
-    from distmerge.launch import JobOptions, make_plan
+    from distmerge.job import JobOptions, make_plan
     from distmerge.tensor_merge import merge_tensor
 
     recipe, device, shard = argv[0], argv[1], int(argv[2])

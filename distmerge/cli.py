@@ -77,7 +77,7 @@ def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json,
 
 
 def _plan(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool):
-    from distmerge.launch import JobOptions, make_plan
+    from distmerge.job import JobOptions, make_plan
 
     options = JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed, allow_pickle=allow_pickle)
     return make_plan(recipe_path, options)
@@ -199,7 +199,7 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
     mergekit-yaml's options are accepted too: --cuda means --device cuda; the others are not
     needed here and are ignored with a warning saying why."""
     from distmerge.dist import detect
-    from distmerge.launch import JobOptions, merge
+    from distmerge.job import JobOptions, run_job
     from distmerge.mergekit_cli import keyword, warnings
     from distmerge.recipe import recipe_warnings
 
@@ -220,7 +220,7 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
         report_json=report_json, log_seconds=log_every, io=io,
     )  # fmt: skip
-    result = merge(recipe, out, options)
+    result = run_job(recipe, out, options)
     if result.rank == 0 and not quiet and result.complete:
         click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")
     elif result.rank == 0 and not quiet:
@@ -310,7 +310,7 @@ def soup_command(out, ingredients, ingredients_file, greedy, dtype, out_shard_si
     rerunning the same command resumes."""
     from distmerge.dist import detect
     from distmerge.evaluate import spec_from_options
-    from distmerge.launch import JobOptions
+    from distmerge.job import JobOptions
     from distmerge.soup import SoupOptions, run_soup
 
     listed = [line.strip() for line in ingredients_file or [] if line.strip() and not line.startswith("#")]
@@ -356,7 +356,7 @@ def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_l
     """
     import os
 
-    from distmerge.launch import JobOptions, make_plan
+    from distmerge.job import JobOptions, make_plan
     from distmerge.slurm import sbatch_script
 
     passed = [*(["--out-shard-size", out_shard_size] if out_shard_size is not None else []),

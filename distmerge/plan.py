@@ -20,7 +20,7 @@ from distmerge import __version__, methods, templates
 from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
-from distmerge.recipe import Recipe, Slice, Source, evaluate
+from distmerge.recipe import InputModel, Recipe, Slice, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
 from distmerge.vocab import OutputVocab, VocabMap, build_vocab, is_identity, tokenizer_files, vocab_map
 
@@ -377,7 +377,7 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
     if recipe.models:
         sources = list(recipe.models)
         if recipe.base_model and recipe.base_model not in [m.model for m in sources]:
-            sources.append(Source(model=recipe.base_model))
+            sources.append(InputModel(model=recipe.base_model))
         counts = {m.model: layers_of(m.model) for m in sources}
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{m} has {n}" for m, n in counts.items())

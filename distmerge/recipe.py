@@ -61,8 +61,9 @@ Setting = Any
 
 
 @dataclass(frozen=True, slots=True)
-class Source:
-    """One input model of a slice (or of a ``models`` recipe, where layer_range is None)."""
+class InputModel:
+    """One input model of a slice (or of a ``models`` recipe, where layer_range is None): a
+    recipe entry, not yet found on disk (``distmerge.sources`` finds and reads it)."""
 
     model: str
     layer_range: tuple[int, int] | None = None
@@ -73,7 +74,7 @@ class Source:
 class Slice:
     """One output slice: its sources are merged layer by layer into consecutive output layers."""
 
-    sources: tuple[Source, ...]
+    sources: tuple[InputModel, ...]
     base_model: str | None = None
     parameters: dict[str, Setting] = field(default_factory=dict)
 
@@ -106,7 +107,7 @@ class TokenizerSpec:
 class Recipe:
     merge_method: str
     base_model: str | None
-    models: tuple[Source, ...] | None
+    models: tuple[InputModel, ...] | None
     """The ``models:`` form; None for a ``slices:`` recipe."""
     slices: tuple[Slice, ...] | None
     parameters: dict[str, Setting]
@@ -449,9 +450,9 @@ def _no_unknown(entry: dict, allowed: set[str], where: str, source: str) -> None
         )
 
 
-def _source(entry: Any, where: str, source: str, sliced: bool, notes: list[str]) -> Source:
+def _source(entry: Any, where: str, source: str, sliced: bool, notes: list[str]) -> InputModel:
     if isinstance(entry, str) and not sliced:
-        return Source(model=entry)
+        return InputModel(model=entry)
     if not isinstance(entry, dict):
         raise MergeError(f"{source}: {where} must be a mapping with 'model'")
     entry = _drop_no_effect(entry, ("model_name",), where, source, notes)
@@ -466,7 +467,7 @@ def _source(entry: Any, where: str, source: str, sliced: bool, notes: list[str])
                 f"{source}: {where}.layer_range {lr} is empty or reversed; it is [start, end) with 0 <= start < end"
             )
         layer_range = (lr[0], lr[1])
-    return Source(
+    return InputModel(
         model=_model(entry.get("model"), f"{where}.model", source),
         layer_range=layer_range,
         parameters=_params(entry.get("parameters"), f"{where}.parameters", source),

@@ -8,7 +8,7 @@ Wortsman et al., "Model soups" (ICML 2022, https://arxiv.org/abs/2203.05482):
                    and S ← S' when score(S') >= score(S) (the score "does not drop")
 
 Each S' is a ``linear`` merge of two checkpoints, S with weight n and θ with weight 1, written
-as a recipe and run by distmerge's own merge (:func:`distmerge.launch.merge`): it streams
+as a recipe and run by distmerge's own merge (:func:`distmerge.job.run_job`): it streams
 tensor by tensor, reads only those two models, runs on every rank of the job and resumes from
 its journal. Intermediate soups are float32, so that adding n ingredients one at a time rounds
 in float32, not n times in bf16. They only decide *which* ingredients go in: the final
@@ -50,7 +50,7 @@ import yaml
 from distmerge import dist
 from distmerge.errors import MergeError
 from distmerge.evaluate import EvalSpec, evaluate
-from distmerge.launch import JobOptions, merge
+from distmerge.job import JobOptions, run_job
 
 LOG, RECIPE, PLOT, STEPS, FINAL = "soup.json", "soup.yaml", "soup.png", "steps", "final"
 Merge = tuple[str, str]
@@ -270,7 +270,7 @@ def run_soup(out: str, ingredients: list[str], spec: EvalSpec | None, options: S
             job = on_rank0(group, f"soup-{i}", lambda: next(jobs, None))
             if job is None:
                 break
-            merge(job[0], job[1], options.job)
+            run_job(job[0], job[1], options.job)
         return json.loads((out_dir / LOG).read_text()) if group.rank == 0 else None
     finally:
         group.close()

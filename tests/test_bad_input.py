@@ -239,11 +239,11 @@ def _crash(*args, **kwargs):
 
 
 def test_internal_error_is_one_line_exit_3_and_a_log_with_the_traceback(llama_family, tmp_path, monkeypatch, capsys):
-    import distmerge.launch
+    import distmerge.job
     from distmerge.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(distmerge.launch, "make_plan", _crash)
+    monkeypatch.setattr(distmerge.job, "make_plan", _crash)
     recipe = write_recipe(tmp_path, linear(llama_family["ft1"]))
     with pytest.raises(SystemExit) as e:
         main(["plan", str(recipe)])
@@ -261,7 +261,7 @@ def test_internal_error_is_one_line_exit_3_and_a_log_with_the_traceback(llama_fa
 
 
 def test_interrupt_and_user_errors_keep_their_exit_codes(llama_family, tmp_path, monkeypatch, capsys):
-    import distmerge.launch
+    import distmerge.job
     from distmerge.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -274,7 +274,7 @@ def test_interrupt_and_user_errors_keep_their_exit_codes(llama_family, tmp_path,
         raise MergeError("recipe.yml: something the user can fix")
 
     for fake, code, message in [(interrupt, 130, "aborted"), (user_error, 2, "error: recipe.yml: something the user can fix")]:
-        monkeypatch.setattr(distmerge.launch, "make_plan", fake)
+        monkeypatch.setattr(distmerge.job, "make_plan", fake)
         with pytest.raises(SystemExit) as e:
             main(["plan", str(recipe)])
         assert e.value.code == code
@@ -286,9 +286,9 @@ def test_internal_error_in_a_real_process_exits_3(llama_family, tmp_path):
     """The same through a process of its own (a patched function, not a switch in distmerge)."""
     recipe = write_recipe(tmp_path, linear(llama_family["ft1"]))
     code = (
-        "import sys, distmerge.launch, distmerge.cli\n"
+        "import sys, distmerge.job, distmerge.cli\n"
         "def boom(*a, **k): raise ZeroDivisionError('division by zero')\n"
-        "distmerge.launch.make_plan = boom\n"
+        "distmerge.job.make_plan = boom\n"
         "distmerge.cli.main(sys.argv[1:])\n"
     )
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}

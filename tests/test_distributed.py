@@ -39,7 +39,7 @@ except ImportError:
 from distmerge import dist
 from distmerge.cli import cli, main, parse_size
 from distmerge.errors import MergeError
-from distmerge.launch import JobOptions, make_plan, merge
+from distmerge.job import JobOptions, make_plan, run_job
 from distmerge.plan import assign_tensors
 from distmerge.slurm import sbatch_script
 from tests.helpers import REPO_ROOT, free_port, load_state
@@ -145,7 +145,7 @@ def in_process(recipe: Path, out: Path, *args: str) -> Path:
 
 def merge_in_process(recipe: Path, out: Path, seed: int = 0):
     with mock.patch.dict(os.environ, launcher_free(os.environ), clear=True):
-        return merge(str(recipe), str(out), JobOptions(out_shard_bytes=parse_size(SHARD), seed=seed, device="cpu", quiet=True))
+        return run_job(str(recipe), str(out), JobOptions(out_shard_bytes=parse_size(SHARD), seed=seed, device="cpu", quiet=True))
 
 
 # --------------------------------------------------------------------------- outputs

@@ -42,12 +42,11 @@ def merge(recipe: Path, out: Path, *extra: str) -> None:
 
 def interrupted(recipe: Path, out: Path, monkeypatch, hash_inputs: bool = False) -> None:
     """A run that stops after 7 tensors, leaving a resumable directory."""
-    from distmerge.launch import JobOptions
-    from distmerge.launch import merge as job
+    from distmerge.job import JobOptions, run_job
 
     monkeypatch.setenv("DISTMERGE_FAULT", "0:7:raise")
     with pytest.raises(RuntimeError, match="injected fault"):
-        job(str(recipe), str(out), JobOptions(out_shard_bytes=60_000, quiet=True, hash_inputs=hash_inputs))
+        run_job(str(recipe), str(out), JobOptions(out_shard_bytes=60_000, quiet=True, hash_inputs=hash_inputs))
     monkeypatch.delenv("DISTMERGE_FAULT")
 
 
@@ -136,16 +135,16 @@ def test_a_model_now_read_from_another_directory_is_refused(llama_family, tmp_pa
 
 
 def test_inputs_changed_during_the_run_are_refused_at_finish(models, recipe, tmp_path, monkeypatch, capsys):
-    import distmerge.launch as launch
+    import distmerge.job as job
 
-    real = launch.run_rank
+    real = job.run_rank
 
     def then_touch(*args, **kwargs):
         written = real(*args, **kwargs)
         os.utime(models["ft2"] / "model-00003-of-00003.safetensors", ns=(0, 10**18))
         return written
 
-    monkeypatch.setattr(launch, "run_rank", then_touch)
+    monkeypatch.setattr(job, "run_rank", then_touch)
     err = refused(recipe, tmp_path / "out", capsys)
     assert "model-00003-of-00003.safetensors changed since this run started (modified" in err
     assert "may mix old and new inputs" in err and not (tmp_path / "out/model.safetensors.index.json").exists()

@@ -42,13 +42,13 @@ def test_run_refuses_to_start_without_the_memory_the_plan_predicts(llama_family,
 
     import pytest
 
-    import distmerge.launch as launch
+    import distmerge.job as job
     from distmerge.cli import main
 
     f = llama_family
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(f["ft1"]), "parameters": {"weight": 1}}]}))
-    monkeypatch.setattr(launch.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    monkeypatch.setattr(job.psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
     with pytest.raises(SystemExit):
         main(["run", str(recipe), str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""One merge job, on one rank or many: plan, agree, prepare, write, finish.
+"""One merge job, on one rank or many: plan, agree, prepare, write, finish (``run_job``).
 
 Every rank runs this same function. Each phase that can fail for a user-visible reason
 ends in an agreement, so that one rank's problem stops every rank with the same message
@@ -150,12 +150,12 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def merge(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
+def run_job(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
     """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job. Ctrl-C
     and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun."""
     with sigterm_raises():
         try:
-            return _merge(recipe_path, out_dir, options or JobOptions())
+            return _run_job(recipe_path, out_dir, options or JobOptions())
         except (KeyboardInterrupt, Terminated) as e:
             raise stopped(e, out_dir) from None
 
@@ -172,7 +172,7 @@ def stopped(e: BaseException, out_dir: str) -> Stopped:
     return Stopped(f"{what} before any merged tensor was kept; rerun the same command to start again", code)
 
 
-def _merge(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
+def _run_job(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
     start = time.time()
     group = dist.init(options.device, options.timeout_s)
     locked = False
