@@ -63,6 +63,7 @@ def refused(tmp_path: Path, recipe: dict, *fragments: str) -> str:
 # ---------------------------------------------------------------- nothing dropped
 
 
+@pytest.mark.slow
 def test_weights_for_layers_past_the_config_are_refused(family, tmp_path):
     """config.json says 4 layers while the weights hold 0-5: layers 4 and 5 would be dropped."""
     for name in ("ft1", "ft2"):
@@ -71,6 +72,7 @@ def test_weights_for_layers_past_the_config_are_refused(family, tmp_path):
     refused(tmp_path, linear(family["ft1"], family["ft2"]), str(family["ft1"]), "config.json says 4 layers", "layer(s) 4-5")
 
 
+@pytest.mark.slow
 def test_a_tensor_only_one_model_has_is_refused(family, tmp_path):
     """ft2 holds a tensor that ft1 (the first model, which decides the output's tensors) lacks."""
     add_tensors(family["ft2"], {"model.layers.1.mlp.extra.weight": torch.ones(3)})
@@ -97,10 +99,10 @@ def tiny_vision_language(kind: str, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize(
-    "kind, stacks",
 @pytest.mark.needs("transformers")
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, stacks",
     [("qwen2_vl", ["model.layers.N", "visual.blocks.N"]), ("llava", ["language_model.model.layers.N", "vision_tower.encoder.layers.N"])],
 )
 def test_a_checkpoint_with_several_layer_stacks_is_refused_up_front(tmp_path, kind, stacks):
@@ -110,6 +112,7 @@ def test_a_checkpoint_with_several_layer_stacks_is_refused_up_front(tmp_path, ki
     assert "written twice" not in message
 
 
+@pytest.mark.slow
 def test_the_same_model_twice_is_refused(family, tmp_path):
     """mergekit refuses it ("Duplicate merge inputs"); one entry's weight would be ignored."""
     recipe = linear(family["ft1"], family["ft1"])
@@ -125,6 +128,7 @@ def test_the_same_model_twice_is_refused(family, tmp_path):
 # ---------------------------------------------------------------- integer and bool tensors
 
 
+@pytest.mark.slow
 def test_integer_and_bool_tensors_are_copied_bit_for_bit(family, tmp_path):
     index = torch.tensor([2**40 + 1, -7, 2**62], dtype=torch.int64)
     mask = torch.tensor([True, False, True, True])
@@ -145,6 +149,7 @@ def test_integer_and_bool_tensors_are_copied_bit_for_bit(family, tmp_path):
     assert run_cli("verify", out, "--full").returncode == 0
 
 
+@pytest.mark.slow
 def test_integer_tensors_that_differ_between_models_are_refused(family, tmp_path):
     add_tensors(family["ft1"], {"model.layers.0.self_attn.index": torch.tensor([1, 2, 3])})
     add_tensors(family["ft2"], {"model.layers.0.self_attn.index": torch.tensor([1, 2, 4])})
@@ -155,6 +160,7 @@ def test_integer_tensors_that_differ_between_models_are_refused(family, tmp_path
     assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("model-*.safetensors"))
 
 
+@pytest.mark.slow
 def test_integer_and_float_versions_of_one_tensor_are_refused(family, tmp_path):
     add_tensors(family["ft1"], {"model.layers.0.self_attn.index": torch.tensor([1, 2, 3])})
     add_tensors(family["ft2"], {"model.layers.0.self_attn.index": torch.tensor([1.0, 2.0, 3.0])})
@@ -164,6 +170,7 @@ def test_integer_and_float_versions_of_one_tensor_are_refused(family, tmp_path):
 # ---------------------------------------------------------------- weights refused before any work
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, weights, extra",
     [("linear", [1.0, -1.0], {}), ("linear", [0.5, -0.25, -0.25], {}), ("multislerp", [2.0, -2.0], {})],
@@ -174,6 +181,7 @@ def test_weights_summing_to_zero_are_refused_at_plan_time(family, tmp_path, meth
     refused(tmp_path, recipe, "sum to zero", "divides by their sum")
 
 
+@pytest.mark.slow
 def test_weights_summing_to_zero_without_normalize_are_merged(family, tmp_path):
     recipe = linear(family["ft1"], family["ft2"], parameters={"normalize": False})
     recipe["models"][1]["parameters"]["weight"] = -1.0

@@ -23,6 +23,7 @@ def recipe(llama_family, tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_mergekit_flags_are_accepted_with_one_warning_each_and_change_nothing(recipe, tmp_path):
     plain, habit = tmp_path / "plain", tmp_path / "habit"
     assert run_cli("run", recipe, plain, "--quiet").returncode == 0
@@ -38,6 +39,7 @@ def test_mergekit_flags_are_accepted_with_one_warning_each_and_change_nothing(re
         assert filecmp.cmp(plain / name, habit / name, shallow=False), name
 
 
+@pytest.mark.slow
 def test_cuda_means_device_cuda(recipe, tmp_path):
     r = run_cli("run", recipe, tmp_path / "out", "--cuda")  # this machine has no GPU
     assert r.returncode == 2 and "--device cuda: no CUDA device is available" in r.stderr, r.stderr
@@ -51,9 +53,9 @@ def test_out_shard_size_takes_mergekits_forms(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.needs("mergekit")
 def test_readme_maps_every_mergekit_yaml_option():
     from mergekit.scripts.run_yaml import main as mergekit_yaml
-@pytest.mark.needs("mergekit")
 
     readme = (REPO_ROOT / "README.md").read_text()
     assert markdown_table() in readme, "README's mergekit-yaml table is out of date: paste distmerge.mergekit_cli.markdown_table()"
