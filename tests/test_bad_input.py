@@ -75,18 +75,21 @@ def assert_refused(tmp_path, recipe_path, *fragments, commands=("plan", "run")):
 # --- 1, 2, 3: the recipe file ---
 
 
+@pytest.mark.slow
 def test_billion_laughs_recipe_is_refused_quickly(llama_family, tmp_path):
     text = LAUGHS + yaml.safe_dump(linear(llama_family["ft1"], llama_family["ft2"])).replace("weight: 1.0", "weight: *l9")
     line = assert_refused(tmp_path, write_recipe(tmp_path, text), "recipe.yml", "YAML aliases", "more than 100,000 values", "write the values out")
     assert "under 'l9'" in line or "under 'models'" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nest", [lambda n: "[" * n + "0.5" + "]" * n, lambda n: "{a: " * n + "0.5" + "}" * n], ids=["lists", "mappings"])
 def test_recipe_nested_thousands_deep_is_refused(llama_family, tmp_path, nest):
     text = yaml.safe_dump(linear(llama_family["ft1"])).replace("weight: 1.0", f"weight: {nest(5000)}")
     assert_refused(tmp_path, write_recipe(tmp_path, text), "recipe.yml", "nested more than 64 levels deep (at line")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "encode, byte",
     [(lambda t: t.encode("utf-16"), "0xff on line 1"), (lambda t: ("name: caf\xe9\n" + t).encode("latin-1"), "0xe9 on line 1")],
@@ -100,6 +103,7 @@ def test_recipe_that_is_not_utf8_is_refused(llama_family, tmp_path, encode, byte
 # --- 4, 5: config.json and the shard index ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content, fragment",
     [
@@ -115,6 +119,7 @@ def test_bad_config_json_is_refused_naming_it(llama_family, tmp_path, content, f
     assert_refused(tmp_path, write_recipe(tmp_path, linear(bad, llama_family["ft2"])), str(bad), fragment)
 
 
+@pytest.mark.slow
 def test_config_layer_count_that_is_not_a_number_is_refused(llama_family, tmp_path):
     bad = copy_model(llama_family["ft1"], tmp_path)
     config = json.loads((bad / "config.json").read_text())
@@ -125,6 +130,7 @@ def test_config_layer_count_that_is_not_a_number_is_refused(llama_family, tmp_pa
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content, fragment",
     [
@@ -145,6 +151,7 @@ def test_bad_shard_index_is_refused_naming_it(llama_family, tmp_path, content, f
 # --- 6: safetensors headers ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "header",
     [b"[" * 100_000 + b"]" * 100_000, b'{"w": {"dtype": "F32", "shape": ' + b"[" * 100_000 + b"]" * 100_000 + b', "data_offsets": [0, 0]}}'],
@@ -156,6 +163,7 @@ def test_safetensors_header_nested_too_deeply_is_refused(llama_family, tmp_path,
     assert_refused(tmp_path, write_recipe(tmp_path, linear(bad, llama_family["ft2"])), f"{bad}/model.safetensors: not a safetensors file: its header JSON is nested too deeply")
 
 
+@pytest.mark.slow
 def test_safetensors_file_that_is_a_fifo_is_refused(llama_family, tmp_path):
     bad = copy_model(llama_family["ft1"], tmp_path)
     replace_file(bad / "model.safetensors", "FIFO")
@@ -165,6 +173,7 @@ def test_safetensors_file_that_is_a_fifo_is_refused(llama_family, tmp_path):
 # --- 7: chat_template: auto reads tokenizer_config.json ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content, fragment",
     [("FIFO", "tokenizer_config.json: it is a FIFO"), (["{{ messages }}"], "tokenizer_config.json: holds a JSON list, not the JSON object")],
@@ -180,6 +189,7 @@ def test_chat_template_auto_with_bad_tokenizer_config_is_refused(llama_family, t
 # --- the same class: other files, values and YAML that must not hang or crash ---
 
 
+@pytest.mark.slow
 def test_recipe_larger_than_16_mib_is_refused_before_it_is_read(tmp_path):
     """A large file given as the recipe (a checkpoint, a log) is refused, not parsed."""
     big = tmp_path / "recipe.yml"
@@ -282,6 +292,7 @@ def test_interrupt_and_user_errors_keep_their_exit_codes(llama_family, tmp_path,
     assert not list(tmp_path.glob("distmerge-crash-*.log"))
 
 
+@pytest.mark.slow
 def test_internal_error_in_a_real_process_exits_3(llama_family, tmp_path):
     """The same through a process of its own (a patched function, not a switch in distmerge)."""
     recipe = write_recipe(tmp_path, linear(llama_family["ft1"]))

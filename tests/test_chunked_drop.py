@@ -42,6 +42,7 @@ def params_for(name, n, rescale):
     return p
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["della", "della_linear", "dare_ties", "dare_linear"])
 @pytest.mark.parametrize("shape", [(37, 53), (5, 300), (64, 1)], ids=str)
 @pytest.mark.parametrize("rescale", [True, False])

@@ -67,6 +67,7 @@ def test_passes_and_row_batches():
     assert all(i % 53 == 0 == j % 53 for i, j in passes[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_long_rows(filter_wise):
     """Rows longer than torch's parallel grain (32768): a lone row would be summed in

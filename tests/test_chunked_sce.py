@@ -45,6 +45,7 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor):
     assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1])
 @pytest.mark.parametrize("shape, n, bf16", [((37, 53), 2, True), ((37, 53), 3, False), ((1001,), 3, True)])
 def test_chunked_sce_is_the_whole_tensor_sce(shape, n, bf16, select_topk):
@@ -119,6 +120,7 @@ def test_chunked_sce_reads_each_pass_in_order():
     assert log == [(0, 0)] + ranges * 4  # the model count (an empty read), Var, one energy pass per model, the merge
 
 
+@pytest.mark.slow
 def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
     """bf16 inputs merged with sce in 777- and 4099-element chunks give the bytes of the whole-tensor merge."""
     from distmerge import tensor_merge

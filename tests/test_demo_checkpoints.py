@@ -37,6 +37,7 @@ from tests.helpers import (
 # --------------------------------------------------------------------------- tiny models
 
 
+@pytest.mark.slow
 def test_transformers_loads_model_and_tokenizer(llama_family):
     transformers = pytest.importorskip("transformers")
     path = llama_family["base"]  # sharded: index + 2 files
@@ -149,6 +150,7 @@ def test_tokenizer_is_written_without_the_tokenizers_package(tmp_path, monkeypat
     assert tokenizers.Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json")).encode("the cat").tokens == ["<s>", "▁", "th", "e", "▁", "c", "at"]
 
 
+@pytest.mark.slow
 def test_demo_needs_no_transformers_or_numpy(tmp_path):
     # The demo runs in a venv with only distmerge's dependencies (safetensors 0.8's
     # save_file would need numpy, so demo writes safetensors itself).
@@ -261,6 +263,7 @@ def test_sparse_70b_checkpoint(tmp_path, preset, vocab):
 # --------------------------------------------------------------------------- helpers
 
 
+@pytest.mark.slow
 def test_run_mergekit_linear_is_mean(llama_family_f32, tmp_path):
     a, b = llama_family_f32["ft1"], llama_family_f32["ft3"]
     recipe = {
@@ -312,6 +315,7 @@ def test_free_port():
         s.bind(("127.0.0.1", port))
 
 
+@pytest.mark.slow
 def test_run_cli_help():
     if not (REPO_ROOT / "distmerge" / "cli.py").exists():
         pytest.skip("distmerge/cli.py is not written yet")

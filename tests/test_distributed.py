@@ -241,6 +241,7 @@ def one_process(recipes, tmp_path_factory):
 # --------------------------------------------------------------------------- 1. world-size independence
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_process, tmp_path):
     ref = one_process(name)
@@ -275,6 +276,7 @@ def test_dare_ties_randomness_is_applied_and_follows_the_seed(one_process):
 # --------------------------------------------------------------------------- 2. a rank killed, then a rerun
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k, rerun_k", [(2, 2), (3, 1)], ids=["k2-rerun-k2", "k3-rerun-k1"])
 def test_killed_rank_stops_the_job_and_a_rerun_resumes_to_identical_bytes(k, rerun_k, recipes, one_process, tmp_path):
     ref = one_process("linear")
@@ -305,6 +307,7 @@ def test_killed_rank_stops_the_job_and_a_rerun_resumes_to_identical_bytes(k, rer
 # --------------------------------------------------------------------------- 3. a rank fails
 
 
+@pytest.mark.slow
 def test_failing_rank_stops_every_rank_quickly_and_is_named(recipes, tmp_path):
     out = tmp_path / "out"
     r = torchrun(2, recipes["linear"], out, env={"DISTMERGE_FAULT": "1:2:raise"})
@@ -338,6 +341,7 @@ def srun_ranks(recipe: Path, out: Path, n: int, *args: str, fault: dict[int, str
     return procs
 
 
+@pytest.mark.slow
 def test_srun_style_ranks_merge_like_one_process(recipes, one_process, tmp_path):
     out = tmp_path / "out"
     procs = srun_ranks(recipes["linear"], out, 2, "--timeout", "60")
@@ -351,6 +355,7 @@ def test_srun_style_ranks_merge_like_one_process(recipes, one_process, tmp_path)
     assert_same_output(out, one_process("linear"))
 
 
+@pytest.mark.slow
 def test_srun_style_rank_killed_midway_ends_rank_0_quickly(recipes, one_process, tmp_path):
     out = tmp_path / "out"
     # Both ranks sleep 0.3 s per tensor, so the test can kill rank 1 in the middle of its share.
@@ -471,6 +476,7 @@ def test_first_host_of_an_empty_list():
         dist.first_host("")
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     prefix=st.from_regex(r"[a-z][a-z0-9-]{0,8}[a-z]", fullmatch=True),

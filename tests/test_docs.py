@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from distmerge.methods import METHODS, markdown_table
 from tests.helpers import REPO_ROOT, run_cli
 
@@ -37,6 +39,7 @@ def test_readme_methods_section_is_exactly_the_generated_table():
     assert table_lines == table.splitlines()
 
 
+@pytest.mark.slow
 def test_methods_command_lists_every_method():
     result = run_cli("methods")
     assert result.returncode == 0, result.stderr
@@ -47,6 +50,7 @@ def test_methods_command_lists_every_method():
             assert p.name in result.stdout, (method.name, p.name)
 
 
+@pytest.mark.slow
 def test_methods_markdown_flag_prints_the_table():
     result = run_cli("methods", "--markdown")
     assert result.returncode == 0, result.stderr

@@ -48,6 +48,7 @@ def eval_json(model, *args, cache) -> dict:
 # --------------------------------------------------------------------------- --eval-cmd
 
 
+@pytest.mark.slow
 def test_eval_cmd_with_the_skills_scorer_gives_skills_scores(skill_models, tmp_path):
     got = eval_json(skill_models["reverse"], "--eval-cmd", SKILLS_CMD, cache=tmp_path / "cache")
     want = skills.score_all(skill_models["reverse"], ITEMS)
@@ -72,6 +73,7 @@ def test_score_of_json_rules():
         ev.score_of_json(nested, "task/bleu", "cmd")
 
 
+@pytest.mark.slow
 def test_second_call_is_a_cache_hit_and_changed_bytes_are_a_miss(skill_models, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(skill_models["sort"], model)
@@ -94,6 +96,7 @@ def test_second_call_is_a_cache_hit_and_changed_bytes_are_a_miss(skill_models, t
     assert len(counter.read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_the_same_bytes_in_two_merges_are_evaluated_once(skill_models, skill_merge, tmp_path, monkeypatch):
     recipe = {"merge_method": "task_arithmetic", "base_model": str(skill_models["base"]), "dtype": "float32",
               "models": [{"model": str(skill_models[s]), "parameters": {"weight": 1.0}} for s in ("reverse", "lookup")]}  # fmt: skip
@@ -127,6 +130,7 @@ def test_the_same_bytes_in_two_merges_are_evaluated_once(skill_models, skill_mer
 # --------------------------------------------------------------------------- lm-eval
 
 
+@pytest.mark.slow
 def test_lm_eval_local_task_agrees_with_skills_score(skill_models, tmp_path):
     pytest.importorskip("lm_eval")
     tasks = tmp_path / "tasks"
@@ -146,6 +150,7 @@ def test_lm_eval_local_task_agrees_with_skills_score(skill_models, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -162,6 +167,7 @@ def test_refusals_are_one_line_before_any_work(skill_models, tmp_path, args, mes
     assert len(r.stderr.splitlines()) == 1 and message in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cmd, message",
     [
@@ -176,6 +182,7 @@ def test_a_failing_command_is_one_line(skill_models, tmp_path, cmd, message):
     assert last.startswith(f"error: --eval-cmd '{cmd.replace('{model}', str(skill_models['base']))}'") and message in last, r.stderr
 
 
+@pytest.mark.slow
 def test_missing_model_and_missing_lm_eval_are_one_line(tmp_path, skill_models, monkeypatch):
     r = run_main("eval", tmp_path / "nope", "--eval-cmd", "echo 1 {model}", "--cache-dir", tmp_path)
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'nope'}: no such directory (give a checkpoint directory: config.json and weights)\n")

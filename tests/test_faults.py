@@ -53,6 +53,7 @@ def finished_files_are_whole(out: Path, clean: Path) -> None:
 # ---------------------------------------------------------------- killed at any point, resumed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["1", "7", "publish", "index"])
 def test_killed_run_resumes_to_identical_bytes(recipe, clean_run, tmp_path, where):
     out = tmp_path / "out"
@@ -68,6 +69,7 @@ def test_killed_run_resumes_to_identical_bytes(recipe, clean_run, tmp_path, wher
     assert run_cli("verify", out, "--full").returncode == 0
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_unjournaled_tensors(recipe, clean_run, tmp_path):
     out = tmp_path / "out"
     r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": "0:20:kill"})
@@ -189,6 +191,7 @@ def test_nan_or_inf_is_reported_with_the_tensor_name(llama_family, tmp_path, cap
 # ---------------------------------------------------------------- verify
 
 
+@pytest.mark.slow
 def test_verify_finds_corruption_truncation_and_config_mismatch(clean_run):
     r = run_cli("verify", clean_run, "--full")
     assert r.returncode == 0 and "OK" in r.stdout
@@ -208,6 +211,7 @@ def test_verify_finds_corruption_truncation_and_config_mismatch(clean_run):
     assert "num_hidden_layers is 5, the weights have 4 layers" in run_cli("verify", clean_run).stderr
 
 
+@pytest.mark.slow
 def test_verify_of_something_that_is_not_an_output(tmp_path):
     r = run_cli("verify", tmp_path)
     assert r.returncode == 1 and "model.safetensors.index.json" in r.stderr

@@ -52,6 +52,7 @@ def _read_header_cleanly(path) -> None:
         assert 0 <= e.begin <= e.end <= size
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(header=headers, data=st.binary(max_size=64), length=st.none() | st.integers(0, 2**64 - 1))
 def test_malformed_headers_end_in_a_clear_error(tmp_path_factory, header, data, length):
@@ -85,6 +86,7 @@ recipes = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(recipe=recipes)
 def test_malformed_recipes_end_in_a_clear_error(recipe):
@@ -171,6 +173,7 @@ def alias_documents(draw):
     return text, sum(sizes) + sizes[use]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(doc=alias_documents())
 def test_alias_bombs_are_refused_before_any_work(doc):
@@ -185,6 +188,7 @@ def test_alias_bombs_are_refused_before_any_work(doc):
         assert expanded <= 100_000
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(gradient=st.lists(st.integers(0, 1000).map(lambda k: k / 1000), min_size=1, max_size=8), uses=st.integers(1, 20))
 def test_a_few_aliases_are_read_as_mergekit_reads_them(gradient, uses):
@@ -195,6 +199,7 @@ def test_a_few_aliases_are_read_as_mergekit_reads_them(gradient, uses):
     assert recipe.models == tuple(parse_recipe(yaml.safe_dump(yaml.safe_load(text)), source="x").models)
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(depth=st.integers(1, 200_000), inner=st.sampled_from([b"", b"1", b'"x"']), wrap=st.booleans())
 def test_deeply_nested_headers_end_in_a_clear_error(tmp_path_factory, depth, inner, wrap):
@@ -228,6 +233,7 @@ def bad_models(llama_family, tmp_path_factory):
     return {name: shutil.copytree(llama_family[name], root / name) for name in ("base", "ft1")}
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(content=json_bytes, target=st.sampled_from([("ft1", "config.json"), ("base", "config.json"), ("base", "model.safetensors.index.json")]))
 def test_model_json_files_of_any_shape_end_in_a_clear_error(bad_models, content, target):

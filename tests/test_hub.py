@@ -34,6 +34,7 @@ def hub_env(hub: HubStandIn, token: str = TOKEN) -> dict[str, str]:
     return {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+@pytest.mark.slow
 def test_push_uploads_the_checkpoint_byte_for_byte_without_bookkeeping(merged, hub):
     r = run_cli("push", merged, "me/merged", "--private", env=hub_env(hub))
     assert r.returncode == 0, r.stderr
@@ -51,6 +52,7 @@ def test_push_uploads_the_checkpoint_byte_for_byte_without_bookkeeping(merged, h
     assert "\n# base + ft1 (ties merge)\n" in card  # named for its models, not "# base merge"
 
 
+@pytest.mark.slow
 def test_run_with_push_to_hub_uploads_once_the_merge_is_verified(llama_family, tmp_path, hub):
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])], "parameters": {"weight": 1}}))
@@ -61,6 +63,7 @@ def test_run_with_push_to_hub_uploads_once_the_merge_is_verified(llama_family, t
     assert hub.repos["me/linear"]["visibility"] == "public"
 
 
+@pytest.mark.slow
 def test_an_output_that_fails_verification_is_not_pushed(merged, hub):
     shard = next(merged.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-5])
@@ -69,6 +72,7 @@ def test_an_output_that_fails_verification_is_not_pushed(merged, hub):
     assert hub.requests == []
 
 
+@pytest.mark.slow
 def test_a_refused_upload_is_one_clear_error(merged, hub):
     r = run_cli("push", merged, "me/merged", env=hub_env(hub, token="hf_wrong"))
     assert r.returncode != 0 and "Traceback" not in r.stderr
@@ -86,6 +90,7 @@ def no_hub(kind: str) -> dict[str, str]:
     return {"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["closed port", "offline mode"])
 def test_push_without_network_is_one_clear_line(merged, kind):
     env = no_hub(kind)
@@ -98,6 +103,7 @@ def test_push_without_network_is_one_clear_line(merged, kind):
     assert line.endswith("the merge itself is complete and verified")
 
 
+@pytest.mark.slow
 def test_run_with_push_to_hub_without_network_keeps_the_verified_merge(llama_family, tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])], "parameters": {"weight": 1}}))

@@ -59,6 +59,7 @@ def test_every_package_distmerge_imports_is_declared_or_guarded():
     assert set(NEEDED_BY_TORCH) <= have
 
 
+@pytest.mark.slow
 def test_without_the_optional_packages_distmerge_imports_and_says_what_to_install():
     """A fresh interpreter in which the optional packages cannot be imported, as in a plain install."""
     script = """

@@ -179,6 +179,7 @@ def masks(rescale=False, dense=()):
 # ---------------------------------------------------------------- the interpreted kernels
 
 
+@pytest.mark.slow
 @parent_only
 def test_triton_kernels_under_the_interpreter(tmp_path):
     """Runs every ``@interpreted`` test of this file in a child pytest with TRITON_INTERPRET=1."""
@@ -511,6 +512,7 @@ PTX_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @parent_only
 def test_kernels_compile_for_sm90_without_contracted_fma(tmp_path):
     """The real (compiled) kernels build for an H100 and their PTX rounds like torch on CPU:

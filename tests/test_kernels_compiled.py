@@ -9,6 +9,8 @@ from distmerge import kernels
 from distmerge.kernels import compiled, reference
 from tests.helpers import synthetic_models
 
+pytestmark = pytest.mark.slow  # torch.compile: each new graph compiles for seconds
+
 N = 70001  # above compiled.MIN_ELEMENTS, not a multiple of any vector width
 
 

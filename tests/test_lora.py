@@ -55,6 +55,7 @@ def test_adapter_is_applied_as_w_plus_scaled_ba(llama_family_f32, tmp_path, rslo
     assert sum(not torch.equal(merged[k], base[k]) for k in merged) == 3 * 4
 
 
+@pytest.mark.slow
 def test_adapter_merge_agrees_with_mergekit(llama_family_f32, tmp_path):
     """mergekit merges the adapter with PEFT (merge_and_unload) and then merges models."""
     f = llama_family_f32

@@ -221,6 +221,7 @@ def test_passthrough_depth_upscaling_with_scale(llama_deep, tmp_path):
 # ---------------------------------------------------------------- the output is a HF checkpoint
 
 
+@pytest.mark.needs("transformers")
 @pytest.mark.parametrize("method", ["linear", "passthrough"])
 def test_output_loads_in_transformers_and_runs(llama_deep, tmp_path, method):
     import torch

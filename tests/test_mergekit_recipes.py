@@ -63,6 +63,7 @@ modules:
 {parameters}"""
 
 
+@pytest.mark.slow
 def test_module_default_runs_as_the_same_recipe_with_top_level_slices_and_as_mergekit(llama_family_f32, tmp_path):
     text = card_form(llama_family_f32)
     modules = write(tmp_path / "modules.yml", text)
@@ -76,6 +77,7 @@ def test_module_default_runs_as_the_same_recipe_with_top_level_slices_and_as_mer
     assert_same_tensors(tmp_path / "ours-modules", theirs)
 
 
+@pytest.mark.slow
 def test_module_parameters_rank_between_slices_and_top_level_as_in_mergekit(llama_family_f32, tmp_path):
     f = llama_family_f32
     text = f"""merge_method: linear
@@ -96,6 +98,7 @@ parameters:
     assert_same_tensors(tmp_path / "ours", run_mergekit(text, tmp_path / "mergekit"))
 
 
+@pytest.mark.slow
 def test_numbers_for_booleans_run_as_in_mergekit(llama_family_f32, tmp_path):
     f = llama_family_f32
     text = f"""merge_method: ties
@@ -115,6 +118,7 @@ dtype: float32
     assert_same_tensors(tmp_path / "ours", run_mergekit(text, tmp_path / "mergekit"))
 
 
+@pytest.mark.slow
 def test_a_boolean_mergekit_refuses_is_refused_at_plan_time(llama_family_f32, tmp_path):
     f = llama_family_f32
     text = f"merge_method: linear\nmodels: [{{model: {f['ft1']}}}, {{model: {f['ft2']}}}]\nparameters: {{normalize: 2}}\n"
@@ -128,6 +132,7 @@ def test_a_boolean_mergekit_refuses_is_refused_at_plan_time(llama_family_f32, tm
         run_mergekit(text, tmp_path / "mergekit")
 
 
+@pytest.mark.slow
 def test_keys_with_no_effect_are_warned_about_and_run_as_mergekit_runs_them(llama_family, tmp_path):
     f = llama_family
     text = f"""model_name: stacked
@@ -154,13 +159,13 @@ dtype: bfloat16
     assert_same_tensors(tmp_path / "ours", run_mergekit(text, tmp_path / "mergekit"))
 
 
+@pytest.mark.needs("mergekit")
+@pytest.mark.slow
 def test_multi_stage_recipe_is_named_with_its_stages_and_nothing_is_written(llama_family, tmp_path):
     from mergekit.scripts.multimerge import load_config
 
     f = llama_family
     text = f"""name: first-merge
-@pytest.mark.needs("mergekit")
-@pytest.mark.slow
 merge_method: linear
 models: [{{model: {f['ft1']}, parameters: {{weight: 1}}}}, {{model: {f['ft2']}, parameters: {{weight: 1}}}}]
 ---

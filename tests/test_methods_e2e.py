@@ -205,6 +205,7 @@ def test_every_method_is_covered():
     assert set(covered) == DETERMINISTIC
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", FLOAT32_CASES, ids=lambda c: c.id)
 def test_float32_recipe_is_bit_identical_to_mergekit(case, llama_family_f32, tmp_path):
     recipe = case.build(llama_family_f32) | {"dtype": "float32"}
@@ -274,6 +275,7 @@ BF16_EXACT_VIA_FLOAT32 = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", BF16_EXACT_VIA_FLOAT32)
 def test_bf16_recipe_is_mergekits_float32_math_rounded_once(case_id, llama_family, tmp_path):
     recipe = _case(case_id).build(llama_family)
@@ -283,6 +285,7 @@ def test_bf16_recipe_is_mergekits_float32_math_rounded_once(case_id, llama_famil
     assert_same_tensors(ours, rounded)  # tolerance 0, dtypes checked (all bf16)
 
 
+@pytest.mark.slow
 def test_ties_on_bf16_inputs_differs_only_in_the_choice_among_equal_magnitudes(llama_family, tmp_path):
     """TIES trim of one bf16 fine-tune, float32 math: the same number of entries is kept,
     and where the kept sets differ the |delta| equals the k-th largest one (a tie at the
@@ -344,6 +347,7 @@ BF16_VS_MERGEKIT_BF16 = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id, extra, ulps, max_fraction", BF16_VS_MERGEKIT_BF16, ids=[c[0] for c in BF16_VS_MERGEKIT_BF16])
 def test_bf16_recipe_close_to_mergekit_bf16(case_id, extra, ulps, max_fraction, llama_family, tmp_path):
     recipe = _case(case_id).build(llama_family) | {"dtype": "bfloat16"}
@@ -354,6 +358,7 @@ def test_bf16_recipe_close_to_mergekit_bf16(case_id, extra, ulps, max_fraction, 
     assert_within_input_ulps(ours, theirs, _input_states(recipe), ulps, max_fraction_beyond=max_fraction)
 
 
+@pytest.mark.slow
 def test_bf16_output_dtype_is_the_recipe_dtype_where_mergekit_promotes(llama_family, tmp_path):
     """mergekit 0.1.5 writes float32 tensors for a ``dtype: bfloat16`` arcee_fusion or
     ramplus_tl recipe (its float32 mask / boost factor promotes the bf16 result and nothing
@@ -384,6 +389,7 @@ DENSITY_ONE_PAIRS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, counterpart, counterpart_params", DENSITY_ONE_PAIRS, ids=[p[0] for p in DENSITY_ONE_PAIRS])
 def test_randomized_method_at_density_one_is_its_deterministic_counterpart(method, counterpart, counterpart_params, llama_family_f32, tmp_path):
     f = llama_family_f32
@@ -474,6 +480,7 @@ def check_drop_statistics(method: str, out_dir: Path, fam: dict, names: list[str
 RANDOMIZED_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_models", [1, 2])
 @pytest.mark.parametrize("method", RANDOMIZED_METHODS)
 def test_randomized_method_drop_statistics(method, n_models, llama_family_f32, tmp_path):

@@ -203,6 +203,7 @@ def test_truncated_shard_is_reported(llama_family, tmp_path):
 # ---------------------------------------------------------------- through the command line
 
 
+@pytest.mark.slow
 def test_cli_plan_json_and_text(llama_family, tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump(ta_recipe(llama_family)))
@@ -220,6 +221,7 @@ def test_cli_plan_json_and_text(llama_family, tmp_path):
     assert "peak working memory" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_user_error_is_one_line_without_traceback(llama_family, tmp_path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(llama_family["ft1"]), "layer_range": [0, 9]}]}]}))
@@ -230,6 +232,7 @@ def test_cli_user_error_is_one_line_without_traceback(llama_family, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing was created before the check
 
 
+@pytest.mark.slow
 def test_hub_repo_ids_resolve_from_a_prefilled_cache(hf_hub_cache, tmp_path):
     cache, repo = hf_hub_cache
     recipe = tmp_path / "r.yml"
@@ -258,6 +261,7 @@ def _peak_rss(recipe_path: Path, out: Path) -> float:
     return float(value) * (1e6 if unit == "MB" else 1e9)
 
 
+@pytest.mark.slow
 def test_peak_rss_stays_flat_when_the_model_doubles_in_depth(tmp_path):
     """16 layers of 2 MB tensors vs 32: the run's peak RSS must not grow with depth."""
     rss = {}

@@ -2,11 +2,13 @@
 
 import json
 
+import pytest
 import yaml
 
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow
 def test_run_report_and_plain_progress_lines(llama_family, tmp_path):
     f = llama_family
     recipe = tmp_path / "r.yml"
@@ -29,6 +31,7 @@ def test_run_report_and_plain_progress_lines(llama_family, tmp_path):
     assert "GB/s moved" in r.stdout and "peak RSS" in r.stdout
 
 
+@pytest.mark.slow
 def test_quiet_prints_nothing(llama_family, tmp_path):
     f = llama_family
     recipe = tmp_path / "r.yml"

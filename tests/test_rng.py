@@ -212,6 +212,7 @@ TRITON_KERNEL = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_bit_exact_with_triton_interpreter():
     pytest.importorskip("triton", reason="triton is not installed: cannot compare with tl.randint4x")
     # A subprocess: TRITON_INTERPRET must be set before triton is first imported.

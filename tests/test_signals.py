@@ -14,6 +14,8 @@ import pytest
 from tests.helpers import REPO_ROOT, run_cli
 from tests.test_faults import SHARDS, recipe  # noqa: F401 (recipe: the fixture, a two-model task_arithmetic)
 
+pytestmark = pytest.mark.slow  # each test signals a CLI run in a subprocess
+
 
 def start_slow_run(recipe, out):
     """A run that sleeps 0.3 s after every tensor from the third on (about 12 s in all)."""

@@ -114,6 +114,7 @@ def scores(skill_models, skill_merge) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- the checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoint_is_a_transformers_llama(skill_models):
     """transformers loads the base as it is: same logits as distmerge.tinyllama, same tokens."""
     transformers = pytest.importorskip("transformers")
@@ -154,11 +155,13 @@ def test_training_is_deterministic():
 # --------------------------------------------------------------------------- the merges
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skill", list(skills.SKILLS))
 def test_each_finetune_learns_its_skill(scores, skill):
     assert learns(scores[skill], scores["base"], skill), skills.table(scores)
 
 
+@pytest.mark.slow
 def test_task_arithmetic_combines_two_skills(scores):
     assert combines(scores["task_arithmetic"], scores["base"]), skills.table(scores)
     assert combines(scores["task_arithmetic bf16"], scores["base"]), skills.table(scores)
@@ -166,6 +169,7 @@ def test_task_arithmetic_combines_two_skills(scores):
     assert not combines(scores[f"broken: {B} weight 0"], scores["base"])
 
 
+@pytest.mark.slow
 def test_negating_a_task_vector_removes_that_skill_only(scores):
     base = scores["base"]
     assert base[B] >= 0.15, "the base must know some of the skill for a drop to show"
@@ -174,6 +178,7 @@ def test_negating_a_task_vector_removes_that_skill_only(scores):
     assert not forgets(scores[B], base, B)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("density", [0.5, 0.7])
 def test_ties_is_as_good_as_task_arithmetic(scores, density):
     ties = scores[f"ties d{density}"]
@@ -181,11 +186,13 @@ def test_ties_is_as_good_as_task_arithmetic(scores, density):
     assert not as_good(scores[f"broken: {B} weight 0"], scores["task_arithmetic"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("density", [0.5, 0.7])
 def test_dare_ties_combines_two_skills(scores, density):
     assert combines(scores[f"dare_ties d{density}"], scores["base"], DARE_COMBINES), skills.table(scores)
 
 
+@pytest.mark.slow
 def test_score_plot_draws_the_table(skill_models, tmp_path, capsys):
     """``skills score --plot``: the table printed, and the same numbers drawn (read back from the PNG)."""
     pytest.importorskip("matplotlib")

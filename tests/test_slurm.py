@@ -17,6 +17,8 @@ import yaml
 
 from tests.helpers import REPO_ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # each test runs distmerge slurm (and a fake srun) in subprocesses
+
 SLURM_ARGS = ["--nodes", "1", "--gpus-per-node", "1"]
 
 

@@ -29,6 +29,8 @@ from distmerge import skills
 from tests.helpers import REPO_ROOT, free_port, run_cli, run_main
 from tests.skills_fixtures import SOUP_SKILL, TRAIN_SECONDS, skill_models, soup_ingredients  # noqa: F401  (fixtures)
 
+pytestmark = pytest.mark.slow  # trained skill models, soups of many merges and evaluations, two-rank runs
+
 SELECT, UNSEEN = 64, 512
 EVAL = f"{sys.executable} -m distmerge.skills score --json --items {SELECT} {{model}}"
 UNSEEN_SLACK = 0.03
