@@ -34,6 +34,7 @@ def models(fam, *specs):
 # ---------------------------------------------------------------- linear
 
 
+@pytest.mark.slow
 def test_linear_two_models_float32(llama_family_f32, tmp_path):
     f = llama_family_f32
     recipe = {"merge_method": "linear", "models": models(f, ("ft1", {"weight": 1.0}), ("ft2", {"weight": 1.0})), "dtype": "float32"}
@@ -221,6 +222,7 @@ def test_passthrough_depth_upscaling_with_scale(llama_deep, tmp_path):
 # ---------------------------------------------------------------- the output is a HF checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.needs("transformers")
 @pytest.mark.parametrize("method", ["linear", "passthrough"])
 def test_output_loads_in_transformers_and_runs(llama_deep, tmp_path, method):
@@ -271,6 +273,7 @@ def test_chunked_elementwise_merge_is_bit_identical(llama_family, tmp_path, monk
     assert_same_tensors(ours, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_path, monkeypatch, method):
     """The TIES family's two-pass chunked path (top-k statistics, then element-wise trim
@@ -294,6 +297,7 @@ def test_chunked_ties_merge_is_bit_identical_to_mergekit(llama_family_f32, tmp_p
     assert_same_tensors(ours, theirs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,params",
     [
@@ -339,6 +343,7 @@ def test_chunked_ties_family_is_the_whole_tensor_result(llama_family, tmp_path, 
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
 
 
+@pytest.mark.slow
 def test_chunked_dare_without_rescale_is_the_whole_tensor_result(llama_family, tmp_path, monkeypatch):
     import filecmp
 
@@ -418,6 +423,7 @@ def test_chunked_top_k_trim_is_the_masked_delta(special):
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), (k, j)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["linear", "ties", "passthrough"])
 def test_pread_reads_give_the_same_bytes_as_mmap(llama_family, tmp_path, method):
     f = llama_family
@@ -466,6 +472,7 @@ def wide_f32(tmp_path_factory):
     return make_family(tmp_path_factory.mktemp("wide"), n_finetunes=2, seed=7, dtype=torch.float32, num_layers=2, vocab=5000, hidden=384)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, params",
     [("slerp", {"t": 0.3}), ("ties", {"density": 0.4, "weight": 0.5}), ("model_stock", {})],
@@ -481,6 +488,7 @@ def test_float32_is_bit_identical_above_every_chunk_size(wide_f32, tmp_path, met
     assert_same_tensors(ours, theirs)
 
 
+@pytest.mark.slow
 def test_sce_above_32k_elements_is_within_its_stated_tolerance(wide_f32, tmp_path):
     """SCE's weights are whole-tensor means of τᵢ²; mergekit reduces the models' stacked task
     vectors as rows of one matrix, distmerge each model's on its own (one buffer, not n), and
