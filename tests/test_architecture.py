@@ -55,6 +55,7 @@ def test_layer_count_is_set_under_the_key_the_config_uses(config, key):
     assert before != 40
 
 
+@pytest.mark.slow
 def test_gpt2_frankenmerge_sets_n_layer(tmp_path):
     """A passthrough that stacks layers of a GPT-2 (config key ``n_layer``) writes the new count
     under that key: transformers loads 3 layers, and h.2 is the source's h.1."""

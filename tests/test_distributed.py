@@ -261,6 +261,7 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
         assert_same_output(out, ref)
 
 
+@pytest.mark.slow
 def test_dare_ties_randomness_is_applied_and_follows_the_seed(one_process):
     ties, dare = load_state(one_process("ties")), load_state(one_process("dare_ties"))
     other_seed = load_state(one_process("dare_ties", seed=8))

@@ -188,6 +188,7 @@ def verify_fails_naming(out: Path, name: str, capsys, *full: str) -> None:
     assert e.value.code == 1 and f"problem: {name}:" in err, (name, err)
 
 
+@pytest.mark.slow
 def test_verify_full_finds_a_changed_byte_anywhere_in_every_file(recipe, tmp_path, capsys):
     out = tmp_path / "out"
     merge(recipe, out)
@@ -227,6 +228,7 @@ def test_verify_finds_a_missing_or_resized_file_without_full(recipe, tmp_path, c
     verify_fails_naming(out, ".distmerge/manifest.json", capsys)
 
 
+@pytest.mark.slow
 def test_the_manifest_comes_last_a_run_killed_before_it_does_not_verify(recipe, clean_run, tmp_path, capsys):
     out = tmp_path / "out"
     r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": "0:manifest:kill"})
@@ -250,6 +252,7 @@ def clean_run(recipe, tmp_path) -> Path:
 SETUP = ["setup-mkdir", "setup-lock", "setup-state", "setup-plan", "setup-inputs", "setup-done"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where, overwrite",
     [(w, False) for w in SETUP] + [("setup-clear", True), ("setup-inputs", True)],

@@ -332,6 +332,7 @@ conds = st.lists(st.fixed_dictionaries({"filter": filters, "value": st.one_of(sc
 settings_ = st.one_of(scalars, gradients, conds)
 
 
+@pytest.mark.slow
 @pytest.mark.needs("mergekit")
 @settings(max_examples=300, deadline=None)
 @given(setting=settings_, name=names, t=st.floats(min_value=0, max_value=1))

@@ -50,6 +50,7 @@ def plans(tmp_path, recipe: dict) -> bool:
 # --- 1: model_token sources and ids past a model's embedding rows ---
 
 
+@pytest.mark.slow
 def test_token_id_past_the_models_embedding_rows_is_refused(vocab_family, tmp_path):
     fam = vocab_family
     recipe = union(fam["base"], fam["ft1"], tokens={"<new>": model_token(fam["ft1"], token_id=130)})
@@ -62,6 +63,7 @@ def test_token_id_of_the_last_row_is_accepted(vocab_family, tmp_path):
     assert plans(tmp_path, union(fam["base"], fam["ft1"], tokens={"<new>": model_token(fam["ft1"], token_id=129)}))
 
 
+@pytest.mark.slow
 def test_token_named_by_text_whose_id_is_past_the_rows_is_refused(vocab_family, tmp_path):
     bad = copy_model(vocab_family["ft1"], tmp_path)  # 130 rows; "<far>" gets id 140 in its tokenizer
     edit_json(bad / "tokenizer.json", lambda t: t["added_tokens"].append({**t["added_tokens"][-1], "id": 140, "content": "<far>"}))
@@ -69,6 +71,7 @@ def test_token_named_by_text_whose_id_is_past_the_rows_is_refused(vocab_family, 
     assert_refused(tmp_path, write_recipe(tmp_path, recipe), "token '<far>' (id 140 in its tokenizer) is past the 130 rows of", str(bad))
 
 
+@pytest.mark.slow
 def test_tokenizer_ids_past_the_embedding_rows_are_refused(vocab_family, tmp_path):
     bad = copy_model(vocab_family["ft1"], tmp_path)  # config says 140 tokens, the tensors have 130 rows
     edit_json(bad / "config.json", lambda c: c.update(vocab_size=140))
@@ -80,6 +83,7 @@ def test_tokenizer_ids_past_the_embedding_rows_are_refused(vocab_family, tmp_pat
 # --- 2: tokenizer.json: a regular UTF-8 file, a JSON object, the fields distmerge reads ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content, fragment",
     [
@@ -118,6 +122,7 @@ def test_tokenizer_json_fields_distmerge_reads_are_checked(vocab_family, tmp_pat
 # --- 3: the files finish reads and edits are checked at plan time ---
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template, commands", [("chatml", ("plan", "run")), ("{{ messages }}", PLAN)], ids=["named", "literal"])
 def test_chat_template_with_a_tokenizer_config_that_is_a_list_is_refused(llama_family, tmp_path, template, commands):
     bad = copy_model(llama_family["ft1"], tmp_path)  # the first model: its tokenizer files go to the output
@@ -133,6 +138,7 @@ def test_chat_template_with_a_tokenizer_config_that_is_not_utf8_is_refused(llama
     assert_refused(tmp_path, recipe, f"{bad}/tokenizer_config.json: not UTF-8 text (byte 0xe9 at offset 10)", commands=PLAN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "file, content, fragment",
     [
@@ -147,6 +153,7 @@ def test_added_tokens_into_tokenizer_files_of_the_wrong_shape_are_refused(vocab_
     assert_refused(tmp_path, write_recipe(tmp_path, union(bad, vocab_family["ft1"])), f"{bad}/{fragment}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "name, commands",
@@ -171,6 +178,7 @@ def test_a_directory_or_dangling_link_among_the_files_finish_copies_is_refused(l
 # --- 4: pad_to_multiple_of ---
 
 
+@pytest.mark.slow
 def test_huge_pad_to_multiple_of_is_refused(vocab_family, tmp_path):
     recipe = union(vocab_family["base"], vocab_family["ft1"], pad_to_multiple_of=10**12)
     assert_refused(tmp_path, write_recipe(tmp_path, recipe),
@@ -187,6 +195,7 @@ def test_padding_up_to_16_times_the_vocabulary_is_accepted(vocab_family, tmp_pat
 # --- 5: text UTF-8 cannot write (unpaired surrogate escapes, valid in JSON and YAML) ---
 
 
+@pytest.mark.slow
 def test_recipe_chat_template_with_an_unpaired_surrogate_is_refused(llama_family, tmp_path):
     text = json.dumps(linear(llama_family["ft1"], llama_family["ft2"], chat_template="{{ messages }}\ud800"))  # JSON is YAML
     assert_refused(tmp_path, write_recipe(tmp_path, text), "the recipe's chat_template holds an unpaired surrogate ('\\ud800' at character 14)")
@@ -220,6 +229,7 @@ json_values = st.recursive(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(tok=st.dictionaries(st.sampled_from(["model", "added_tokens", "x"]), json_values, max_size=3), config=json_values)
 def test_any_tokenizer_json_gives_a_vocabulary_or_one_clear_error(tok, config):
