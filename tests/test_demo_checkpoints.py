@@ -66,6 +66,7 @@ def test_transformers_loads_model_and_tokenizer(llama_family):
     assert cfg.tie_word_embeddings is False
 
 
+@pytest.mark.slow
 def test_tied_embeddings_model_loads(tmp_path):
     transformers = pytest.importorskip("transformers")
     state = make_llama(tmp_path, seed=3, tie_embeddings=True, dtype=torch.float32, num_layers=2)

@@ -503,6 +503,7 @@ def _file_bytes(out_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in safetensors_files(out_dir)}
 
 
+@pytest.mark.slow
 def test_random_seed_reproducibility(llama_family_f32, tmp_path):
     f = llama_family_f32
     recipe = {"merge_method": "dare_ties", "base_model": str(f["base"]), "dtype": "float32",
