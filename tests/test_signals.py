@@ -20,7 +20,13 @@ pytestmark = pytest.mark.slow  # each test signals a CLI run in a subprocess
 def start_slow_run(recipe, out):
     """A run that sleeps 0.3 s after every tensor from the third on (about 12 s in all)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "DISTMERGE_FAULT": "0:3:sleep:0.3"}
-    return subprocess.Popen([sys.executable, "-m", "distmerge.cli", "run", str(recipe), str(out), *SHARDS], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a shell without job control starts background
+    # jobs (a CI script run with `&`) with SIGINT ignored, and children inherit that, so the
+    # run would never see the Ctrl-C this test sends.
+    return subprocess.Popen(
+        [sys.executable, "-m", "distmerge.cli", "run", str(recipe), str(out), *SHARDS], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def journal_lines(out) -> int:
