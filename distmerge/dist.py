@@ -163,6 +163,25 @@ class Group:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_rank0(self, step: str, fn):
+        """``fn()`` on rank 0; every rank gets its result, or its MergeError. The other ranks
+        wait on the store watching rank 0's heartbeat (:meth:`wait_all`), not in a collective,
+        so ``fn`` may take hours (preparing with --hash-inputs, evaluating a soup's candidate)
+        without reaching the process group's timeout. Anything else ``fn`` raises stops the
+        other ranks at once (:meth:`abort`) and is raised on rank 0."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except MergeError as e:
+                error = str(e)
+            except BaseException as e:
+                self.abort(f"{type(e).__name__}: {e}")
+                raise
+        self.wait_all(step)
+        self.agree(error)
+        return self.broadcast(result)
+
     def abort(self, message: str) -> None:
         """Tell every rank to stop (not collective: any rank may call it at any time)."""
         if self._store is not None:

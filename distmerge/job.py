@@ -188,7 +188,7 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
                 f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
             )
         group.agree(check_memory(plan, group.env, group.device))
-        resumed = _on_rank0(group, "prepare", lambda: output.prepare(out_dir, plan, options.overwrite, options.hash_inputs))
+        resumed = group.on_rank0("prepare", lambda: output.prepare(out_dir, plan, options.overwrite, options.hash_inputs))
         locked = group.rank == 0
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
@@ -277,18 +277,3 @@ def _on_every_rank(group: dist.Group, fn):
         error = str(e)
     group.agree(error)
     return result
-
-
-def _on_rank0(group: dist.Group, step: str, fn):
-    """Run ``fn`` on rank 0; every rank gets its result, or its error. The others wait
-    watching rank 0's heartbeat, not on a collective's timeout: ``fn`` may take long
-    (preparing with --hash-inputs reads every input)."""
-    result, error = None, None
-    if group.rank == 0:
-        try:
-            result = fn()
-        except MergeError as e:
-            error = str(e)
-    group.wait_all(step)
-    group.agree(error)
-    return group.broadcast(result)

@@ -232,24 +232,6 @@ def plot(out: Path, log: dict, say) -> None:
         pass
 
 
-def on_rank0(group: dist.Group, step: str, fn: Callable):
-    """``fn()`` on rank 0, its result (or its MergeError) on every rank. The other ranks wait
-    on the store, watching rank 0's heartbeat, not in a collective: ``fn`` may evaluate a model
-    for hours without reaching the process group's timeout."""
-    result, error = None, None
-    if group.rank == 0:
-        try:
-            result = fn()
-        except MergeError as e:
-            error = str(e)
-        except BaseException as e:
-            group.abort(f"{type(e).__name__}: {e}")
-            raise
-    group.wait_all(step)
-    group.agree(error)
-    return group.broadcast(result)
-
-
 def run_soup(out: str, ingredients: list[str], spec: EvalSpec | None, options: SoupOptions, say: Callable[[str], None]) -> dict | None:
     """Build the soup in ``out`` as this rank of the job; returns the log on rank 0 (None elsewhere).
 
@@ -267,7 +249,7 @@ def run_soup(out: str, ingredients: list[str], spec: EvalSpec | None, options: S
             out_dir.mkdir(parents=True, exist_ok=True)
             jobs = (greedy if options.greedy else uniform)(out_dir, ingredients, spec, options, say)
         for i in itertools.count():
-            job = on_rank0(group, f"soup-{i}", lambda: next(jobs, None))
+            job = group.on_rank0(f"soup-{i}", lambda: next(jobs, None))
             if job is None:
                 break
             run_job(job[0], job[1], options.job)
