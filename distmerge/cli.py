@@ -39,6 +39,10 @@ def human(n: float) -> str:
     return str(n)
 
 
+keep_option = click.option(
+    "--keep-intermediates", metavar="DIR", type=click.Path(file_okay=False),
+    help="Multi-stage recipes: also write every named stage into DIR/NAME (from the same pass, as mergekit-multi's -I does).",
+)  # fmt: skip
 shard_option = click.option("--out-shard-size", default="5GB", show_default=True, help="Largest output file (bytes of tensor data).")
 pickle_option = click.option("--allow-pickle", is_flag=True, help="Read .bin/.pt checkpoints, with torch.load(weights_only=True).")
 seed_option = click.option("--random-seed", default=0, show_default=True, type=int, help="Seed of the randomized methods (DARE, DELLA).")
@@ -58,14 +62,19 @@ def cli():
 @click.option("--world-size", default=1, show_default=True, type=click.IntRange(min=1), help="Show how the files split over this many ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole plan as JSON.")
 @click.option("--tensors", "per_tensor", is_flag=True, help="Also list every output tensor with its inputs and parameters.")
-def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json, per_tensor):
+@keep_option
+def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json, per_tensor, keep_intermediates):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
     from distmerge.plan import assign_tensors, imbalance, rank_loads
     from distmerge.recipe import recipe_warnings
 
     for line in recipe_warnings(recipe):
         click.echo(f"warning: {line}", err=True)
-    p = _plan(recipe, out_shard_size, random_seed, allow_pickle)
+    graph = _graph(recipe, out_shard_size, random_seed, allow_pickle, keep_intermediates)
+    if not graph.single:
+        click.echo(json.dumps(graph.to_dict(), indent=1) if as_json else describe_graph(graph, world_size, per_tensor, keep_intermediates))
+        return
+    p = graph.targets[0].plan
     shares = assign_tensors(p, world_size)
     if as_json:
         d = p.to_dict()
@@ -76,11 +85,52 @@ def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json,
     click.echo(describe(p, world_size, per_tensor))
 
 
-def _plan(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool):
-    from distmerge.job import JobOptions, make_plan
+def _graph(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool, keep_intermediates: str | None = None):
+    from distmerge.job import JobOptions, make_graph
 
-    options = JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed, allow_pickle=allow_pickle)
-    return make_plan(recipe_path, options)
+    options = JobOptions(out_shard_bytes=parse_size(out_shard_size), seed=seed, allow_pickle=allow_pickle, keep_intermediates=keep_intermediates)
+    return make_graph(recipe_path, options)
+
+
+def describe_graph(graph, world_size: int = 1, per_tensor: bool = False, keep_dir: str | None = None) -> str:
+    """A multi-stage or multi-output recipe for people: its stages and what each reads, its
+    outputs and where they go, the bytes read once and saved; then each output's plan."""
+    from distmerge.graph import INTERMEDIATE, bytes_saved
+    from distmerge.plan import stage_plans
+
+    plans = {p.fingerprint: (name, p) for t in graph.targets for name, p in _named_stages(t.plan)}
+    lines = []
+    if graph.stages:
+        lines.append(f"stages ({len(graph.stages)}), computed in the same pass as the outputs that read them:")
+        for fp, (name, p) in plans.items():
+            kept = any(t.plan.fingerprint == fp for t in graph.targets if t.role == INTERMEDIATE)
+            reads = ", ".join(m.ref + (" (stage)" if m.stage else "") for m in p.models)
+            lines.append(f"  {name}: {p.method} of {reads}; {len(p.tensors)} tensors, {human(p.write_bytes)}" + (" (kept)" if kept else " (not written)"))
+    lines.append(f"outputs ({len(graph.targets)}):")
+    for t in graph.targets:
+        where = t.out_dir("OUT", keep_dir or "KEEP")
+        lines.append(f"  {t.name or '(final)'} -> {where}: {t.plan.method}, {len(t.plan.tensors)} tensors, writes {human(t.plan.write_bytes)}")
+    every = [t.plan for t in graph.targets]
+    every += [s for p in every for s in stage_plans(p)]
+    reads = {(m.path, r.file, r.begin): r.nbytes for p in every for t in p.tensors for r in t.all_inputs if not (m := p.models[r.model]).stage}
+    lines.append(
+        f"reads {human(sum(reads.values()))} once for all outputs; writes {human(sum(t.plan.write_bytes for t in graph.targets))}; "
+        f"peak working memory per rank ~{human(graph.peak_memory)}"
+    )
+    saved = bytes_saved(graph)
+    if saved:
+        lines.append(f"saves {human(saved)} of I/O against writing each intermediate stage and reading it back (mergekit-multi)")
+    for t in graph.targets:
+        lines += ["", f"== {t.name or '(final)'} ==", describe(t.plan, world_size, per_tensor)]
+    return "\n".join(lines)
+
+
+def _named_stages(plan) -> list:
+    """(name, plan) of every stage ``plan`` reads, innermost first."""
+    out = []
+    for name, stage in plan.stages.items():
+        out += [*_named_stages(stage), (name, stage)]
+    return out
 
 
 def describe(p, world_size: int = 1, per_tensor: bool = False) -> str:
@@ -192,8 +242,9 @@ def mergekit_options(f):
 @click.option("--io", "io", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True, help="Read inputs memory-mapped, or with pread (network file systems).")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Upload the verified output to this hub repo when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@keep_option
 @mergekit_options
-def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private, **mergekit):
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private, keep_intermediates, **mergekit):
     """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun).
 
     mergekit-yaml's options are accepted too: --cuda means --device cuda; the others are not
@@ -218,9 +269,18 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite, hash_inputs=hash_inputs,
         allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
-        report_json=report_json, log_seconds=log_every, io=io,
+        report_json=report_json, log_seconds=log_every, io=io, keep_intermediates=keep_intermediates,
     )  # fmt: skip
     result = run_job(recipe, out, options)
+    if not result.graph.single:
+        if result.rank == 0 and not quiet:
+            for t in result.graph.targets:
+                p = t.plan
+                click.echo(f"wrote {t.out_dir(out, keep_intermediates)}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)}")
+            click.echo(f"{len(result.graph.targets)} outputs on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
+        if push_to:
+            raise MergeError("--push-to-hub takes a recipe with one output; push each output with `distmerge push DIR REPO`")
+        return
     if result.rank == 0 and not quiet and result.complete:
         click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")
     elif result.rank == 0 and not quiet:
@@ -356,20 +416,26 @@ def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_l
     """
     import os
 
-    from distmerge.job import JobOptions, make_plan
+    from distmerge.job import JobOptions, make_graph
     from distmerge.slurm import sbatch_script
 
     passed = [*(["--out-shard-size", out_shard_size] if out_shard_size is not None else []),
               *(["--random-seed", str(random_seed)] if random_seed is not None else []), *run_args]  # fmt: skip
     try:  # refuse a typo now, not on the cluster
         args = run.make_context("run", [recipe, out, *passed]).params
-        options = JobOptions(out_shard_bytes=parse_size(args["out_shard_size"]), seed=args["random_seed"], allow_pickle=args["allow_pickle"])
+        options = JobOptions(
+            out_shard_bytes=parse_size(args["out_shard_size"]), seed=args["random_seed"], allow_pickle=args["allow_pickle"],
+            keep_intermediates=args["keep_intermediates"],
+        )  # fmt: skip
     except click.ClickException as e:
         raise click.UsageError(f"{e.format_message()} (in the options for `distmerge run`)") from None
-    p = make_plan(recipe, options)
+    graph = make_graph(recipe, options)
+    plans = [t.plan for t in graph.targets]
+    what = plans[0].method if graph.single else f"{len(plans)} outputs"
     click.echo(
-        f"checked {recipe}: {p.method}, {len(p.tensors)} tensors in {len(p.files)} files; reads {human(p.read_bytes)}, "
-        f"writes {human(p.write_bytes)}; peak working memory per rank ~{human(p.peak_memory)}",
+        f"checked {recipe}: {what}, {sum(len(p.tensors) for p in plans)} tensors in {sum(len(p.files) for p in plans)} files; "
+        f"reads {human(sum(p.read_bytes for p in plans))}, writes {human(sum(p.write_bytes for p in plans))}; "
+        f"peak working memory per rank ~{human(graph.peak_memory)}",
         err=True,
     )
     click.echo(

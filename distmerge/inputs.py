@@ -16,7 +16,7 @@ import time
 
 from distmerge.errors import MergeError
 from distmerge.io.header import MAX_HEADER_BYTES
-from distmerge.plan import Plan
+from distmerge.plan import Plan, stage_plans
 from distmerge.sources import is_pickle, is_zero
 from distmerge.vocab import TOKENIZER_FILES
 
@@ -37,10 +37,14 @@ def input_identity(plan: Plan, full: bool = False) -> dict:
     adds a sha256 of every file's content (reads all inputs: 1-2 s per GB on one core).
     """
     files = []
-    for i, m in enumerate(plan.models):
-        for where, name, kind, adapter in _input_files(plan, i):
-            entry = {"model": m.ref, "dir": where, "file": name, **identify(os.path.join(where, name), kind, full)}
-            files.append({**entry, "adapter": True} if adapter else entry)
+    for p in [plan, *stage_plans(plan)]:
+        for i, m in enumerate(p.models):
+            if m.stage:  # computed in the same pass from its own inputs, which are listed
+                continue
+            for where, name, kind, adapter in _input_files(p, i):
+                entry = {"model": m.ref, "dir": where, "file": name, **identify(os.path.join(where, name), kind, full)}
+                if entry not in files:
+                    files.append({**entry, "adapter": True} if adapter else entry)
     return {"version": VERSION, "full": full, "files": files}
 
 

@@ -18,9 +18,10 @@ import psutil
 
 from distmerge import dist, output, state
 from distmerge.errors import MergeError, Stopped
-from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, build_plan
+from distmerge.graph import FINAL, Graph, build_graph
+from distmerge.plan import DEFAULT_SHARD_BYTES, Plan
 from distmerge.progress import Progress
-from distmerge.recipe import load_recipe
+from distmerge.recipe import load_recipes
 from distmerge.run import RunOptions, run_rank
 from distmerge.sources import is_hub_ref, resolve
 from distmerge.verify import verify
@@ -50,11 +51,15 @@ class JobOptions:
     """Interval of the progress lines printed when stderr is not a terminal (Slurm logs)."""
     report_json: str | None = None
     """Write the run report (phases, bytes, GB/s, memory, per rank) to this path (rank 0)."""
+    keep_intermediates: str | None = None
+    """Also write every named stage of a multi-stage recipe, as a checkpoint in this directory's
+    subdirectory of its name (from the same pass: nothing is read twice)."""
 
 
 @dataclass(slots=True)
 class JobResult:
     plan: Plan
+    """The final output's plan (a sweep's first variant's)."""
     rank: int
     world_size: int
     written: list[str]
@@ -69,6 +74,8 @@ class JobResult:
     """This process's peak resident memory, in bytes."""
     report: dict | None = None
     """The run report (rank 0 only): see ``make_report``."""
+    graph: Graph | None = None
+    """Every output of the job, with where each was written (``Target.out_dir``)."""
 
 
 def peak_rss() -> int:
@@ -86,31 +93,42 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def make_plan(recipe_path: str, options: JobOptions, local_only: bool = False) -> Plan:
-    recipe = load_recipe(recipe_path)
+def make_graph(recipe_path: str, options: JobOptions, local_only: bool = False) -> Graph:
+    """Every output of the recipe file, planned (one for a plain recipe)."""
+    recipes = load_recipes(recipe_path)
     with open(recipe_path) as f:
         text = f.read()
-    return build_plan(
-        recipe, text, out_shard_bytes=options.out_shard_bytes, seed=options.seed, allow_pickle=options.allow_pickle,
-        local_only=local_only,
+    return build_graph(
+        recipes, text, keep_intermediates=options.keep_intermediates is not None, out_shard_bytes=options.out_shard_bytes,
+        seed=options.seed, allow_pickle=options.allow_pickle, local_only=local_only, source=recipe_path,
     )  # fmt: skip
+
+
+def make_plan(recipe_path: str, options: JobOptions, local_only: bool = False) -> Plan:
+    """The plan of a recipe file with one output (the final one of a multi-stage recipe)."""
+    graph = make_graph(recipe_path, options, local_only)
+    if len(graph.targets) > 1:
+        raise MergeError(f"{recipe_path} has {len(graph.targets)} outputs; this takes a recipe with one")
+    return graph.targets[0].plan
 
 
 def fetch_models(recipe_path: str) -> None:
     """Download the recipe's hub models into the local cache (only the files a merge needs)."""
-    recipe = load_recipe(recipe_path)
-    for ref in recipe.model_refs():
-        if is_hub_ref(ref, recipe.base_dir):
-            resolve(ref, recipe.base_dir)
+    recipes = load_recipes(recipe_path)
+    stages = {r.name for r in recipes if r.name}
+    for recipe in recipes:
+        for ref in recipe.model_refs():
+            if ref not in stages and is_hub_ref(ref, recipe.base_dir):
+                resolve(ref, recipe.base_dir)
 
 
-def check_memory(plan: Plan, env: dist.Env, device: str) -> str | None:
+def check_memory(peak_memory: int, env: dist.Env, device: str) -> str | None:
     """A message when the ranks on this node would need more memory than it has free."""
-    need = plan.peak_memory * env.local_world_size
+    need = peak_memory * env.local_world_size
     free = psutil.virtual_memory().available
     if need > free:
         return (
-            f"this merge needs about {need / 1e9:.1f} GB of host memory on this node ({plan.peak_memory / 1e9:.1f} GB "
+            f"this merge needs about {need / 1e9:.1f} GB of host memory on this node ({peak_memory / 1e9:.1f} GB "
             f"per rank, for its largest tensor, x {env.local_world_size} ranks) but only {free / 1e9:.1f} GB is "
             "available; run fewer ranks per node (torchrun --nproc-per-node, srun --ntasks-per-node) or free memory"
         )
@@ -118,9 +136,9 @@ def check_memory(plan: Plan, env: dist.Env, device: str) -> str | None:
         import torch
 
         free_gpu, _ = torch.cuda.mem_get_info(device)
-        if plan.peak_memory > free_gpu:
+        if peak_memory > free_gpu:
             return (
-                f"this merge needs about {plan.peak_memory / 1e9:.1f} GB of GPU memory per rank (its largest tensor) "
+                f"this merge needs about {peak_memory / 1e9:.1f} GB of GPU memory per rank (its largest tensor) "
                 f"but {device} has {free_gpu / 1e9:.1f} GB free; use --device cpu or GPUs with more memory"
             )
     return None
@@ -152,57 +170,66 @@ def sigterm_raises():
 
 def run_job(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
     """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job. Ctrl-C
-    and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun."""
+    and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun.
+
+    Every output of the recipe file is written (``distmerge.graph``): the final one into
+    ``out_dir``, a sweep's variants into its subdirectories, the named stages of a
+    multi-stage recipe into ``options.keep_intermediates`` when it is set."""
+    options = options or JobOptions()
+    dirs = [out_dir]
     with sigterm_raises():
         try:
-            return _run_job(recipe_path, out_dir, options or JobOptions())
+            return _run_job(recipe_path, out_dir, options, dirs)
         except (KeyboardInterrupt, Terminated) as e:
-            raise stopped(e, out_dir) from None
+            raise stopped(e, dirs) from None
 
 
-def stopped(e: BaseException, out_dir: str) -> Stopped:
+def stopped(e: BaseException, out_dirs: list[str]) -> Stopped:
     """The Stopped error for an interrupted run: what stopped it, and what a rerun keeps."""
     if isinstance(e, KeyboardInterrupt):
         what, code = "interrupted (Ctrl-C)", 128 + signal.SIGINT
     else:
         what, code = "stopped by SIGTERM (a Slurm time limit or scancel?)", 128 + signal.SIGTERM
-    kept = len(state.read_journal(out_dir)) if state.has_state(out_dir) else 0
+    kept = sum(len(state.read_journal(d)) for d in out_dirs if state.has_state(d))
+    where = out_dirs[0] if len(out_dirs) == 1 else f"{len(out_dirs)} output directories"
     if kept:
-        return Stopped(f"{what}: {kept} merged tensors are journaled in {out_dir}; rerun the same command to resume from there", code)
+        return Stopped(f"{what}: {kept} merged tensors are journaled in {where}; rerun the same command to resume from there", code)
     return Stopped(f"{what} before any merged tensor was kept; rerun the same command to start again", code)
 
 
-def _run_job(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
+def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str]) -> JobResult:
     start = time.time()
     group = dist.init(options.device, options.timeout_s)
-    locked = False
+    locked: list[str] = []
     try:
         # One rank per node downloads hub models; then every rank reads the node's cache.
         _on_every_rank(group, lambda: fetch_models(recipe_path) if group.env.local_rank == 0 else None)
-        plan = _on_every_rank(group, lambda: make_plan(recipe_path, options, local_only=True))
-        prints = group.gather(plan.fingerprint)
+        graph = _on_every_rank(group, lambda: make_graph(recipe_path, options, local_only=True))
+        prints = group.gather(graph.fingerprint)
         if len(set(prints)) > 1:
             odd = next(r for r, p in enumerate(prints) if p != prints[0])
             raise MergeError(
                 f"rank {odd} computed a different plan than rank 0 (fingerprint {prints[odd][:12]} vs "
                 f"{prints[0][:12]}): the nodes see different model files or distmerge versions"
             )
-        group.agree(check_memory(plan, group.env, group.device))
-        resumed = group.on_rank0("prepare", lambda: output.prepare(out_dir, plan, options.overwrite, options.hash_inputs))
-        locked = group.rank == 0
+        group.agree(check_memory(graph.peak_memory, group.env, group.device))
+        outputs = [(t.plan, t.out_dir(out_dir, options.keep_intermediates)) for t in graph.targets]
+        dirs[:] = [d for _, d in outputs]
+        resumed = group.on_rank0("prepare", lambda: _prepare(outputs, options, locked))
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
-        kept = state.finished_tensors(plan, out_dir) if resumed else set()
-        complete = len(kept) == len(plan.tensors) and state.read_manifest(out_dir) is not None
+        kept = [state.finished_tensors(plan, d) if resumed else set() for plan, d in outputs]
+        tensors = [t for plan, _ in outputs for t in plan.tensors]
+        done = [t for (plan, _), names in zip(outputs, kept) for t in plan.tensors if t.name in names]
+        complete = len(done) == len(tensors) and all(state.read_manifest(d) is not None for _, d in outputs)
         progress = Progress(
-            rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(plan.tensors),
-            total_bytes=plan.read_bytes + sum(t.nbytes for t in plan.tensors), enabled=not options.quiet,
-            log_seconds=options.log_seconds, kept_tensors=len(kept),
-            kept_bytes=sum(t.read_bytes + t.nbytes for t in plan.tensors if t.name in kept),
+            rank=group.rank, world_size=group.world_size, store=group.store, total_tensors=len(tensors),
+            total_bytes=sum(t.read_bytes + t.nbytes for t in tensors), enabled=not options.quiet,
+            log_seconds=options.log_seconds, kept_tensors=len(done), kept_bytes=sum(t.read_bytes + t.nbytes for t in done),
         )  # fmt: skip
         work_start = time.time()
         try:
-            written = run_rank(plan, out_dir, group.rank, group.world_size, run_options, group.check_abort, progress)
+            written = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress)
         except BaseException as e:
             group.abort(_describe(e))
             raise
@@ -216,23 +243,38 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions) -> JobResult:
         report = None
         if group.rank == 0:
             finish_start = time.time()
-            output.finish(plan, out_dir)
-            problems = verify(out_dir)
-            if problems:
-                raise MergeError(f"the output in {out_dir} failed verification: " + "; ".join(problems[:5]))
+            for plan, d in outputs:
+                output.finish(plan, d)
+                problems = verify(d)
+                if problems:
+                    raise MergeError(f"the output in {d} failed verification: " + "; ".join(problems[:5]))
             phases["finish"] = time.time() - finish_start
-            report = make_report(plan, stats, phases, time.time() - start)
+            report = make_report(len(tensors), stats, phases, time.time() - start)
             if options.report_json:
                 with open(options.report_json, "w") as f:
                     json.dump(report, f, indent=1)
-        return JobResult(plan, group.rank, group.world_size, written, resumed, len(kept), complete, time.time() - start, peak_rss(), report)
+        plan = graph.targets[-1].plan if graph.targets[-1].role == FINAL else graph.targets[0].plan
+        return JobResult(
+            plan, group.rank, group.world_size, written, resumed, len(done), complete, time.time() - start, peak_rss(), report, graph
+        )  # fmt: skip
     finally:
-        if locked:
-            state.release_lock(out_dir)
+        for d in locked:
+            state.release_lock(d)
         group.close()
 
 
-def make_report(plan: Plan, stats: list[dict], phases: dict[str, float], wall: float) -> dict:
+def _prepare(outputs: list[tuple[Plan, str]], options: JobOptions, locked: list[str]) -> bool:
+    """Prepare (and lock) every output directory; True when resuming. Resuming is all or
+    nothing: a job whose outputs are some new and some half-written starts the new ones and
+    resumes the others, and reports it as a resume."""
+    resumed = False
+    for plan, d in outputs:
+        resumed |= output.prepare(d, plan, options.overwrite, options.hash_inputs)
+        locked.append(d)
+    return resumed
+
+
+def make_report(tensors: int, stats: list[dict], phases: dict[str, float], wall: float) -> dict:
     """The run report: wall time per phase, bytes and GB/s per rank and in total, peak
     memory per rank, and the imbalance between ranks (busiest rank's time over the mean)."""
     moved = [s["read_bytes"] + s["write_bytes"] for s in stats]
@@ -241,7 +283,7 @@ def make_report(plan: Plan, stats: list[dict], phases: dict[str, float], wall: f
     return {
         "wall_seconds": wall,
         "phases": phases,
-        "tensors": len(plan.tensors),
+        "tensors": tensors,
         "read_bytes": sum(s["read_bytes"] for s in stats),
         "write_bytes": sum(s["write_bytes"] for s in stats),
         "gb_per_s": sum(moved) / phases["merge"] / 1e9 if phases.get("merge") else None,

@@ -26,7 +26,7 @@ from distmerge.faults import fault_point
 from distmerge.inputs import VERSION as INPUTS_VERSION
 from distmerge.inputs import input_identity, what_changed
 from distmerge.io.writer import PARTIAL, write_atomic
-from distmerge.plan import Plan
+from distmerge.plan import Plan, stage_plans
 from distmerge.state import INDEX_FILE, INPUTS_FILE, state_path
 from distmerge.vocab import tokenizer_files
 
@@ -123,8 +123,9 @@ def changed_inputs(out_dir: str, plan: Plan | None = None, content: bool = True)
             "so it cannot tell whether the input models changed since the run started"
         )
     dirs = {}
-    for m in plan.models if plan is not None else []:
-        dirs.setdefault(m.ref, set()).update({m.path, m.adapter_path})
+    for p in [plan, *stage_plans(plan)] if plan is not None else []:
+        for m in p.models:
+            dirs.setdefault(m.ref, set()).update({m.path, m.adapter_path})
     for e in record["files"]:
         try:
             if e["model"] in dirs and e["dir"] not in dirs[e["model"]]:

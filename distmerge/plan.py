@@ -38,6 +38,9 @@ class ModelInfo:
     num_layers: int | None
     adapter_path: str | None = None
     """Local directory of the LoRA adapter of a ``model+adapter`` reference (machine-specific)."""
+    stage: bool = False
+    """An earlier stage of a multi-stage recipe (its plan is ``Plan.stages[ref]``): its tensors
+    are computed in the same pass, never read from disk; ``path`` holds its config and tokenizer."""
 
 
 @dataclass(slots=True)
@@ -141,6 +144,8 @@ class Plan:
     added_tokens: list[dict] = field(default_factory=list)
     """Tokens appended to the tokenizer files (``tokenizer_source: union``, ``tokenizer.tokens``),
     as tokenizer.json's added_tokens entries."""
+    stages: dict[str, "Plan"] = field(default_factory=dict)
+    """The plans of the earlier stages this one reads (models with ``stage``), by name."""
     version: int = PLAN_VERSION
     distmerge_version: str = __version__
     fingerprint: str = ""
@@ -167,6 +172,7 @@ class Plan:
         d["files"] = [OutputFile(**f) for f in d["files"]]
         d["layer_map"] = [[tuple(p) for p in layer] for layer in d["layer_map"]]
         d["left_out"] = [LeftOut(**g) for g in d.get("left_out", [])]
+        d["stages"] = {name: Plan.from_dict(p) for name, p in d.get("stages", {}).items()}
         return cls(**d)
 
 
@@ -178,10 +184,16 @@ def _tensor_from_dict(d: dict) -> OutputTensor:
     return OutputTensor(**d)
 
 
+def stage_plans(plan: Plan) -> list[Plan]:
+    """The plans of every stage ``plan`` reads, directly or through other stages."""
+    return [p for stage in plan.stages.values() for p in (stage, *stage_plans(stage))]
+
+
 def fingerprint(plan: Plan) -> str:
     """sha256 of everything that determines the output bytes; local paths excluded."""
     d = plan.to_dict()
     d.pop("fingerprint")
+    d["stages"] = {name: stage.fingerprint for name, stage in plan.stages.items()}
     for m in d["models"]:
         m.pop("path")
         m.pop("adapter_path")
@@ -254,11 +266,15 @@ def build_plan(
     checkpoints: dict[str, Checkpoint] | None = None,
     allow_pickle: bool = False,
     local_only: bool = False,
+    stages: dict[str, Plan] | None = None,
 ) -> Plan:
     """Plan the merge from headers alone. Raises MergeError for anything that does not line up.
 
-    ``local_only``: take hub models from the local cache, without asking the hub.
+    ``local_only``: take hub models from the local cache, without asking the hub. ``stages``:
+    the plans of earlier stages that the recipe names as models (``checkpoints`` then holds
+    each as ``distmerge.graph.stage_checkpoint`` describes it).
     """
+    stages = stages or {}
     if checkpoints is None:
         checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle, local_only) for ref in recipe.model_refs()}
     refs = list(checkpoints)
@@ -309,7 +325,7 @@ def build_plan(
     plan = Plan(
         method=method.name,
         dtype=recipe.dtype,
-        models=[ModelInfo(ref, ck.path, ck.num_layers, ck.adapter_path) for ref, ck in checkpoints.items()],
+        models=[ModelInfo(ref, ck.path, ck.num_layers, ck.adapter_path, stage=ref in stages) for ref, ck in checkpoints.items()],
         tensors=planner.tensors,
         files=shard_files(planner.tensors, out_shard_bytes),
         layer_map=layer_map,
@@ -322,6 +338,7 @@ def build_plan(
         peak_memory=max((_working_bytes(method, t) for t in planner.tensors), default=0),
         left_out=left_out,
         added_tokens=vocab.added if vocab else [],
+        stages={ref: stages[ref] for ref in checkpoints if ref in stages},
     )
     # The files finish reads and edits, built now and dropped: bad ones are refused before any work.
     tokenizer_files(plan.models[donor].path, plan.models[plan.tokenizer_source].path, plan.added_tokens, plan.chat_template)
@@ -632,7 +649,11 @@ def assign_tensors(plan: Plan, world_size: int) -> list[list[int]]:
     large tensors make every contiguous split uneven (64+ ranks on a 70B model), the
     longest-processing-time-first assignment of single tensors.
     """
-    costs = [tensor_cost(t) for t in plan.tensors]
+    return assign([tensor_cost(t) for t in plan.tensors], world_size)
+
+
+def assign(costs: list[int], world_size: int) -> list[list[int]]:
+    """``assign_tensors`` for any list of work costs (in work order)."""
     shares = [list(r) for r in contiguous_shares(costs, world_size)]
     if _imbalance(costs, shares) <= BALANCE_TARGET:
         return shares

@@ -9,8 +9,13 @@ against tensor names. The semantics follow mergekit 0.1.5 (config.py, parameter_
 What mergekit accepts is accepted, or refused here with one reason: ``modules:`` with the one
 module ``default`` (the form mergekit writes into model cards) is the same recipe without it;
 booleans are read as mergekit reads them (``1.0``, ``0``, ``"yes"``); keys mergekit ignores
-(NO_EFFECT) are warnings in ``Recipe.warnings``; multi-stage recipes (mergekit-multi) and
-multimodal modules are refused naming what they are; close misspellings get a "did you mean".
+(NO_EFFECT) are warnings in ``Recipe.warnings``; multimodal modules are refused naming what
+they are; close misspellings get a "did you mean".
+
+A file of several YAML documents is a multi-stage recipe in mergekit-multi's format: each
+document may have a ``name``, which later documents use as a model (``distmerge.graph``
+plans them as one graph). ``sweep:`` (distmerge's own) makes one recipe stand for several
+variants that differ in top-level parameters.
 
 Reading is bounded (see ``distmerge.safe_yaml``): nesting, alias expansion and integers are capped, so
 a hostile recipe is one MergeError, never a hang or a RecursionError in the functions below.
@@ -19,9 +24,9 @@ a hostile recipe is one MergeError, never a hang or a RecursionError in the func
 from __future__ import annotations
 
 import difflib
-import heapq
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +38,7 @@ from distmerge.templates import check_setting
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name", "modules",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "modules", "sweep",
 }  # fmt: skip
 MODULE_KEYS = {"models", "slices", "parameters"}
 """Keys of a ``modules:`` entry (mergekit's OutputModuleDefinition)."""
@@ -117,11 +122,17 @@ class Recipe:
     """None: keep the donor's tokenizer and merge embeddings as they are."""
     chat_template: str | None
     name: str | None
+    """A stage's name in a multi-document recipe (mergekit-multi): later documents name it as a model."""
     base_dir: str = "."
     """Directory of the recipe file; relative model paths are looked up there first."""
     warnings: tuple[str, ...] = ()
     """One line per accepted setting that has no effect (``distmerge plan`` and ``run`` print
     each as ``warning: ...``); not part of the plan."""
+    sweep: tuple[tuple[str, tuple[Setting, ...]], ...] = ()
+    """``sweep:``: top-level parameters and the values each takes; the recipe stands for one
+    variant per combination (``sweep_variants``), all written from one read of the inputs."""
+    text: str = field(default="", compare=False)
+    """The document as written (a stage's own recipe, kept with its output)."""
 
     @property
     def method(self) -> methods.Method:
@@ -144,8 +155,14 @@ class Recipe:
 
 
 def load_recipe(path: str) -> Recipe:
-    """Read and check a recipe file: a regular file (a FIFO is never opened for a blocking
-    read) of UTF-8 text, at most MAX_RECIPE_BYTES. Raises MergeError with the line for YAML errors."""
+    """The recipe of a one-document recipe file (see ``load_recipes``)."""
+    return _one(load_recipes(path), path)
+
+
+def load_recipes(path: str) -> list[Recipe]:
+    """Read and check a recipe file, one Recipe per YAML document: a regular file (a FIFO is
+    never opened for a blocking read) of UTF-8 text, at most MAX_RECIPE_BYTES. Raises
+    MergeError with the line for YAML errors."""
     try:
         raw = read_small(path, MAX_RECIPE_BYTES, "a recipe")
     except OSError as e:
@@ -157,23 +174,57 @@ def load_recipe(path: str) -> Recipe:
         raise MergeError(
             f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save the recipe as UTF-8"
         ) from None
-    return parse_recipe(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
+    return parse_recipes(text, base_dir=os.path.dirname(os.path.abspath(path)), source=path)
 
 
 def recipe_warnings(path: str) -> tuple[str, ...]:
     """The warnings of the recipe at ``path``; none when it cannot be read (the plan, made
     next, reports why, agreed across ranks)."""
     try:
-        return load_recipe(path).warnings
+        return tuple(w for r in load_recipes(path) for w in r.warnings)
     except MergeError:
         return ()
 
 
 def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Recipe:
+    """The recipe of one-document recipe text (see ``parse_recipes``)."""
+    return _one(parse_recipes(text, base_dir, source), source)
+
+
+def _one(recipes: list[Recipe], source: str) -> Recipe:
+    if len(recipes) > 1:
+        raise MergeError(f"{source}: this is a multi-stage recipe (mergekit-multi) with {len(recipes)} documents; `distmerge run` and `plan` take it")
+    return recipes[0]
+
+
+def parse_recipes(text: str, base_dir: str = ".", source: str = "recipe") -> list[Recipe]:
+    """One Recipe per YAML document. Several documents are a multi-stage recipe (mergekit-multi):
+    each may have a ``name``, which later documents use as a model; at most one has none, and
+    names are unique. Messages name the document (``r.yml (document 2, 'a')``)."""
     docs = [d for d in load_yaml_documents(text, source) if d is not None]
-    if len(docs) > 1:
-        raise MergeError(_multi_stage(docs, source))
-    doc = docs[0] if docs else None
+    if len(docs) <= 1:
+        return [_parse_document(docs[0] if docs else None, base_dir, source, text)]
+    recipes = []
+    for i, doc in enumerate(docs):
+        name = doc.get("name") if isinstance(doc, dict) else None
+        where = f"{source} (document {i + 1}" + (f", {_cut(name)!r})" if isinstance(name, str) else ")")
+        recipes.append(_parse_document(doc, base_dir, where, yaml_text(doc)))
+    names = [r.name for r in recipes]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise MergeError(f"{source}: two documents are named {_cut(twice)!r}; give each stage its own name")
+    if names.count(None) > 1:
+        raise MergeError(f"{source}: {names.count(None)} documents have no name; in a multi-stage recipe only the final one may be unnamed")
+    return recipes
+
+
+def yaml_text(doc: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+
+
+def _parse_document(doc: Any, base_dir: str, source: str, text: str) -> Recipe:
     if not isinstance(doc, dict):
         raise MergeError(f"{source}: a recipe is a YAML mapping with at least merge_method and models or slices")
     notes: list[str] = []
@@ -207,57 +258,70 @@ def parse_recipe(text: str, base_dir: str = ".", source: str = "recipe") -> Reci
         name=_text(doc.get("name"), "name", source),
         base_dir=base_dir,
         warnings=tuple(notes),
+        sweep=_sweep(doc.get("sweep"), source),
+        text=text,
     )
     _check_parameters(recipe, source, at)
     _check_base(recipe, source)
+    _check_sweep(recipe, source, at)
     return recipe
 
 
-def _multi_stage(docs: list[Any], source: str) -> str:
-    """The refusal of a mergekit-multi recipe: its stages, in an order that runs each after
-    the stages it names as models (mergekit-multi's rule: any text that is a stage's name)."""
-    names = [d.get("name") if isinstance(d, dict) and isinstance(d.get("name"), str) else None for d in docs]
-    index = {n: i for i, n in reversed(list(enumerate(names))) if n is not None}
-    needs: list[set[int]] = [set() for _ in docs]
-    for i, d in enumerate(docs):
-        body = {k: v for k, v in d.items() if k != "name"} if isinstance(d, dict) else d
-        needs[i] = {j for text in _strings(body) if (j := index.get(text.split("+")[0].split("@")[0])) not in (None, i)}
-    order, ready, waiting = [], [i for i in range(len(docs)) if not needs[i]], [set(n) for n in needs]
-    users: list[list[int]] = [[] for _ in docs]
-    for i, n in enumerate(needs):
-        for j in n:
-            users[j].append(i)
-    heapq.heapify(ready)
-    while ready:  # Kahn's algorithm, document order among the stages that are ready
-        j = heapq.heappop(ready)
-        order.append(j)
-        for i in users[j]:
-            waiting[i].discard(j)
-            if not waiting[i]:
-                heapq.heappush(ready, i)
-    if len(order) < len(docs):  # a cycle: mergekit-multi refuses it too; list them as written
-        order = list(range(len(docs)))
-    shown = [_cut(names[i]) if names[i] is not None else "(the unnamed final stage)" for i in order[:12]]
-    more = f", ... ({len(docs) - 12} more)" if len(docs) > 12 else ""
-    return (
-        f"{source}: this is a multi-stage recipe (mergekit-multi) with {len(docs)} stages: {', '.join(shown)}{more}; "
-        "distmerge does not run multi-stage recipes yet: run each stage as its own recipe, in this order, "
-        "writing a stage's output directory where a later stage names it"
-    )
+def _sweep(value: Any, source: str) -> tuple[tuple[str, tuple[Setting, ...]], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not value:
+        raise MergeError(f"{source}: sweep must map parameter names to lists of values, e.g. sweep: {{density: [0.3, 0.5]}}")
+    for key, values in value.items():
+        if not isinstance(values, list) or not values:
+            raise MergeError(f"{source}: sweep.{key if isinstance(key, str) else _short(key)} must be a non-empty list of values, got {_short(values)}")
+    return tuple((key, tuple(values)) for key, values in value.items())
 
 
-def _strings(value: Any):
-    """Every string in a YAML value, keys and values (its size is bounded by load_yaml_documents)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            yield v
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
+def _check_sweep(recipe: Recipe, source: str, at: str) -> None:
+    """Each swept parameter is the method's, each value a valid setting, and no model, slice
+    or source sets it itself (the sweep, which sets the top-level value, would not reach it)."""
+    for key, values in recipe.sweep:
+        for value in values:
+            _check_block(recipe.method, {key: value}, "sweep", source)
+        for where, block in _all_parameter_blocks(recipe, at):
+            if key in block and where != "parameters":
+                raise MergeError(
+                    f"{source}: sweep.{key}: {where} sets {key} too, which would override every swept value there; "
+                    f"remove it from {where} (the sweep sets the top-level parameters.{key})"
+                )
+    names = [name for name, _ in sweep_variants(recipe)]
+    if len(set(names)) < len(names):
+        raise MergeError(f"{source}: sweep: two variants would have the same name {names[0]!r}; give different values")
+
+
+def sweep_variants(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """(name, recipe) of every combination of the swept values, in order (the last parameter
+    varying fastest); the name is ``density-0.3_weight-1`` (a gradient's values joined by ``~``)."""
+    import itertools
+    import re
+
+    def word(value: Setting) -> str:
+        text = "~".join(map(str, value)) if isinstance(value, list) else str(value)
+        return re.sub(r"[^A-Za-z0-9.+~-]", "", text)
+
+    keys = [key for key, _ in recipe.sweep]
+    out = []
+    for combo in itertools.product(*(values for _, values in recipe.sweep)):
+        name = "_".join(f"{k}-{word(v)}" for k, v in zip(keys, combo))
+        params = {**recipe.parameters, **dict(zip(keys, combo))}
+        out.append((name, dataclasses.replace(recipe, parameters=params, sweep=(), name=name, text=_variant_text(recipe.text, params))))
+    return out
+
+
+def _variant_text(text: str, parameters: dict) -> str:
+    """A sweep variant's own recipe: the document without ``sweep``, with its parameters."""
+    docs = [d for d in load_yaml_documents(text) if isinstance(d, dict) and "sweep" in d]
+    if len(docs) != 1:
+        return text
+    doc = {k: v for k, v in docs[0].items() if k != "sweep"}
+    doc["parameters"] = {**(doc.get("parameters") or {}), **parameters}
+    return yaml_text(doc)
 
 
 def _single_module(doc: dict, method: methods.Method, source: str, notes: list[str]) -> dict:

@@ -1,4 +1,4 @@
-"""Execute a plan on one rank: merge this rank's tensors one by one and write them, streaming.
+"""Execute plans on one rank: merge this rank's tensors one by one and write them, streaming.
 
 Memory stays bounded by one tensor's inputs and result: inputs are memory-mapped, merged
 (``distmerge.tensor_merge``), written at the offsets the plan gives into the (shared)
@@ -24,11 +24,12 @@ from distmerge.faults import fault_point
 from distmerge.io.reader import TensorReader
 from distmerge.io.staging import Downloader, Uploader
 from distmerge.io.writer import PartialFile
-from distmerge.plan import OutputFile, OutputTensor, Plan, assign_tensors, file_layout
+from distmerge.graph import assign_units, work_units
+from distmerge.plan import OutputFile, OutputTensor, Plan, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 from distmerge.state import Journal, finished_tensors
-from distmerge.tensor_merge import input_path, merge_tensor, stage_key
+from distmerge.tensor_merge import MergeContext, input_path, merge_tensor, stage_key
 
 
 @dataclass(slots=True)
@@ -44,83 +45,109 @@ class RunOptions:
 
 
 def run_rank(
-    plan: Plan,
-    out_dir: str,
+    outputs: list[tuple[Plan, str]],
     rank: int = 0,
     world_size: int = 1,
     options: RunOptions | None = None,
     between: Callable[[], None] | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Merge and write this rank's tensors into ``out_dir`` (prepared by output.prepare).
-    Returns the names of the tensors written in this call.
+    """Merge and write this rank's tensors of every output: ``(plan, out_dir)`` pairs, each
+    directory prepared by output.prepare. Returns the names of the tensors written in this
+    call (a name once per output that got it).
 
-    ``between`` is called before every tensor (the job uses it to stop when another rank
-    failed); ``progress`` counts the work and times its phases.
+    The work goes in units (``graph.work_units``): the outputs' tensors of one name, merged
+    one after another from the same fetched inputs. ``between`` is called before every unit
+    (the job uses it to stop when another rank failed); ``progress`` counts the work and
+    times its phases.
     """
     options = options or RunOptions()
-    finished = finished_tensors(plan, out_dir)
-    todo = [t for t in (plan.tensors[i] for i in assign_tensors(plan, world_size)[rank]) if t.name not in finished]
-    kernel_options = options.kernels.for_work(sum(math.prod(t.shape) for t in todo))  # worth compiling the CPU loops?
+    plans = [plan for plan, _ in outputs]
+    units = work_units(plans)
+    finished = [finished_tensors(plan, out_dir) for plan, out_dir in outputs]
+    todo = []
+    for u in (units[i] for i in assign_units(units, world_size)[rank]):
+        members = [(k, plans[k].tensors[i]) for k, i in u.members if plans[k].tensors[i].name not in finished[k]]
+        if members:
+            todo.append(members)
+    work = sum(math.prod(t.shape) for members in todo for _, t in members)
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     written = []
     cuda = options.device.startswith("cuda")
     uploader, downloader = (Uploader(options.device), Downloader(options.device)) if cuda else (None, None)
     with TensorReader(options.io, pin=cuda) as reader:
-        out = _RankOutput(plan, out_dir, rank, reader, timed)
+        ctx = MergeContext(reader, options.device, progress, options.allow_nonfinite, uploader, options.kernels.for_work(work))
+        outs = [_RankOutput(plan, out_dir, rank, timed) for plan, out_dir in outputs]
+        out = outs[0]
         try:
-            for k, t in enumerate(todo):
+            for n, members in enumerate(todo):
                 if between is not None:
                     between()
-                if k + 1 < len(todo):
-                    _prefetch(plan, todo[k + 1], reader, uploader)
-                out.open_file_of(t)
+                if n + 1 < len(todo):
+                    for k, t in todo[n + 1]:
+                        _prefetch(plans[k], t, ctx)
                 mark = reader.mark()
-                value = merge_tensor(plan, t, reader, options.device, progress, options.allow_nonfinite, uploader, kernel_options)
-                with timed("write"):
-                    ready = None
-                    if downloader is not None:  # copied out on the download stream; the writer waits for it
-                        value, ready = downloader.start(value)
-                    digest = out.write(t, value, ready)
-                del value
-                out.settle(upto=mark)  # the previous tensor was written and hashed while this one was merged
-                out.writing = (t, digest)
-                written.append(t.name)
-                fault_point(rank, len(written))
-                if out.journal.due():
-                    out.commit()
-                if progress is not None:
-                    progress.done(t.read_bytes, t.nbytes)
-            out.commit()
+                for k, t in members:
+                    out = outs[k]
+                    out.open_file_of(t)
+                    value = merge_tensor(plans[k], t, ctx)
+                    with timed("write"):
+                        ready = None
+                        if downloader is not None:  # copied out on the download stream; the writer waits for it
+                            value, ready = downloader.start(value)
+                        digest = out.write(t, value, ready)
+                    del value
+                    out.settle()  # this output's previous tensor was written and hashed while this one was merged
+                    out.writing = (t, digest, n)
+                    written.append(t.name)
+                    fault_point(rank, len(written))
+                    if out.journal.due():
+                        out.commit()
+                    if progress is not None:
+                        progress.done(t.read_bytes, t.nbytes)
+                ctx.memo.clear()
+                for other in outs:  # writes of earlier units are done before their inputs' pages go
+                    if other.writing is not None and other.writing[2] < n:
+                        other.settle()
+                reader.release(upto=mark)
+            for out in outs:
+                out.commit()
         except OSError as e:
             raise MergeError(
-                f"writing {out.partial.tmp if out.partial else out_dir} failed: {e.strerror or e}; what was "
+                f"writing {out.partial.tmp if out.partial else out.out_dir} failed: {e.strerror or e}; what was "
                 "written stays unpublished: fix the cause (free disk space?) and rerun the same command to resume"
             ) from None
         except BaseException as e:
             if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: journal what is already on disk
-                with contextlib.suppress(Exception):
-                    out.commit()
+                for out in outs:
+                    with contextlib.suppress(Exception):
+                        out.commit()
             raise
         finally:
-            if out.partial is not None:
-                out.partial.close()
+            for out in outs:
+                if out.partial is not None:
+                    out.partial.close()
             if uploader is not None:
                 uploader.close()
     return written
 
 
-def _prefetch(plan: Plan, t: OutputTensor, reader: TensorReader, uploader: Uploader | None) -> None:
-    """Start reading ``t``'s inputs ahead of its merge: into the page cache, and on CUDA
-    onto the GPU (read and copied on the upload thread and stream)."""
+def _prefetch(plan: Plan, t: OutputTensor, ctx: MergeContext) -> None:
+    """Start reading ``t``'s inputs (through the stages it reads) ahead of its merge: into
+    the page cache, and on CUDA onto the GPU (read and copied on the upload thread and stream)."""
     for ref in t.all_inputs:
+        model = plan.models[ref.model]
+        if model.stage:
+            stage = plan.stages[model.ref]
+            _prefetch(stage, ctx.tensor(stage, ref.name), ctx)
+            continue
         if is_pickle(ref.file) or ref.end == ref.begin:
             continue
         path = input_path(plan, ref)
-        reader.prefetch(path, ref.begin, ref.end)
-        if uploader is not None:
-            read = functools.partial(reader.read, path, "U8", (ref.end - ref.begin,), ref.begin, ref.end)
-            uploader.prefetch(stage_key(plan, ref), read)
+        ctx.reader.prefetch(path, ref.begin, ref.end)
+        if ctx.uploader is not None:
+            read = functools.partial(ctx.reader.read, path, "U8", (ref.end - ref.begin,), ref.begin, ref.end)
+            ctx.uploader.prefetch(stage_key(plan, ref), read)
 
 
 class _RankOutput:
@@ -128,15 +155,15 @@ class _RankOutput:
     are being written and hashed on the I/O thread, and the journal that records each
     tensor once its bytes are synced."""
 
-    def __init__(self, plan: Plan, out_dir: str, rank: int, reader: TensorReader, timed):
-        self.plan, self.out_dir, self.reader, self.timed = plan, out_dir, reader, timed
+    def __init__(self, plan: Plan, out_dir: str, rank: int, timed):
+        self.plan, self.out_dir, self.timed = plan, out_dir, timed
         self.journal = Journal(out_dir, rank)
         self.file_of = {name: f for f in plan.files for name in f.tensors}
         self.file: OutputFile | None = None
         self.partial: PartialFile | None = None
         self.offsets: dict[str, int] = {}
-        self.writing: tuple[OutputTensor, Future] | None = None
-        """The tensor being written and the future of its sha256."""
+        self.writing: tuple[OutputTensor, Future, int] | None = None
+        """The tensor being written, the future of its sha256, and its unit of work's number."""
 
     def open_file_of(self, t: OutputTensor) -> None:
         """Make the file that holds ``t`` the open one (committing and closing the one before)."""
@@ -154,15 +181,13 @@ class _RankOutput:
         """Start writing ``t``'s bytes at its offset; the future of their sha256."""
         return self.partial.write_at(self.offsets[t.name], value, ready=ready)
 
-    def settle(self, upto: int | None = None) -> None:
-        """Wait for the tensor being written and journal it (pending); then its inputs' pages
-        (read before ``upto``) can go: the writer may have been reading them (a passthrough
-        writes mapped bytes)."""
+    def settle(self) -> None:
+        """Wait for the tensor being written and journal it (pending). Only then may its
+        inputs' pages go: the writer may be reading them (a passthrough writes mapped bytes)."""
         if self.writing is not None:
-            t, digest = self.writing
+            t, digest, _ = self.writing
             self.journal.add(t.name, self.file_of[t.name].name, digest.result(), t.nbytes)
             self.writing = None
-        self.reader.release(upto)
 
     def commit(self) -> None:
         """Sync the open file, then append what it holds to the journal."""

@@ -1,10 +1,15 @@
 """Merge one output tensor: read its inputs, run the method, round to the output dtype.
 
 ``TensorInputs`` is one output tensor's inputs: each is fetched (already staged on the GPU,
-unpickled, or memory-mapped), gets its LoRA adapter applied and, for vocabulary tensors, its
-rows re-indexed to the output vocabulary; then each is rounded to the work dtype (the
-recipe's ``dtype``) and widened to float32, whole or chunk by chunk. ``merge_tensor`` takes
-it from there; the helpers below it take tensors and return tensors.
+unpickled, memory-mapped, or, from an earlier stage of a multi-stage recipe, merged by
+``merge_tensor`` of that stage's plan), gets its LoRA adapter applied and, for vocabulary
+tensors, its rows re-indexed to the output vocabulary; then each is rounded to the work dtype
+(the recipe's ``dtype``) and widened to float32, whole or chunk by chunk. ``merge_tensor``
+takes it from there; the helpers below it take tensors and return tensors.
+
+``MergeContext.memo`` holds what one unit of work has fetched and merged: the outputs of a
+sweep's variants, a stage kept with ``--keep-intermediates`` and the final output that reads
+it each read an input, or merge a stage's tensor, once.
 
 Rounding follows mergekit: inputs are rounded to the work dtype first, computed on in
 float32, and the result is rounded to the work dtype, then cast to the output dtype.
@@ -13,8 +18,11 @@ float32, and the result is rounded to the work dtype, then cast to the output dt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -36,6 +44,31 @@ DROP_ELEMENTS = 16 * CHUNK_ELEMENTS
 input per 16 chunks: frequent enough to bound memory, rare enough to cost nothing)."""
 
 
+@dataclass(slots=True)
+class MergeContext:
+    """What merging a tensor needs besides its plan: where inputs come from, where the math
+    runs, and what this unit of work has already fetched and merged."""
+
+    reader: TensorReader
+    device: str = "cpu"
+    progress: Progress | None = None
+    allow_nonfinite: bool = False
+    """Keep NaN/Inf results (default: MergeError naming the tensor)."""
+    uploader: Uploader | None = None
+    """CUDA: the inputs read and copied to the GPU ahead of their merge."""
+    kernel_options: kernels.KernelOptions | None = None
+    memo: dict = field(default_factory=dict)
+    """Inputs as fetched, and merged tensors (of outputs and stages), keyed by what they are;
+    the rank loop clears it after each unit of work."""
+    tensors: dict = field(default_factory=dict)
+    """plan fingerprint -> {tensor name: OutputTensor}, for the stages' tensors."""
+
+    def tensor(self, plan: Plan, name: str) -> OutputTensor:
+        if plan.fingerprint not in self.tensors:
+            self.tensors[plan.fingerprint] = {t.name: t for t in plan.tensors}
+        return self.tensors[plan.fingerprint][name]
+
+
 class TensorInputs:
     """One output tensor's inputs, read for the merge.
 
@@ -45,8 +78,9 @@ class TensorInputs:
     a chunked merge of a large tensor never holds more than a few chunks of its pages.
     """
 
-    def __init__(self, plan: Plan, t: OutputTensor, reader: TensorReader, device: str = "cpu", uploader: Uploader | None = None):
-        self.plan, self.t, self.reader, self.device, self.uploader = plan, t, reader, device, uploader
+    def __init__(self, plan: Plan, t: OutputTensor, ctx: MergeContext):
+        self.plan, self.t, self.ctx = plan, t, ctx
+        self.reader, self.device, self.uploader = ctx.reader, ctx.device, ctx.uploader
         self.work = DTYPES[work_dtype(plan, t)]
         """The compute dtype: inputs are rounded to it before the float32 math, and so is the result."""
         self.in_shape = (-1, *t.shape[1:]) if t.vocab is not None else tuple(t.shape)  # inputs' vocabularies differ
@@ -72,7 +106,18 @@ class TensorInputs:
         return [self.base, *self.inputs] if self.base is not None else self.inputs
 
     def fetch(self, ref: InputRef) -> torch.Tensor:
-        """One input tensor as stored (LoRA applied), on the device."""
+        """One input tensor as stored (LoRA applied), on the device; once per unit of work."""
+        model = self.plan.models[ref.model]
+        if model.stage:  # an earlier stage's output tensor, rounded as its checkpoint holds it
+            stage = self.plan.stages[model.ref]
+            inner = dataclasses.replace(self.ctx, progress=None)  # its time counts in this tensor's
+            return merge_tensor(stage, self.ctx.tensor(stage, ref.name), inner).reshape(self.in_shape)
+        key = ("read", *stage_key(self.plan, ref), ref.dtype, self.in_shape, json.dumps(ref.lora, sort_keys=True))
+        if key not in self.ctx.memo:
+            self.ctx.memo[key] = self._fetch(ref)
+        return self.ctx.memo[key]
+
+    def _fetch(self, ref: InputRef) -> torch.Tensor:
         plan, reader = self.plan, self.reader
         staged = self.uploader.take(stage_key(plan, ref)) if self.uploader is not None else None
         if staged is not None:  # already on the GPU: its bytes, read and copied while the last tensor merged
@@ -133,18 +178,10 @@ class TensorInputs:
         self.dropped = self.last
 
 
-def merge_tensor(
-    plan: Plan,
-    t: OutputTensor,
-    reader: TensorReader,
-    device: str = "cpu",
-    progress: Progress | None = None,
-    allow_nonfinite: bool = False,
-    uploader: Uploader | None = None,
-    kernel_options: kernels.KernelOptions | None = None,
-) -> torch.Tensor:
+def merge_tensor(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     """The merged value of one output tensor, in its output dtype. Raises MergeError
-    naming the tensor if the result has NaN or Inf, unless ``allow_nonfinite``.
+    naming the tensor if the result has NaN or Inf, unless ``ctx.allow_nonfinite``.
+    Merged once per unit of work (``ctx.memo``), however many outputs or stages read it.
 
     Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
     inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
@@ -152,11 +189,19 @@ def merge_tensor(
     methods with a ``chunked`` form (the TIES family: top-k statistics in a first pass over
     the chunks, then element-wise trimming and consensus) do the same, bit for bit.
     """
+    key = ("merged", plan.fingerprint, t.name)
+    if key not in ctx.memo:
+        ctx.memo[key] = _merge(plan, t, ctx)
+    return ctx.memo[key]
+
+
+def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
+    progress, device = ctx.progress, ctx.device
     timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     method = methods.get(plan.method)
-    src = TensorInputs(plan, t, reader, device, uploader)
+    src = TensorInputs(plan, t, ctx)
     work, out_dtype = src.work, DTYPES[t.dtype]
-    check = (lambda value: None) if allow_nonfinite else (lambda value: check_finite(t, value))
+    check = (lambda value: None) if ctx.allow_nonfinite else (lambda value: check_finite(t, value))
 
     with timed("read"):
         src.load()
@@ -168,7 +213,7 @@ def merge_tensor(
         return out
     if is_plain_copy(method, t, src.inputs, work, out_dtype):
         return src.inputs[0]  # the mapped input's bytes go to the writer as they are
-    kwargs = method_kwargs(method, t, kernel_options)
+    kwargs = method_kwargs(method, t, ctx.kernel_options)
     numel = src.inputs[0].numel()
     pieces = _pieces(method, src, kwargs) if numel > CHUNK_ELEMENTS else None
     if pieces is None:

@@ -253,7 +253,7 @@ def test_internal_error_is_one_line_exit_3_and_a_log_with_the_traceback(llama_fa
     from distmerge.cli import main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(distmerge.job, "make_plan", _crash)
+    monkeypatch.setattr(distmerge.job, "make_graph", _crash)
     recipe = write_recipe(tmp_path, linear(llama_family["ft1"]))
     with pytest.raises(SystemExit) as e:
         main(["plan", str(recipe)])
@@ -284,7 +284,7 @@ def test_interrupt_and_user_errors_keep_their_exit_codes(llama_family, tmp_path,
         raise MergeError("recipe.yml: something the user can fix")
 
     for fake, code, message in [(interrupt, 130, "aborted"), (user_error, 2, "error: recipe.yml: something the user can fix")]:
-        monkeypatch.setattr(distmerge.job, "make_plan", fake)
+        monkeypatch.setattr(distmerge.job, "make_graph", fake)
         with pytest.raises(SystemExit) as e:
             main(["plan", str(recipe)])
         assert e.value.code == code

@@ -87,7 +87,13 @@ def test_donor_without_base_is_the_first_model():
         ("merge_method: linear\nmodels: [a]\nname: !!python/object/apply:os.system [echo]\n", "could not determine a constructor for the tag"),
         ("merge_method: linear\nmodels: [a]\nname: 2001-13-01\n", "line 3, column 7: cannot read this value (month must be in 1..12)"),
         ("merge_method: linear\nmodels: [a]\nname: a\x00b\n", "character #x0000 at position 40 is not allowed in YAML"),
-        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: ties\n", "multi-stage recipe (mergekit-multi) with 2 stages"),
+        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: ties\n", "r.yml (document 2): a recipe needs exactly one of 'models', 'slices' or 'modules'"),
+        ("merge_method: linear\nmodels: [a]\n---\nmerge_method: linear\nmodels: [b]\n", "r.yml: 2 documents have no name; in a multi-stage recipe only the final one may be unnamed"),
+        ("name: x\nmerge_method: linear\nmodels: [a]\n---\nname: x\nmerge_method: linear\nmodels: [b]\n", "r.yml: two documents are named 'x'"),
+        ("merge_method: ties\nbase_model: a\nmodels: [b]\nsweep: {densty: [0.5]}\n", "sweep: ties has no parameter 'densty'; did you mean 'density'?"),
+        ("merge_method: ties\nbase_model: a\nmodels: [b]\nsweep: {density: [0.5, x]}\n", "sweep.density: expected float, got 'x'"),
+        ("merge_method: ties\nbase_model: a\nmodels: [b]\nsweep: {density: 0.5}\n", "sweep.density must be a non-empty list of values"),
+        ("merge_method: ties\nbase_model: a\nmodels: [{model: b, parameters: {density: 0.3}}]\nsweep: {density: [0.5]}\n", "sweep.density: models[0].parameters sets density too"),
         # did you mean: close names at every level, ignoring case
         ("merge_method: TIES\nmodels: [a]\n", "unknown merge_method 'TIES'; did you mean 'ties'?"),
         ("merge_method: linear\nslices: [{source: [{model: a, layer_range: [0, 1]}]}]\n", "r.yml: slices[0] must be a mapping with a non-empty 'sources'"),
@@ -113,21 +119,6 @@ def test_bad_recipes_get_one_clear_error(text, message):
         parse_recipe(text, source="r.yml")
     assert message in str(e.value)
     assert str(e.value).startswith("r.yml")
-
-
-def test_multi_stage_recipes_are_named_in_the_order_they_run():
-    text = (
-        "merge_method: dare_ties\nbase_model: a\nmodels: [{model: second-merge, parameters: {weight: 1, density: 0.5}}]\n"
-        "---\nname: second-merge\nmerge_method: slerp\nbase_model: first-merge@main\nmodels: [b]\nparameters: {t: 0.5}\n"
-        "---\nname: first-merge\nmerge_method: linear\nmodels: [a, b]\n---\n"
-    )
-    with pytest.raises(MergeError) as e:
-        parse_recipe(text, source="r.yml")
-    assert str(e.value) == (
-        "r.yml: this is a multi-stage recipe (mergekit-multi) with 3 stages: first-merge, second-merge, (the unnamed final stage); "
-        "distmerge does not run multi-stage recipes yet: run each stage as its own recipe, in this order, "
-        "writing a stage's output directory where a later stage names it"
-    )
 
 
 def test_every_document_of_a_multi_stage_recipe_is_read_with_the_bounds():
