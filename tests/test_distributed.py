@@ -136,6 +136,17 @@ def torchrun(k: int, recipe: Path, out: Path, *args: str, env: dict | None = Non
     return Proc(cmd, child_env(env), out.parent / f"{out.name}-torchrun{k}").wait()
 
 
+def torchrun_jobs(k: int, jobs: list[tuple[Path, Path, list[str]]], logs: Path) -> Done:
+    """``distmerge run RECIPE OUT --out-shard-size SHARD --quiet ARGS`` for each (RECIPE, OUT,
+    ARGS) of ``jobs``, one after the other on the same K ranks: one torchrun launch
+    (tests/torchrun_jobs.py), whose start-up (torch imported by the agent and K workers, the
+    process group) costs more than the merges of these tiny models."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", str(REPO_ROOT / "tests" / "torchrun_jobs.py")]
+    for i, (recipe, out, args) in enumerate(jobs):
+        cmd += [*(["--"] if i else []), str(recipe), str(out), "--out-shard-size", SHARD, "--quiet", *args]
+    return Proc(cmd, child_env(), logs).wait(timeout=LAUNCH_TIMEOUT * 2)
+
+
 def in_process(recipe: Path, out: Path, *args: str) -> Path:
     """``distmerge run`` as one process, in this one, whatever launcher ran pytest."""
     with mock.patch.dict(os.environ, launcher_free(os.environ), clear=True):
@@ -241,9 +252,32 @@ def one_process(recipes, tmp_path_factory):
 # --------------------------------------------------------------------------- 1. world-size independence
 
 
+WRAPPED = ("passthrough", 3)
+"""(recipe, K) merged through the launch/torchrun.sh wrapper, in a launch of its own."""
+
+
+@pytest.fixture(scope="module")
+def multi_rank(recipes, tmp_path_factory):
+    """K -> {recipe name: output of the K-rank run}: every recipe (but WRAPPED's) merged on K
+    ranks in one torchrun launch (``torchrun_jobs``), made once per module and K."""
+    root = tmp_path_factory.mktemp("dist_kn")
+    launched: dict[int, tuple[Done, dict[str, Path]]] = {}
+
+    def get(k: int) -> dict[str, Path]:
+        if k not in launched:
+            names = [n for n in RECIPES if (n, k) != WRAPPED]
+            outs = {n: root / f"{n}-k{k}" for n in names}
+            launched[k] = (torchrun_jobs(k, [(recipes[n], outs[n], seed_args(n)) for n in names], root / f"k{k}"), outs)
+        done, outs = launched[k]
+        assert done.rc == 0, done.tail()
+        return outs
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
-def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_process, tmp_path):
+def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_process, multi_rank, tmp_path):
     ref = one_process(name)
     plan = make_plan(str(recipes[name]), JobOptions(out_shard_bytes=parse_size(SHARD), seed=SEED.get(name, 0)))
     assert len(plan.files) >= 3
@@ -254,11 +288,14 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
     assert cuts - starts, f"{name}: every rank boundary falls on a file boundary; make SHARD larger"
 
     for k in (2, 3):
-        out = tmp_path / f"k{k}"
-        # K=3 of the passthrough recipe goes through the launch/torchrun.sh wrapper.
-        r = torchrun(k, recipes[name], out, *seed_args(name), wrapper=(name == "passthrough" and k == 3))
-        assert r.rc == 0, r.tail()
+        if (name, k) == WRAPPED:  # through the launch/torchrun.sh wrapper, the CLI as users run it
+            out = tmp_path / f"k{k}"
+            r = torchrun(k, recipes[name], out, *seed_args(name), wrapper=True)
+            assert r.rc == 0, r.tail()
+        else:  # with the other recipes, in one torchrun launch per K
+            out = multi_rank(k)[name]
         assert_same_output(out, ref)
+        assert sorted(p.name for p in (out / ".distmerge" / "journal").glob("*.jsonl")) == [f"rank-{r:05d}.jsonl" for r in range(k)]
 
 
 @pytest.mark.slow
