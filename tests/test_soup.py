@@ -1,10 +1,15 @@
 """``distmerge soup`` on the skills harness: five fine-tunes of "reverse" from one base (four
 good ones with different seeds and learning rates, one with a learning rate 30x too high).
 
-The soup selects on the first 64 held-out items (its --eval-cmd: ``skills score --items 64``);
-the claims are checked there and on the next 512 held-out items, which the selection never
-saw (score on 576 items minus score on the first 64: ``test_items`` lists are prefixes of
-each other).
+The soup selects on the first 64 held-out items (its --eval-cmd prints what ``python -m
+distmerge.skills score --json --items 64 MODEL`` prints); the claims are checked there and on
+the next 512 held-out items, which the selection never saw (score on 576 items minus score
+on the first 64: ``test_items`` lists are prefixes of each other).
+
+The --eval-cmd is a stdlib-only client (tests/score_client.py) of a scorer in this test
+process (``scorer``): the same ``skills.score_all`` the command would run, without starting
+Python and importing torch for each of the ~25 scores the module's soups ask for (3-4 s
+each; the real command behind --eval-cmd is tested in tests/test_eval.py).
 
 Measured but not asserted with a zero margin, because it does not hold at this scale: on the
 512 unseen items the greedy soup is within a point of the best ingredient, above or below
@@ -18,8 +23,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socketserver
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,19 +43,18 @@ from tests.skills_fixtures import SOUP_SKILL, TRAIN_SECONDS, skill_models, soup_
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 SELECT, UNSEEN = 64, 512
-EVAL = f"{sys.executable} -m distmerge.skills score --json --items {SELECT} {{model}}"
 UNSEEN_SLACK = 0.03
 """The greedy soup may score this much below the best ingredient on unseen items (measured: 1 point at most)."""
 RUN_TIMEOUT = 900
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def soup_args(out: Path, ingredients: dict[str, Path], cache: Path, *more: str, eval_cmd: str = EVAL) -> list[str]:
+def soup_args(out: Path, ingredients: dict[str, Path], cache: Path, *more: str, eval_cmd: str) -> list[str]:
     return ["soup", str(out), *map(str, ingredients.values()), "--eval-cmd", eval_cmd, "--metric", SOUP_SKILL,
             "--cache-dir", str(cache), "--quiet", "--device", "cpu", *more]  # fmt: skip
 
 
-def soup(out: Path, ingredients: dict[str, Path], cache: Path, *more: str, eval_cmd: str = EVAL) -> Path:
+def soup(out: Path, ingredients: dict[str, Path], cache: Path, *more: str, eval_cmd: str) -> Path:
     proc = run_cli(*soup_args(out, ingredients, cache, *more, eval_cmd=eval_cmd), timeout=RUN_TIMEOUT)
     assert proc.returncode == 0, f"distmerge soup failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return out
@@ -74,6 +81,31 @@ def launcher_free() -> dict[str, str]:
     return env | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+class _Score(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        request = json.loads(self.rfile.readline())
+        try:  # what `python -m distmerge.skills score --json --items N MODEL` prints
+            reply = {"ok": json.dumps(skills.score_all(request["model"], request["items"]))}
+        except Exception as e:  # the client prints it and exits 1, as the command would fail
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    """The soups' --eval-cmd: tests/score_client.py asks this process's scorer (a Unix socket
+    server in a thread, one request at a time) for ``skills.score_all(MODEL, SELECT)``."""
+    with tempfile.TemporaryDirectory(prefix="dm-score-") as d:  # short: a socket path has ~100 characters
+        server = socketserver.UnixStreamServer(os.path.join(d, "s"), _Score)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"{sys.executable} -I {REPO_ROOT / 'tests' / 'score_client.py'} {server.server_address} {SELECT} {{model}}"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """One score cache for the module: each checkpoint's bytes are evaluated once."""
@@ -81,16 +113,16 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def greedy(soup_ingredients, cache, tmp_path_factory) -> Path:
+def greedy(soup_ingredients, cache, scorer, tmp_path_factory) -> Path:
     t0 = time.perf_counter()
-    out = soup(tmp_path_factory.mktemp("greedy") / "soup", soup_ingredients, cache, "--greedy")
+    out = soup(tmp_path_factory.mktemp("greedy") / "soup", soup_ingredients, cache, "--greedy", eval_cmd=scorer)
     print(f"\ngreedy soup: {time.perf_counter() - t0:.0f} s; ingredients trained in {TRAIN_SECONDS.get('soup_ingredients', 0):.0f} s (0: by another worker)")
     return out
 
 
 @pytest.fixture(scope="module")
-def uniform(soup_ingredients, cache, tmp_path_factory) -> Path:
-    return soup(tmp_path_factory.mktemp("uniform") / "soup", soup_ingredients, cache)
+def uniform(soup_ingredients, cache, scorer, tmp_path_factory) -> Path:
+    return soup(tmp_path_factory.mktemp("uniform") / "soup", soup_ingredients, cache, eval_cmd=scorer)
 
 
 def test_greedy_soup_beats_its_ingredients_and_the_uniform_soup(greedy, uniform, soup_ingredients):
@@ -148,11 +180,11 @@ def test_log_plot_and_pruned_steps(greedy, soup_ingredients):
     assert kept == ([f"{last:02d}"] if last else []), kept
 
 
-def test_resume_after_kill(soup_ingredients, greedy, tmp_path):
+def test_resume_after_kill(soup_ingredients, greedy, scorer, tmp_path):
     """SIGKILL after the first candidate is logged; the same command finishes the same soup,
     and evaluates nothing whose score was already cached."""
     calls, cache, out = tmp_path / "calls.txt", tmp_path / "cache", tmp_path / "soup"
-    eval_cmd = f"echo {{model}} >> {calls} && {EVAL}"
+    eval_cmd = f"echo {{model}} >> {calls} && {scorer}"
     args = soup_args(out, soup_ingredients, cache, "--greedy", eval_cmd=eval_cmd)
     proc = subprocess.Popen([sys.executable, "-m", "distmerge.cli", *args], env=launcher_free(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
@@ -177,10 +209,10 @@ def test_resume_after_kill(soup_ingredients, greedy, tmp_path):
     assert weights(out / "final") == weights(greedy / "final")
 
 
-def test_two_ranks_give_the_same_soup(soup_ingredients, greedy, cache, tmp_path):
+def test_two_ranks_give_the_same_soup(soup_ingredients, greedy, cache, scorer, tmp_path):
     out = tmp_path / "soup"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "distmerge.cli",
-           *soup_args(out, soup_ingredients, cache, "--greedy")]  # fmt: skip
+           *soup_args(out, soup_ingredients, cache, "--greedy", eval_cmd=scorer)]  # fmt: skip
     env = launcher_free() | {"MASTER_PORT": str(free_port())}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -188,16 +220,16 @@ def test_two_ranks_give_the_same_soup(soup_ingredients, greedy, cache, tmp_path)
     assert weights(out / "final") == weights(greedy / "final")
 
 
-def test_refusals(soup_ingredients, greedy, tmp_path):
+def test_refusals(soup_ingredients, greedy, scorer, tmp_path):
     one = list(soup_ingredients.values())[:1]
-    r = run_main("soup", tmp_path / "a", *one, "--eval-cmd", EVAL)
+    r = run_main("soup", tmp_path / "a", *one, "--eval-cmd", scorer)
     assert r.returncode == 2 and "at least 2 ingredients" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = run_main("soup", tmp_path / "b", *one, tmp_path / "nowhere", "--eval-cmd", EVAL)
+    r = run_main("soup", tmp_path / "b", *one, tmp_path / "nowhere", "--eval-cmd", scorer)
     assert r.returncode == 2 and "nowhere" in r.stderr and "no config.json" in r.stderr, r.stderr
     r = run_main("soup", tmp_path / "c", *list(soup_ingredients.values())[:2], "--greedy")
     assert r.returncode == 2 and "greedy soup needs a score" in r.stderr, r.stderr
     before = (greedy / "soup.json").read_bytes()
-    r = run_main(*soup_args(greedy, dict(list(soup_ingredients.items())[:3]), tmp_path / "cache", "--greedy"))
+    r = run_main(*soup_args(greedy, dict(list(soup_ingredients.items())[:3]), tmp_path / "cache", "--greedy", eval_cmd=scorer))
     assert r.returncode == 2 and "a different ingredient list" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (greedy / "soup.json").read_bytes() == before
