@@ -235,7 +235,7 @@ def cmd_kernel(argv: list[str]) -> int:
 
     from distmerge.io.reader import TensorReader
     from distmerge.job import JobOptions, make_plan
-    from distmerge.tensor_merge import merge_tensor
+    from distmerge.tensor_merge import MergeContext, merge_tensor
 
     recipe, device, shard = argv[0], argv[1], int(argv[2])
     plan = make_plan(recipe, JobOptions(out_shard_bytes=shard, seed=0))
@@ -253,12 +253,12 @@ def cmd_kernel(argv: list[str]) -> int:
 
     reader = Preloaded()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    merge_tensor(plan, t, reader, device)  # warm-up (and loads the inputs)
+    merge_tensor(plan, t, MergeContext(reader, device))  # warm-up (and loads the inputs)
     sync()
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        merge_tensor(plan, t, reader, device)
+        merge_tensor(plan, t, MergeContext(reader, device))
         sync()
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)

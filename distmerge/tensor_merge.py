@@ -112,10 +112,17 @@ class TensorInputs:
             stage = self.plan.stages[model.ref]
             inner = dataclasses.replace(self.ctx, progress=None)  # its time counts in this tensor's
             return merge_tensor(stage, self.ctx.tensor(stage, ref.name), inner).reshape(self.in_shape)
-        key = ("read", *stage_key(self.plan, ref), ref.dtype, self.in_shape, json.dumps(ref.lora, sort_keys=True))
+        key = ("read", *self.key(ref), self.in_shape)
         if key not in self.ctx.memo:
             self.ctx.memo[key] = self._fetch(ref)
         return self.ctx.memo[key]
+
+    def key(self, ref: InputRef) -> tuple:
+        """What identifies an input's stored values: its bytes (and adapter), or the stage's tensor."""
+        model = self.plan.models[ref.model]
+        if model.stage:
+            return ("stage", self.plan.stages[model.ref].fingerprint, ref.name)
+        return (*stage_key(self.plan, ref), ref.dtype, json.dumps(ref.lora, sort_keys=True))
 
     def _fetch(self, ref: InputRef) -> torch.Tensor:
         plan, reader = self.plan, self.reader
@@ -244,6 +251,8 @@ def _pieces(method: methods.Method, src: TensorInputs, kwargs: dict) -> Iterator
         ranges = methods.chunk_ranges(src.inputs[0].numel(), CHUNK_ELEMENTS)
         return ((i, j, method.merge(*src.read_range(i, j, src.as_stored), **kwargs)) for i, j in ranges)
     if method.chunked is not None and not src.inputs[0].is_cuda:
+        if method.shares_statistics and src.t.vocab is None:
+            kwargs = {**kwargs, "stats": src.ctx.memo.setdefault(("stats", src.work, *map(src.key, src.t.all_inputs)), {})}
         return method.chunked(src.read_range, tuple(src.inputs[0].shape), CHUNK_ELEMENTS, **kwargs)
     return None
 

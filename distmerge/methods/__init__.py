@@ -109,6 +109,10 @@ class Method:
     yields the merged flat ranges in order. A method whose statistics run along rows may
     read whole rows at a time. None means "not for these parameters": the run then calls
     ``merge``."""
+    shares_statistics: bool = False
+    """``chunked`` takes ``stats``: a dict that the run shares between the merges of one unit
+    of work that read the same inputs (a sweep's variants), for statistics that do not depend
+    on the varied parameters (``sparsify.SharedTopK``). The same bits as without it."""
     kernel_options: bool = False
     """``merge`` and ``chunked`` take ``options``, a ``distmerge.kernels.KernelOptions`` (how
     the fused steps run), and pass it on to the kernels they call."""

@@ -26,7 +26,9 @@ using the counter i of its row-major flat index, so a mask does not depend on ch
 
 from __future__ import annotations
 
+import copy
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -256,6 +258,26 @@ def della_magprune(
 # ---------------------------------------------------------------- top-k over a tensor read in chunks
 
 
+@dataclass(slots=True)
+class SharedTopK:
+    """What the top-k selections of one score have in common across the merges of one unit
+    of work (a sweep's variants of one tensor, which read the same inputs): the high-bits
+    histogram of pass 1 serves every k, and a finished selection serves every merge with its
+    k. Same bits as selections made afresh; one statistics pass instead of two for a new k,
+    none for a k seen before."""
+
+    high: torch.Tensor | None = None
+    finished: dict[int, ChunkedTopK] = field(default_factory=dict)
+
+    def top_k(self, n: int, k: int) -> ChunkedTopK:
+        if k in self.finished:
+            return self.finished[k].replay()
+        top = ChunkedTopK(n, k, shared=self)
+        if self.high is not None:
+            top._hist, top.has_high = self.high.clone(), True
+        return top
+
+
 _NONE_KEPT = (1 << 31) - 1
 """A cut no |δ| bit pattern exceeds (see ``ChunkedTopK.trim``)."""
 
@@ -276,10 +298,12 @@ class ChunkedTopK:
     (``trim`` applies it to a chunk of δ in place).
     """
 
-    def __init__(self, n: int, k: int, device="cpu"):
+    def __init__(self, n: int, k: int, device="cpu", shared: SharedTopK | None = None):
         self.n, self.k = n, k
         self.trivial = k <= 0 or k >= n  # nothing or everything is kept: no statistics needed
+        self.shared = shared
         self._hist = torch.zeros(1 << 15, dtype=torch.int64, device=device)
+        self.has_high = False  # pass 1 is done (its histogram came from ``shared``)
         self._high: int | None = None
         self._rank = k
         self.threshold: torch.Tensor | None = None
@@ -290,6 +314,12 @@ class ChunkedTopK:
         self._lows: list | None = []  # per chunk of pass 2: (size, low bits in the bucket)
         self._lows_kept = 0
         self._chunk_ties = iter(())  # per chunk: (size, entries equal to the threshold)
+        self._replay: tuple = ()  # what ``replay`` restores: the state right after ``finish``
+
+    @property
+    def needs_passes(self) -> bool:
+        """Statistics passes are still to run (not trivial, not finished)."""
+        return not self.trivial and self.threshold is None
 
     def add_high(self, score: torch.Tensor) -> None:
         """Pass 1 of 2: a chunk's scores (flat, non-negative float32) into the high-bits histogram."""
@@ -341,6 +371,8 @@ class ChunkedTopK:
     def _start_low(self) -> None:
         """Between the passes: the high bucket of the k-th largest, and the rank in it."""
         if self._high is None:
+            if self.shared is not None and self.shared.high is None:
+                self.shared.high = self._hist.clone()
             self._finite = not bool(self._hist[0x7F80:].any())  # buckets of Inf and NaN
             self._high, self._rank = _select_digit(self._hist, self.k)
             self._hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._hist.device)
@@ -351,12 +383,22 @@ class ChunkedTopK:
             self._hist += torch.bincount(torch.cat([lows for _, lows in self._lows]), minlength=1 << 16)
         low, self._ties_left = _select_digit(self._hist, self._rank)
         self._ties_unseen = int(self._hist[low])
-        if self._lows:
-            self._chunk_ties = iter([(size, int((lows == low).sum())) for size, lows in self._lows])
+        chunk_ties = [(size, int((lows == low).sum())) for size, lows in self._lows] if self._lows else []
+        self._chunk_ties = iter(chunk_ties)
         self._lows = None
         self._bits = (self._high << 16) | low
         bits = torch.tensor([self._bits], dtype=torch.int32, device=self._hist.device)
         self.threshold = bits.view(torch.float32)[0]
+        self._replay = (self._ties_left, self._ties_unseen, chunk_ties)
+        if self.shared is not None:
+            self.shared.finished[self.k] = self.replay()
+
+    def replay(self) -> ChunkedTopK:
+        """A copy of this finished selection that masks the chunks again from the first."""
+        top = copy.copy(self)
+        top._ties_left, top._ties_unseen, chunk_ties = self._replay
+        top._chunk_ties = iter(chunk_ties)
+        return top
 
     def mask(self, score: torch.Tensor) -> torch.Tensor:
         """The keep mask of the next chunk (chunks must come in flat order, each once)."""

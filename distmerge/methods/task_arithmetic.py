@@ -125,17 +125,19 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
     each chunk's task vectors with its masks and combines them, all element-wise.
     """
     ranges = chunk_ranges(numel, chunk)
-    live = [[top for top in pair or () if top is not None and not top.trivial] for pair in selections]
-    if any(live):
-        for low in (False, True):
-            for start, end in ranges:
-                base, tensors = read(start, end)
-                for tops, x in zip(live, tensors):
-                    if tops:
-                        sparsify.ChunkedTopK.gather(tops, x - base, low=low)
-        for tops in live:
-            for top in tops:
-                top.finish()
+    live = [[top for top in pair or () if top is not None and top.needs_passes] for pair in selections]
+    for low in (False, True):
+        passing = [[top for top in tops if low or not top.has_high] for tops in live]
+        if not any(passing):
+            continue
+        for start, end in ranges:
+            base, tensors = read(start, end)
+            for tops, x in zip(passing, tensors):
+                if tops:
+                    sparsify.ChunkedTopK.gather(tops, x - base, low=low)
+    for tops in live:
+        for top in tops:
+            top.finish()
     for start, end in ranges:
         base, tensors = read(start, end)
         deltas = task_vectors(base, tensors)
@@ -145,32 +147,37 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
         )
 
 
-def _trim_chunked(read, shape, chunk, *, weight, density, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
+def _top_k(stats: dict | None, i: int, numel: int, k: int) -> sparsify.ChunkedTopK:
+    """The top-k selection of |τᵢ|: shared with the unit's other merges through ``stats``."""
+    if stats is None:
+        return sparsify.ChunkedTopK(numel, k)
+    return stats.setdefault(("top_k", i), sparsify.SharedTopK()).top_k(numel, k)
+
+
+def _trim_chunked(read, shape, chunk, *, weight, density, normalize, rescale, lambda_=1.0, options=None, consensus, stats=None, **_):
     """TIES's trim in two passes over chunks (None with ``rescale``: its L1 norms need whole tensors)."""
     if not density or (rescale and min(density) < 1):
         return None
     numel = math.prod(shape)
-    selections = [
-        None if d >= 1 else (sparsify.ChunkedTopK(numel, sparsify.top_count(numel, d)), None) for d in density
-    ]
+    selections = [None if d >= 1 else (_top_k(stats, i, numel, sparsify.top_count(numel, d)), None) for i, d in enumerate(density)]
     return _chunked(
         read, numel, chunk, weight, selections, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options
     )
 
 
-def _band_chunked(read, shape, chunk, *, weight, density, gamma, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
+def _band_chunked(read, shape, chunk, *, weight, density, gamma, normalize, rescale, lambda_=1.0, options=None, consensus, stats=None, **_):
     """Breadcrumbs' band in two passes over chunks (None with ``rescale``): the top skip + k minus the top skip."""
     if not density or (rescale and min(density) < 1):
         return None
     numel = math.prod(shape)
 
-    def band(density: float, gamma: float):
+    def band(i: int, density: float, gamma: float):
         if density >= 1:
             return None
         skip, k = sparsify.band_ranks(numel, density, gamma)
-        return sparsify.ChunkedTopK(numel, skip + k), sparsify.ChunkedTopK(numel, skip)
+        return _top_k(stats, i, numel, skip + k), _top_k(stats, i, numel, skip)
 
-    selections = [band(d, g) for d, g in zip(density, gamma)]
+    selections = [band(i, d, g) for i, (d, g) in enumerate(zip(density, gamma))]
     return _chunked(
         read, numel, chunk, weight, selections, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options
     )
@@ -368,6 +375,7 @@ def _method(m: Member) -> Method:
         min_inputs=0,
         randomized=bool(s and s.randomized),
         elementwise=s is None,
+        shares_statistics=s is not None,
         kernel_options=True,
         summary=m.summary,
         paper=m.paper,
