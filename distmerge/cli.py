@@ -95,8 +95,7 @@ def _graph(recipe_path: str, out_shard_size: str, seed: int, allow_pickle: bool,
 def describe_graph(graph, world_size: int = 1, per_tensor: bool = False, keep_dir: str | None = None) -> str:
     """A multi-stage or multi-output recipe for people: its stages and what each reads, its
     outputs and where they go, the bytes read once and saved; then each output's plan."""
-    from distmerge.graph import INTERMEDIATE, bytes_saved
-    from distmerge.plan import stage_plans
+    from distmerge.graph import INTERMEDIATE, bytes_saved, read_bytes
 
     plans = {p.fingerprint: (name, p) for t in graph.targets for name, p in _named_stages(t.plan)}
     lines = []
@@ -110,11 +109,8 @@ def describe_graph(graph, world_size: int = 1, per_tensor: bool = False, keep_di
     for t in graph.targets:
         where = t.out_dir("OUT", keep_dir or "KEEP")
         lines.append(f"  {t.name or '(final)'} -> {where}: {t.plan.method}, {len(t.plan.tensors)} tensors, writes {human(t.plan.write_bytes)}")
-    every = [t.plan for t in graph.targets]
-    every += [s for p in every for s in stage_plans(p)]
-    reads = {(m.path, r.file, r.begin): r.nbytes for p in every for t in p.tensors for r in t.all_inputs if not (m := p.models[r.model]).stage}
     lines.append(
-        f"reads {human(sum(reads.values()))} once for all outputs; writes {human(sum(t.plan.write_bytes for t in graph.targets))}; "
+        f"reads {human(read_bytes(graph))} once for all outputs; writes {human(sum(t.plan.write_bytes for t in graph.targets))}; "
         f"peak working memory per rank ~{human(graph.peak_memory)}"
     )
     saved = bytes_saved(graph)

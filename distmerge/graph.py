@@ -285,6 +285,30 @@ def assign_units(units: list[Unit], world_size: int) -> list[list[int]]:
     return assign([u.cost for u in units], world_size)
 
 
+def read_bytes(graph: Graph) -> int:
+    """Bytes of input files the job reads: each input tensor once, however many outputs and
+    stages use it, and a stage's inputs only where an output reads that stage's tensor."""
+    seen: dict[tuple, int] = {}
+    done: set[tuple[str, str]] = set()
+    by_name = {p.fingerprint: {t.name: t for t in p.tensors} for target in graph.targets for p in stage_plans(target.plan)}
+
+    def visit(plan: Plan, t) -> None:
+        for r in t.all_inputs:
+            model = plan.models[r.model]
+            if not model.stage:
+                seen[(model.path, model.adapter_path, r.file, r.begin, r.name)] = r.nbytes
+                continue
+            stage = plan.stages[model.ref]
+            if (stage.fingerprint, r.name) not in done:
+                done.add((stage.fingerprint, r.name))
+                visit(stage, by_name[stage.fingerprint][r.name])
+
+    for target in graph.targets:
+        for t in target.plan.tensors:
+            visit(target.plan, t)
+    return sum(seen.values())
+
+
 def bytes_saved(graph: Graph) -> int:
     """Bytes of intermediate checkpoints a staged run (mergekit-multi) writes and reads back that
     this one does not (intermediates kept with --keep-intermediates are written either way)."""
