@@ -267,6 +267,8 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
         report_json=report_json, log_seconds=log_every, io=io, keep_intermediates=keep_intermediates,
     )  # fmt: skip
+    if push_to and _outputs(recipe, keep_intermediates) > 1:
+        raise click.UsageError("--push-to-hub takes a recipe with one output; push each output with `distmerge push DIR REPO` after the run")
     result = run_job(recipe, out, options)
     if not result.graph.single:
         if result.rank == 0 and not quiet:
@@ -274,8 +276,6 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
                 p = t.plan
                 click.echo(f"wrote {t.out_dir(out, keep_intermediates)}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)}")
             click.echo(f"{len(result.graph.targets)} outputs on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
-        if push_to:
-            raise MergeError("--push-to-hub takes a recipe with one output; push each output with `distmerge push DIR REPO`")
         return
     if result.rank == 0 and not quiet and result.complete:
         click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")
@@ -300,6 +300,20 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         url = push(out, push_to, private=private)
         if not quiet:
             click.echo(f"pushed to {push_to}: {url}")
+
+
+def _outputs(recipe_path: str, keep_intermediates: str | None) -> int:
+    """How many outputs the recipe file writes, from its text alone (0 if it cannot be read:
+    the run says why)."""
+    from distmerge.recipe import load_recipes, sweep_variants
+
+    try:
+        recipes = load_recipes(recipe_path)
+    except MergeError:
+        return 0
+    final = next((r for r in recipes if not r.name), recipes[-1])
+    named = sum(1 for r in recipes if r.name and r is not final) if keep_intermediates else 0
+    return named + (len(sweep_variants(final)) if final.sweep else 1)
 
 
 @cli.command("push")
