@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, run_main
 from tests.test_faults import SHARDS, recipe  # noqa: F401 (recipe: the fixture, a two-model task_arithmetic)
 
 pytestmark = pytest.mark.slow  # each test signals a CLI run in a subprocess
@@ -37,7 +37,7 @@ def journal_lines(out) -> int:
 @pytest.mark.parametrize("sig, code, what", [(signal.SIGTERM, 143, "stopped by SIGTERM"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
 def test_a_stopped_run_says_what_it_kept_and_the_rerun_resumes(recipe, tmp_path, sig, code, what):
     clean = tmp_path / "clean"
-    assert run_cli("run", recipe, clean, "--quiet", *SHARDS).returncode == 0
+    assert run_main("run", recipe, clean, "--quiet", *SHARDS).returncode == 0  # the reference, in this process
     out = tmp_path / "out"
     proc = start_slow_run(recipe, out)
     deadline = time.monotonic() + 60
@@ -73,9 +73,9 @@ def test_the_rerun_says_how_many_tensors_it_kept_and_counts_them(recipe, tmp_pat
 
 def test_a_rerun_of_a_finished_job_says_it_is_already_complete(recipe, tmp_path):
     out = tmp_path / "out"
-    assert run_cli("run", recipe, out, "--quiet", *SHARDS).returncode == 0
+    assert run_main("run", recipe, out, "--quiet", *SHARDS).returncode == 0  # the finished job, made in this process
     r = run_cli("run", recipe, out, *SHARDS)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"{out} is already complete: all 39 tensors were merged by an earlier run; nothing to merge, its files are finished and verified"
     assert "GB/s" not in r.stdout + r.stderr
-    assert run_cli("verify", out, "--full").returncode == 0
+    assert run_main("verify", out, "--full").returncode == 0

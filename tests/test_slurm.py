@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, run_main
 
 pytestmark = pytest.mark.slow  # each test runs distmerge slurm (and a fake srun) in subprocesses
 
@@ -41,11 +41,11 @@ def test_an_unknown_method_is_refused_with_the_plans_error(llama_family, tmp_pat
     bad.write_text(yaml.safe_dump({"merge_method": "frobnicate", "models": [str(llama_family["ft1"]), str(llama_family["ft2"])]}))
     r = run_cli("slurm", bad, tmp_path / "out", *SLURM_ARGS)
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr == run_cli("plan", bad).stderr and "frobnicate" in r.stderr
+    assert r.stderr == run_main("plan", bad).stderr and "frobnicate" in r.stderr  # `distmerge plan`'s error, in this process
 
 
 def test_run_options_after_dashdash_are_checked_and_passed_on(recipe, tmp_path):
-    r = run_cli("slurm", recipe, tmp_path / "out", *SLURM_ARGS, "--", "--io", "nfs")
+    r = run_main("slurm", recipe, tmp_path / "out", *SLURM_ARGS, "--", "--io", "nfs")  # in this process; the next through the command
     assert r.returncode == 2 and r.stdout == "" and "'nfs'" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("slurm", recipe, tmp_path / "out", *SLURM_ARGS, "--", "--io", "pread", "--log-every", "60")
     assert r.returncode == 0, r.stderr
