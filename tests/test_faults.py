@@ -56,17 +56,20 @@ def finished_files_are_whole(out: Path, clean: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["1", "7", "publish", "index"])
 def test_killed_run_resumes_to_identical_bytes(recipe, clean_run, tmp_path, where):
+    """The killed run is a subprocess; the rerun is the ``distmerge`` command after the first
+    kill and ``main`` in this process after the others (the same code, without starting Python
+    and torch again), as is the verify (its command is tested in the verify tests below)."""
     out = tmp_path / "out"
     r = run_cli("run", recipe, out, "--quiet", *SHARDS, env={"DISTMERGE_FAULT": f"0:{where}:kill"})
     assert r.returncode == -9, r.stderr
     finished_files_are_whole(out, clean_run)
     assert not (out / "model.safetensors.index.json").exists()
-    r = run_cli("run", recipe, out, *SHARDS)
+    r = (run_cli if where == "1" else run_main)("run", recipe, out, *SHARDS)
     assert r.returncode == 0, r.stderr
     assert "(resumed)" in r.stdout
     same_output(out, clean_run)
     assert not list(out.glob("*.partial"))
-    assert run_cli("verify", out, "--full").returncode == 0
+    assert run_main("verify", out, "--full").returncode == 0
 
 
 @pytest.mark.slow
