@@ -271,11 +271,14 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
         raise click.UsageError("--push-to-hub takes a recipe with one output; push each output with `distmerge push DIR REPO` after the run")
     result = run_job(recipe, out, options)
     if not result.graph.single:
-        if result.rank == 0 and not quiet:
+        n = len(result.graph.targets)
+        if result.rank == 0 and not quiet and result.complete:
+            click.echo(f"all {n} outputs are already complete: an earlier run merged every tensor; nothing to merge, their files are finished and verified")
+        elif result.rank == 0 and not quiet:
             for t in result.graph.targets:
                 p = t.plan
                 click.echo(f"wrote {t.out_dir(out, keep_intermediates)}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)}")
-            click.echo(f"{len(result.graph.targets)} outputs on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
+            click.echo(f"{n} output{'s' if n > 1 else ''} on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
         return
     if result.rank == 0 and not quiet and result.complete:
         click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")

@@ -117,14 +117,9 @@ def build_graph(
                 raise MergeError(f"{source}: {_label(r)} names the stage {stem!r} as {ref!r}; a stage is named by its name alone")
     order = _order(final, by_name, source)
     unused = [r.name for r in recipes if r is not final and r.name not in order]
-    if unused and not keep_intermediates:
-        raise MergeError(
-            f"{source}: the final document does not use the stage(s) {', '.join(map(repr, unused))}, so they would not be "
-            "written: pass --keep-intermediates DIR to write every named stage, or remove them"
-        )
     if keep_intermediates:
-        for name in unused:
-            order += [n for n in _order(by_name[name], by_name, source) if n not in order]
+        for name in unused:  # each after the stages it reads
+            order += [n for n in [*_order(by_name[name], by_name, source), name] if n not in order]
     plans: dict[str, Plan] = {}
     cache: dict[str, Checkpoint] = {}
     for name in order:
@@ -136,6 +131,11 @@ def build_graph(
         plan = plans.get(final.name) if not final.sweep and final.name in plans else None
         plan = plan or _plan_stage(recipe, plans, cache, kw, allow_pickle, local_only, source, by_name, text if not final.sweep else recipe.text)
         targets.append(Target(name, VARIANT if final.sweep else FINAL, plan))
+    if unused and not keep_intermediates:  # (after planning: a misspelt stage name is reported as such)
+        raise MergeError(
+            f"{source}: the final document does not use the stage(s) {', '.join(map(repr, unused))}, so they would not be "
+            "written: pass --keep-intermediates DIR to write every named stage, or remove them"
+        )
     return Graph(targets, order)
 
 

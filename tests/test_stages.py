@@ -293,11 +293,6 @@ def test_keep_intermediates_writes_every_stage_as_its_staged_run_does(staged, ch
         assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: graph.build_graph adds only the stages an unused stage reads (_order), not the unused stage itself: "
-    "it is silently not written, exit 0",
-)
 def test_keep_intermediates_writes_a_stage_the_final_does_not_use(llama_family, tmp_path):
     """Without --keep-intermediates an unused stage is an error (test_errors); with it, the
     stage is merged and written, and the final is unchanged."""
@@ -392,12 +387,7 @@ def error_cases(f) -> dict[str, tuple[list[dict], tuple, list[str]]]:
     }  # fmt: skip
 
 
-TYPO_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="bug: the unused-stage check runs before names are resolved, so a typo in the only reference to a "
-    "stage says \"does not use the stage(s) 's1'\" and never names 's1x' nor hints at 's1'",
-)
-ERRORS = ["close name", pytest.param("typo of the only reference", marks=TYPO_XFAIL), "unknown model", "cycle", "self cycle",
+ERRORS = ["close name", "typo of the only reference", "unknown model", "cycle", "self cycle",
           "revision", "adapter", "unused stage", "misaligned stage"]  # fmt: skip
 
 
