@@ -1,8 +1,9 @@
 """Many outputs from one read: ``sweep:`` variants and multi-document recipes (--keep-intermediates).
 
-* Each sweep variant is, byte for byte, the recipe with its values run alone (a deterministic
-  and a randomized method), and its own distmerge_config.yml reproduces it; each kept stage
-  of a multi-document recipe is that document run alone.
+* Each sweep variant is, byte for byte, the recipe with its values run alone (deterministic
+  and randomized methods), and its own distmerge_config.yml reproduces it. (That a kept
+  stage or the final output of a multi-document recipe is its document run alone is
+  tests/test_stages.py's.)
 * Every input tensor is read once for all the outputs of a run (counted at the reader).
 * Outputs do not depend on the number of ranks (torchrun, 1-3 ranks); a killed 2-rank sweep
   resumes to the bytes of a clean run, and each variant passes ``distmerge verify``.
@@ -281,24 +282,6 @@ def test_a_variants_own_recipe_reproduces_it(name, recipes, one_process, tmp_pat
     assert_same_bytes(again, out / variant)
 
 
-def test_each_kept_stage_and_the_final_output_are_their_documents_run_one_by_one(recipes, one_process, llama_family, tmp_path):
-    out = one_process("multi")
-    keep = out.parent / "multi-keep"
-    assert sorted(p.name for p in keep.iterdir()) == ["near", "soup"]
-    soup, near, final = multi_doc(llama_family)
-    staged = {}
-    for doc in (soup, near):
-        staged[doc["name"]] = merge(write_recipe(tmp_path / f"{doc['name']}.yml", {k: v for k, v in doc.items() if k != "name"}), tmp_path / doc["name"])
-    # mergekit-multi's way: the final document reads the stages from the checkpoints written
-    # before, here by the same names ("soup", "near": directories beside the recipe), since
-    # DARE's draws are keyed by the input model as the recipe names it.
-    assert [m["model"] for m in final["models"][:2]] == ["soup", "near"]
-    staged["final"] = merge(write_recipe(tmp_path / "final.yml", final), tmp_path / "final")
-    assert_same_bytes(keep / "soup", staged["soup"])
-    assert_same_bytes(keep / "near", staged["near"])
-    assert_same_bytes(out, staged["final"])
-
-
 # --------------------------------------------------------------------------- inputs are read once
 
 
@@ -354,15 +337,6 @@ def test_a_multi_document_recipe_reads_each_input_tensor_once_for_every_stage_an
     assert sorted(outputs_of(tmp_path / "out", tmp_path / "keep")) == ["", "keep/near", "keep/soup"]
     assert set(reads) == expected
     assert set(reads.values()) == {1}, {k: n for k, n in reads.items() if n != 1}
-
-
-@pytest.mark.xfail(strict=True, reason="graph.build_graph: with --keep-intermediates, a named stage the final document does not read is dropped (order gets the stages it reads, not itself)")
-def test_keep_intermediates_writes_a_stage_the_final_document_does_not_read(llama_family, tmp_path):
-    soup, near, final = multi_doc(llama_family)
-    final["models"] = [m for m in final["models"] if m["model"] != "near"]
-    recipe = write_recipe(tmp_path / "unused.yml", [soup, near, final])
-    merge(recipe, tmp_path / "out", "--keep-intermediates", tmp_path / "keep")
-    assert sorted(outputs_of(tmp_path / "out", tmp_path / "keep")) == ["", "keep/near", "keep/soup"]
 
 
 # --------------------------------------------------------------------------- plan
