@@ -278,7 +278,8 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
             for t in result.graph.targets:
                 p = t.plan
                 click.echo(f"wrote {t.out_dir(out, keep_intermediates)}: {len(p.files)} files, {len(p.tensors)} tensors, {human(p.write_bytes)}")
-            click.echo(f"{n} output{'s' if n > 1 else ''} on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
+            again = f" (resumed: kept {result.kept} tensors from the earlier run)" if result.resumed else ""
+            click.echo(f"{n} output{'s' if n > 1 else ''}{again} on {result.world_size} rank(s) in {result.seconds:.1f}s, peak RSS {human(result.peak_rss)} (rank 0)")
         return
     if result.rank == 0 and not quiet and result.complete:
         click.echo(f"{out} is already complete: all {result.kept} tensors were merged by an earlier run; nothing to merge, its files are finished and verified")
