@@ -344,3 +344,26 @@ __all__ = [
     "numel_bytes",
     "synthetic_models",
 ]
+
+
+# --------------------------------------------------------------------------- child processes
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTMERGE_FAULT")
+
+
+def launcher_free(environ) -> dict[str, str]:
+    """``environ`` without anything a launcher sets (so a test run under srun/torchrun still works)."""
+    return {
+        k: v for k, v in environ.items()
+        if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "TORCH_ELASTIC_"))
+    }  # fmt: skip
+
+
+def child_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a distmerge child process: no launcher variables, this repository
+    on PYTHONPATH, offline, one thread per process, plus ``extra``."""
+    env = launcher_free(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env

@@ -42,33 +42,16 @@ from distmerge.errors import MergeError
 from distmerge.job import JobOptions, make_plan, run_job
 from distmerge.plan import assign_tensors
 from distmerge.slurm import sbatch_script
-from tests.helpers import REPO_ROOT, free_port, load_state
+from tests.helpers import REPO_ROOT, child_env, free_port, launcher_free, load_state
 
 SHARD = "40KB"
 """Small output files: every output has several, and ranks' ranges cut through them."""
 LAUNCH_TIMEOUT = 180
 """Seconds any launch may take before it is killed and the test fails."""
 INDEX = "model.safetensors.index.json"
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTMERGE_FAULT")
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def launcher_free(environ) -> dict[str, str]:
-    """``environ`` without anything a launcher sets (so a test run under srun/torchrun still works)."""
-    return {
-        k: v for k, v in environ.items()
-        if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "TORCH_ELASTIC_"))
-    }  # fmt: skip
-
-
-def child_env(extra: dict | None = None) -> dict[str, str]:
-    env = launcher_free(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.update({k: str(v) for k, v in (extra or {}).items()})
-    return env
 
 
 @dataclass

@@ -37,7 +37,7 @@ from distmerge.demo import make_family
 from distmerge.graph import assign_units, work_units
 from distmerge.io.reader import TensorReader
 from distmerge.job import JobOptions, make_graph, make_plan
-from tests.helpers import REPO_ROOT, run_main, safetensors_files
+from tests.helpers import REPO_ROOT, child_env, launcher_free, run_main, safetensors_files
 
 SHARD = "40KB"
 """Small output files: each output has several, and ranks' shares cut through them."""
@@ -46,7 +46,6 @@ SEED = 7
 LAUNCH_TIMEOUT = 240
 """Seconds a torchrun launch may take before it is killed and the test fails."""
 INDEX = "model.safetensors.index.json"
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "DISTMERGE_FAULT")
 
 
 # --------------------------------------------------------------------------- recipes
@@ -183,14 +182,6 @@ def recipes(llama_family, wide_family, tmp_path_factory) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def launcher_free(environ) -> dict[str, str]:
-    """``environ`` without anything a launcher sets (a test run under torchrun or srun still works)."""
-    return {
-        k: v for k, v in environ.items()
-        if k not in LAUNCHER_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_", "TORCH_ELASTIC_"))
-    }  # fmt: skip
 
 
 def cli(*args: object):
@@ -388,14 +379,6 @@ def test_a_bad_sweep_is_one_line_exit_2_and_writes_nothing(case, llama_family, t
 
 
 # --------------------------------------------------------------------------- many ranks (torchrun), a kill and a rerun
-
-
-def child_env(extra: dict | None = None) -> dict[str, str]:
-    env = launcher_free(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.update({k: str(v) for k, v in (extra or {}).items()})
-    return env
 
 
 @dataclass

@@ -6,7 +6,7 @@ its result. Here the same operations, in the same order, are traced by ``torch.c
 inductor generates one vectorized C++ loop that reads each input once and writes the result
 once. Inductor builds with ``-ffp-contract=off`` (no multiply-add is fused behind our back)
 and keeps divisions as divisions, so the results are the references' bits; tests compare them
-on random and adversarial inputs (tests/test_kernels_compiled.py).
+on random and adversarial inputs (tests/kernels/test_kernels_compiled.py).
 
 - Weights, λ and divisors arrive as float32 tensors, not Python floats, so one compiled
   loop serves every recipe (no recompilation per value) and every scalar is rounded to

@@ -1,7 +1,7 @@
 """Fine-tune a tiny Llama with DeepSpeed ZeRO and save a ZeRO checkpoint, the way a
 DeepSpeed (or Hugging Face Trainer + DeepSpeed) job does. Run under torchrun on CPU:
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/zero_finetune.py BASE OUT STAGE
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/io/zero_finetune.py BASE OUT STAGE
 
 OUT gets the base's config.json and tokenizer files (as a Trainer ``checkpoint-N/`` has)
 and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the

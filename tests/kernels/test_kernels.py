@@ -28,6 +28,7 @@ import torch
 from distmerge import kernels, rng
 from distmerge.kernels import reference
 from distmerge.methods import METHODS, REQUIRED
+from tests.helpers import REPO_ROOT
 from tests.helpers import synthetic_models as models  # base ~ N(0, 1), fine-tunes base + 0.1·N(0, 1), in dtype
 
 BLOCK = 128
@@ -187,8 +188,7 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", CHILD: "1", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
     command += ["--basetemp", str(tmp_path / "t")]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(command, capture_output=True, text=True, timeout=280, env=env, cwd=root)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=280, env=env, cwd=REPO_ROOT)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     print("interpreted kernels:", summary)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO checkpoints as merge inputs.
 
-The checkpoints are made for real: ``tests/zero_finetune.py`` fine-tunes the tiny Llama base
+The checkpoints are made for real: ``tests/io/zero_finetune.py`` fine-tunes the tiny Llama base
 for two steps with DeepSpeed (ZeRO stage 2 on two ranks, stage 3 on three, bf16, torchrun on CPU,
 ``model.norm.weight`` frozen) and saves what a DeepSpeed job leaves behind. DeepSpeed's own
 converter (``zero_to_fp32``) is the reference for what the checkpoint holds.
@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from distmerge.cli import main
 from distmerge.io.zero import ZeroCheckpoint, find_tag
 from tests.helpers import assert_same_tensors, load_state
-from tests.test_distributed import REPO_ROOT, Proc, child_env
+from tests.helpers import REPO_ROOT, child_env
+from tests.test_distributed import Proc
 from tests.test_faults import Exploit
 
 STAGES = (2, 3)
@@ -44,7 +45,7 @@ def zero_checkpoints(llama_family, tmp_path_factory) -> dict[int, Path]:
     for stage in STAGES:
         ckpt = root / f"stage{stage}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS[stage]}",
-               str(REPO_ROOT / "tests" / "zero_finetune.py"), str(llama_family["base"]), str(ckpt), str(stage)]  # fmt: skip
+               str(REPO_ROOT / "tests" / "io" / "zero_finetune.py"), str(llama_family["base"]), str(ckpt), str(stage)]  # fmt: skip
         # ~40 s alone; it has taken over 240 s beside the other xdist worker on a busy machine
         done = Proc(cmd, child_env({"DS_ACCELERATOR": "cpu"}), root / f"finetune{stage}").wait(timeout=900)
         assert done.rc == 0, done.tail()
