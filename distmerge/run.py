@@ -1,10 +1,12 @@
 """Execute plans on one rank: merge this rank's tensors one by one and write them, streaming.
 
-Memory stays bounded by one tensor's inputs and result: inputs are memory-mapped, merged
-(``distmerge.tensor_merge``), written at the offsets the plan gives into the (shared)
-partial output files, and dropped before the next tensor. While one tensor merges, the
-previous one is written and hashed on the I/O thread and the next one's inputs are read
-ahead. Each tensor is journaled (``distmerge.state``) once its bytes are synced, so a rerun
+The plans are the job's outputs (one for a plain recipe; a sweep's variants, kept stages).
+The work goes in units (``graph.work_units``): one tensor name across the outputs, whose
+inputs are fetched once. Memory stays bounded by one unit's inputs and results: inputs are
+memory-mapped, merged (``distmerge.tensor_merge``), written at the offsets the plan gives
+into the (shared) partial output files, and dropped before the next unit. While one tensor
+merges, the previous one is written and hashed on the I/O thread and the next unit's inputs
+are read ahead. Each tensor is journaled (``distmerge.state``) once its bytes are synced, so a rerun
 redoes only what no journal holds; rank 0 publishes each file when it is whole.
 """
 
