@@ -6,8 +6,8 @@ inputs are fetched once. Memory stays bounded by one unit's inputs and results: 
 memory-mapped, merged (``distmerge.tensor_merge``), written at the offsets the plan gives
 into the (shared) partial output files, and dropped before the next unit. While one tensor
 merges, the previous one is written and hashed on the I/O thread and the next unit's inputs
-are read ahead. Each tensor is journaled (``distmerge.state``) once its bytes are synced, so a rerun
-redoes only what no journal holds; rank 0 publishes each file when it is whole.
+are read ahead. Each tensor is journaled (``distmerge.state``) once its bytes are synced, so
+a rerun redoes only what no journal holds; rank 0 publishes each file when it is whole.
 """
 
 from __future__ import annotations
