@@ -299,7 +299,7 @@ def test_internal_error_in_a_real_process_exits_3(llama_family, tmp_path):
     code = (
         "import sys, distmerge.job, distmerge.cli\n"
         "def boom(*a, **k): raise ZeroDivisionError('division by zero')\n"
-        "distmerge.job.make_plan = boom\n"
+        "distmerge.job.make_graph = boom\n"
         "distmerge.cli.main(sys.argv[1:])\n"
     )
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}

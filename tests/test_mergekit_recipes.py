@@ -161,7 +161,10 @@ dtype: bfloat16
 
 @pytest.mark.needs("mergekit")
 @pytest.mark.slow
-def test_multi_stage_recipe_is_named_with_its_stages_and_nothing_is_written(llama_family, tmp_path):
+def test_multi_stage_recipe_runs_unchanged_its_stages_fused(llama_family, tmp_path):
+    """The multi-document recipe mergekit-multi reads plans with its stages in run order and runs
+    in one pass: the final output only, no intermediate written (tests/test_stages.py checks
+    the bytes against staged runs and against mergekit-multi)."""
     from mergekit.scripts.multimerge import load_config
 
     f = llama_family
@@ -182,15 +185,14 @@ models: [{{model: second-merge, parameters: {{weight: 0.5}}}}]
     configs, needs = load_config(text, str(tmp_path / "intermediates"))  # a recipe mergekit-multi reads
     assert needs == {"first-merge": set(), "second-merge": {"first-merge"}, None: {"second-merge"}}
     recipe = write(tmp_path / "multi.yml", text)
-    message = (
-        f"error: {recipe}: this is a multi-stage recipe (mergekit-multi) with 3 stages: first-merge, second-merge, "
-        "(the unnamed final stage); distmerge does not run multi-stage recipes yet: run each stage as its own recipe, "
-        "in this order, writing a stage's output directory where a later stage names it\n"
-    )
-    for command in (("plan", recipe), ("run", recipe, tmp_path / "out")):
-        r = run_cli(*command)
-        assert (r.returncode, r.stderr) == (2, message)
-    assert not (tmp_path / "out").exists()
+    r = run_cli("plan", recipe)
+    assert r.returncode == 0, r.stderr
+    stages = [line.split(":")[0].strip() for line in r.stdout.splitlines() if line.startswith("  ") and "(not written)" in line]
+    assert stages == ["first-merge", "second-merge"]
+    r = run_cli("run", recipe, tmp_path / "out", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert run_cli("verify", tmp_path / "out").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yml", "out"]
 
 
 @pytest.mark.parametrize(
