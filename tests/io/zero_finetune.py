@@ -41,6 +41,11 @@ def main(base: str, out: str, stage: int) -> None:
         for f in Path(base).iterdir():
             if f.suffix in (".json", ".model") and not f.name.startswith("model.safetensors"):
                 shutil.copy(f, Path(out) / f.name)
+    # Leave together and close the process group before the interpreter exits: a rank that
+    # exited with the group's threads still running aborted once ("terminate called without
+    # an active exception", exit -6) in a loaded CI run.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
