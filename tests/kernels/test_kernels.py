@@ -27,8 +27,9 @@ import torch
 
 from distmerge import kernels, rng
 from distmerge.kernels import reference
-from distmerge.methods import METHODS, REQUIRED
+from distmerge.methods import METHODS
 from tests.helpers import REPO_ROOT
+from tests.methods.test_methods import ours
 from tests.helpers import synthetic_models as models  # base ~ N(0, 1), fine-tunes base + 0.1·N(0, 1), in dtype
 
 BLOCK = 128
@@ -410,17 +411,8 @@ def test_empty_tensors(tk):
 
 
 def _call(name, base, tensors, params, seeds):
-    method = METHODS[name]
-    kwargs = {}
-    for p in method.params:
-        value = params.get(p.name, p.default)
-        assert value is not REQUIRED, f"test must set {p.name}"
-        if p.scope == "input" and not isinstance(value, (list, tuple)):
-            value = [value] * len(tensors)
-        kwargs[p.arg] = value
-    if method.randomized:
-        kwargs["seeds"] = seeds
-    return method.merge(base if method.base != "ignored" else None, tensors, **kwargs)
+    """The method as the run calls it (``ours``), without a base for one that ignores it."""
+    return ours(name, base if METHODS[name].base != "ignored" else None, tensors, params, seeds)
 
 
 METHOD_CASES = [
