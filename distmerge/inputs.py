@@ -36,15 +36,17 @@ def input_identity(plan: Plan, full: bool = False) -> dict:
     unlike the plan's fingerprint, this record is about this machine's files. ``full``
     adds a sha256 of every file's content (reads all inputs: 1-2 s per GB on one core).
     """
-    files = []
+    files, seen = [], set()
     for p in [plan, *stage_plans(plan)]:
         for i, m in enumerate(p.models):
             if m.stage:  # computed in the same pass from its own inputs, which are listed
                 continue
             for where, name, kind, adapter in _input_files(p, i):
+                if (m.ref, where, name) in seen:  # a model read by several stages: identified once
+                    continue
+                seen.add((m.ref, where, name))
                 entry = {"model": m.ref, "dir": where, "file": name, **identify(os.path.join(where, name), kind, full)}
-                if entry not in files:
-                    files.append({**entry, "adapter": True} if adapter else entry)
+                files.append({**entry, "adapter": True} if adapter else entry)
     return {"version": VERSION, "full": full, "files": files}
 
 
