@@ -251,13 +251,16 @@ class Journal:
         return self.pending_bytes >= self.COMMIT_BYTES or time.monotonic() - self.last_commit >= self.COMMIT_SECONDS
 
     def commit(self) -> None:
-        """Append the pending lines. The caller has fsynced the data they describe."""
-        if self.pending:
+        """Append the pending lines. The caller has fsynced the data they describe.
+        They leave ``pending`` before the write: a Ctrl-C inside it and the commit that
+        follows the stop would otherwise write them twice (a line cut short is ignored)."""
+        lines, self.pending, self.pending_bytes = self.pending, [], 0
+        if lines:
             with open(self.path, "a") as f:
-                f.write("".join(json.dumps(e) + "\n" for e in self.pending))
+                f.write("".join(json.dumps(e) + "\n" for e in lines))
                 f.flush()
                 os.fsync(f.fileno())
-        self.pending, self.pending_bytes, self.last_commit = [], 0, time.monotonic()
+        self.last_commit = time.monotonic()
 
 
 def read_journal(out_dir: str) -> dict[str, dict]:
