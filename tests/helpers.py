@@ -5,6 +5,7 @@ Import as ``from tests.helpers import ...`` (tests/ is a package).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -224,12 +225,20 @@ def run_cli(
     timeout: float = 120,
     cwd: str | os.PathLike | None = None,
     input: str | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m distmerge.cli ARGS...`` (the ``distmerge`` command) in a subprocess.
+    """Run the ``distmerge`` command (``distmerge.cli.main``) in a process of its own.
 
-    Returns the CompletedProcess (text stdout/stderr; the exit code is not checked).
+    Returns the CompletedProcess (text stdout/stderr, the exit code not checked, -N for a
+    signal); raises ``subprocess.TimeoutExpired`` after ``timeout`` s, the process killed.
     ``env`` is added to this process's environment; HF_HUB_OFFLINE=1 is set unless ``env``
     says otherwise, and the repository root is put on PYTHONPATH.
+
+    The process is forked from a server that has imported torch once (``cli_forks``), which
+    saves the 2-3 s of CPU that importing torch costs a new interpreter; it is a process as
+    ``python -m distmerge.cli`` is (its own pid, exit code, signals and file descriptors)
+    and reads the environment it is given. ``fresh=True`` starts a new interpreter
+    (``python -m distmerge.cli``) instead, for what a fresh start is the point of.
     """
     full_env = dict(os.environ)
     full_env.setdefault("HF_HUB_OFFLINE", "1")
@@ -238,15 +247,65 @@ def run_cli(
     )
     if env:
         full_env.update({k: str(v) for k, v in env.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "distmerge.cli", *map(str, args)],
-        env=full_env,
-        cwd=cwd,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    argv = [str(a) for a in args]
+    if fresh:
+        return subprocess.run(
+            [sys.executable, "-m", "distmerge.cli", *argv],
+            env=full_env,
+            cwd=cwd,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="run-cli-") as io_dir:
+        files = [os.path.join(io_dir, name) for name in ("stdin", "stdout", "stderr")]
+        for path, text in zip(files, (input or "", "", "")):
+            Path(path).write_text(text)
+        proc = cli_forks().Process(target=_cli_child, args=(argv, full_env, str(cwd or os.getcwd()), *files), daemon=True)
+        proc.start()
+        proc.join(timeout)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(["distmerge", *argv], timeout)
+        out, err = (Path(f).read_text(errors="replace") for f in files[1:])
+    return subprocess.CompletedProcess(["distmerge", *argv], proc.exitcode, out, err)
+
+
+@functools.lru_cache(maxsize=None)
+def cli_forks():
+    """A multiprocessing context whose processes fork from a server that imported torch
+    (one server per test process, started on first use, gone with the test process).
+    Only modules that read no environment variable at import are preloaded: each child
+    sets its own environment before it imports distmerge (and huggingface_hub)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "safetensors.torch", "yaml", "click"])
+    return ctx
+
+
+def _cli_child(argv: list[str], env: dict[str, str], cwd: str, stdin: str, stdout: str, stderr: str) -> None:
+    """In the forked process: become ``distmerge ARGV`` with ``env`` in ``cwd``, reading and
+    writing the given files as fds 0, 1 and 2. SystemExit's code is the exit code."""
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # TMPDIR as ``env`` says
+    os.chdir(cwd)
+    for fd, path, flags in ((0, stdin, os.O_RDONLY), (1, stdout, os.O_WRONLY), (2, stderr, os.O_WRONLY)):
+        opened = os.open(path, flags)
+        os.dup2(opened, fd)
+        os.close(opened)
+    sys.stdin = open(0, closefd=False)  # multiprocessing gave the child /dev/null
+    sys.argv = [str(REPO_ROOT / "distmerge" / "cli.py"), *argv]
+    from distmerge.cli import main
+
+    main(argv)
 
 
 def run_main(*args: object, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -320,7 +320,7 @@ def test_free_port():
 def test_run_cli_help():
     if not (REPO_ROOT / "distmerge" / "cli.py").exists():
         pytest.skip("distmerge/cli.py is not written yet")
-    proc = run_cli("--help", timeout=120)
+    proc = run_cli("--help", timeout=120, fresh=True)  # the module entry point of a new interpreter
     assert proc.returncode == 0, proc.stderr
     assert "distmerge" in proc.stdout and "run" in proc.stdout
 
