@@ -31,7 +31,7 @@ from distmerge.plan import OutputFile, OutputTensor, Plan, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 from distmerge.state import Journal, finished_tensors
-from distmerge.tensor_merge import MergeContext, input_path, merge_tensor, stage_key
+from distmerge.tensor_merge import MergeContext, input_path, merge_tensor, merge_together, stage_key
 
 
 @dataclass(slots=True)
@@ -89,6 +89,7 @@ def run_rank(
                     for k, t in todo[n + 1]:
                         _prefetch(plans[k], t, ctx)
                 mark = reader.mark()
+                merge_together([(plans[k], t) for k, t in members], ctx)  # a sweep's element-wise variants
                 for k, t in members:
                     out = outs[k]
                     out.open_file_of(t)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -221,8 +222,9 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     if is_plain_copy(method, t, src.inputs, work, out_dtype):
         return src.inputs[0]  # the mapped input's bytes go to the writer as they are
     kwargs = method_kwargs(method, t, ctx.kernel_options)
-    numel = src.inputs[0].numel()
-    pieces = _pieces(method, src, kwargs) if numel > CHUNK_ELEMENTS else None
+    if src.inputs[0].numel() > CHUNK_ELEMENTS and method.elementwise:
+        return _merge_elementwise(src, [(t, method, kwargs)], ctx)[0]
+    pieces = _chunked(method, src, kwargs) if src.inputs[0].numel() > CHUNK_ELEMENTS else None
     if pieces is None:
         with timed("read"):
             base, inputs = src.widened()
@@ -231,25 +233,79 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
             out = method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
             check(out)
             return out
-    out = torch.empty(numel, dtype=out_dtype, device=device)
+    out = torch.empty(src.inputs[0].numel(), dtype=out_dtype, device=device)
     start = time.perf_counter()
     for i, j, merged in pieces:
         out[i:j] = merged.to(work)
         check(out[i:j])
     src.drop_read()
-    if progress is not None:  # the reads inside the merge count as "read"
-        seconds = progress.stats.seconds
-        seconds["read"] = seconds.get("read", 0.0) + src.read_seconds
-        seconds["merge"] = seconds.get("merge", 0.0) + time.perf_counter() - start - src.read_seconds
+    _count_reads(progress, src, start)
     return out.view(t.shape)
 
 
-def _pieces(method: methods.Method, src: TensorInputs, kwargs: dict) -> Iterator | None:
-    """(start, end, merged) chunk by chunk, for a method that can merge this large tensor in
-    chunks (element-wise, or with a ``chunked`` form on CPU); None for one that cannot."""
-    if method.elementwise:
-        ranges = methods.chunk_ranges(src.inputs[0].numel(), CHUNK_ELEMENTS)
-        return ((i, j, method.merge(*src.read_range(i, j, src.as_stored), **kwargs)) for i, j in ranges)
+def merge_together(items: list[tuple[Plan, OutputTensor]], ctx: MergeContext) -> None:
+    """Merge the large element-wise tensors of a unit of work that read the same inputs (a
+    sweep's variants) chunk by chunk together: each chunk of the inputs is read once for all
+    of them and is still in cache for the second. Each result is the bytes ``merge_tensor``
+    gives alone (the same chunks, the same kernel); they go into ``ctx.memo``, where
+    ``merge_tensor`` finds them. Tensors that cannot join a group are left to it."""
+    groups: dict[tuple, list[tuple[Plan, OutputTensor]]] = {}
+    for plan, t in items:
+        key = _shared_inputs(plan, t, ctx)
+        if key is not None and ("merged", plan.fingerprint, t.name) not in ctx.memo:
+            groups.setdefault(key, []).append((plan, t))
+    for group in (g for g in groups.values() if len(g) > 1):
+        src = TensorInputs(*group[0], ctx)
+        timed = ctx.progress.timed if ctx.progress is not None else lambda phase: contextlib.nullcontext()
+        with timed("read"):
+            src.load()
+        jobs = [(t, methods.get(plan.method), method_kwargs(methods.get(plan.method), t, ctx.kernel_options)) for plan, t in group]
+        for (plan, t), value in zip(group, _merge_elementwise(src, jobs, ctx)):
+            ctx.memo["merged", plan.fingerprint, t.name] = value
+
+
+def _shared_inputs(plan: Plan, t: OutputTensor, ctx: MergeContext) -> tuple | None:
+    """What a tensor merged chunk by chunk by an element-wise method reads (its inputs'
+    keys and the compute dtype); None for a tensor merged otherwise."""
+    method = methods.get(plan.method)
+    if not method.elementwise or method.name == "passthrough" or not t.inputs or t.vocab is not None:
+        return None
+    if not DTYPES[t.dtype].is_floating_point or math.prod(t.shape) <= CHUNK_ELEMENTS:
+        return None
+    src = TensorInputs(plan, t, ctx)
+    return (work_dtype(plan, t), t.base is not None, tuple(t.shape), *map(src.key, t.all_inputs))
+
+
+def _merge_elementwise(src: TensorInputs, jobs: list[tuple[OutputTensor, methods.Method, dict]], ctx: MergeContext) -> list[torch.Tensor]:
+    """Element-wise merges of ``src``'s (loaded) inputs, ``(t, method, kwargs)`` each, over
+    zero-copy chunks of the inputs: a few cache-sized temporaries instead of a float32 copy
+    of every input; each chunk is read once for every job, and checked for NaN and Inf
+    while it is still in cache."""
+    numel = src.inputs[0].numel()
+    outs = [torch.empty(numel, dtype=DTYPES[t.dtype], device=ctx.device) for t, _, _ in jobs]
+    start = time.perf_counter()
+    for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS):
+        chunks = src.read_range(i, j, src.as_stored)
+        for (t, method, kwargs), out in zip(jobs, outs):
+            out[i:j] = method.merge(*chunks, **kwargs).to(src.work)
+            if not ctx.allow_nonfinite:
+                check_finite(t, out[i:j])
+    src.drop_read()
+    _count_reads(ctx.progress, src, start)
+    return [out.view(t.shape) for (t, _, _), out in zip(jobs, outs)]
+
+
+def _count_reads(progress: Progress | None, src: TensorInputs, start: float) -> None:
+    """Split the time since ``start`` of a merge chunk by chunk: its reads count as "read"."""
+    if progress is not None:
+        seconds = progress.stats.seconds
+        seconds["read"] = seconds.get("read", 0.0) + src.read_seconds
+        seconds["merge"] = seconds.get("merge", 0.0) + time.perf_counter() - start - src.read_seconds
+
+
+def _chunked(method: methods.Method, src: TensorInputs, kwargs: dict) -> Iterator | None:
+    """(start, end, merged) chunk by chunk, for a method with a ``chunked`` form (the TIES
+    family: statistics in a first pass, then element-wise) on CPU; None for one without."""
     if method.chunked is not None and not src.inputs[0].is_cuda:
         if method.shares_statistics and src.t.vocab is None:
             kwargs = {**kwargs, "stats": src.ctx.memo.setdefault(("stats", src.work, *map(src.key, src.t.all_inputs)), {})}

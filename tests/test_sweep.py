@@ -98,7 +98,7 @@ def wide_breadcrumbs_sweep(fam: dict[str, Path]) -> dict:
 
 SWEEPS = {
     "ties": ties_sweep, "dare_ties": dare_sweep, "arithmetic": arithmetic_sweep,
-    "wide_ties": wide_ties_sweep, "wide_breadcrumbs": wide_breadcrumbs_sweep,
+    "wide_ties": wide_ties_sweep, "wide_breadcrumbs": wide_breadcrumbs_sweep, "wide_arithmetic": arithmetic_sweep,
 }  # fmt: skip
 VARIANTS = {
     "ties": {
@@ -119,6 +119,12 @@ VARIANTS = {
         "density-0.3_weight-1.0": {"density": 0.3, "weight": 1.0},
         "density-0.7_weight-0.5": {"density": 0.7, "weight": 0.5},
         "density-0.7_weight-1.0": {"density": 0.7, "weight": 1.0},
+    },
+    "wide_arithmetic": {
+        "weight-0.5_lambda-0.3": {"weight": 0.5, "lambda": 0.3},
+        "weight-0.5_lambda-1.0": {"weight": 0.5, "lambda": 1.0},
+        "weight-1.0_lambda-0.3": {"weight": 1.0, "lambda": 0.3},
+        "weight-1.0_lambda-1.0": {"weight": 1.0, "lambda": 1.0},
     },
     "wide_breadcrumbs": {
         "density-0.5_gamma-0.01": {"density": 0.5, "gamma": 0.01},
@@ -241,9 +247,10 @@ def outputs_of(out: Path, keep: Path | None = None) -> dict[str, Path]:
 # --------------------------------------------------------------------------- each output is its recipe run alone
 
 
-BYTE_CASES = ["dare_ties", "wide_ties", pytest.param("ties", marks=pytest.mark.slow), pytest.param("wide_breadcrumbs", marks=pytest.mark.slow)]
+BYTE_CASES = ["dare_ties", "wide_ties", "wide_arithmetic", pytest.param("ties", marks=pytest.mark.slow), pytest.param("wide_breadcrumbs", marks=pytest.mark.slow)]
 """dare_ties (randomized); TIES and breadcrumbs_ties (deterministic) on tensors merged in chunks,
-where the variants share top-k statistics, and TIES on small whole tensors. The slow ones
+where the variants share top-k statistics; task arithmetic (element-wise) on tensors merged in
+chunks, where the variants are merged chunk by chunk together; TIES on small whole tensors. The slow ones
 take 15-30 s each (their top-k trims, for the sweep and each variant alone)."""
 
 
@@ -320,6 +327,32 @@ def test_a_sweep_reads_each_input_tensor_once_for_all_its_variants(recipes, llam
         merge(write_recipe(tmp_path / f"{variant}.yml", alone(recipe, VARIANTS["arithmetic"][variant])), tmp_path / variant)
     assert set(reads) == expected
     assert set(reads.values()) == {4}
+
+
+def test_element_wise_variants_read_each_chunk_of_their_inputs_once_for_all(recipes, wide_family, monkeypatch, tmp_path):
+    """The wide MLP matrices merge chunk by chunk; a sweep's task-arithmetic variants are merged
+    together, chunk by chunk (``tensor_merge.merge_together``): each chunk of the inputs is read
+    (and widened) once for the four variants while it is in cache, not once per variant."""
+    from distmerge.tensor_merge import CHUNK_ELEMENTS, TensorInputs
+
+    chunks: collections.Counter = collections.Counter()
+    read_range = TensorInputs.read_range
+
+    def counting(self, i, j, how=None):
+        chunks[self.t.name, i] += 1
+        return read_range(self, i, j, how)
+
+    monkeypatch.setattr(TensorInputs, "read_range", counting)
+    merge(recipes["wide_arithmetic"], tmp_path / "sweep")
+    assert len(list((tmp_path / "sweep").iterdir())) == 4
+    wide = {name for name, n in chunks if name.endswith(("up_proj.weight", "gate_proj.weight", "down_proj.weight"))}
+    assert len(wide) == 3 and set(chunks.values()) == {1}, chunks
+    assert len(chunks) == 3 * -(-64 * 4200 // CHUNK_ELEMENTS)  # every chunk of each wide matrix
+
+    chunks.clear()  # one variant alone reads the same chunks: the sweep's four reads were one
+    recipe = yaml.safe_load(recipes["wide_arithmetic"].read_text())
+    merge(write_recipe(tmp_path / "one.yml", alone(recipe, VARIANTS["wide_arithmetic"]["weight-0.5_lambda-0.3"])), tmp_path / "one")
+    assert len(chunks) == 3 * -(-64 * 4200 // CHUNK_ELEMENTS) and set(chunks.values()) == {1}
 
 
 def test_a_multi_document_recipe_reads_each_input_tensor_once_for_every_stage_and_output(recipes, llama_family, reads, tmp_path):
