@@ -1,9 +1,10 @@
 """Fine-tune a tiny Llama with DeepSpeed ZeRO and save a ZeRO checkpoint, the way a
 DeepSpeed (or Hugging Face Trainer + DeepSpeed) job does. Run under torchrun on CPU:
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/io/zero_finetune.py BASE OUT STAGE
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 3 tests/io/zero_finetune.py BASE OUT STAGE [OUT STAGE ...]
 
-OUT gets the base's config.json and tokenizer files (as a Trainer ``checkpoint-N/`` has)
+One fine-tune per (OUT, STAGE), one after the other in the same ranks (the ranks import
+transformers and DeepSpeed once). Each OUT gets the base's config.json and tokenizer files (as a Trainer ``checkpoint-N/`` has)
 and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the
 checkpoint also holds a frozen parameter.
 """
@@ -41,12 +42,15 @@ def main(base: str, out: str, stage: int) -> None:
         for f in Path(base).iterdir():
             if f.suffix in (".json", ".model") and not f.name.startswith("model.safetensors"):
                 shutil.copy(f, Path(out) / f.name)
+    del engine, model
+
+
+if __name__ == "__main__":
+    base, *jobs = sys.argv[1:]
+    for out, stage in zip(jobs[::2], jobs[1::2]):
+        main(base, out, int(stage))
     # Leave together and close the process group before the interpreter exits: a rank that
     # exited with the group's threads still running aborted once ("terminate called without
     # an active exception", exit -6) in a loaded CI run.
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
