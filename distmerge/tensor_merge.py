@@ -283,11 +283,16 @@ def _merge_elementwise(src: TensorInputs, jobs: list[tuple[OutputTensor, methods
     while it is still in cache."""
     numel = src.inputs[0].numel()
     outs = [torch.empty(numel, dtype=DTYPES[t.dtype], device=ctx.device) for t, _, _ in jobs]
+    how = src.as_stored if len(jobs) == 1 else src.widen  # several jobs: each chunk widened to float32 once, for all
     start = time.perf_counter()
     for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS):
-        chunks = src.read_range(i, j, src.as_stored)
+        chunks = src.read_range(i, j, how)
         for (t, method, kwargs), out in zip(jobs, outs):
-            out[i:j] = method.merge(*chunks, **kwargs).to(src.work)
+            merged = method.merge(*chunks, **kwargs)
+            if out.dtype == src.work:  # rounded once, into its place
+                out[i:j].copy_(merged)
+            else:  # to the compute dtype, as mergekit returns it, then to the output dtype
+                out[i:j] = merged.to(src.work)
             if not ctx.allow_nonfinite:
                 check_finite(t, out[i:j])
     src.drop_read()
