@@ -16,7 +16,7 @@ import contextlib
 import functools
 import math
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,6 +44,10 @@ class RunOptions:
     """How inputs are read: "mmap" (zero-copy) or "pread" (into buffers; network file systems)."""
     kernels: kernels.KernelOptions = field(default_factory=kernels.KernelOptions.from_env)
     """How the merge methods' fused steps run (compiled CPU loops, Triton); from the environment by default."""
+
+
+_SYNC = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sync")
+"""fsyncs of written files, and the journal lines that wait for them, while the merge goes on."""
 
 
 def run_rank(
@@ -114,7 +118,7 @@ def run_rank(
                         other.settle()
                 reader.release(upto=mark)
             for out in outs:
-                out.commit()
+                out.commit(wait=True)
         except OSError as e:
             raise MergeError(
                 f"writing {out.partial.tmp if out.partial else out.out_dir} failed: {e.strerror or e}; what was "
@@ -124,10 +128,12 @@ def run_rank(
             if not isinstance(e, Exception):  # Ctrl-C or SIGTERM: journal what is already on disk
                 for out in outs:
                     with contextlib.suppress(Exception):
-                        out.commit()
+                        out.commit(wait=True)
             raise
         finally:
             for out in outs:
+                with contextlib.suppress(Exception):  # its error, if any, was raised already or is moot
+                    out.wait_synced()
                 if out.partial is not None:
                     out.partial.close()
             if uploader is not None:
@@ -167,15 +173,17 @@ class _RankOutput:
         self.offsets: dict[str, int] = {}
         self.writing: tuple[OutputTensor, Future, int] | None = None
         """The tensor being written, the future of its sha256, and its unit of work's number."""
+        self.syncing: Future | None = None
+        """The sync of written tensors and their journal lines in flight on the sync thread."""
 
     def open_file_of(self, t: OutputTensor) -> None:
-        """Make the file that holds ``t`` the open one (committing and closing the one before)."""
+        """Make the file that holds ``t`` the open one (the one before is committed, and
+        closed once synced)."""
         file = self.file_of[t.name]
         if self.file is file:
             return
         if self.partial is not None:
-            self.commit()
-            self.partial.close()
+            self.commit(close=True)
         header, offsets = file_layout(self.plan, file)
         self.partial = PartialFile(os.path.join(self.out_dir, file.name), header, file.nbytes)
         self.file, self.offsets = file, offsets
@@ -192,10 +200,30 @@ class _RankOutput:
             self.journal.add(t.name, self.file_of[t.name].name, digest.result(), t.nbytes)
             self.writing = None
 
-    def commit(self) -> None:
-        """Sync the open file, then append what it holds to the journal."""
+    def commit(self, close: bool = False, wait: bool = False) -> None:
+        """Sync the open file, then append what it holds to the journal (closing the file
+        when ``close``). The sync runs on the sync thread while the merge goes on, unless
+        ``wait``; one at a time per output, and a failed one raises here, at the next."""
         with self.timed("sync"):
             self.settle()
-            if self.partial is not None:
-                self.partial.sync()
-            self.journal.commit()
+            self.wait_synced()
+            lines, flush, partial = self.journal.take(), self.partial.flush_job() if self.partial else None, self.partial
+            if close:
+                self.partial = None
+
+            def job() -> None:
+                if flush is not None:
+                    flush()
+                self.journal.append(lines)
+                if close:
+                    partial.close()
+
+            self.syncing = _SYNC.submit(job)
+            if wait:
+                self.wait_synced()
+
+    def wait_synced(self) -> None:
+        """Wait for the sync in flight, if any (its error, if any, raises here)."""
+        syncing, self.syncing = self.syncing, None
+        if syncing is not None:
+            syncing.result()

@@ -250,17 +250,21 @@ class Journal:
     def due(self) -> bool:
         return self.pending_bytes >= self.COMMIT_BYTES or time.monotonic() - self.last_commit >= self.COMMIT_SECONDS
 
-    def commit(self) -> None:
-        """Append the pending lines. The caller has fsynced the data they describe.
-        They leave ``pending`` before the write: a Ctrl-C inside it and the commit that
-        follows the stop would otherwise write them twice (a line cut short is ignored)."""
+    def take(self) -> list[dict]:
+        """The pending lines, no longer pending (to ``append`` once their data is synced).
+        They leave ``pending`` before they are written: a Ctrl-C inside the write, and the
+        commit that follows the stop, would otherwise write them twice."""
         lines, self.pending, self.pending_bytes = self.pending, [], 0
+        self.last_commit = time.monotonic()
+        return lines
+
+    def append(self, lines: list[dict]) -> None:
+        """Append ``lines`` (a line cut short by a kill is ignored when read)."""
         if lines:
             with open(self.path, "a") as f:
                 f.write("".join(json.dumps(e) + "\n" for e in lines))
                 f.flush()
                 os.fsync(f.fileno())
-        self.last_commit = time.monotonic()
 
 
 def read_journal(out_dir: str) -> dict[str, dict]:

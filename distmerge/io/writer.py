@@ -69,6 +69,17 @@ class PartialFile:
         self._pending.clear()
         os.fsync(self.fd)
 
+    def flush_job(self) -> Callable[[], None]:
+        """``sync`` for another thread to run: wait for the writes started so far, then fsync."""
+        pending, fd = list(self._pending), self.fd
+
+        def flush() -> None:
+            for f in pending:
+                f.result()
+            os.fsync(fd)
+
+        return flush
+
     def close(self) -> None:
         """Close, after any write still in flight (even after an error: the descriptor must
         not be reused while a write could still go to it)."""
