@@ -5,7 +5,6 @@ Written here from the published formats (ChatML; Llama 3's header/eot tokens).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 
