@@ -77,12 +77,12 @@ def run_rank(
         if members:
             todo.append(members)
     work = sum(math.prod(t.shape) for members in todo for _, t in members)
-    timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
     written = []
     cuda = options.device.startswith("cuda")
     uploader, downloader = (Uploader(options.device), Downloader(options.device)) if cuda else (None, None)
     with TensorReader(options.io, pin=cuda) as reader:
         ctx = MergeContext(reader, options.device, progress, options.allow_nonfinite, uploader, options.kernels.for_work(work))
+        timed = ctx.timed
         outs = [_RankOutput(plan, out_dir, rank, timed) for plan, out_dir in outputs]
         out = outs[0]
         try:

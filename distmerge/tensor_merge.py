@@ -64,6 +64,10 @@ class MergeContext:
     tensors: dict = field(default_factory=dict)
     """plan fingerprint -> {tensor name: OutputTensor}, for the stages' tensors."""
 
+    def timed(self, phase: str):
+        """A context that adds its time to ``phase`` of the progress (nothing without one)."""
+        return self.progress.timed(phase) if self.progress is not None else contextlib.nullcontext()
+
     def tensor(self, plan: Plan, name: str) -> OutputTensor:
         if plan.fingerprint not in self.tensors:
             self.tensors[plan.fingerprint] = {t.name: t for t in plan.tensors}
@@ -204,8 +208,7 @@ def merge_tensor(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor
 
 
 def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
-    progress, device = ctx.progress, ctx.device
-    timed = progress.timed if progress is not None else lambda phase: contextlib.nullcontext()
+    progress, device, timed = ctx.progress, ctx.device, ctx.timed
     method = methods.get(plan.method)
     src = TensorInputs(plan, t, ctx)
     work, out_dtype = src.work, DTYPES[t.dtype]
@@ -222,9 +225,10 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     if is_plain_copy(method, t, src.inputs, work, out_dtype):
         return src.inputs[0]  # the mapped input's bytes go to the writer as they are
     kwargs = method_kwargs(method, t, ctx.kernel_options)
-    if src.inputs[0].numel() > CHUNK_ELEMENTS and method.elementwise:
+    numel = src.inputs[0].numel()
+    if numel > CHUNK_ELEMENTS and method.elementwise:
         return _merge_elementwise(src, [(t, method, kwargs)], ctx)[0]
-    pieces = _chunked(method, src, kwargs) if src.inputs[0].numel() > CHUNK_ELEMENTS else None
+    pieces = _chunked(method, src, kwargs) if numel > CHUNK_ELEMENTS else None
     if pieces is None:
         with timed("read"):
             base, inputs = src.widened()
@@ -233,7 +237,7 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
             out = method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
             check(out)
             return out
-    out = torch.empty(src.inputs[0].numel(), dtype=out_dtype, device=device)
+    out = torch.empty(numel, dtype=out_dtype, device=device)
     start = time.perf_counter()
     for i, j, merged in pieces:
         out[i:j] = merged.to(work)
@@ -256,10 +260,12 @@ def merge_together(items: list[tuple[Plan, OutputTensor]], ctx: MergeContext) ->
             groups.setdefault(key, []).append((plan, t))
     for group in (g for g in groups.values() if len(g) > 1):
         src = TensorInputs(*group[0], ctx)
-        timed = ctx.progress.timed if ctx.progress is not None else lambda phase: contextlib.nullcontext()
-        with timed("read"):
+        with ctx.timed("read"):
             src.load()
-        jobs = [(t, methods.get(plan.method), method_kwargs(methods.get(plan.method), t, ctx.kernel_options)) for plan, t in group]
+        jobs = []
+        for plan, t in group:
+            method = methods.get(plan.method)
+            jobs.append((t, method, method_kwargs(method, t, ctx.kernel_options)))
         for (plan, t), value in zip(group, _merge_elementwise(src, jobs, ctx)):
             ctx.memo["merged", plan.fingerprint, t.name] = value
 

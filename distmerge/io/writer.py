@@ -62,15 +62,9 @@ class PartialFile:
         self._pending.append(_IO.submit(job))
         return self._pending[-1]
 
-    def sync(self) -> None:
-        """Wait for this file's writes, then flush them to disk."""
-        for f in self._pending:
-            f.result()
-        self._pending.clear()
-        os.fsync(self.fd)
-
     def flush_job(self) -> Callable[[], None]:
-        """``sync`` for another thread to run: wait for the writes started so far, then fsync."""
+        """What makes this file's bytes written so far durable, for the sync thread to run:
+        wait for the writes started so far, then fsync."""
         pending, fd = list(self._pending), self.fd
 
         def flush() -> None:

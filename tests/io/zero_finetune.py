@@ -4,8 +4,8 @@ DeepSpeed (or Hugging Face Trainer + DeepSpeed) job does. Run under torchrun on 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 3 tests/io/zero_finetune.py BASE OUT STAGE [OUT STAGE ...]
 
 One fine-tune per (OUT, STAGE), one after the other in the same ranks (the ranks import
-transformers and DeepSpeed once). Each OUT gets the base's config.json and tokenizer files (as a Trainer ``checkpoint-N/`` has)
-and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the
+transformers and DeepSpeed once). Each OUT gets the base's config.json and tokenizer files
+(as a Trainer ``checkpoint-N/`` has) and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the
 checkpoint also holds a frozen parameter.
 """
 
