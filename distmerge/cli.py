@@ -394,6 +394,30 @@ def soup_command(out, ingredients, ingredients_file, greedy, dtype, out_shard_si
     run_soup(out, [*ingredients, *listed], spec, SoupOptions(greedy=greedy, dtype=dtype, job=job), say)
 
 
+@cli.command("evolve")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False), required=False)
+@shard_option
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, or auto (cuda when available) for the merges.")
+@click.option("--quiet", is_flag=True, help="No progress bars for the merges.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
+def evolve_command(config, out, out_shard_size, device, quiet, timeout):
+    """Search a merge recipe by evolution (CMA-ES over a recipe's numbers, or a GA over a layer
+    path) as CONFIG says, into OUT (default: the config's out:). Alone, or as one rank under
+    torchrun or srun; rerunning the same command resumes."""
+    from distmerge.dist import detect
+    from distmerge.evolve import load_config, run_evolve
+    from distmerge.job import JobOptions
+
+    cfg = load_config(config)
+    out = out or cfg.out
+    if not out:
+        raise MergeError(f"{config}: no output directory; give OUT after the config, or out: in it")
+    job = JobOptions(out_shard_bytes=parse_size(out_shard_size), device=device, quiet=quiet, timeout_s=timeout)
+    say = (lambda line: click.echo(line, err=True)) if detect().rank == 0 else (lambda line: None)
+    run_evolve(cfg, out, job, say)
+
+
 @cli.command("methods")
 @click.option("--markdown", is_flag=True, help="Print the README's table of methods.")
 def list_methods(markdown):
@@ -421,7 +445,8 @@ def list_methods(markdown):
 @click.option("--job-name", default="distmerge", show_default=True)
 @click.option("--out-shard-size", default=None, help="Passed to `distmerge run` (default there: 5GB).")
 @click.option("--random-seed", default=None, type=int, help="Passed to `distmerge run`.")
-def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed):
+@click.option("--evolve", is_flag=True, help="RECIPE is a `distmerge evolve` config: the script runs the search on every rank.")
+def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed, evolve):
     """Print an sbatch script that merges RECIPE into OUT with srun + torchrun.
 
     RECIPE is planned first, as `distmerge plan` does (hub models are downloaded into the
@@ -433,6 +458,8 @@ def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_l
     from distmerge.job import JobOptions, make_graph
     from distmerge.slurm import sbatch_script
 
+    if evolve:
+        return _slurm_evolve(recipe, out, run_args, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed)
     passed = [*(["--out-shard-size", out_shard_size] if out_shard_size is not None else []),
               *(["--random-seed", str(random_seed)] if random_seed is not None else []), *run_args]  # fmt: skip
     try:  # refuse a typo now, not on the cluster
@@ -457,6 +484,32 @@ def slurm_command(recipe, out, run_args, nodes, gpus_per_node, partition, time_l
             os.path.abspath(recipe), os.path.abspath(out), nodes=nodes, gpus_per_node=gpus_per_node,
             cpus_per_task=cpus_per_task, time=time_limit, partition=partition, account=account,
             job_name=job_name, out_shard_size=out_shard_size, random_seed=random_seed, extra_args=run_args,
+        ),  # fmt: skip
+        nl=False,
+    )
+
+
+def _slurm_evolve(config, out, run_args, nodes, gpus_per_node, partition, time_limit, account, cpus_per_task, job_name, out_shard_size, random_seed):
+    """`distmerge slurm --evolve`: the config checked here (as `distmerge evolve` reads it), then the script."""
+    import os
+
+    from distmerge.evolve import load_config
+    from distmerge.slurm import sbatch_script
+
+    if random_seed is not None:
+        raise click.UsageError("--random-seed is for merges; a search takes its seed from the config (seed: N)")
+    passed = [*(["--out-shard-size", out_shard_size] if out_shard_size is not None else []), *run_args]
+    try:  # refuse a typo now, not on the cluster
+        evolve_command.make_context("evolve", [config, out, *passed])
+    except click.ClickException as e:
+        raise click.UsageError(f"{e.format_message()} (in the options for `distmerge evolve`)") from None
+    cfg = load_config(config)
+    click.echo(f"checked {config}: search {cfg.search}, {cfg.dim} genes, {cfg.population} candidates x {cfg.generations} generations", err=True)
+    click.echo(
+        sbatch_script(
+            os.path.abspath(config), os.path.abspath(out), nodes=nodes, gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+            time=time_limit, partition=partition, account=account, job_name=job_name, out_shard_size=out_shard_size,
+            extra_args=run_args, evolve=True,
         ),  # fmt: skip
         nl=False,
     )

@@ -90,3 +90,38 @@ def skills_plot(path: Path, rows: dict[str, dict[str, float]]) -> None:
     fig.savefig(tmp, metadata={"Description": json.dumps(rows)})
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def evolve_plot(path: Path, log: dict) -> None:
+    """evolve.png from evolve.json's ``log``: every candidate's score (grey dots; failures
+    left out), each generation's mean and best, and the best so far, per generation.
+
+    The PNG's Description field holds the plotted rows as JSON (gen, best, mean,
+    best_so_far). Raises ImportError without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = log["generations"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(rows) + 3), 3.6), dpi=100)
+    scored = [c for c in log["candidates"] if c["score"] is not None and c["gen"] < len(rows)]
+    ax.scatter([c["gen"] for c in scored], [c["score"] for c in scored], color="0.7", s=12, label="candidate", zorder=2)
+    xs = [r["gen"] for r in rows]
+    for key, style in (("mean", dict(color="tab:blue", marker="o")), ("best", dict(color="tab:green", marker="^")),
+                       ("best_so_far", dict(color="tab:purple", ls="--"))):  # fmt: skip
+        pts = [(x, r[key]) for x, r in zip(xs, rows) if r[key] is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key.replace("_", " "), zorder=3, **style)
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.set_xticks(xs)
+    ax.set_title(f"evolutionary merge: {len(rows)} generations, {len(scored)} candidates scored", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    shown = [{k: r[k] for k in ("gen", "best", "mean", "best_so_far")} for r in rows]
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, metadata={"Description": json.dumps(shown)})
+    plt.close(fig)
+    os.replace(tmp, path)
