@@ -69,6 +69,7 @@ def llama_config(
     intermediate: int = 128,
     heads: int = 4,
     kv_heads: int = 2,
+    head_dim: int | None = None,
     vocab: int = 128,
     dtype: str = "bfloat16",
     tie_embeddings: bool = False,
@@ -82,6 +83,7 @@ def llama_config(
 
     Both the transformers 5 spellings (``dtype``, ``rope_parameters``) and the 4.x ones
     (``torch_dtype``, ``rope_theta``) are present so every reader finds what it looks for.
+    ``head_dim`` defaults to hidden // heads (Gemma and Qwen3 set it apart).
     """
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
@@ -94,7 +96,7 @@ def llama_config(
         "bos_token_id": bos_token_id,
         "dtype": dtype,
         "eos_token_id": eos_token_id,
-        "head_dim": hidden // heads,
+        "head_dim": head_dim or hidden // heads,
         "hidden_act": "silu",
         "hidden_size": hidden,
         "initializer_range": 0.02,
@@ -234,6 +236,7 @@ def make_llama(
     intermediate: int = 128,
     heads: int = 4,
     kv_heads: int = 2,
+    head_dim: int | None = None,
     vocab: int = 128,
     dtype: torch.dtype = torch.bfloat16,
     shards: int = 1,
@@ -259,7 +262,7 @@ def make_llama(
     path.mkdir(parents=True, exist_ok=True)
     config = llama_config(
         num_layers=num_layers, hidden=hidden, intermediate=intermediate, heads=heads,
-        kv_heads=kv_heads, vocab=vocab, dtype=_DTYPE_NAMES[dtype][0],
+        kv_heads=kv_heads, head_dim=head_dim, vocab=vocab, dtype=_DTYPE_NAMES[dtype][0],
         tie_embeddings=tie_embeddings,
     )
     shapes = llama_tensor_shapes(config)

@@ -1,11 +1,11 @@
 """Fine-tune a tiny Llama with DeepSpeed ZeRO and save a ZeRO checkpoint, the way a
 DeepSpeed (or Hugging Face Trainer + DeepSpeed) job does. Run under torchrun on CPU:
 
-    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 3 tests/io/zero_finetune.py BASE OUT STAGE [OUT STAGE ...]
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/io/zero_finetune.py BASE OUT STAGE [OUT STAGE ...]
 
 One fine-tune per (OUT, STAGE), one after the other in the same ranks (the ranks import
 transformers and DeepSpeed once). Each OUT gets the base's config.json and tokenizer files
-(as a Trainer ``checkpoint-N/`` has) and DeepSpeed's ``latest`` + ``global_step2/``. ``model.norm.weight`` is frozen, so the
+(as a Trainer ``checkpoint-N/`` has) and DeepSpeed's ``latest`` + ``global_step2/``. ``lm_head.weight`` is frozen, so the
 checkpoint also holds a frozen parameter.
 """
 
@@ -14,14 +14,20 @@ import sys
 from pathlib import Path
 
 import deepspeed
+import deepspeed.comm.torch
 import torch
 from transformers import LlamaForCausalLM
+
+# DeepSpeed's CPU accelerator JIT-compiles a C++ shared-memory all-reduce (g++, 2-3 minutes of
+# both cores, again for every new venv: each clean CI clone) when its communication backend
+# starts. Gloo does everything two tiny fine-tunes need.
+deepspeed.comm.torch.build_shm_op = lambda: None
 
 
 def main(base: str, out: str, stage: int) -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model.model.norm.weight.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(False)
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
