@@ -9,19 +9,20 @@ transformers and DeepSpeed once). Each OUT gets the base's config.json and token
 checkpoint also holds a frozen parameter.
 """
 
+import importlib
 import shutil
 import sys
 from pathlib import Path
 
 import deepspeed
-import deepspeed.comm.torch
 import torch
 from transformers import LlamaForCausalLM
 
 # DeepSpeed's CPU accelerator JIT-compiles a C++ shared-memory all-reduce (g++, 2-3 minutes of
 # both cores, again for every new venv: each clean CI clone) when its communication backend
 # starts. Gloo does everything two tiny fine-tunes need.
-deepspeed.comm.torch.build_shm_op = lambda: None
+# (``deepspeed.comm.torch`` as an attribute is the torch package, which deepspeed.comm imports.)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def main(base: str, out: str, stage: int) -> None:
