@@ -351,8 +351,14 @@ class CMASearch:
         x0 = []
         for g in config.genes:
             x0 += [0.5 if g.init is None else (g.init - g.lo) / (g.hi - g.lo)] * g.width
-        # cma takes seed 0 as "from the clock": seed + 1 keeps every config seed reproducible
-        opts = {"seed": config.seed + 1, "popsize": config.population, "bounds": [0, 1], "verbose": -9}
+        import numpy as np
+
+        # The samples come from a generator of our own, not numpy's global one (which cma
+        # seeds and draws from by default): nothing else in the process can shift them.
+        # (cma takes seed 0 as "from the clock": seed + 1 keeps every config seed reproducible.)
+        rng = np.random.default_rng(config.seed)
+        opts = {"seed": config.seed + 1, "popsize": config.population, "bounds": [0, 1], "verbose": -9,
+                "randn": lambda *shape: rng.standard_normal(shape)}  # fmt: skip
         self.es = cma.CMAEvolutionStrategy(x0, config.sigma, opts)
         self._asked = None
 
@@ -517,7 +523,7 @@ class Evolution:
         recipes = [genome_recipe(self.config, x) for x in genomes]
         for i, r in enumerate(recipes):
             if r is None and i not in logged:  # an empty layer path: nothing to merge or evaluate
-                self.record(g, i, {"model_hash": None, "score": None, "metrics": {}, "error": "the layer path is empty", "eval_seconds": 0.0, "cached": False})
+                self.record(g, i, {"model_hash": None, "score": None, "metrics": {}, "error": "the layer path is empty", "eval_seconds": 0.0, "cached": False, "rank": 0})
         names = [f"c{i:02d}" for i, r in enumerate(recipes) if r is not None]
         todo = [i for i, r in enumerate(recipes) if r is not None and i not in self.logged(g)]
         task = {"gen": g, "recipe": None, "out": None, "keep": str(gdir), "dirs": {i: str(gdir / f"c{i:02d}") for i in todo}, "todo": todo}
@@ -657,9 +663,10 @@ def run_evolve(config: EvolveConfig, out: str, job: JobOptions, say: Callable[[s
             t0 = time.perf_counter()
             if task["recipe"]:
                 run_job(task["recipe"], task["out"], replace(job, keep_intermediates=task["keep"]))
+                group.wait_all(f"evolve-merged-{step}")  # rank 0 finishes the outputs (index, config) before it returns
             t1 = time.perf_counter()
             for i in my_candidates(task["todo"], group.rank, group.world_size, config.ranks_per_eval):
-                result = evaluate_candidate(task["dirs"][i], spec, config.objectives, say if evo else _stderr)
+                result = evaluate_candidate(task["dirs"][i], spec, config.objectives, say if evo else _stderr) | {"rank": group.rank}
                 if evo:
                     evo.record(task["gen"], i, result)
                     _drain(group, evo, task)
