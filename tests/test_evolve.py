@@ -34,7 +34,7 @@ from distmerge import skills
 from distmerge.errors import MergeError
 from distmerge.evaluate import EvalSpec, model_hash
 from distmerge.evolve import (
-    CMASearch, Evolution, LayerGA, evaluate_candidate, gene_values, genome_recipe, layer_path, my_candidates, parse_config,
+    CMASearch, Evolution, LayerGA, evaluate_candidate, gene_values, genome_recipe, layer_path, load_config, my_candidates, parse_config,
 )  # fmt: skip
 from tests.helpers import REPO_ROOT, child_env, free_port, run_main
 from tests.skills_fixtures import skill_models  # noqa: F401  (fixture)
@@ -449,3 +449,17 @@ def test_two_ranks_give_the_same_candidates_and_scores(search, skill_models, sco
     log = json.loads((out / "evolve.json").read_text())
     assert {(c["index"] % 2, c["rank"]) for c in log["candidates"]} == {(0, 0), (1, 1)}, "rank r evaluates candidates r, r + 2, ..."
     assert not any(c["cached"] for c in log["candidates"])
+
+
+def test_example_configs_load(tmp_path):
+    root = REPO_ROOT / "configs"
+    c = load_config(str(root / "evolve-skills.yml"))
+    assert c.search == "parameters" and c.dim == 4 and c.objectives == {"reverse": 1.0, "lookup": 1.0}
+    c = load_config(str(root / "evolve-mistral-gradients.yml"))
+    assert c.dim == 5 + 5 + 1 and c.spec.tasks == ("arc_easy", "hellaswag")
+    for name in ("reverse", "lookup"):  # the layer search reads each model's layer count
+        (tmp_path / "skills" / name).mkdir(parents=True)
+        (tmp_path / "skills" / name / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    (tmp_path / "c.yml").write_text((root / "evolve-frankenmerge.yml").read_text())
+    c = load_config(str(tmp_path / "c.yml"))
+    assert c.search == "layers" and c.dim == 8
