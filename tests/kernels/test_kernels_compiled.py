@@ -37,11 +37,26 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype != torch.bool else a, b.view(torch.uint8))
 
 
-@pytest.mark.parametrize("consensus", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("n,weight,lambda_", [(1, [0.7], 1.0), (2, [0.6, -0.3], 1.0), (3, [0.5, 0.3, 0.2], 0.8), (2, [0.5, -0.5], 1.3)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_task_merge_compiled_is_the_reference(consensus, normalize, n, weight, lambda_, dtype):
+F32, BF16 = torch.float32, torch.bfloat16
+PAIRWISE = [
+    # consensus, normalize, (n, weight, λ), dtype: every pair of values of any two of the four
+    # factors appears in some row (8 rows, not the 32 of the whole product: each row compiles
+    # two loops, 5-7 s each with inductor's cache cold, as in every clean CI clone)
+    (False, False, (1, [0.7], 1.0), F32),
+    (True, True, (1, [0.7], 1.0), BF16),
+    (False, True, (2, [0.6, -0.3], 1.0), BF16),
+    (True, False, (2, [0.6, -0.3], 1.0), F32),
+    (False, False, (3, [0.5, 0.3, 0.2], 0.8), BF16),
+    (True, True, (3, [0.5, 0.3, 0.2], 0.8), F32),
+    (True, False, (2, [0.5, -0.5], 1.3), BF16),
+    (False, True, (2, [0.5, -0.5], 1.3), F32),
+]
+
+
+@pytest.mark.parametrize("consensus, normalize, case, dtype", PAIRWISE,
+                         ids=[f"consensus{c:d}-normalize{z:d}-n{k[0]}-lambda{k[2]}-{str(d)[6:]}" for c, z, k, d in PAIRWISE])  # fmt: skip
+def test_task_merge_compiled_is_the_reference(consensus, normalize, case, dtype):
+    n, weight, lambda_ = case
     base, models = family(n, seed=n, dtype=dtype)
     kw = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     deltas = [x.float() - base.float() for x in models]
