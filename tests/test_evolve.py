@@ -33,9 +33,8 @@ import yaml
 from distmerge import skills
 from distmerge.errors import MergeError
 from distmerge.evaluate import EvalSpec, model_hash
-from distmerge.evolve import (
-    CMASearch, Evolution, LayerGA, evaluate_candidate, gene_values, genome_recipe, layer_path, load_config, my_candidates, parse_config,
-)  # fmt: skip
+from distmerge.evolve import Evolution, evaluate_candidate, load_config, my_candidates, parse_config
+from distmerge.genome import CMASearch, LayerGA, gene_values, genome_recipe, layer_path
 from tests.helpers import REPO_ROOT, child_env, free_port, run_main
 from tests.skills_fixtures import skill_models  # noqa: F401  (fixture)
 
