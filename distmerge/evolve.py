@@ -373,6 +373,8 @@ class Evolution:
 
     def write_best_recipe(self) -> str:
         best = self.best()
+        if self.log["best"] and self.log["best"]["model_hash"] != best["model_hash"]:
+            shutil.rmtree(self.out / BEST, ignore_errors=True)  # a continued search found a better one
         path = self.out / BEST_RECIPE
         path.write_text(yaml.safe_dump(genome_recipe(self.config, best["genome"]), sort_keys=False))
         return str(path)
@@ -446,11 +448,15 @@ def run_evolve(config: EvolveConfig, out: str, job: JobOptions, say: Callable[[s
     out_dir = Path(out).absolute()
     group = dist.init(job.device, job.timeout_s)
     try:
-        evo = None
-        if group.rank == 0:
+        opened: list[Evolution] = []
+
+        def open_search() -> None:  # on rank 0; a refusal (another search's OUT) stops every rank
             if importlib.util.find_spec("matplotlib") is None:
                 say(f"warning: no {PLOT}: install matplotlib (pip install 'distmerge[plot]'); the log {LOG} is written")
-            evo = Evolution(out_dir, config, say)
+            opened.append(Evolution(out_dir, config, say))
+
+        group.on_rank0("evolve-open", open_search)
+        evo = opened[0] if opened else None
         spec = rank_spec(config.spec, group.env, config.ranks_per_eval)
         start = time.perf_counter()
         for step in range(10**9):
@@ -462,13 +468,17 @@ def run_evolve(config: EvolveConfig, out: str, job: JobOptions, say: Callable[[s
                 run_job(task["recipe"], task["out"], replace(job, keep_intermediates=task["keep"]))
                 group.wait_all(f"evolve-merged-{step}")  # rank 0 finishes the outputs (index, config) before it returns
             t1 = time.perf_counter()
-            for i in my_candidates(task["todo"], group.rank, group.world_size, config.ranks_per_eval):
-                result = evaluate_candidate(task["dirs"][i], spec, config.objectives, say if evo else _stderr) | {"rank": group.rank}
-                if evo:
-                    evo.record(task["gen"], i, result)
-                    _drain(group, evo, task)
-                else:
-                    group.store.set(_key(task["gen"], i), json.dumps(result))
+            try:
+                for i in my_candidates(task["todo"], group.rank, group.world_size, config.ranks_per_eval):
+                    result = evaluate_candidate(task["dirs"][i], spec, config.objectives, say if evo else _stderr) | {"rank": group.rank}
+                    if evo:
+                        evo.record(task["gen"], i, result)
+                        _drain(group, evo, task)
+                    else:
+                        group.store.set(_key(task["gen"], i), json.dumps(result))
+            except BaseException as e:  # not a failed evaluation (that is a score): stop every rank now
+                group.abort(str(e) if isinstance(e, MergeError) else f"{type(e).__name__}: {e}")
+                raise
             group.wait_all(f"evolve-eval-{step}")
             if evo:
                 _drain(group, evo, task)

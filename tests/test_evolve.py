@@ -462,3 +462,22 @@ def test_example_configs_load(tmp_path):
     (tmp_path / "c.yml").write_text((root / "evolve-frankenmerge.yml").read_text())
     c = load_config(str(tmp_path / "c.yml"))
     assert c.search == "layers" and c.dim == 8
+
+
+@slow
+def test_a_failed_evaluation_does_not_stop_the_search(skill_models, scorer, cache, tmp_path):
+    """One candidate's evaluation fails (its command exits 1): it is logged with the error and
+    scored as a failure (CMA-ES told the worst fitness), and the search goes on to the end."""
+    eval_cmd = f"case {{model}} in */c01) echo no score for c01 >&2; exit 1;; esac; {scorer[0]}"
+    config = write_config(tmp_path / "evolve.yml", skill_models, eval_cmd, cache, generations=1)
+    data = yaml.safe_load(config.read_text()) | {"population": 3}
+    config.write_text(yaml.safe_dump(data))
+    r = run_main("evolve", config, tmp_path / "out", "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "scored as a failure" in r.stderr and "no score for c01" in r.stderr
+    log = json.loads((tmp_path / "out" / "evolve.json").read_text())
+    failed = [c for c in log["candidates"] if c["score"] is None]
+    assert [(c["gen"], c["index"]) for c in failed] == [(0, 1)]
+    assert all("exit status 1" in c["error"] and "no score for c01" in c["error"] for c in failed)
+    assert [g["failed"] for g in log["generations"]] == [1]
+    assert log["best"]["index"] != 1 and (tmp_path / "out" / "best" / "config.json").is_file()
