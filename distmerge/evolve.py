@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -318,11 +319,12 @@ class Evolution:
     def _tasks(self, genomes: list, logged: dict[int, dict]) -> dict:
         g, gdir = self.gen, self.out / GENS / f"{self.gen:03d}"
         recipes = [genome_recipe(self.config, x) for x in genomes]
+        todo = [i for i, r in enumerate(recipes) if r is not None and i not in logged]
+        self.say(f"generation {g + 1}/{self.config.generations}: {len(genomes)} candidates, {len(todo)} to merge and evaluate")
         for i, r in enumerate(recipes):
             if r is None and i not in logged:  # an empty layer path: nothing to merge or evaluate
                 self.record(g, i, {"model_hash": None, "score": None, "metrics": {}, "error": "the layer path is empty", "eval_seconds": 0.0, "cached": False, "rank": 0})
         names = [f"c{i:02d}" for i, r in enumerate(recipes) if r is not None]
-        todo = [i for i, r in enumerate(recipes) if r is not None and i not in self.logged(g)]
         task = {"gen": g, "recipe": None, "out": None, "keep": str(gdir), "dirs": {i: str(gdir / f"c{i:02d}") for i in todo}, "todo": todo}
         if todo:
             docs = [{"name": f"c{i:02d}", **r} for i, r in enumerate(recipes) if r is not None]
@@ -330,7 +332,6 @@ class Evolution:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
             task.update(recipe=str(path), out=str(gdir / names[-1]))
-        self.say(f"generation {g + 1}/{self.config.generations}: {len(genomes)} candidates, {len(todo)} to merge and evaluate")
         return task
 
     def record(self, gen: int, index: int, result: dict) -> None:
@@ -459,7 +460,7 @@ def run_evolve(config: EvolveConfig, out: str, job: JobOptions, say: Callable[[s
         evo = opened[0] if opened else None
         spec = rank_spec(config.spec, group.env, config.ranks_per_eval)
         start = time.perf_counter()
-        for step in range(10**9):
+        for step in itertools.count():
             task = group.on_rank0(f"evolve-ask-{step}", evo.next_generation if evo else lambda: None)
             if task is None:
                 break
