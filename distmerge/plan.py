@@ -146,6 +146,9 @@ class Plan:
     as tokenizer.json's added_tokens entries."""
     stages: dict[str, "Plan"] = field(default_factory=dict)
     """The plans of the earlier stages this one reads (models with ``stage``), by name."""
+    lines: dict[str, float] | None = None
+    """LiNeS (``distmerge.lines``): {"alpha": α, "beta": β}, each tensor's update scaled by
+    α + β·l/(L − 1) for its output layer l of ``len(layer_map)``; None without it."""
     version: int = PLAN_VERSION
     distmerge_version: str = __version__
     fingerprint: str = ""
@@ -194,6 +197,8 @@ def fingerprint(plan: Plan) -> str:
     d = plan.to_dict()
     d.pop("fingerprint")
     d["stages"] = {name: stage.fingerprint for name, stage in plan.stages.items()}
+    if d["lines"] is None:  # plans without LiNeS keep the fingerprints (and model cards) they had
+        del d["lines"]
     for m in d["models"]:
         m.pop("path")
         m.pop("adapter_path")
@@ -339,11 +344,24 @@ def build_plan(
         left_out=left_out,
         added_tokens=vocab.added if vocab else [],
         stages={ref: stages[ref] for ref in checkpoints if ref in stages},
+        lines=dataclasses.asdict(recipe.lines) if recipe.lines else None,
     )
+    if recipe.lines:
+        _check_lines(plan)
     # The files finish reads and edits, built now and dropped: bad ones are refused before any work.
     tokenizer_files(plan.models[donor].path, plan.models[plan.tokenizer_source].path, plan.added_tokens, plan.chat_template)
     plan.fingerprint = fingerprint(plan)
     return plan
+
+
+def _check_lines(plan: Plan) -> None:
+    """LiNeS scales the update from the base: every merged tensor needs one."""
+    for t in plan.tensors:
+        if t.base is None and DTYPES[t.dtype].is_floating_point:
+            raise MergeError(
+                f"lines: scales the update from the base model, but tensor {t.name!r} is merged without one; "
+                f"set base_model (and list it in every slice), or remove lines:"
+            )
 
 
 def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dict[str, set[str]]) -> list[LeftOut]:

@@ -34,11 +34,13 @@ from distmerge import methods
 from distmerge.errors import MergeError
 from distmerge.safe_yaml import load_yaml_documents
 from distmerge.io.header import read_small
+from distmerge.lines import Lines
+from distmerge.lines import parse as parse_lines
 from distmerge.templates import check_setting
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name", "modules", "sweep",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "modules", "sweep", "lines",
 }  # fmt: skip
 MODULE_KEYS = {"models", "slices", "parameters"}
 """Keys of a ``modules:`` entry (mergekit's OutputModuleDefinition)."""
@@ -133,6 +135,8 @@ class Recipe:
     variant per combination (``sweep_variants``), all written from one read of the inputs."""
     text: str = field(default="", compare=False)
     """The document as written (a stage's own recipe, kept with its output)."""
+    lines: Lines | None = None
+    """``lines: {alpha, beta}``: LiNeS layer scaling of the merge's update (``distmerge.lines``)."""
 
     @property
     def method(self) -> methods.Method:
@@ -260,6 +264,7 @@ def _parse_document(doc: Any, base_dir: str, source: str, text: str) -> Recipe:
         warnings=tuple(notes),
         sweep=_sweep(doc.get("sweep"), source),
         text=text,
+        lines=parse_lines(doc.get("lines"), source, methods.get(name)),
     )
     _check_parameters(recipe, source, at)
     _check_base(recipe, source)

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from distmerge import kernels, methods
+from distmerge import kernels, lines, methods
 from distmerge.errors import MergeError
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
@@ -207,9 +207,25 @@ def merge_tensor(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor
     return ctx.memo[key]
 
 
+def plan_method(plan: Plan, t: OutputTensor) -> methods.Method:
+    """The plan's method for ``t``; with LiNeS (``plan.lines``), one whose merge scales the
+    update from the base by t's layer scale (and that has no ``chunked`` form: the scale needs
+    each chunk's base, which the element-wise path hands it and the two-pass forms do not)."""
+    method = methods.get(plan.method)
+    if plan.lines is None or t.base is None:
+        return method
+    scale = lines.layer_scale(plan.lines, t.layer, len(plan.layer_map))
+    merge = method.merge
+
+    def scaled(base, tensors, **kwargs):
+        return lines.scale_update(base, merge(base, tensors, **kwargs), scale)
+
+    return dataclasses.replace(method, merge=scaled, chunked=None)
+
+
 def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     progress, device, timed = ctx.progress, ctx.device, ctx.timed
-    method = methods.get(plan.method)
+    method = plan_method(plan, t)
     src = TensorInputs(plan, t, ctx)
     work, out_dtype = src.work, DTYPES[t.dtype]
     check = (lambda value: None) if ctx.allow_nonfinite else (lambda value: check_finite(t, value))
@@ -264,7 +280,7 @@ def merge_together(items: list[tuple[Plan, OutputTensor]], ctx: MergeContext) ->
             src.load()
         jobs = []
         for plan, t in group:
-            method = methods.get(plan.method)
+            method = plan_method(plan, t)
             jobs.append((t, method, method_kwargs(method, t, ctx.kernel_options)))
         for (plan, t), value in zip(group, _merge_elementwise(src, jobs, ctx)):
             ctx.memo["merged", plan.fingerprint, t.name] = value
