@@ -55,7 +55,8 @@ def _input_files(plan: Plan, i: int) -> list[tuple[str, str, str, bool]]:
     m = plan.models[i]
     refs = [r for t in plan.tensors for r in t.all_inputs if r.model == i]
     out = []
-    for file in sorted({r.file for r in refs}):
+    scales = {r.quant["scale"][0] for r in refs if r.quant}  # a quantized tensor's scales may lie in another shard
+    for file in sorted({r.file for r in refs} | scales):
         if is_zero(file):  # a DeepSpeed tag directory, and the file naming it
             out += [(m.path, name, PICKLE, False) for name in _files_under(m.path, file)]
             out.append((m.path, "latest", SMALL, False))

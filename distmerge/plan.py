@@ -56,6 +56,9 @@ class InputRef:
     lora: dict | None = None
     """For ``model+adapter`` references: the adapter's A and B (file, dtype, shape, begin,
     end, in the adapter directory) and the scale s, applied as W + s·B·A while reading."""
+    quant: dict | None = None
+    """For a quantized tensor (``distmerge.io.quantized``): dequantized to float32 while read;
+    ``dtype`` is then F32 and ``file``/``begin``/``end`` are its data's."""
 
     @property
     def nbytes(self) -> int:
@@ -199,6 +202,10 @@ def fingerprint(plan: Plan) -> str:
     d["stages"] = {name: stage.fingerprint for name, stage in plan.stages.items()}
     if d["lines"] is None:  # plans without LiNeS keep the fingerprints (and model cards) they had
         del d["lines"]
+    for t in d["tensors"]:  # unquantized inputs keep the fingerprints they had
+        for r in [*t["inputs"], t["base"]]:
+            if r is not None and r["quant"] is None:
+                del r["quant"]
     for m in d["models"]:
         m.pop("path")
         m.pop("adapter_path")
@@ -398,6 +405,14 @@ def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dic
                 "models' tensor names don't line up (the first model of each slice decides which tensors the "
                 "output has); check that the models share one architecture"
             )
+    for i, (ref, ck) in enumerate(checkpoints.items()):
+        if ck.quant is not None:  # the scales a quantized checkpoint's tensors were dequantized with
+            q, used = ck.quant, read.get(ref, set())
+            block = "x".join(map(str, q["block"]))
+            for taken, why in ((True, "read to dequantize their tensors, not merged on their own"), (False, "the scales of tensors left out")):
+                names = [scale for name, scale in q["scales"].items() if (name in used) == taken]
+                if names:
+                    groups[(i, f"{q['format']} scales (block {block}): {why}")] = names
     return [LeftOut(model, reason, names) for (model, reason), names in groups.items()]
 
 
@@ -497,7 +512,8 @@ class _Planner:
                 raise MergeError(f"tensor {out_name!r} has different dtypes across models ({detail}); integer and bool tensors are copied, not merged, so the models must agree")
             out_dtype, shared, per_input, seeds = dtypes.pop(), {}, {}, None
         else:
-            out_dtype = _out_dtype(self.recipe, dtypes)
+            quantized = any(self.checkpoints[m].tensors[n].quant for m, n in names.items())
+            out_dtype = _out_dtype(self.recipe, dtypes, quantized)
             shared = {p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, out_name) for p in self.method.params if p.scope == "shared"}
             per_input = {
                 p.name: [self._resolve(p, [_source_params(s, m), s.parameters, self.recipe.parameters], names[m], t, f"{m}: {out_name}") for m in inputs]
@@ -543,7 +559,7 @@ class _Planner:
 
     def _ref(self, model: str, name: str) -> InputRef:
         info = self.checkpoints[model].tensors[name]
-        return InputRef(self.index[model], name, info.file, info.dtype, info.begin, info.end, info.lora)
+        return InputRef(self.index[model], name, info.file, info.dtype, info.begin, info.end, info.lora, info.quant)
 
     def _check_count(self, n: int, out_name: str) -> None:
         m = self.method
@@ -570,10 +586,14 @@ def _source_params(s: Slice, model: str) -> dict:
     return {}
 
 
-def _out_dtype(recipe: Recipe, input_dtypes: set[str]) -> str:
-    """out_dtype, else dtype, else the inputs' own dtype (promoted if they differ)."""
+def _out_dtype(recipe: Recipe, input_dtypes: set[str], quantized: bool = False) -> str:
+    """out_dtype, else dtype, else BF16 for a tensor with a quantized input (merged in
+    float32, written as transformers dequantizes), else the inputs' own dtype (promoted if
+    they differ)."""
     if recipe.out_dtype or recipe.dtype:
         return TORCH_DTYPE_NAMES[recipe.out_dtype or recipe.dtype]
+    if quantized:
+        return "BF16"
     import torch
 
     promoted = DTYPES[min(input_dtypes)]
@@ -593,11 +613,14 @@ def _tokenizer_source(recipe: Recipe, vocab: OutputVocab | None, index: dict[str
 
 
 def _working_bytes(method: methods.Method, t: OutputTensor) -> int:
-    """The memory merging ``t`` needs: the method's working memory (``Method.work_bytes``) and the output."""
-    return method.work_bytes(len(t.all_inputs), math.prod(t.shape)) + t.nbytes
+    """The memory merging ``t`` needs: the method's working memory (``Method.work_bytes``), the
+    output, and the float32 values of its quantized inputs (each dequantized whole)."""
+    dequantized = 4 * math.prod(t.shape) * sum(1 for r in t.all_inputs if r.quant)
+    return method.work_bytes(len(t.all_inputs), math.prod(t.shape)) + t.nbytes + dequantized
 
 def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
     config = copy.deepcopy(donor)
+    config.pop("quantization_config", None)  # quantized inputs are dequantized while read
     if recipe.slices:
         set_layer_count(config, len(layer_map))
         for key, value in list(config.items()):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from distmerge.architecture import LAYER_KEYS, layer_count
 from distmerge.errors import MergeError
+from distmerge.io import quantized
 from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header, read_small
 from distmerge.io.zero import ZeroCheckpoint, find_tag, is_zero_checkpoint
 
@@ -47,6 +48,10 @@ class TensorInfo:
     [0, nbytes): such tensors are found by name."""
     lora: dict | None = None
     """A LoRA delta to add while reading (see ``attach_adapter``)."""
+    quant: dict | None = None
+    """A quantized tensor, dequantized while reading (``distmerge.io.quantized``): its format,
+    block, and the data's and scales' (file, dtype, shape, begin, end); ``dtype`` and
+    ``shape`` are then the dequantized tensor's, ``file``/``begin``/``end`` its data's."""
 
 
 @dataclass(slots=True)
@@ -61,6 +66,9 @@ class Checkpoint:
     tensors: dict[str, TensorInfo] = field(repr=False)
     adapter_path: str | None = None
     """Local directory of a LoRA adapter applied on the fly (``model+adapter``)."""
+    quant: dict | None = None
+    """For a quantized checkpoint: its format, block and the scale tensors consumed to
+    dequantize its tensors (``distmerge.io.quantized.fold``); None otherwise."""
 
     @property
     def num_layers(self) -> int | None:
@@ -196,8 +204,9 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
             if name in tensors:
                 raise MergeError(f"model {ref!r}: tensor {name!r} is stored twice ({tensors[name].file} and {file})")
             tensors[name] = _info(file, entries[name])
+    tensors, quant = quantized.fold(ref, config, tensors)
     _check_layer_count(ref, config_path, config, tensors)
-    return Checkpoint(ref=ref, path=path, config=config, tensors=tensors)
+    return Checkpoint(ref=ref, path=path, config=config, tensors=tensors, quant=quant)
 
 
 def _check_layer_count(ref: str, config_path: str, config: dict, tensors: dict) -> None:
@@ -247,7 +256,7 @@ def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
         if (out, inp) != tuple(w.shape) or rank_a != rank_b:
             raise MergeError(f"adapter {adapter_path}: B{[out, rank_b]}·A{[rank_a, inp]} does not fit {target!r} of shape {list(w.shape)}")
         lora = {"a": ab["lora_A"], "b": ab["lora_B"], "scale": scale}
-        tensors[target] = TensorInfo(w.file, w.dtype, w.shape, w.begin, w.end, lora)
+        tensors[target] = TensorInfo(w.file, w.dtype, w.shape, w.begin, w.end, lora, w.quant)
     ck.tensors, ck.adapter_path = tensors, adapter_path
     return ck
 

@@ -30,6 +30,7 @@ import torch
 
 from distmerge import kernels, lines, methods
 from distmerge.errors import MergeError
+from distmerge.io import quantized
 from distmerge.io.header import DTYPES
 from distmerge.io.reader import TensorReader
 from distmerge.io.staging import Uploader
@@ -131,14 +132,20 @@ class TensorInputs:
 
     def _fetch(self, ref: InputRef) -> torch.Tensor:
         plan, reader = self.plan, self.reader
+        q = ref.quant  # a quantized tensor: its data is read as stored, then dequantized
+        dtype, shape = (q["data"][1], tuple(q["data"][2])) if q else (ref.dtype, self.in_shape)
         staged = self.uploader.take(stage_key(plan, ref)) if self.uploader is not None else None
         if staged is not None:  # already on the GPU: its bytes, read and copied while the last tensor merged
-            x = staged.view(DTYPES[ref.dtype]).view(self.in_shape)
+            x = staged.view(DTYPES[dtype]).view(shape)
         elif is_pickle(ref.file):
             x = reader.read_pickled(input_path(plan, ref), ref.name)
         else:
-            x = reader.read(input_path(plan, ref), ref.dtype, self.in_shape, ref.begin, ref.end)
+            x = reader.read(input_path(plan, ref), dtype, shape, ref.begin, ref.end)
         x = x.to(self.device)
+        if q is not None:
+            file, scale_dtype, scale_shape, begin, end = q["scale"]
+            scale = reader.read(os.path.join(plan.models[ref.model].path, file), scale_dtype, tuple(scale_shape), begin, end)
+            x = quantized.dequantize(x, scale.to(self.device), q).reshape(self.in_shape)
         if ref.lora is not None:
             b, a = self._lora_part(ref, "b"), self._lora_part(ref, "a")
             x = apply_lora(x, a, b, ref.lora["scale"])
