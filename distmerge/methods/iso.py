@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distmerge.methods import Method, Param
-from distmerge.methods.tsv import mean_update, orthogonalize, svd_bytes, task_vectors
+from distmerge.methods.tsv import mean_update, one_cpu_thread, orthogonalize, svd_bytes, task_vectors
 
 
 def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -16,6 +16,7 @@ def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+@one_cpu_thread
 def iso_c(base: torch.Tensor, tensors: list[torch.Tensor], *, lambda_: float = 1.0) -> torch.Tensor:
     """θ = θ₀ + λ · σ̄ U Vᵀ, where Σᵢ τᵢ = U diag(σ) Vᵀ and σ̄ = mean(σ), for matrices;
     θ₀ + λ (1/T) Σᵢ τᵢ for other tensors.
@@ -32,6 +33,7 @@ def iso_c(base: torch.Tensor, tensors: list[torch.Tensor], *, lambda_: float = 1
     return base + lambda_ * (s.mean() * (u @ vh))
 
 
+@one_cpu_thread
 def iso_cts(
     base: torch.Tensor, tensors: list[torch.Tensor], *, common_fraction: float = 0.8, lambda_: float = 1.0
 ) -> torch.Tensor:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from distmerge.methods import Method, Param
-from distmerge.methods.tsv import mean_update, task_vectors
+from distmerge.methods.tsv import mean_update, one_cpu_thread, task_vectors
 
 
+@one_cpu_thread
 def wudi(
     base: torch.Tensor, tensors: list[torch.Tensor], *, steps: int = 300, lr: float = 1e-5, lambda_: float = 1.0
 ) -> torch.Tensor:

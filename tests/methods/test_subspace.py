@@ -259,6 +259,26 @@ def test_lines_with_scale_one_is_the_identity(size, seed):
     torch.testing.assert_close(scaled, base + 0.25 * (tensors[0] - base))
 
 
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
+def test_svd_methods_give_the_same_bits_at_any_thread_count(method):
+    """A single rank runs with every core, torchrun's ranks with one thread each: LAPACK's and
+    BLAS's bits depend on the thread count (at 192×256 without ``one_cpu_thread`` they differ),
+    so the methods run on one thread on the CPU and every rank count gets the same bytes."""
+    base, tensors = models((192, 256), 3, seed=2)
+    merge = METHODS[method].merge
+    kwargs = {"steps": 30} if method == "wudi" else {}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = merge(base, tensors, **kwargs)
+        torch.set_num_threads(max(2, threads))
+        many = merge(base, tensors, **kwargs)
+        assert torch.get_num_threads() == max(2, threads)  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
 # ---------------------------------------------------------------- the plan's memory estimate
 
 
