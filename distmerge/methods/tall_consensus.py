@@ -18,9 +18,9 @@ def tall_consensus(
     (ICML, https://arxiv.org/abs/2405.07813), Consensus Task Arithmetic: an element is kept where
     at least k tasks hold it important (k = 2 in the paper; k = 1 keeps the union of the masks,
     k = T their intersection, k > T nothing: the base), and what is kept is the task-arithmetic
-    sum τ_MTL. The paper tunes
-    λₜ per task in [0.2, 0.6] on validation data; 0.4 here, the middle of that range. λ is the
-    task-arithmetic scale (tuned in the paper; 1.0 here). Every tensor, of any shape, the same way.
+    sum τ_MTL. The paper tunes λₜ per task in [0.2, 0.6] on validation data; 0.4 here, the
+    middle of that range. λ is the task-arithmetic scale (tuned in the paper; 1.0 here). Every
+    tensor, of any shape, the same way.
     Element-wise: inputs may arrive in their stored dtype; the math is in float32.
     """
     base = base.to(torch.float32)
