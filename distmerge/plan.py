@@ -19,6 +19,7 @@ from typing import Any
 from distmerge import __version__, methods, templates
 from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name
 from distmerge.errors import MergeError
+from distmerge.io import quantized
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
 from distmerge.recipe import InputModel, Recipe, Slice, evaluate
 from distmerge.sources import Checkpoint, load_checkpoint
@@ -85,6 +86,10 @@ class OutputTensor:
     vocab: VocabMap | None = None
     """For embeddings and lm_head when the recipe sets a tokenizer: how each input's rows are
     re-indexed to the output vocabulary before the merge (None: inputs used as they are)."""
+    quant: dict | None = None
+    """With ``out_dtype: fp8``, a re-quantized tensor: {"format": "fp8", "block", "part": "data"
+    or "scale", "of": the data tensor's name, "shape": its shape}; the float32 merge of "of",
+    quantized per block (``distmerge.io.quantized.quantize_fp8``), gives both parts."""
 
     @property
     def nbytes(self) -> int:
@@ -202,7 +207,9 @@ def fingerprint(plan: Plan) -> str:
     d["stages"] = {name: stage.fingerprint for name, stage in plan.stages.items()}
     if d["lines"] is None:  # plans without LiNeS keep the fingerprints (and model cards) they had
         del d["lines"]
-    for t in d["tensors"]:  # unquantized inputs keep the fingerprints they had
+    for t in d["tensors"]:  # unquantized inputs and outputs keep the fingerprints they had
+        if t["quant"] is None:
+            del t["quant"]
         for r in [*t["inputs"], t["base"]]:
             if r is not None and r["quant"] is None:
                 del r["quant"]
@@ -332,6 +339,8 @@ def build_plan(
     left_out = _left_out(checkpoints, slices, planner.read)
     donor = index[recipe.donor]
     config = _output_config(checkpoints[recipe.donor].config, recipe, layer_map, layered[recipe.donor])
+    if recipe.out_dtype == "fp8":
+        _requantized_config(config, [checkpoints[recipe.donor], *checkpoints.values()], planner.tensors)
     if vocab is not None:
         config["vocab_size"] = vocab.rows
     plan = Plan(
@@ -504,6 +513,7 @@ class _Planner:
         self._check_count(len(inputs), out_name)
 
         dtypes = {self.checkpoints[m].tensors[names[m]].dtype for m in names}
+        fp8 = None
         if not all(DTYPES[d].is_floating_point for d in dtypes):
             # Integer and bool tensors (index buffers, masks) are copied bit for bit, never
             # cast or merged; the run checks that every model holds the same values.
@@ -512,8 +522,11 @@ class _Planner:
                 raise MergeError(f"tensor {out_name!r} has different dtypes across models ({detail}); integer and bool tensors are copied, not merged, so the models must agree")
             out_dtype, shared, per_input, seeds = dtypes.pop(), {}, {}, None
         else:
-            quantized = any(self.checkpoints[m].tensors[n].quant for m, n in names.items())
-            out_dtype = _out_dtype(self.recipe, dtypes, quantized)
+            quants = [q for m, n in names.items() if (q := self.checkpoints[m].tensors[n].quant)]
+            out_dtype = _out_dtype(self.recipe, dtypes, bool(quants))
+            fp8 = next((q for q in quants if q["format"] == "fp8"), None)
+            if out_dtype == "fp8":  # re-quantized to the block layout of its first fp8 input, or written in bf16
+                out_dtype = "F8_E4M3" if fp8 and vocab is None else "BF16"
             shared = {p.name: self._resolve(p, [s.parameters, self.recipe.parameters], out_name, t, out_name) for p in self.method.params if p.scope == "shared"}
             per_input = {
                 p.name: [self._resolve(p, [_source_params(s, m), s.parameters, self.recipe.parameters], names[m], t, f"{m}: {out_name}") for m in inputs]
@@ -541,6 +554,20 @@ class _Planner:
                 vocab=vocab,
             )
         )
+        if out_dtype == "F8_E4M3" and fp8 is not None:
+            self._requantize(self.tensors[-1], fp8["block"])
+
+    def _requantize(self, t: OutputTensor, block: list[int]) -> None:
+        """``out_dtype: fp8``: ``t`` is written as fp8 blocks, and its scales (``weight_scale_inv``)
+        as an output tensor of their own, right after it, merged from the same inputs."""
+        *lead, rows, cols = t.shape
+        scale = dataclasses.replace(t, name=t.name + quantized.FP8_SCALE_SUFFIX, dtype="F32", shape=[*lead, -(-rows // block[0]), -(-cols // block[1])])
+        if scale.name in self.names:
+            raise MergeError(f"tensor {scale.name!r} would be written twice: the inputs hold it, and out_dtype: fp8 writes it as {t.name!r}'s scales")
+        self.names.add(scale.name)
+        info = {"format": "fp8", "block": list(block), "of": t.name, "shape": list(t.shape)}
+        t.quant, scale.quant = {**info, "part": "data"}, {**info, "part": "scale"}
+        self.tensors.append(scale)
 
     def _check_weight_sum(self, shared: dict, per_input: dict, out_name: str) -> None:
         """A method that divides by Σᵢ wᵢ with no guard (as mergekit's does) would write NaN/Inf
@@ -590,6 +617,8 @@ def _out_dtype(recipe: Recipe, input_dtypes: set[str], quantized: bool = False) 
     """out_dtype, else dtype, else BF16 for a tensor with a quantized input (merged in
     float32, written as transformers dequantizes), else the inputs' own dtype (promoted if
     they differ)."""
+    if recipe.out_dtype == "fp8":
+        return "fp8"  # decided per tensor by the caller
     if recipe.out_dtype or recipe.dtype:
         return TORCH_DTYPE_NAMES[recipe.out_dtype or recipe.dtype]
     if quantized:
@@ -631,6 +660,21 @@ def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _
     if dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     return config
+
+
+def _requantized_config(config: dict, checkpoints: list[Checkpoint], tensors: list[OutputTensor]) -> None:
+    """``out_dtype: fp8``: the output config gets the quantization_config of the donor (else of
+    the first fp8 model), for the block its tensors were re-quantized to, and bf16 otherwise."""
+    blocks = sorted({tuple(t.quant["block"]) for t in tensors if t.quant})
+    if len(blocks) != 1:
+        raise MergeError(
+            "out_dtype: fp8 re-quantizes the tensors that are block-scaled fp8 in the inputs to their block layout, "
+            + ("but no input tensor is fp8; choose bfloat16 or float32" if not blocks else
+               f"but the fp8 inputs have different blocks ({', '.join(map(str, map(list, blocks)))}); choose bfloat16 or float32")
+        )
+    qc = next(ck.config["quantization_config"] for ck in checkpoints if ck.quant and ck.quant["format"] == "fp8")
+    config["quantization_config"] = {**qc, "weight_block_size": list(blocks[0])}
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = "bfloat16"
 
 
 def shard_files(tensors: list[OutputTensor], max_bytes: int) -> list[OutputFile]:

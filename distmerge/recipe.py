@@ -52,6 +52,9 @@ NO_EFFECT = {
 at the top level, in the module, model entries, slices and their sources (mergekit ignores
 unknown keys everywhere); ``residual_weight`` on slices, where mergekit declares it."""
 DTYPES = {"float32", "float16", "bfloat16", "float64"}
+OUT_DTYPES = DTYPES | {"fp8"}
+"""``out_dtype`` may also be fp8: the tensors that are block-scaled fp8 in the inputs are
+re-quantized to that block layout (``distmerge.io.quantized``), the others written in bf16."""
 DTYPE_ALIASES = {
     "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32",
     **{f"torch.{name}": name for name in DTYPES},  # mergekit strips a "torch." prefix
@@ -256,7 +259,7 @@ def _parse_document(doc: Any, base_dir: str, source: str, text: str) -> Recipe:
         slices=tuple(_slice(s, f"{at}slices[{i}]", source, notes) for i, s in enumerate(_list(doc, "slices", source))) or None,
         parameters=_params(doc.get("parameters"), "parameters", source),
         dtype=_dtype(doc.get("dtype"), "dtype", source),
-        out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source),
+        out_dtype=_dtype(doc.get("out_dtype"), "out_dtype", source, OUT_DTYPES),
         tokenizer=_tokenizer(doc, source),
         chat_template=_chat_template(doc.get("chat_template"), source),
         name=_text(doc.get("name"), "name", source),
@@ -587,12 +590,12 @@ def _check_setting_shape(setting: Setting, where: str, source: str) -> None:
     raise MergeError(f"{source}: {where}: expected a number, a list of numbers (gradient) or filter entries, got {_short(setting)}")
 
 
-def _dtype(value: Any, where: str, source: str) -> str | None:
+def _dtype(value: Any, where: str, source: str, allowed: set[str] = DTYPES) -> str | None:
     if value is None:
         return None
     name = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
-    if not isinstance(name, str) or name not in DTYPES:
-        raise MergeError(f"{source}: {where} {_short(value)} is not one of {', '.join(sorted(DTYPES))}")
+    if not isinstance(name, str) or name not in allowed:
+        raise MergeError(f"{source}: {where} {_short(value)} is not one of {', '.join(sorted(allowed))}")
     return name
 
 

@@ -231,6 +231,8 @@ def plan_method(plan: Plan, t: OutputTensor) -> methods.Method:
 
 
 def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
+    if t.quant is not None:
+        return _requantized(plan, t, ctx)
     progress, device, timed = ctx.progress, ctx.device, ctx.timed
     method = plan_method(plan, t)
     src = TensorInputs(plan, t, ctx)
@@ -270,6 +272,19 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     return out.view(t.shape)
 
 
+def _requantized(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
+    """A part of an fp8 output tensor (``out_dtype: fp8``): the float32 merge of its data
+    tensor quantized per block (``quantized.quantize_fp8``): its fp8 values, or its scales.
+    Each part is its own unit of work, so a rank may merge a tensor for either (the same bytes)."""
+    q = t.quant
+    key = ("fp8", plan.fingerprint, q["of"])
+    if key not in ctx.memo:
+        data = dataclasses.replace(t, name=q["of"], shape=q["shape"], dtype="F32", quant=None)
+        ctx.memo[key] = quantized.quantize_fp8(_merge(plan, data, ctx), q["block"])
+    values, scales = ctx.memo[key]
+    return values if q["part"] == "data" else scales
+
+
 def merge_together(items: list[tuple[Plan, OutputTensor]], ctx: MergeContext) -> None:
     """Merge the large element-wise tensors of a unit of work that read the same inputs (a
     sweep's variants) chunk by chunk together: each chunk of the inputs is read once for all
@@ -297,7 +312,7 @@ def _shared_inputs(plan: Plan, t: OutputTensor, ctx: MergeContext) -> tuple | No
     """What a tensor merged chunk by chunk by an element-wise method reads (its inputs'
     keys and the compute dtype); None for a tensor merged otherwise."""
     method = methods.get(plan.method)
-    if not method.elementwise or method.name == "passthrough" or not t.inputs or t.vocab is not None:
+    if not method.elementwise or method.name == "passthrough" or not t.inputs or t.vocab is not None or t.quant:
         return None
     if not DTYPES[t.dtype].is_floating_point or math.prod(t.shape) <= CHUNK_ELEMENTS:
         return None

@@ -286,3 +286,37 @@ def test_dequantized_shapes_in_the_plan(family):
     info = ck.tensors["model.layers.0.mlp.experts.down_proj"]
     assert (info.dtype, info.shape, info.quant["format"]) == ("F32", (2, 64, 8), "mxfp4")
     assert math.prod(info.quant["data"][2]) == info.end - info.begin
+
+
+def test_out_dtype_fp8_requantizes_to_the_input_block_layout(family, tmp_path):
+    """out_dtype: fp8: each fp8 input tensor is written as fp8 blocks of the float32 merge with
+    weight_scale_inv beside it (within the round-trip bound of the float32 merge), the rest in
+    bf16, and the quantization_config back in the config."""
+    got = merge(ties(family["base-fp8"], family["ft1-fp8"], out_dtype="fp8"), tmp_path / "q")
+    exact = merge(ties(family["base-fp8-f32"], family["ft1-fp8-f32"], out_dtype="float32"), tmp_path / "f32")
+    source = load_state(family["base-fp8"])
+    assert set(got) == set(source)
+    for name, x in exact.items():
+        if source[name].dtype != torch.float8_e4m3fn:
+            assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], x.bfloat16()), name
+            continue
+        q, scale = got[name], got[name + "_scale_inv"]
+        assert q.dtype == torch.float8_e4m3fn and scale.shape == source[name + "_scale_inv"].shape, name
+        want_q, want_scale = quantize_fp8(x, BLOCK)
+        assert torch.equal(scale, want_scale) and torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)), name
+        s = scale.repeat_interleave(BLOCK[0], 0)[: x.shape[0]].repeat_interleave(BLOCK[1], 1)[:, : x.shape[1]]
+        err = (fp8_reference(q, scale, BLOCK) - x).abs()
+        assert bool((err <= torch.maximum(x.abs() * 2**-4, s * 2**-10) * (1 + 2**-20)).all()), name
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["weight_block_size"] == BLOCK and config["quantization_config"]["quant_method"] == "fp8"
+    assert config["torch_dtype"] == "bfloat16"
+
+
+def test_out_dtype_fp8_needs_an_fp8_input(family, tmp_path):
+    from distmerge.plan import build_plan
+    from distmerge.recipe import parse_recipe
+
+    with pytest.raises(MergeError, match="out_dtype: fp8 re-quantizes .* but no input tensor is fp8"):
+        build_plan(parse_recipe(yaml.safe_dump(ties(family["base"], family["ft1"], out_dtype="fp8"))))
+    with pytest.raises(MergeError, match="dtype 'fp8' is not one of bfloat16, float16, float32, float64"):
+        parse_recipe(yaml.safe_dump(ties(family["base"], family["ft1"], dtype="fp8")))
