@@ -497,7 +497,7 @@ def test_ranks_share_output_files(recipes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [2, 3])  # the reference is one rank (in this process; one rank under torchrun: test_distributed)
 def test_outputs_do_not_depend_on_the_number_of_ranks(k, multi_rank, one_process):
     outs = multi_rank(k)
     multi = one_process("multi")
