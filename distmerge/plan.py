@@ -294,6 +294,9 @@ def build_plan(
     each as ``distmerge.graph.stage_checkpoint`` describes it).
     """
     stages = stages or {}
+    for name, stage in stages.items():
+        if any(t.quant for t in stage.tensors):  # a later plan would read its fp8 values and scales as plain tensors
+            raise MergeError(f"stage {name!r}: out_dtype: fp8 is for the final output only (a later stage reads this one's tensors); remove it from {name!r}")
     if checkpoints is None:
         checkpoints = {ref: load_checkpoint(ref, recipe.base_dir, allow_pickle, local_only) for ref in recipe.model_refs()}
     refs = list(checkpoints)
@@ -645,6 +648,8 @@ def _working_bytes(method: methods.Method, t: OutputTensor) -> int:
     """The memory merging ``t`` needs: the method's working memory (``Method.work_bytes``), the
     output, and the float32 values of its quantized inputs (each dequantized whole)."""
     dequantized = 4 * math.prod(t.shape) * sum(1 for r in t.all_inputs if r.quant)
+    if t.quant is not None:  # out_dtype: fp8: the float32 merge, and quantize_fp8's padded copy and quotient
+        return method.work_bytes(len(t.all_inputs), math.prod(t.quant["shape"])) + 13 * math.prod(t.quant["shape"]) + dequantized
     return method.work_bytes(len(t.all_inputs), math.prod(t.shape)) + t.nbytes + dequantized
 
 def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:

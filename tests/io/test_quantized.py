@@ -320,3 +320,15 @@ def test_out_dtype_fp8_needs_an_fp8_input(family, tmp_path):
         build_plan(parse_recipe(yaml.safe_dump(ties(family["base"], family["ft1"], out_dtype="fp8"))))
     with pytest.raises(MergeError, match="dtype 'fp8' is not one of bfloat16, float16, float32, float64"):
         parse_recipe(yaml.safe_dump(ties(family["base"], family["ft1"], dtype="fp8")))
+
+
+def test_out_dtype_fp8_only_for_the_final_output(family, tmp_path, capsys):
+    """A later stage would read an fp8 stage's values and scales as plain tensors: refused."""
+    stage = {"name": "s1", **ties(family["base-fp8"], family["ft1-fp8"], out_dtype="fp8")}
+    final = {"merge_method": "linear", "models": [{"model": "s1", "parameters": {"weight": 1.0}}, {"model": str(family["ft1-fp8"]), "parameters": {"weight": 1.0}}]}
+    recipe = tmp_path / "stages.yml"
+    recipe.write_text(yaml.safe_dump_all([stage, final], sort_keys=False))
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(recipe)])
+    assert e.value.code == 2
+    assert "stage 's1': out_dtype: fp8 is for the final output only" in capsys.readouterr().err
