@@ -76,13 +76,11 @@ def random_mxfp4(prefix, groups, seed=0):
 # --- the dequantization ------------------------------------------------------------------------
 
 
-def test_fp8_dequantize_matches_element_loop_and_transformers():
+def test_fp8_dequantize_matches_element_loop():
     w, scale = random_fp8((100, 70), BLOCK)
     out = dequantize_fp8(w, scale, BLOCK)
     assert out.dtype == torch.float32 and out.shape == (100, 70)
     assert torch.equal(out, fp8_reference(w, scale, BLOCK))
-    fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
-    assert torch.equal(out, fp8._dequantize_fp8_weight(w, scale, BLOCK, torch.float32))
     experts_w, experts_s = random_fp8((3, 50, 90), BLOCK, seed=1)  # leading (expert) axes
     assert torch.equal(dequantize_fp8(experts_w, experts_s, BLOCK)[2], fp8_reference(experts_w[2], experts_s[2], BLOCK))
 
@@ -93,15 +91,28 @@ def test_mxfp4_lookup_table_is_e2m1():
     assert [fp4_value(n) for n in range(16)] == list(FP4_VALUES)
 
 
-def test_mxfp4_dequantize_matches_element_loop_and_transformers():
+def test_mxfp4_dequantize_matches_element_loop():
     blocks, scales = random_mxfp4((2, 6), 3)  # gpt-oss experts: (E, R, G, 16) -> (E, G*32, R)
     out = dequantize_mxfp4(blocks, scales)
     assert out.shape == (2, 96, 6) and out.dtype == torch.float32
     assert torch.equal(out.double(), mxfp4_reference(blocks, scales).transpose(1, 2))
-    mx = pytest.importorskip("transformers.integrations.mxfp4")
-    assert torch.equal(out, mx.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
     flat_b, flat_s = random_mxfp4((5,), 2, seed=1)  # a 2-D weight: (R, G, 16) -> (R, G*32), no transpose
     assert torch.equal(dequantize_mxfp4(flat_b, flat_s).double(), mxfp4_reference(flat_b, flat_s))
+
+
+@pytest.mark.slow  # importing transformers' integrations: ~8 s on 2 cores
+@pytest.mark.needs("transformers")
+def test_dequantize_matches_transformers():
+    """Bit for bit with transformers' own dequantization on CPU (float32)."""
+    from transformers.integrations import finegrained_fp8, mxfp4
+
+    w, scale = random_fp8((100, 70), BLOCK)
+    assert torch.equal(dequantize_fp8(w, scale, BLOCK), finegrained_fp8._dequantize_fp8_weight(w, scale, BLOCK, torch.float32))
+    experts_w, experts_s = random_fp8((3, 300, 260), [128, 128], seed=2)  # DeepSeek's block, cropped edges, experts
+    want = finegrained_fp8._dequantize_fp8_weight(experts_w, experts_s, [128, 128], torch.float32)
+    assert torch.equal(dequantize_fp8(experts_w, experts_s, [128, 128]), want)
+    blocks, scales = random_mxfp4((2, 6), 3)
+    assert torch.equal(dequantize_mxfp4(blocks, scales), mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
 
 
 def test_fp8_round_trip_error_bound():
@@ -332,3 +343,17 @@ def test_out_dtype_fp8_only_for_the_final_output(family, tmp_path, capsys):
         main(["plan", str(recipe)])
     assert e.value.code == 2
     assert "stage 's1': out_dtype: fp8 is for the final output only" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # launches torchrun
+def test_same_bytes_on_two_ranks(family, tmp_path):
+    """fp8 and mxfp4 inputs, fp8 out: a weight and its scales are separate units of work, each
+    merged where it lands; two ranks write the bytes one process writes."""
+    from tests.test_distributed import SHARD, assert_same_output, in_process, torchrun
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump(ties(family["base-fp8"], family["ft1-fp8"], out_dtype="fp8")))
+    ref = in_process(recipe, tmp_path / "one")
+    done = torchrun(2, recipe, tmp_path / "two", "--out-shard-size", SHARD)
+    assert done.rc == 0, done.tail()
+    assert_same_output(tmp_path / "two", ref)
