@@ -418,6 +418,42 @@ def evolve_command(config, out, out_shard_size, device, quiet, timeout):
     run_evolve(cfg, out, job, say)
 
 
+@cli.command("extract-lora")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--base", "base", required=True, help="The base model B (directory or hub id).")
+@click.option("--model", "model", required=True, help="The fine-tune M of B to extract.")
+@click.option("--rank", default=16, show_default=True, type=int, help="Rank of every decomposed weight.")
+@click.option("--module-rank", "module_ranks", multiple=True, metavar="MODULE=RANK", help="Rank for the modules MODULE names (mlp, self_attn.q_proj, layers.0.mlp); repeatable, the longest match wins.")
+@click.option("--rank-by-energy", "energy", type=float, default=None, metavar="FRACTION", help="Instead of a fixed rank: per tensor the smallest rank keeping FRACTION of the squared singular values.")
+@click.option("--dtype", default=None, help="dtype of the adapter's tensors (float32, bfloat16, float16)  [default: the model's]")
+@click.option("--skip-full", is_flag=True, help="Leave out the embeddings, LM head, norms and other tensors that are not 2-D linear weights, instead of saving them whole (modules_to_save).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, or auto (cuda when available): where the SVDs run.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds a silent rank is tolerated before the job stops.")
+def extract_lora_command(out, base, model, rank, module_ranks, energy, dtype, skip_full, device, timeout):
+    """Write a PEFT LoRA adapter into OUT that turns BASE into MODEL: truncated SVDs of
+    MODEL - BASE per 2-D linear weight. Alone, or as one rank under torchrun or srun;
+    rerunning the same command resumes."""
+    from distmerge.dist import detect
+    from distmerge.extract_lora import ExtractOptions, extract, modules_pattern
+
+    options = ExtractOptions(
+        rank=rank, module_ranks=[modules_pattern(t) for t in module_ranks], energy=energy, dtype=dtype,
+        skip_full=skip_full, device=device, timeout_s=timeout,
+    )  # fmt: skip
+    result = extract(base, model, out, options)
+    if detect().rank != 0:
+        return
+    lora = [i for i in result.items if i.kind == "lora"]
+    ranks = sorted({result.config["rank_pattern"].get(i.name.rsplit(".", 1)[0], result.config["r"]) for i in lora})
+    again = f" (resumed: {result.kept} tensors kept from the earlier run)" if result.kept else ""
+    click.echo(
+        f"wrote {out}{again}: {len(lora)} weights as LoRA factors (rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else "")
+        + f"), {len(result.config['modules_to_save'] or [])} modules whole, in {result.seconds:.1f}s"
+    )
+    for name, reason in result.left_out:
+        click.echo(f"left out: {name}: {reason}", err=True)
+
+
 @cli.command("methods")
 @click.option("--markdown", is_flag=True, help="Print the README's table of methods.")
 def list_methods(markdown):
