@@ -81,6 +81,11 @@ def _fold_fp8(ref: str, qc: dict, tensors: dict) -> tuple[dict, dict]:
             f"model {ref!r}: config.json's quantization_config.weight_block_size is {block!r}; block-scaled fp8 "
             "needs two positive integers such as [128, 128] (per-tensor fp8 is not read)"
         )
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise MergeError(
+            f"model {ref!r}: config.json's quantization_config.activation_scheme is {qc['activation_scheme']!r}; "
+            "distmerge reads fp8 checkpoints with dynamic activation scales only (static input_scale tensors cannot be merged)"
+        )
     out, scales = dict(tensors), {}
     for name, info in tensors.items():
         if info.dtype not in ("F8_E4M3", "F8_E5M2"):

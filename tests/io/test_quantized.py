@@ -8,6 +8,7 @@ merge of the dequantized checkpoints saved in float32.
 
 import json
 import math
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -278,17 +279,25 @@ def corrupt(family, tmp_path: Path, fmt: str, name: str, value: torch.Tensor | N
     ],
 )  # fmt: skip
 def test_missing_or_misshapen_scales_are_one_error(family, tmp_path, fmt, name, value, message):
-    with pytest.raises(MergeError, match="^model .*" + __import__("re").escape(message)):
+    with pytest.raises(MergeError, match="^model .*" + re.escape(message)):
         load_checkpoint(str(corrupt(family, tmp_path, fmt, name, value)))
 
 
-def test_unknown_quant_method_is_refused(family, tmp_path):
-    dst = tmp_path / "awq"
-    shutil.copytree(family["ft1"], dst)
+@pytest.mark.parametrize(
+    "model, quantization_config, message",
+    [
+        ("ft1", {"quant_method": "awq"}, "quant_method is 'awq'; distmerge reads only fp8 and mxfp4"),
+        ("base-fp8", {"quant_method": "fp8", "weight_block_size": BLOCK, "activation_scheme": "static"}, "activation_scheme is 'static'"),
+        ("base-fp8", {"quant_method": "fp8"}, "weight_block_size is None; block-scaled fp8 needs two positive integers"),
+    ],
+)
+def test_unreadable_quantization_configs_are_refused(family, tmp_path, model, quantization_config, message):
+    dst = tmp_path / "q"
+    shutil.copytree(family[model], dst)
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "awq"}
+    config["quantization_config"] = quantization_config
     (dst / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MergeError, match="quant_method is 'awq'; distmerge reads only fp8 and mxfp4"):
+    with pytest.raises(MergeError, match="^model .*" + re.escape(message)):
         load_checkpoint(str(dst))
 
 
