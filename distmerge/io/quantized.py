@@ -25,6 +25,7 @@ never holds more than the float32 result and one block row (fp8) or one leading 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -57,9 +58,9 @@ def quant_method(ref: str, config: dict) -> str | None:
 def fold(ref: str, config: dict, tensors: dict) -> tuple[dict, dict | None]:
     """``tensors`` (name -> ``sources.TensorInfo``) with each quantized tensor and its scales
     replaced by one dequantized tensor (dtype F32, its ``quant`` set), and a summary for the
-    plan: {"format", "block", "scales": {tensor: the name of its scales}} (None when the checkpoint is not
-    quantized). MergeError naming the tensor and the expected shape for scales that are
-    missing or of the wrong shape."""
+    plan: {"format", "block", "scales": {tensor: the name of its scales}} (None when the
+    checkpoint is not quantized). MergeError naming the tensor and the expected shape for
+    scales that are missing or of the wrong shape."""
     method = quant_method(ref, config)
     if method is None:
         return tensors, None
@@ -73,8 +74,6 @@ def _part(info) -> list:
 
 
 def _fold_fp8(ref: str, qc: dict, tensors: dict) -> tuple[dict, dict]:
-    import dataclasses
-
     block = qc.get("weight_block_size")
     if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
         raise MergeError(
@@ -86,7 +85,7 @@ def _fold_fp8(ref: str, qc: dict, tensors: dict) -> tuple[dict, dict]:
             f"model {ref!r}: config.json's quantization_config.activation_scheme is {qc['activation_scheme']!r}; "
             "distmerge reads fp8 checkpoints with dynamic activation scales only (static input_scale tensors cannot be merged)"
         )
-    out, scales = dict(tensors), {}
+    folded, scales = {}, {}
     for name, info in tensors.items():
         if info.dtype not in ("F8_E4M3", "F8_E5M2"):
             continue
@@ -103,9 +102,9 @@ def _fold_fp8(ref: str, qc: dict, tensors: dict) -> tuple[dict, dict]:
                 f"{block[0]}x{block[1]} block), but it {found}; re-download the checkpoint or fix its quantization_config"
             )
         quant = {"format": "fp8", "block": list(block), "data": _part(info), "scale": _part(scale)}
-        out[name] = dataclasses.replace(info, dtype="F32", quant=quant)
-        del out[scale_name]
+        folded[name] = (name, dataclasses.replace(info, dtype="F32", quant=quant))
         scales[name] = scale_name
+    out = _replaced(tensors, folded, scales)
     orphans = [n for n in out if n.endswith(FP8_SCALE_SUFFIX)]
     if orphans:
         raise MergeError(f"model {ref!r}: {orphans[0]!r} scales no fp8 tensor {orphans[0][: -len(FP8_SCALE_SUFFIX)]!r}; the checkpoint is incomplete")
@@ -113,9 +112,7 @@ def _fold_fp8(ref: str, qc: dict, tensors: dict) -> tuple[dict, dict]:
 
 
 def _fold_mxfp4(ref: str, tensors: dict) -> tuple[dict, dict]:
-    import dataclasses
-
-    out, scales = dict(tensors), {}
+    folded, scales = {}, {}
     for name, info in tensors.items():
         if not name.endswith(MX_BLOCKS):
             continue
@@ -133,14 +130,21 @@ def _fold_mxfp4(ref: str, tensors: dict) -> tuple[dict, dict]:
         if target in tensors:
             raise MergeError(f"model {ref!r}: holds both {target!r} and its mxfp4 form {name!r}; keep one")
         quant = {"format": "mxfp4", "block": [2 * info.shape[-1]], "data": _part(info), "scale": _part(scale)}
-        out[target] = dataclasses.replace(info, dtype="F32", shape=mxfp4_shape(info.shape), quant=quant)
-        del out[name], out[scale_name]
+        folded[name] = (target, dataclasses.replace(info, dtype="F32", shape=mxfp4_shape(info.shape), quant=quant))
         scales[target] = scale_name
+    out = _replaced(tensors, folded, scales)
     orphans = [n for n, info in out.items() if n.endswith(MX_SCALES) and info.dtype == "U8"]
     if orphans:
         raise MergeError(f"model {ref!r}: {orphans[0]!r} has no matching blocks; the checkpoint is incomplete")
     block = sorted({tuple(q.quant["block"]) for q in out.values() if q.quant})
     return out, {"format": "mxfp4", "block": list(block[0]) if len(block) == 1 else [list(b) for b in block], "scales": scales}
+
+
+def _replaced(tensors: dict, folded: dict, scales: dict) -> dict:
+    """``tensors`` in their order, each quantized one replaced by its dequantized (name, info),
+    the scales dropped."""
+    consumed = set(scales.values())
+    return dict(folded.get(n, (n, info)) for n, info in tensors.items() if n not in consumed)
 
 
 def mxfp4_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:
