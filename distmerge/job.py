@@ -229,7 +229,8 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         )  # fmt: skip
         work_start = time.time()
         try:
-            written = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress)
+            ran = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress)
+            written = ran.written
         except BaseException as e:
             group.abort(_describe(e))
             raise
@@ -240,6 +241,7 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         group.wait_all("written")
         phases["merge"] = time.time() - work_start
         stats = group.gather(progress.stats.to_dict())
+        kernel_paths = group.gather(ran.kernels)
         report = None
         if group.rank == 0:
             finish_start = time.time()
@@ -249,7 +251,7 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
                 if problems:
                     raise MergeError(f"the output in {d} failed verification: " + "; ".join(problems[:5]))
             phases["finish"] = time.time() - finish_start
-            report = make_report(len(tensors), stats, phases, time.time() - start)
+            report = make_report(len(tensors), stats, phases, time.time() - start, kernel_paths)
             if options.report_json:
                 with open(options.report_json, "w") as f:
                     json.dump(report, f, indent=1)
@@ -274,9 +276,13 @@ def _prepare(outputs: list[tuple[Plan, str]], options: JobOptions, locked: list[
     return resumed
 
 
-def make_report(tensors: int, stats: list[dict], phases: dict[str, float], wall: float) -> dict:
+def make_report(
+    tensors: int, stats: list[dict], phases: dict[str, float], wall: float, kernels: list[dict[str, str]] | None = None
+) -> dict:
     """The run report: wall time per phase, bytes and GB/s per rank and in total, peak
-    memory per rank, and the imbalance between ranks (busiest rank's time over the mean)."""
+    memory per rank, the imbalance between ranks (busiest rank's time over the mean), and
+    per method the path its fused steps took (``run.check_kernels``; ``kernels``: each
+    rank's, in rank order)."""
     moved = [s["read_bytes"] + s["write_bytes"] for s in stats]
     walls = [s["wall"] for s in stats]
     mean_wall = sum(walls) / len(walls)
@@ -291,7 +297,19 @@ def make_report(tensors: int, stats: list[dict], phases: dict[str, float], wall:
         "ranks": [
             {**s, "gb_per_s": (m / s["wall"] / 1e9) if s["wall"] else None} for s, m in zip(stats, moved)
         ],
+        "kernels": kernel_report(kernels or []),
     }
+
+
+def kernel_report(per_rank: list[dict[str, str]]) -> dict[str, str]:
+    """Per method, the path its fused steps took: one value when every rank that merged took
+    the same, else each rank's ("rank 0: triton; rank 1: torch (self-check failed: …)")."""
+    methods = list(dict.fromkeys(m for paths in per_rank for m in paths))
+    out = {}
+    for m in methods:
+        seen = [(r, paths[m]) for r, paths in enumerate(per_rank) if m in paths]
+        out[m] = seen[0][1] if len({p for _, p in seen}) == 1 else "; ".join(f"rank {r}: {p}" for r, p in seen)
+    return out
 
 
 def peak_gpu(device: str) -> int:

@@ -31,7 +31,10 @@ from distmerge.plan import OutputFile, OutputTensor, Plan, file_layout
 from distmerge.progress import Progress
 from distmerge.sources import is_pickle
 from distmerge.state import Journal, finished_tensors
-from distmerge.tensor_merge import MergeContext, input_path, merge_tensor, merge_together, stage_key
+from distmerge.kernels import selfcheck
+from distmerge.tensor_merge import (
+    MergeContext, input_path, merge_tensor, merge_together, method_consensus, method_kernels, plan_methods, stage_key,
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -46,6 +49,42 @@ class RunOptions:
     """How the merge methods' fused steps run (compiled CPU loops, Triton); from the environment by default."""
 
 
+@dataclass(slots=True)
+class RankRun:
+    """What ``run_rank`` did."""
+
+    written: list[str]
+    """The names of the tensors written (a name once per output that got it)."""
+    kernels: dict[str, str]
+    """Per method: the path its fused steps took on this rank ("triton", "compiled", "torch",
+    or "torch (self-check failed: …)"; ``check_kernels``)."""
+
+
+def check_kernels(
+    plans: list[Plan], device: str, options: kernels.KernelOptions
+) -> tuple[kernels.KernelOptions, dict[str, str]]:
+    """The kernel options a rank merges ``plans`` with on ``device``, and per method the path
+    its fused steps take (what the report shows). On CUDA with the Triton kernels on, each
+    kernel the methods call is first checked against its reference on the device
+    (``kernels.selfcheck``); one that fails runs its reference instead, and says why."""
+    names = plan_methods(plans)
+    failed: dict[str, str] = {}
+    if device.startswith("cuda") and options.triton and kernels.triton_available():
+        needed = [k for name in names for k in method_kernels(name, device)]
+        if needed:
+            options, findings = selfcheck.check(needed, device, options)
+            failed = {f.kernel: f.detail for f in findings if not f.ok}
+    paths = {}
+    for name in names:
+        steps = method_kernels(name, device)
+        bad = [k for k in steps if k in failed]
+        if bad:
+            paths[name] = "torch (self-check failed: " + "; ".join(f"{k}: {failed[k]}" for k in bad) + ")"
+        else:
+            paths[name] = kernels.path(steps[0], device, options, method_consensus(name)) if steps else "torch"
+    return options, paths
+
+
 _SYNC = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sync")
 """fsyncs of written files, and the journal lines that wait for them, while the merge goes on."""
 
@@ -57,10 +96,11 @@ def run_rank(
     options: RunOptions | None = None,
     between: Callable[[], None] | None = None,
     progress: Progress | None = None,
-) -> list[str]:
+) -> RankRun:
     """Merge and write this rank's tensors of every output: ``(plan, out_dir)`` pairs, each
     directory prepared by output.prepare. Returns the names of the tensors written in this
-    call (a name once per output that got it).
+    call and the path each method's fused steps took (on CUDA, after ``check_kernels``'s
+    self-check of the kernels, when there is anything to merge).
 
     The work goes in units (``graph.work_units``): the outputs' tensors of one name, merged
     one after another from the same fetched inputs. ``between`` is called before every unit
@@ -77,11 +117,16 @@ def run_rank(
         if members:
             todo.append(members)
     work = sum(math.prod(t.shape) for members in todo for _, t in members)
+    kernel_options = options.kernels.for_work(work)
+    if todo:
+        kernel_options, paths = check_kernels(plans, options.device, kernel_options)
+    else:
+        paths = {}
     written = []
     cuda = options.device.startswith("cuda")
     uploader, downloader = (Uploader(options.device), Downloader(options.device)) if cuda else (None, None)
     with TensorReader(options.io, pin=cuda) as reader:
-        ctx = MergeContext(reader, options.device, progress, options.allow_nonfinite, uploader, options.kernels.for_work(work))
+        ctx = MergeContext(reader, options.device, progress, options.allow_nonfinite, uploader, kernel_options)
         timed = ctx.timed
         outs = [_RankOutput(plan, out_dir, rank, timed) for plan, out_dir in outputs]
         out = outs[0]
@@ -138,7 +183,7 @@ def run_rank(
                     out.partial.close()
             if uploader is not None:
                 uploader.close()
-    return written
+    return RankRun(written, paths)
 
 
 def _prefetch(plan: Plan, t: OutputTensor, ctx: MergeContext) -> None:

@@ -230,6 +230,42 @@ def plan_method(plan: Plan, t: OutputTensor) -> methods.Method:
     return dataclasses.replace(method, merge=scaled, chunked=None)
 
 
+_KERNELS = {"linear": "linear_sum", "slerp": "slerp_combine", "passthrough": "scale", "model_stock": "stock_interpolate"}
+"""The fused step (``distmerge.kernels``) of each method outside the task-arithmetic family."""
+
+
+def method_kernels(name: str, device: str) -> tuple[str, ...]:
+    """The kernels (``kernels.selfcheck.KERNELS`` names) that the method ``name`` calls on
+    ``device``, its main one first; () for a method with none (plain torch throughout). The
+    task-arithmetic family calls ``task_merge`` with its sparsifier's kind of keep rule, and
+    on CPU its two-pass chunked forms also ``task_combine`` (``_chunked``: CPU only)."""
+    from distmerge.methods import task_arithmetic as ta
+
+    member = next((m for m in ta.FAMILY if m.name == name), None)
+    if member is None:
+        return (_KERNELS[name],) if name in _KERNELS else ()
+    kind = {None: "", ta.TRIM: "/band", ta.BAND: "/band", ta.DROP: "/draw", ta.MAGPRUNE: "/mask"}[member.sparsifier]
+    chunked = () if device.startswith("cuda") or member.sparsifier is None else ("task_combine",)
+    return ("task_merge" + kind, *chunked)
+
+
+def method_consensus(name: str) -> bool:
+    """Whether the method elects signs (TIES): its kernels' compiled CPU loops pay off sooner."""
+    from distmerge.methods import task_arithmetic as ta
+
+    return any(m.consensus for m in ta.FAMILY if m.name == name)
+
+
+def plan_methods(plans: list[Plan]) -> list[str]:
+    """The methods of ``plans`` and of the stages they read, each once, stages first."""
+    names: list[str] = []
+    for plan in plans:
+        for name in [*plan_methods(list(plan.stages.values())), plan.method]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
     if t.quant is not None:
         return _requantized(plan, t, ctx)

@@ -49,7 +49,9 @@ __all__ = [
     "Keep",
     "Rule",
     "Top",
+    "kernel_name",
     "linear_sum",
+    "path",
     "scale",
     "slerp_combine",
     "stock_interpolate",
@@ -75,6 +77,9 @@ class KernelOptions:
     debugging switch)."""
     work: int = 0
     """Elements this rank is about to merge (``for_work``): what "auto" weighs."""
+    disabled: frozenset[str] = frozenset()
+    """CUDA: the kernels (``selfcheck.KERNELS`` names) that failed the run's start-up check
+    against their references on its device (``selfcheck.check``): they run the torch references."""
 
     @classmethod
     def from_env(cls, environ=os.environ) -> KernelOptions:
@@ -108,10 +113,31 @@ def use_triton(tensor) -> bool:
     return getattr(tensor, "is_cuda", False) and triton_available()
 
 
-def _impl(tensor, options: KernelOptions | None, consensus: bool = False):
-    """The module whose function runs a step on ``tensor``: triton_kernels, compiled or reference."""
+def kernel_name(keep: Keep | None) -> str:
+    """The name of the ``task_merge`` kernel for a keep decision, as ``selfcheck`` checks it:
+    "task_merge", or "task_merge/band", "/draw", "/mask" for one kind of rule."""
+    kinds = {torch.Tensor if isinstance(r, torch.Tensor) else type(r) for r in keep.rules if r is not None} if keep else ()
+    names = {Band: "band", Draw: "draw", torch.Tensor: "mask"}
+    return f"task_merge/{names[next(iter(kinds))]}" if len(kinds) == 1 else "task_merge"
+
+
+def path(kernel: str, device: str, options: KernelOptions | None = None, consensus: bool = False) -> str:
+    """Which implementation runs ``kernel`` for a large tensor on ``device`` under ``options``:
+    "triton", "compiled" or "torch" (the references) — what the run report names."""
     options = options or DEFAULT
-    if options.triton and use_triton(tensor):
+    if device.startswith("cuda"):
+        return "triton" if options.triton and triton_available() and kernel not in options.disabled else "torch"
+    if kernel == "linear_sum":  # never compiled: see ``compiled``
+        return "torch"
+    large = torch.empty(compiled.MIN_ELEMENTS, device="meta")
+    return "compiled" if compiled.enabled(large, options, consensus) else "torch"
+
+
+def _impl(tensor, options: KernelOptions | None, consensus: bool = False, kernel: str = ""):
+    """The module whose function runs a step on ``tensor``: triton_kernels, compiled or reference
+    (the reference on CUDA for a ``kernel`` the self-check disabled)."""
+    options = options or DEFAULT
+    if options.triton and kernel not in options.disabled and use_triton(tensor):
         from distmerge.kernels import triton_kernels  # imported on first use: it needs triton
 
         return triton_kernels
@@ -122,7 +148,7 @@ def linear_sum(
     tensors: list[torch.Tensor], weight: list[float], *, normalize: bool, options: KernelOptions | None = None
 ) -> torch.Tensor:
     """Σᵢ wᵢθᵢ, divided by Σᵢ wᵢ when ``normalize`` (model soups)."""
-    return _impl(tensors[0], options).linear_sum(tensors, weight, normalize=normalize)
+    return _impl(tensors[0], options, kernel="linear_sum").linear_sum(tensors, weight, normalize=normalize)
 
 
 def task_combine(
@@ -136,7 +162,7 @@ def task_combine(
     options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ·(Σᵢ wᵢτᵢ, or the TIES disjoint sum)/D for given task vectors τᵢ."""
-    impl = _impl(base, options, consensus)
+    impl = _impl(base, options, consensus, "task_combine")
     return impl.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
@@ -152,22 +178,22 @@ def task_merge(
     options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ·combine(τ̂ᵢ), τ̂ᵢ = θᵢ − θ₀ with only what ``keep`` keeps: the task-arithmetic family."""
-    impl = _impl(base, options, consensus)
+    impl = _impl(base, options, consensus, kernel_name(keep))
     return impl.task_merge(base, tensors, weight, keep, consensus=consensus, normalize=normalize, lambda_=lambda_)
 
 
 def slerp_combine(c0, c1, a: torch.Tensor, b: torch.Tensor, *, options: KernelOptions | None = None) -> torch.Tensor:
     """c₀·a + c₁·b (float32 coefficients computed beforehand)."""
-    return _impl(a, options).slerp_combine(c0, c1, a, b)
+    return _impl(a, options, kernel="slerp_combine").slerp_combine(c0, c1, a, b)
 
 
 def scale(x: torch.Tensor, s: float | None, *, options: KernelOptions | None = None) -> torch.Tensor:
     """s·x, or x when s is None."""
-    return _impl(x, options).scale(x, s)
+    return _impl(x, options, kernel="scale").scale(x, s)
 
 
 def stock_interpolate(
     w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, *, options: KernelOptions | None = None
 ) -> torch.Tensor:
     """t·(Σᵢ θᵢ / N) + (1 − t)·θ₀, t one ratio or one per row."""
-    return _impl(w0, options).stock_interpolate(w0, models, t)
+    return _impl(w0, options, kernel="stock_interpolate").stock_interpolate(w0, models, t)

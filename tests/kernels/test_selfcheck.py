@@ -1,0 +1,140 @@
+"""The start-up self-check of the kernels on CUDA (``distmerge.kernels.selfcheck``), without a GPU:
+which kernels a recipe's methods select, what the report says, and that a CPU run never checks.
+
+The check itself (correct kernels pass, a broken one is switched to its reference with one
+warning) runs the interpreted kernels, so those tests are in tests/kernels/test_kernels.py's
+child process (``test_selfcheck_*``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import yaml
+
+from distmerge import kernels, run
+from distmerge.job import kernel_report
+from distmerge.kernels import selfcheck
+from distmerge.methods import METHODS
+from distmerge.methods.task_arithmetic import FAMILY
+from distmerge.tensor_merge import method_kernels, plan_methods
+
+
+def test_methods_select_their_kernels():
+    expected = {
+        "linear": ("linear_sum",),
+        "slerp": ("slerp_combine",),
+        "passthrough": ("scale",),
+        "model_stock": ("stock_interpolate",),
+        "task_arithmetic": ("task_merge",),
+        "ties": ("task_merge/band",),
+        "breadcrumbs": ("task_merge/band",),
+        "breadcrumbs_ties": ("task_merge/band",),
+        "dare_ties": ("task_merge/draw",),
+        "dare_linear": ("task_merge/draw",),
+        "della": ("task_merge/mask",),
+        "della_linear": ("task_merge/mask",),
+    }
+    assert {m.name for m in FAMILY} <= set(expected)
+    for name in METHODS:
+        assert method_kernels(name, "cuda:0") == expected.get(name, ()), name
+        assert set(method_kernels(name, "cuda")) <= set(selfcheck.KERNELS)
+    # on CPU the family's two-pass chunked forms (never on CUDA) also combine with task_combine
+    assert method_kernels("ties", "cpu") == ("task_merge/band", "task_combine")
+    assert method_kernels("task_arithmetic", "cpu") == ("task_merge",)
+    assert method_kernels("sce", "cpu") == ()
+
+
+def test_the_dispatch_names_match_the_checked_kernels():
+    """``kernels.kernel_name`` (what the dispatch looks up in ``disabled``) gives the check's names."""
+    band, draw, mask = kernels.Band(kernels.ALL), kernels.Draw(1, 0.5), torch.ones(3, dtype=torch.bool)
+    assert kernels.kernel_name(None) == "task_merge"
+    assert kernels.kernel_name(kernels.Keep((None, None))) == "task_merge"
+    assert kernels.kernel_name(kernels.Keep((band, None))) == "task_merge/band"
+    assert kernels.kernel_name(kernels.Keep((draw, draw))) == "task_merge/draw"
+    assert kernels.kernel_name(kernels.Keep((mask, None))) == "task_merge/mask"
+    assert {kernels.kernel_name(kernels.Keep((r,))) for r in (band, draw, mask)} | {"task_merge"} <= set(selfcheck.KERNELS)
+
+
+def test_a_disabled_kernel_runs_the_reference_on_cuda(monkeypatch):
+    import types
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    off = kernels.KernelOptions(disabled=frozenset({"scale"}))
+    assert kernels._impl(cuda_like, off, kernel="scale") is kernels.reference
+    assert kernels.path("scale", "cuda:0", off) == "torch"
+    assert kernels.path("slerp_combine", "cuda:0", off) == "triton"
+    assert kernels.path("slerp_combine", "cuda", kernels.KernelOptions(triton=False)) == "torch"
+
+
+def test_cpu_paths_follow_the_compile_option():
+    always, never = kernels.KernelOptions(compile="always"), kernels.KernelOptions(compile="never")
+    assert kernels.path("scale", "cpu", always) == "compiled"
+    assert kernels.path("scale", "cpu", never) == "torch"
+    assert kernels.path("linear_sum", "cpu", always) == "torch"  # addcmul_ is never compiled
+    auto = kernels.KernelOptions()
+    assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=True) == "compiled"
+    assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=False) == "torch"
+
+
+class _Plan:
+    def __init__(self, method, stages=()):
+        self.method, self.stages = method, {f"s{i}": s for i, s in enumerate(stages)}
+
+
+def test_check_kernels_on_cuda_checks_each_selected_kernel_once(monkeypatch):
+    """Stages' methods included, each kernel once; a failure becomes the method's path."""
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    asked = []
+
+    def fake_check(names, device, options):
+        names = list(names)
+        asked.append((sorted(set(names)), len(names), device))
+        findings = [selfcheck.Finding(k, k != "task_merge/band", "1 of 9 entries differ") for k in dict.fromkeys(names)]
+        return dataclasses.replace(options, disabled=frozenset({"task_merge/band"})), findings
+
+    monkeypatch.setattr(selfcheck, "check", fake_check)
+    plans = [_Plan("slerp", [_Plan("ties"), _Plan("breadcrumbs"), _Plan("sce")]), _Plan("linear")]
+    assert plan_methods(plans) == ["ties", "breadcrumbs", "sce", "slerp", "linear"]
+    options, paths = run.check_kernels(plans, "cuda:1", kernels.KernelOptions())
+    assert asked == [(["linear_sum", "slerp_combine", "task_merge/band"], 4, "cuda:1")]
+    assert options.disabled == {"task_merge/band"}
+    failed = "torch (self-check failed: task_merge/band: 1 of 9 entries differ)"
+    assert paths == {"ties": failed, "breadcrumbs": failed, "sce": "torch", "slerp": "triton", "linear": "triton"}
+    # DISTMERGE_NO_TRITON=1: nothing to check, every method on the torch path
+    asked.clear()
+    options, paths = run.check_kernels(plans, "cuda", kernels.KernelOptions(triton=False))
+    assert asked == [] and set(paths.values()) == {"torch"}
+
+
+def test_check_kernels_never_checks_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(selfcheck, "check", lambda *a: pytest.fail("self-check on CPU"))
+    options, paths = run.check_kernels([_Plan("ties")], "cpu", kernels.KernelOptions(compile="never"))
+    assert options == kernels.KernelOptions(compile="never") and paths == {"ties": "torch"}
+
+
+def test_report_merges_the_ranks_paths():
+    assert kernel_report([{"ties": "triton"}, {"ties": "triton"}, {}]) == {"ties": "triton"}
+    assert kernel_report([{"ties": "triton"}, {"ties": "torch (self-check failed: x)"}]) == {
+        "ties": "rank 0: triton; rank 1: torch (self-check failed: x)"
+    }
+
+
+def test_a_cpu_run_never_runs_the_self_check_and_reports_its_paths(llama_family, tmp_path, monkeypatch):
+    from distmerge.job import JobOptions, run_job
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(selfcheck, "check", lambda *a, **k: pytest.fail("self-check on CPU"))
+    f = llama_family
+    recipe = tmp_path / "r.yml"
+    models = [{"model": str(f[m]), "parameters": {"weight": 0.5}} for m in ("ft1", "ft2")]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "float32"}))
+    report = tmp_path / "report.json"
+    result = run_job(str(recipe), str(tmp_path / "out"), JobOptions(device="cpu", quiet=True, report_json=str(report)))
+    assert result.report["kernels"] == {"linear": "torch"}
+    assert json.loads(report.read_text())["kernels"] == {"linear": "torch"}
