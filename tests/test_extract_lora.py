@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distmerge.demo import make_family
-from distmerge.extract_lora import ADAPTER, CONFIG, PARTS, ExtractOptions, energy_rank, extract, lora_factors
+from distmerge.extract_lora import ADAPTER, CONFIG, PARTS, ExtractOptions, Item, assign, energy_rank, extract, lora_factors
 from tests.helpers import REPO_ROOT, child_env, run_main
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,6 +83,17 @@ def test_energy_rank_is_the_smallest_rank_keeping_the_fraction():
                     break
             assert energy_rank(s, fraction) == direct
     assert energy_rank(torch.zeros(4), 0.9) == 1
+
+
+def test_ranks_share_the_svds_by_cost():
+    items = [Item(name=f"w{i}", kind="lora", shape=[m, n]) for i, (m, n) in enumerate([(8192, 28672)] * 2 + [(8192, 8192)] * 6 + [(1024, 8192)] * 4)]
+    items.append(Item(name="norm", kind="full", shape=[8192]))
+    shares = assign(items, 2)
+    assert sorted(i for s in shares for i in s) == list(range(len(items)))  # each once
+    assert 0 in shares[0] and 1 in shares[1]  # the two largest SVDs on different ranks
+    loads = [sum(items[i].cost for i in s) for s in shares]
+    assert max(loads) / min(loads) < 1.1
+    assert assign(items, 1) == [sorted(range(len(items)), key=lambda i: -items[i].cost)]
 
 
 def test_low_rank_fine_tune_is_recovered_exactly_at_its_rank(family, tmp_path):
