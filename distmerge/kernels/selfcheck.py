@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -75,8 +75,8 @@ def check(
     except Exception as e:  # triton broken at import: every kernel fails alike
         findings = [Finding(k, False, _first_line(e)) for k in names]
     else:
-        inputs = _inputs(shape, device)
-        findings = [_check_one(k, triton_kernels, inputs) for k in names]
+        data = inputs(shape, device)
+        findings = [_check_one(k, triton_kernels, data) for k in names]
     for f in findings:
         if not f.ok:
             warnings.warn(
@@ -93,32 +93,30 @@ def _first_line(e: BaseException) -> str:
     return text.strip().splitlines()[0][:300]
 
 
-def _inputs(shape, device) -> dict:
-    """A base and three models in the three storage dtypes (bf16, fp32, fp16), some task-vector
-    entries tied in magnitude (the top-k tie rule), made on CPU and moved to ``device``."""
-    g = torch.Generator().manual_seed(20)
-    base = torch.randn(shape, generator=g)
-    x1 = base + 0.1 * torch.randn(shape, generator=g)
-    x2 = base + 0.1 * torch.randn(shape, generator=g)
-    x3 = base + 0.1 * torch.randn(shape, generator=g)
+def inputs(shape: tuple[int, ...], device: str | torch.device, seed: int = 20) -> dict:
+    """A base and three models in the three storage dtypes (bf16, fp16, fp32), some task-vector
+    entries tied in magnitude (the top-k tie rule), two keep masks and per-row ratios, drawn on
+    ``device`` (the same values on every CPU)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda: torch.randn(shape, generator=g, device=device)  # noqa: E731
+    base = randn()
+    x1, x2, x3 = (base + 0.1 * randn() for _ in range(3))
     base = base.to(torch.bfloat16)
     x2.view(-1)[::7] = base.float().view(-1)[::7] + 0.25  # |τ| = 0.25 exactly, many times
-    models = [x1.to(torch.float16), x2, x3.to(torch.bfloat16)]
-    masks = [torch.rand(shape, generator=g) < p for p in (0.5, 0.3)]
-    t_rows = torch.rand(shape[:-1] + (1,), generator=g)
-    move = lambda x: x.to(device)  # noqa: E731
-    return dict(base=move(base), models=[move(x) for x in models], masks=[move(m) for m in masks], t_rows=move(t_rows))
+    masks = [torch.rand(shape, generator=g, device=device) < p for p in (0.5, 0.3)]
+    t_rows = torch.rand(shape[:-1] + (1,), generator=g, device=device)
+    return dict(base=base, models=[x1.to(torch.float16), x2, x3.to(torch.bfloat16)], masks=masks, t_rows=t_rows)
 
 
 def _band(delta: torch.Tensor, k: int, skip: int) -> Band:
     """The band of magnitude ranks skip .. k − 1 with the reference's tie rule at both cuts:
     the threshold is the k-th largest |δ| and the cut the flat index of the last tie kept."""
+    flat = delta.abs().reshape(-1)
+    order = torch.sort(flat, descending=True, stable=True).indices
 
     def top(count: int) -> Top:
-        flat = delta.abs().reshape(-1).float().cpu()
-        order = torch.sort(flat, descending=True, stable=True).indices
-        threshold = flat[order[count - 1]]
-        return Top(float(threshold), int(order[count - 1]))
+        j = order[count - 1]
+        return Top(float(flat[j]), int(j))
 
     return Band(top(k), top(skip))
 
@@ -138,8 +136,8 @@ def _keep(kind: str, base, models, masks, rescale: bool) -> Keep:
 def _check_one(kernel: str, tk, inputs: dict) -> Finding:
     """Run ``kernel``'s cases; the first that differs or raises is the finding."""
     try:
-        for got, want, exact in _cases(kernel, tk, inputs):
-            problem = _compare(got(), want(), exact)
+        for case in cases(kernel, tk, inputs):
+            problem = compare(case.run(), case.reference(), case.exact)
             if problem:
                 return Finding(kernel, False, problem)
     except Exception as e:
@@ -151,33 +149,62 @@ _EXACT = set(KERNELS) - {"task_merge/band", "task_merge/draw", "task_merge/mask"
 """Kernels every case of which is bitwise (the keep kinds have a rescaled case)."""
 
 
-def _cases(kernel: str, tk, inputs: dict) -> Iterable[tuple[Callable, Callable, bool]]:
-    """(kernel call, reference call, bitwise?) for each case of ``kernel``: the TIES consensus
-    path and the linear one where the kernel has both."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Case:
+    """One call of a kernel and of its reference on the same inputs (also timed by
+    benchmarks/gpu_kernels.py)."""
+
+    label: str
+    run: Callable[[], torch.Tensor]
+    """The Triton launcher's call."""
+    reference: Callable[[], torch.Tensor]
+    exact: bool
+    """Bitwise; else within TOL (a rescale's L1 sums)."""
+    reads: list[torch.Tensor]
+    """What the kernel reads per pass (for bytes moved)."""
+    passes: int = 1
+    """Passes over ``reads``: 2 with a rescale (its norms first)."""
+
+
+def cases(kernel: str, tk, inputs: dict) -> Iterator[Case]:
+    """The cases of ``kernel`` (``KERNELS``) on ``inputs`` (``inputs``), ``tk`` the module of
+    Triton launchers: the TIES consensus path and the linear one where the kernel has both."""
     base, models, masks = inputs["base"], inputs["models"], inputs["masks"]
-    pair = lambda fn, *a, **k: (lambda: getattr(tk, fn)(*a, **k), lambda: getattr(reference, fn)(*a, **k))  # noqa: E731
+
+    def case(label, fn, *args, exact=True, reads=(), passes=1, **kwargs):
+        run = lambda: getattr(tk, fn)(*args, **kwargs)  # noqa: E731
+        ref = lambda: getattr(reference, fn)(*args, **kwargs)  # noqa: E731
+        return Case(label, run, ref, exact, list(reads), passes)
+
     if kernel == "linear_sum":
-        yield *pair("linear_sum", models, WEIGHTS, normalize=True), True
+        yield case("linear_sum normalize", "linear_sum", models, WEIGHTS, normalize=True, reads=models)
     elif kernel == "task_combine":
         deltas = [x.float() - base.float() for x in models]
-        yield *pair("task_combine", base, deltas, WEIGHTS, consensus=True, normalize=True, lambda_=1.0), True
-        yield *pair("task_combine", base, deltas, WEIGHTS, consensus=False, normalize=True, lambda_=0.7), True
+        for consensus in (True, False):
+            label = f"task_combine {'consensus' if consensus else 'linear'}"
+            yield case(label, "task_combine", base, deltas, WEIGHTS, consensus=consensus, normalize=True,
+                       lambda_=1.0 if consensus else 0.7, reads=[base, *deltas])  # fmt: skip
     elif kernel.startswith("task_merge"):
         kind = kernel.partition("/")[2]
         for consensus, rescale in [(True, False), (False, True)]:
             keep = _keep(kind, base, models, masks, rescale) if kind else None
-            options = dict(consensus=consensus, normalize=consensus, lambda_=1.0 if consensus else 0.7)
-            yield *pair("task_merge", base, models, WEIGHTS, keep, **options), not (kind and rescale)
+            rescaled = bool(kind and rescale)
+            label = f"{kernel} {'consensus' if consensus else 'linear'}{' rescale' if rescaled else ''}"
+            reads = [base, *models, *(masks if kind == "mask" else ())]
+            yield case(label, "task_merge", base, models, WEIGHTS, keep, consensus=consensus, normalize=consensus,
+                       lambda_=1.0 if consensus else 0.7, exact=not rescaled, reads=reads, passes=2 if rescaled else 1)  # fmt: skip
     elif kernel == "slerp_combine":
-        yield *pair("slerp_combine", torch.tensor(0.8253), torch.tensor(0.2131), base, models[0]), True
+        yield case("slerp_combine", "slerp_combine", torch.tensor(0.8253), torch.tensor(0.2131), base, models[0], reads=[base, models[0]])
     elif kernel == "scale":
-        yield *pair("scale", models[2], 0.37), True
+        yield case("scale", "scale", models[2], 0.37, reads=[models[2]])
     elif kernel == "stock_interpolate":
-        for t in (torch.tensor([0.37], device=base.device), inputs["t_rows"]):
-            yield *pair("stock_interpolate", base, models, t), True
+        for t, label in ((torch.tensor([0.37], device=base.device), "one t"), (inputs["t_rows"], "t per row")):
+            yield case(f"stock_interpolate {label}", "stock_interpolate", base, models, t, reads=[base, *models])
+    else:
+        raise ValueError(f"no cases for kernel {kernel!r}")
 
 
-def _compare(got: torch.Tensor, want: torch.Tensor, exact: bool) -> str | None:
+def compare(got: torch.Tensor, want: torch.Tensor, exact: bool) -> str | None:
     """None when ``got`` matches ``want`` (bitwise, or within TOL with the same entries zero);
     else what differed, in a few words."""
     if got.shape != want.shape or got.dtype != want.dtype:

@@ -457,6 +457,88 @@ def test_methods_through_the_kernels(tk, fma_check, monkeypatch, name, params, e
         torch.testing.assert_close(got, want, **TOL)
 
 
+# ---------------------------------------------------------------- the start-up self-check (kernels.selfcheck)
+
+SELFCHECK_SHAPE = (3, 43)
+"""129 elements: one full block of BLOCK and a partial one."""
+
+
+@interpreted
+def test_selfcheck_passes_every_correct_kernel(tk, recwarn):
+    from distmerge.kernels import selfcheck
+
+    options, findings = selfcheck.check(selfcheck.KERNELS, "cpu", kernels.KernelOptions(), shape=SELFCHECK_SHAPE)
+    assert [f.kernel for f in findings] == list(selfcheck.KERNELS)
+    assert all(f.ok for f in findings), [f for f in findings if not f.ok]
+    assert options == kernels.KernelOptions() and not [w for w in recwarn if "distmerge" in str(w.message)]
+
+
+def _off_by_one_ulp(fn, when=lambda *a, **k: True):
+    """``fn`` with its first result entry one ulp off (when ``when(*args)``)."""
+
+    def wrong(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if when(*args, **kwargs):
+            out.view(-1)[0] = torch.nextafter(out.view(-1)[0], torch.tensor(float("inf")))
+        return out
+
+    return wrong
+
+
+@interpreted
+def test_selfcheck_switches_a_wrong_kernel_to_its_reference(tk, monkeypatch):
+    """One ulp off in one entry: scale is disabled with one warning naming it; the dispatch
+    then gives the reference's bits, the other kernels still run Triton."""
+    from distmerge.kernels import selfcheck
+
+    monkeypatch.setattr(tk, "scale", _off_by_one_ulp(tk.scale))
+    with pytest.warns(UserWarning) as caught:
+        options, findings = selfcheck.check(["scale", "slerp_combine", "scale"], "cpu", kernels.KernelOptions(), shape=SELFCHECK_SHAPE)
+    messages = [str(w.message) for w in caught if "distmerge" in str(w.message)]
+    assert len(messages) == 1 and "the scale Triton kernel" in messages[0] and "1 of 129 entries differ" in messages[0], messages
+    assert options.disabled == {"scale"} and [(f.kernel, f.ok) for f in findings] == [("scale", False), ("slerp_combine", True)]
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: True)  # CPU tensors to the (interpreted) kernels
+    _, (x,) = models((130,), 1, seed=16)
+    assert not torch.equal(kernels.scale(x, 0.37), reference.scale(x, 0.37))  # the broken kernel, undisabled
+    assert_same(kernels.scale(x, 0.37, options=options), reference.scale(x, 0.37))
+    calls = []
+    monkeypatch.setattr(tk, "slerp_combine", lambda *a, **k: calls.append(1) or reference.slerp_combine(*a, **k))
+    kernels.slerp_combine(0.5, 0.5, x, x, options=options)
+    assert calls == [1]
+
+
+@interpreted
+def test_selfcheck_switches_one_kind_of_keep_rule_and_a_raising_kernel(tk, monkeypatch):
+    """task_merge wrong only for DARE draws: task_merge/draw is disabled, the bands still run
+    Triton; a kernel that raises is disabled with its exception's first line."""
+    from distmerge.kernels import selfcheck
+
+    def is_draw(base, tensors, weight, keep=None, **_):
+        return kernels.kernel_name(keep) == "task_merge/draw"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    monkeypatch.setattr(tk, "task_merge", _off_by_one_ulp(tk.task_merge, is_draw))
+    monkeypatch.setattr(tk, "stock_interpolate", broken)
+    names = ["task_merge/band", "task_merge/draw", "stock_interpolate"]
+    with pytest.warns(UserWarning) as caught:
+        options, findings = selfcheck.check(names, "cpu", kernels.KernelOptions(), shape=SELFCHECK_SHAPE)
+    messages = [str(w.message) for w in caught if "distmerge" in str(w.message)]
+    assert len(messages) == 2 and "task_merge/draw" in messages[0] and "stock_interpolate" in messages[1], messages
+    assert "RuntimeError: CUDA error: an illegal memory access was encountered)" in messages[1]
+    assert options.disabled == {"task_merge/draw", "stock_interpolate"}
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: True)
+    base, xs = models((130,), 2, seed=17)
+    for keep in (draws([0.5, 0.3], SEEDS[:2], rescale=False), top_k([0.5, 0.3])):
+        keep = keep(base, xs)
+        merged = kernels.task_merge(base, xs, WEIGHTS[:2], keep, consensus=True, normalize=True, lambda_=1.0, options=options)
+        assert_same(merged, reference.task_merge(base, xs, WEIGHTS[:2], keep, consensus=True, normalize=True, lambda_=1.0))
+    t = torch.tensor([0.3])
+    assert_same(kernels.stock_interpolate(base[None], [x[None] for x in xs], t, options=options),
+                reference.stock_interpolate(base[None], [x[None] for x in xs], t))  # fmt: skip
+
+
 # ---------------------------------------------------------------- compiled for a GPU, without one
 
 
