@@ -37,12 +37,16 @@ def test_a_new_module_registers_itself(tmp_path, monkeypatch):
 
 
 def test_the_memory_estimate_asks_the_method():
-    t = types.SimpleNamespace(shape=(1000, 10), all_inputs=[None] * 3, nbytes=20000)
+    plain = types.SimpleNamespace(quant=None)
+    t = types.SimpleNamespace(shape=(1000, 10), all_inputs=[plain] * 3, nbytes=20000, quant=None)
     ties = METHODS["ties"]
     assert ties.work_bytes is float32_copies
     assert plan_module._working_bytes(ties, t) == 10000 * 4 * (3 + 2) + 20000
     svd = dataclasses.replace(ties, work_bytes=lambda n, numel: 12 * n * numel)
     assert plan_module._working_bytes(svd, t) == 12 * 3 * 10000 + 20000
+    # a quantized input is dequantized whole: its float32 values on top
+    t.all_inputs = [plain, types.SimpleNamespace(quant={"format": "fp8"}), plain]
+    assert plan_module._working_bytes(ties, t) == 10000 * 4 * (3 + 2) + 20000 + 4 * 10000
 
 
 def test_the_task_arithmetic_family_is_one_table():
