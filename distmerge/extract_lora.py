@@ -156,6 +156,8 @@ def check_options(options: ExtractOptions) -> None:
             raise MergeError(f"--module-rank {pattern}={r}: a rank is at least 1")
     if options.energy is not None and not 0 < options.energy <= 1:
         raise MergeError(f"--rank-by-energy {options.energy}: give a fraction in (0, 1], e.g. 0.9")
+    if options.energy is not None and options.module_ranks:
+        raise MergeError("--rank-by-energy chooses every tensor's rank itself: give it or --module-rank, not both")
     if options.dtype is not None and options.dtype not in ("float32", "bfloat16", "float16"):
         raise MergeError(f"--dtype {options.dtype}: give float32, bfloat16 or float16")
 
@@ -337,6 +339,8 @@ def fingerprint(base: Checkpoint, model: Checkpoint, items: list[Item], options:
 def prepare(out: str, print_: str) -> None:
     """On rank 0: OUT with its parts directory, fresh or resumed; refuse another run's OUT."""
     parts = os.path.join(out, PARTS)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise MergeError(f"{out} is a file; give a directory for the adapter")
     os.makedirs(out, exist_ok=True)
     if os.path.isdir(parts):
         try:

@@ -152,6 +152,7 @@ def test_rank_by_energy_picks_each_tensors_rank(family, tmp_path):
     assert len(ranks) > 1  # the shapes differ: so do the ranks
 
 
+@pytest.mark.slow  # importing transformers and peft: ~5 s
 @pytest.mark.needs("peft", "transformers")
 def test_adapter_loads_in_peft_and_merges_to_the_model(family, tmp_path):
     from peft import PeftModel
@@ -185,10 +186,10 @@ def test_a_killed_run_resumes_without_recomputing_and_gives_the_same_bytes(famil
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_one_and_two_ranks_write_the_same_bytes(family, tmp_path):
-    args = ["extract-lora", "--base", str(family["base"]), "--model", str(family["ft1"]), "--rank-by-energy", "0.8", "--module-rank", "mlp=6"]
-    one = run_main(*args, "--rank", "5", tmp_path / "one")
+    args = ["extract-lora", "--base", str(family["base"]), "--model", str(family["ft1"]), "--rank-by-energy", "0.8"]
+    one = run_main(*args, tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "distmerge.cli", *args, "--rank", "5", str(tmp_path / "two")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "distmerge.cli", *args, str(tmp_path / "two")]
     two = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=150, cwd=REPO_ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     for name in (ADAPTER, CONFIG):
@@ -203,6 +204,8 @@ def test_one_and_two_ranks_write_the_same_bytes(family, tmp_path):
         (["--model", "{ft1}", "--rank-by-energy", "0"], "give a fraction in (0, 1]"),
         (["--model", "{ft1}", "--rank-by-energy", "1.5"], "give a fraction in (0, 1]"),
         (["--model", "{ft1}", "--module-rank", "mlp"], "give MODULE=RANK"),
+        (["--model", "{ft1}", "--module-rank", "mlp=0"], "--module-rank mlp=0: a rank is at least 1"),
+        (["--model", "{ft1}", "--module-rank", "mlp=4", "--rank-by-energy", "0.9"], "give it or --module-rank, not both"),
         (["--model", "{wide}"], "shape [128, 32] in"),
     ],
 )
