@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -138,3 +141,64 @@ def test_a_cpu_run_never_runs_the_self_check_and_reports_its_paths(llama_family,
     result = run_job(str(recipe), str(tmp_path / "out"), JobOptions(device="cpu", quiet=True, report_json=str(report)))
     assert result.report["kernels"] == {"linear": "torch"}
     assert json.loads(report.read_text())["kernels"] == {"linear": "torch"}
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_kernels.py, without a GPU
+
+
+def _gpu_kernels():
+    import importlib.util
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_kernels", REPO_ROOT / "benchmarks" / "gpu_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_kernels_says_at_once_that_it_needs_a_gpu():
+    from tests.helpers import REPO_ROOT
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_kernels.py"), "--shape", "64x64"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no CUDA device: run this on a GPU machine" in result.stderr and result.stdout == ""
+
+
+def test_gpu_kernels_arithmetic():
+    gk = _gpu_kernels()
+    assert gk.parse_shape("8192x28672") == (8192, 28672) and gk.parse_shape("4099") == (4099,)
+    for bad in ("8192x", "0x4", "ax3"):
+        with pytest.raises(Exception, match="shape"):
+            gk.parse_shape(bad)
+    base, x = torch.zeros(10, 3, dtype=torch.bfloat16), torch.zeros(10, 3)
+    out = torch.zeros(10, 3)
+    assert gk.moved_bytes([base, x], out) == 60 + 120 + 120
+    assert gk.moved_bytes([base, x], out, passes=2) == 2 * 180 + 120
+    assert gk.gb_per_s(3_000_000_000, 1.5) == pytest.approx(2.0)
+    # H100 SXM: HBM3 at 2619 MHz on a 5120-bit bus = 3.35 TB/s
+    peak, source = gk.peak_bandwidth("NVIDIA H100 80GB HBM3", 2_619_000, 5120)
+    assert peak == pytest.approx(3.352e12, rel=1e-3) and "clock" in source
+    assert gk.peak_bandwidth("NVIDIA H200", None, None) == (4.8e12, "data sheet (H200)")
+    assert gk.peak_bandwidth("NVIDIA A100-SXM4-80GB", None, None)[0] == 2.039e12
+    assert gk.peak_bandwidth("NVIDIA H100 PCIe", 0, 0)[0] == 2.0e12  # longest name that matches
+    assert gk.peak_bandwidth("Some GPU", None, None) == (None, "unknown")
+
+
+def test_the_benchmark_cases_are_the_self_checks_and_count_their_bytes():
+    """The cases the benchmark times, on CPU through the references: every kernel has one, and
+    a rescale reads its inputs twice."""
+    data = selfcheck.inputs((4, 33), "cpu")
+    found = {}
+    for kernel in selfcheck.KERNELS:
+        for case in selfcheck.cases(kernel, selfcheck.reference, data):
+            assert selfcheck.compare(case.run(), case.reference(), case.exact) is None, case.label
+            found[case.label] = case
+    assert {c.label.split()[0] for c in found.values()} == set(selfcheck.KERNELS)
+    rescaled = found["task_merge/draw linear rescale"]
+    assert rescaled.passes == 2 and not rescaled.exact and len(rescaled.reads) == 4
+    assert len(found["task_merge/mask consensus"].reads) == 6
