@@ -450,8 +450,12 @@ def extract_lora_command(out, base, model, rank, module_ranks, energy, dtype, sk
         f"wrote {out}{again}: {len(lora)} weights as LoRA factors (rank {ranks[0]}" + (f"..{ranks[-1]}" if len(ranks) > 1 else "")
         + f"), {len(result.config['modules_to_save'] or [])} modules whole, in {result.seconds:.1f}s"
     )
+    by_reason: dict[str, list[str]] = {}
     for name, reason in result.left_out:
-        click.echo(f"left out: {name}: {reason}", err=True)
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        click.echo(f"left out: {len(names)} tensor(s) ({shown}): {reason}", err=True)
 
 
 @cli.command("methods")

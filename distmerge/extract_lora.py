@@ -185,7 +185,7 @@ def plan(base: Checkpoint, model: Checkpoint, options: ExtractOptions) -> tuple[
         elif module_of(name) in lora_modules:
             left_out.append((name, "a decomposed layer's bias: a PEFT LoRA adapter does not carry it; the base's stays"))
         elif options.skip_full:
-            left_out.append((name, "not a 2-D linear weight, and --skip-full leaves such tensors out"))
+            left_out.append((name, "not a decomposed linear weight (embedding, LM head, norm, ...), and --skip-full leaves those out"))
         else:
             items.append(Item(name=name, kind="full", shape=list(t.shape)))
     left_out += [(n, f"not in the model {model.ref!r}") for n in base.tensors if n not in model.tensors]

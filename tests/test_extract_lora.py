@@ -152,6 +152,15 @@ def test_rank_by_energy_picks_each_tensors_rank(family, tmp_path):
     assert len(ranks) > 1  # the shapes differ: so do the ranks
 
 
+def test_skip_full_leaves_the_other_tensors_out_and_says_so(family, tmp_path):
+    r = run_main("extract-lora", "--base", family["base"], "--model", family["ft1"], "--rank", "2", "--skip-full", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "28 weights as LoRA factors (rank 2), 0 modules whole" in r.stdout
+    assert "left out: 11 tensor(s) (model.embed_tokens.weight," in r.stderr and "--skip-full" in r.stderr
+    adapter, config = load(tmp_path / "out")
+    assert config["modules_to_save"] is None and len(adapter) == 2 * 28
+
+
 @pytest.mark.slow  # importing transformers and peft: ~5 s
 @pytest.mark.needs("peft", "transformers")
 def test_adapter_loads_in_peft_and_merges_to_the_model(family, tmp_path):
