@@ -195,13 +195,14 @@ def layer_runs(layer_map) -> list[tuple[int, int, list]]:
 
 
 def describe_left_out(p) -> list[str]:
-    """The input tensors the run will not read, a line per model and reason."""
+    """The input tensors the run will not merge (not read, or read only to dequantize others), a
+    line per model and reason."""
     from distmerge.architecture import layer_index
     from distmerge.plan import layer_ranges
 
     if not p.left_out:
         return ["left out: nothing (every input tensor is read)"]
-    lines = [f"left out (not read): {sum(len(g.tensors) for g in p.left_out)} input tensors"]
+    lines = [f"left out (not merged): {sum(len(g.tensors) for g in p.left_out)} input tensors"]
     for g in p.left_out:
         layers = {i for n in g.tensors if (i := layer_index(n)) is not None}
         what = f"layers {layer_ranges(layers)}" if layers else ", ".join(g.tensors[:3]) + (", ..." if len(g.tensors) > 3 else "")

@@ -242,7 +242,7 @@ def test_a_frankenmerge_lists_what_it_leaves_out_with_reasons(family, tmp_path):
 def test_plan_prints_the_left_out_list(family, tmp_path):
     r = run_main("plan", write_recipe(tmp_path / "r.yml", frankenmerge(family)))
     assert r.returncode == 0, r.stderr
-    assert "left out (not read): 21 input tensors" in r.stdout  # 9 per Llama layer, + norm, lm_head, embeddings
+    assert "left out (not merged): 21 input tensors" in r.stdout  # 9 per Llama layer, + norm, lm_head, embeddings
     assert f"{family['ft1']}: 9 tensors (layers 3): its layer is in no slice's layer_range" in r.stdout
     assert f"{family['ft2']}: 1 tensors (model.embed_tokens.weight): embeddings come from the first slice's models" in r.stdout
     j = json.loads(run_main("plan", tmp_path / "r.yml", "--json").stdout)
