@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -202,3 +203,17 @@ def test_the_benchmark_cases_are_the_self_checks_and_count_their_bytes():
     rescaled = found["task_merge/draw linear rescale"]
     assert rescaled.passes == 2 and not rescaled.exact and len(rescaled.reads) == 4
     assert len(found["task_merge/mask consensus"].reads) == 6
+
+
+def test_a_kernel_whose_reference_raises_stays_on_unchecked(monkeypatch):
+    """(With the references standing in for the Triton launchers.) The run would fail on the
+    reference path anyway: the kernel is kept, and the finding and a warning say it was not checked."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available\nsecond line")
+
+    data = selfcheck.inputs((4, 33), "cpu")
+    monkeypatch.setattr(selfcheck.reference, "scale", broken)
+    with pytest.warns(UserWarning, match="scale Triton kernel was not checked"):
+        finding = selfcheck._check_one("scale", types.SimpleNamespace(scale=lambda x, s: x.float() * s), data)
+    assert finding == selfcheck.Finding("scale", True, "not checked: the torch reference raised RuntimeError: no kernel image is available")
