@@ -299,6 +299,8 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
                 f"{seconds['merge']:.1f}s, write {seconds['write']:.1f}s, sync {seconds['sync']:.1f}s; "
                 f"imbalance between ranks {r['imbalance'] * 100:.0f}%"
             )
+        if any("triton" in path or "self-check" in path for path in r.get("kernels", {}).values()):  # on a GPU
+            click.echo("  kernels: " + "; ".join(f"{m}: {path}" for m, path in r["kernels"].items()))
     if result.rank == 0 and push_to:
         from distmerge.hub import push
 
