@@ -461,6 +461,25 @@ def extract_lora_command(out, base, model, rank, module_ranks, energy, dtype, sk
         click.echo(f"left out: {len(names)} tensor(s) ({shown}): {reason}", err=True)
 
 
+@cli.command("align")
+@click.argument("model")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--to", "reference", required=True, help="The reference model whose unit order MODEL is permuted to match.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the order in which the permutations are updated.")
+def align_command(model, out, reference, seed):
+    """Permute MODEL's hidden units (residual stream, MLP units, attention heads) to match
+    REFERENCE by weight matching (Git Re-Basin) and write the permuted checkpoint, which
+    computes the same function, into OUT, with align.json. Llama-shaped checkpoints only."""
+    from distmerge.align import align
+
+    r = align(model, reference, out, seed=seed)
+    moved = sum(1 for v in r.moved.values() if v)
+    click.echo(
+        f"wrote {out}: {moved} of {len(r.moved)} permutations moved units; Σ<W_ref, W> "
+        f"{r.objective_before:.4g} -> {r.objective_after:.4g} in {r.iterations} passes, {r.seconds:.1f}s"
+    )
+
+
 @cli.command("methods")
 @click.option("--markdown", is_flag=True, help="Print the README's table of methods.")
 def list_methods(markdown):

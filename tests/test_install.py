@@ -23,6 +23,7 @@ GUARDED = {
     "deepspeed": "the extra distmerge[deepspeed]; without it, reading a ZeRO checkpoint is a MergeError naming it",
     "lm_eval": "the extra distmerge[eval]; imported only in distmerge eval's child process; without it, --tasks is a MergeError naming it",
     "cma": "the extra distmerge[evolve]; imported only by distmerge evolve's parameter search; without it, that search is a MergeError naming it",
+    "scipy": "imported only by distmerge align's weight matching; without it, align is a MergeError saying: distmerge align needs scipy: pip install scipy",
     "matplotlib": "the extras distmerge[plot] and [eval]; imported only in distmerge.plots, when a plot is drawn; without it, soup and skills --plot say what to install and write no PNG",
 }
 """Imported by distmerge but not required by a plain install, and why that is fine."""
