@@ -11,6 +11,13 @@ family's names are taught once.
 Names covered: Llama/Mistral/Qwen (``model.layers.N``, ``embed_tokens``, ``lm_head``),
 GPT-2/GPT-J (``transformer.h.N``, ``wte``, ``wpe``), BLOOM/Falcon (``word_embeddings``),
 GPT-NeoX (``gpt_neox.layers.N``, ``embed_in``, ``embed_out``), MPT/OLMo (``blocks.N``).
+
+Multimodal checkpoints (LLaVA, Qwen2-VL, Gemma 3, Mistral 3) hold more stacks: a vision (or
+audio) encoder and a projector beside the text decoder. The text decoder is *the* layer stack
+(the one recipes' ``layer_range`` addresses, counted at ``text_config.num_hidden_layers`` when
+the config nests it); the encoder modules' tensors, their own layers included, are merged like
+embeddings: they feed the decoder's input, so a frankenmerge takes them from its first slice's
+models. :func:`layer_stacks` lists every stack with its own count and config key.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import NamedTuple
 
 __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
-    "layer_count", "set_layer_count",
+    "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -28,6 +35,16 @@ _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)
 # expert list inside a layer (``mlp.experts.3``) is not taken for a stack of its own.
 _BEFORE_LAYERS = re.compile(r"(^|\.)(embed(?!_out)\w*|wte|wpe|word_embeddings)(\.|$)")
 # (GPT-NeoX's ``embed_out`` is its LM head, after the layers.)
+_ENCODER = re.compile(
+    r"^(?:model\.)?(?P<module>vision_tower|visual|vision_model|vision_encoder|multi_modal_projector|mm_projector"
+    r"|audio_tower|audio_encoder|embed_vision|embed_audio)\."
+)
+# The modules of a multimodal checkpoint that encode images or audio and project them into the
+# text decoder (LLaVA and Gemma 3 ``vision_tower``/``multi_modal_projector``, Qwen2-VL ``visual``).
+_ENCODER_CONFIGS = {"vision": ("vision_config", ("depth", "num_hidden_layers", "num_layers")),
+                    "audio": ("audio_config", ("num_hidden_layers", "encoder_layers", "num_layers"))}
+# Where a config keeps an encoder stack's layer count: Qwen2-VL ``vision_config.depth``,
+# LLaVA/Gemma 3 ``vision_config.num_hidden_layers``.
 _VOCAB = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|word_embeddings|lm_head|embed_out)\.weight$")
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -42,8 +59,79 @@ class LayerName(NamedTuple):
     rest: str
 
 
+class Stack(NamedTuple):
+    """One stack of numbered layers: ``visual.blocks`` of the ``vision`` encoder, with the
+    count the config gives at ``vision_config.depth``."""
+
+    prefix: str
+    role: str
+    """``text`` (the decoder that ``layer_range`` addresses), ``vision`` or ``audio``."""
+    key: str | None
+    """The config key of its layer count, dotted when nested; None when the config has none."""
+    count: int | None
+
+
+def is_encoder_tensor(name: str) -> bool:
+    """A tensor of a multimodal checkpoint's vision or audio encoder or projector."""
+    return bool(_ENCODER.match(name))
+
+
+def _stack_name(name: str) -> LayerName | None:
+    m = _LAYER.match(name)
+    return LayerName(m["prefix"], int(m["index"]), m["rest"]) if m else None
+
+
+def layer_stacks(config: dict, names) -> list[Stack]:
+    """Every layer stack among a checkpoint's tensor names, in order of first appearance, each
+    with its role and the layer count its config gives (``text_config.num_hidden_layers``,
+    ``vision_config.depth``, GPT-2's ``n_layer``, ...)."""
+    stacks: dict[str, Stack] = {}
+    for name in names:
+        layer = _stack_name(name)
+        if layer is None or layer.stack in stacks:
+            continue
+        m = _ENCODER.match(name)
+        role = "text"
+        if m:
+            role = "audio" if "audio" in m["module"] else "vision"
+        if role == "text":
+            key = _text_key(config)
+            stacks[layer.stack] = Stack(layer.stack, role, key, _get(config, key))
+        else:
+            section, keys = _ENCODER_CONFIGS[role]
+            sub = config.get(section) if isinstance(config.get(section), dict) else {}
+            key = next((k for k in keys if sub.get(k) is not None), None)
+            stacks[layer.stack] = Stack(layer.stack, role, key and f"{section}.{key}", key and sub[key])
+    return list(stacks.values())
+
+
+def _text_key(config: dict) -> str | None:
+    """The key of the text decoder's layer count: top-level first, then ``text_config``."""
+    key = next((k for k in LAYER_KEYS if config.get(k) is not None), None)
+    if key is None and isinstance(config.get("text_config"), dict):
+        key = next((f"text_config.{k}" for k in LAYER_KEYS if config["text_config"].get(k) is not None), None)
+    return key
+
+
+def text_section(config: dict) -> dict:
+    """The part of a config that describes the text decoder (its layer count, its per-layer
+    lists such as ``layer_types``): ``text_config`` when the count is nested there, else the
+    config itself."""
+    key = _text_key(config)
+    return config["text_config"] if key and key.startswith("text_config.") else config
+
+
+def _get(config: dict, key: str | None):
+    for part in key.split(".") if key else ():
+        config = config.get(part) if isinstance(config, dict) else None
+    return config if key else None
+
+
 def split_layer_name(name: str) -> LayerName | None:
-    """The stack, layer index and rest of a layer tensor's name; None for any other tensor."""
+    """The stack, layer index and rest of a text decoder layer's name; None for any other
+    tensor (an encoder's layers included: they are merged like the embeddings)."""
+    if _ENCODER.match(name):
+        return None
     m = _LAYER.match(name)
     return LayerName(m["prefix"], int(m["index"]), m["rest"]) if m else None
 
@@ -58,7 +146,7 @@ def comes_before_layers(name: str) -> bool:
     """A non-layer tensor that comes before the layers (token or position embeddings), which a
     frankenmerge takes from its first slice's models; every other non-layer tensor (final norm,
     LM head) comes after the layers, from the last slice's."""
-    return bool(_BEFORE_LAYERS.search(name))
+    return bool(_BEFORE_LAYERS.search(name) or _ENCODER.match(name))
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -68,12 +156,16 @@ def is_vocab_tensor(name: str) -> bool:
 
 
 def layer_count(config: dict) -> int | None:
-    """The layer count a config.json states (the first of LAYER_KEYS that is set), or None."""
-    return next((config[k] for k in LAYER_KEYS if config.get(k) is not None), None)
+    """The text decoder's layer count a config.json states (the first of LAYER_KEYS that is
+    set, at the top level or else in ``text_config``), or None."""
+    return _get(config, _text_key(config))
 
 
 def set_layer_count(config: dict, n: int) -> None:
-    """Set the layer count under the key the config already uses (``n_layer`` for GPT-2,
-    ``num_hidden_layers`` for Llama), ``num_hidden_layers`` when it has none."""
-    key = next((k for k in LAYER_KEYS if config.get(k) is not None), "num_hidden_layers")
-    config[key] = n
+    """Set the text decoder's layer count under the key the config already uses (``n_layer``
+    for GPT-2, ``num_hidden_layers`` for Llama, ``text_config.num_hidden_layers`` for a
+    VLM), ``num_hidden_layers`` when it has none; no other key is added."""
+    *parents, last = (_text_key(config) or "num_hidden_layers").split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = n

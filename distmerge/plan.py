@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge import __version__, methods, templates
-from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name
+from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name, text_section
 from distmerge.errors import MergeError
 from distmerge.io import quantized
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
@@ -230,9 +230,10 @@ class _Layered:
 
 
 def split_layers(ref: str, names: list[str]) -> _Layered:
-    """Split a checkpoint's tensor names into its layer stack and the rest. A checkpoint
-    with several stacks (a vision tower beside the language model, an encoder and a
-    decoder) is refused: merging it as one stack would drop or mix layers."""
+    """Split a checkpoint's tensor names into its text decoder's layer stack and the rest (a
+    VLM's vision tower and projector among the rest: see :mod:`distmerge.architecture`). A
+    checkpoint with several text stacks (an encoder and a decoder) is refused: merging it as
+    one stack would drop or mix layers."""
     out = _Layered()
     stacks: dict[str, str] = {}  # prefix -> its first tensor
     for name in names:
@@ -244,9 +245,9 @@ def split_layers(ref: str, names: list[str]) -> _Layered:
             out.other.append(name)
     if len(stacks) > 1:
         raise MergeError(
-            f"model {ref!r} has {len(stacks)} layer stacks ({', '.join(f'{p}.N' for p in stacks)}), as a "
-            "multimodal or encoder-decoder model does; distmerge merges models with one stack of layers and "
-            "does not merge multimodal checkpoints yet: merge the language model's weights on their own"
+            f"model {ref!r} has {len(stacks)} layer stacks ({', '.join(f'{p}.N' for p in stacks)}), as an "
+            "encoder-decoder model does; distmerge merges models with one stack of text layers (beside a "
+            "vision or audio encoder); merge the decoder's weights on their own"
         )
     out.prefix = next(iter(stacks), None)
     return out
@@ -657,10 +658,11 @@ def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _
     config.pop("quantization_config", None)  # quantized inputs are dequantized while read
     if recipe.slices:
         set_layer_count(config, len(layer_map))
-        for key, value in list(config.items()):
+        text = text_section(config)  # a VLM's text_config
+        for key, value in list(text.items()):
             # Per-layer lists (e.g. layer_types) follow the layer map of the donor's layers.
             if isinstance(value, list) and len(value) == len(donor_layers.layers) and key != "architectures":
-                config[key] = [value[i] if i < len(value) else value[-1] for _, i in (layer[0] for layer in layer_map)]
+                text[key] = [value[i] if i < len(value) else value[-1] for _, i in (layer[0] for layer in layer_map)]
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype

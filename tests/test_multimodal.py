@@ -1,0 +1,204 @@
+"""Multimodal checkpoints (issue #18): every layer stack is recognised with its own count
+(distmerge.architecture.layer_stacks); ``models:`` recipes merge every stack, a passthrough
+slice remaps the text decoder's layers and takes the encoders from its first slice's models;
+the outputs load in transformers' own classes with no missing or unexpected weights."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from distmerge.architecture import comes_before_layers, layer_count, layer_stacks, set_layer_count, split_layer_name
+from distmerge.plan import build_plan
+from distmerge.recipe import parse_recipe
+from tests.helpers import run_cli
+
+LLAVA_NAMES = [
+    "language_model.model.embed_tokens.weight",
+    "language_model.model.layers.0.self_attn.q_proj.weight",
+    "language_model.model.layers.1.self_attn.q_proj.weight",
+    "vision_tower.encoder.layers.0.mlp.fc1.weight",
+    "multi_modal_projector.linear_1.weight",
+    "language_model.lm_head.weight",
+]
+QWEN2VL_NAMES = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "visual.blocks.0.attn.qkv.weight", "visual.blocks.1.attn.qkv.weight", "visual.merger.mlp.0.weight", "lm_head.weight"]
+
+
+def test_layer_stacks_of_a_llava_config():
+    config = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"num_hidden_layers": 3}}
+    assert layer_stacks(config, LLAVA_NAMES) == [
+        ("language_model.model.layers", "text", "text_config.num_hidden_layers", 2),
+        ("vision_tower.encoder.layers", "vision", "vision_config.num_hidden_layers", 3),
+    ]
+    assert layer_count(config) == 2
+
+
+def test_layer_stacks_of_a_qwen2_vl_config():
+    """Qwen2-VL counts its text layers at the top level (older configs) and its vision blocks at vision_config.depth."""
+    config = {"num_hidden_layers": 4, "vision_config": {"depth": 2}}
+    assert layer_stacks(config, QWEN2VL_NAMES) == [("model.layers", "text", "num_hidden_layers", 4), ("visual.blocks", "vision", "vision_config.depth", 2)]
+
+
+def test_encoder_tensors_are_not_text_layers_and_come_first():
+    for name in ["vision_tower.encoder.layers.0.mlp.fc1.weight", "visual.blocks.1.attn.qkv.weight", "multi_modal_projector.linear_1.weight", "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"]:
+        assert split_layer_name(name) is None and comes_before_layers(name), name
+    assert split_layer_name("language_model.model.layers.1.self_attn.q_proj.weight").index == 1
+    assert not comes_before_layers("language_model.model.norm.weight")
+
+
+def test_set_layer_count_writes_the_nested_key_only():
+    config = {"text_config": {"num_hidden_layers": 2}, "vision_config": {"num_hidden_layers": 2}}
+    set_layer_count(config, 5)
+    assert config == {"text_config": {"num_hidden_layers": 5}, "vision_config": {"num_hidden_layers": 2}}
+    gpt2 = {"n_layer": 2}
+    set_layer_count(gpt2, 4)
+    assert gpt2 == {"n_layer": 4}
+
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=128)
+
+
+def _llava(transformers, path, seed):
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8)
+    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**TEXT), vision_config=vision, image_token_index=127, image_seq_length=4)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _qwen2vl(transformers, path, seed):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(**TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2),
+    )
+    transformers.Qwen2VLForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vlms(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("vlm")
+    return {
+        "llava": [_llava(transformers, d / f"llava{i}", i) for i in range(2)],
+        "qwen2vl": [_qwen2vl(transformers, d / f"qwen2vl{i}", 10 + i) for i in range(2)],
+    }
+
+
+def _plan(tmp_path, recipe):
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    return build_plan(parse_recipe(path.read_text(), str(tmp_path)), path.read_text()), path
+
+
+def _accounted(plan, paths):
+    """Every input tensor is read by the plan or left out with a reason: nothing vanishes."""
+    read = {(r.model, r.name) for t in plan.tensors for r in t.all_inputs}
+    left = {(g.model, n) for g in plan.left_out for n in g.tensors}
+    assert all(g.reason for g in plan.left_out)
+    every = {(i, n) for i, p in enumerate(paths) for n in load_file(p / "model.safetensors")}
+    assert read | left == every
+    return read
+
+
+def _run(recipe_path, out):
+    proc = run_cli("run", recipe_path, out, "--quiet", "--device", "cpu", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _loads(cls, out):
+    model, info = cls.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
+def test_models_recipes_merge_every_stack(tmp_path, vlms, family, method):
+    a, b = vlms[family]
+    if method == "linear":
+        recipe = {"models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}
+    elif method == "ties":
+        recipe = {"base_model": str(a), "models": [{"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    else:
+        recipe = {"base_model": str(a), "parameters": {"t": 0.5}, "models": [{"model": str(a)}, {"model": str(b)}]}
+    recipe.update(merge_method=method, dtype="float32")
+    plan, _ = _plan(tmp_path, recipe)
+    read = _accounted(plan, [a, b] if plan.models[0].path == str(a) else [b, a])
+    assert not plan.left_out
+    names = {t.name for t in plan.tensors}
+    assert names == set(load_file(a / "model.safetensors"))
+    vision = [n for n in names if n.startswith(("vision_tower.", "visual."))]
+    assert vision and all((0, n) in read and (1, n) in read for n in vision)  # the encoder is merged, from both models
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_llava_linear_loads_and_runs(tmp_path, vlms):
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["llava"]
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}
+    _, path = _plan(tmp_path, recipe)
+    _run(path, tmp_path / "out")
+    cls = transformers.LlavaForConditionalGeneration
+    merged, ma, mb = _loads(cls, tmp_path / "out"), _loads(cls, a), _loads(cls, b)
+    for name, p in merged.state_dict().items():  # the mean of the two, every stack
+        torch.testing.assert_close(p, (ma.state_dict()[name] + mb.state_dict()[name]) / 2)
+    ids = torch.tensor([[1, 127, 127, 127, 127, 5, 6]])
+    with torch.no_grad():
+        out = merged(input_ids=ids, pixel_values=torch.randn(1, 3, 16, 16))
+    assert out.logits.shape == (1, 7, 128) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_llava_text_decoder_passthrough(tmp_path, vlms):
+    """Layers [0, 2) of a then [1, 2) of b: 3 text layers at text_config.num_hidden_layers; the vision
+    tower and projector come from the first slice's model (a), b's are left out with a reason."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["llava"]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]}
+    plan, path = _plan(tmp_path, recipe)
+    _accounted(plan, [a, b])
+    assert plan.config["text_config"]["num_hidden_layers"] == 3 and plan.config["vision_config"]["num_hidden_layers"] == 2
+    assert "num_hidden_layers" not in plan.config
+    _run(path, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["text_config"]["num_hidden_layers"] == 3 and "num_hidden_layers" not in written
+    cls = transformers.LlavaForConditionalGeneration
+    merged, ma, mb = _loads(cls, tmp_path / "out"), _loads(cls, a), _loads(cls, b)
+    sd, sa, sb = merged.state_dict(), ma.state_dict(), mb.state_dict()
+    text = next(n for n in sd if ".layers.2.self_attn.q_proj.weight" in n and "vision" not in n)
+    torch.testing.assert_close(sd[text], sb[text.replace(".layers.2.", ".layers.1.")], rtol=0, atol=0)
+    for name in sd:
+        if "vision_tower" in name or "multi_modal_projector" in name or "embed_tokens" in name:
+            torch.testing.assert_close(sd[name], sa[name], rtol=0, atol=0)
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor([[1, 127, 127, 127, 127, 5]]), pixel_values=torch.randn(1, 3, 16, 16))
+    assert out.logits.shape == (1, 6, 128) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_qwen2vl_passthrough_keeps_the_vision_encoder(tmp_path, vlms):
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["qwen2vl"]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [0, 2]}]}]}
+    plan, path = _plan(tmp_path, recipe)
+    _accounted(plan, [a, b])
+    assert sum(n.startswith("visual.blocks.") for n in (t.name for t in plan.tensors)) == sum(n.startswith("visual.blocks.") for n in load_file(a / "model.safetensors"))
+    _run(path, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert layer_count(written) == 4 and written["vision_config"]["depth"] == 2
+    merged = _loads(transformers.Qwen2VLForConditionalGeneration, tmp_path / "out")
+    assert merged.config.text_config.num_hidden_layers == 4
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert torch.isfinite(out.logits).all()
