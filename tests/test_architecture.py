@@ -73,7 +73,10 @@ def test_gpt2_frankenmerge_sets_n_layer(tmp_path):
     assert proc.returncode == 0, proc.stderr
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["n_layer"] == 3 and "num_hidden_layers" not in written
-    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out")
+    merged, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.tensor([[1, 2, 3]])).logits).all()
     source = transformers.GPT2LMHeadModel.from_pretrained(src)
     assert merged.config.n_layer == 3 and len(merged.transformer.h) == 3
     torch.testing.assert_close(merged.transformer.h[2].attn.c_attn.weight, source.transformer.h[1].attn.c_attn.weight, rtol=0, atol=0)
