@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
-    "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section",
+    "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -76,7 +76,8 @@ def is_encoder_tensor(name: str) -> bool:
     return bool(_ENCODER.match(name))
 
 
-def _stack_name(name: str) -> LayerName | None:
+def stack_layer_name(name: str) -> LayerName | None:
+    """Like :func:`split_layer_name`, for a layer of any stack, an encoder's included."""
     m = _LAYER.match(name)
     return LayerName(m["prefix"], int(m["index"]), m["rest"]) if m else None
 
@@ -87,7 +88,7 @@ def layer_stacks(config: dict, names) -> list[Stack]:
     ``vision_config.depth``, GPT-2's ``n_layer``, ...)."""
     stacks: dict[str, Stack] = {}
     for name in names:
-        layer = _stack_name(name)
+        layer = stack_layer_name(name)
         if layer is None or layer.stack in stacks:
             continue
         m = _ENCODER.match(name)

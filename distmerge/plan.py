@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distmerge import __version__, methods, templates
-from distmerge.architecture import comes_before_layers, is_vocab_tensor, layer_index, set_layer_count, split_layer_name, text_section
+from distmerge.architecture import (
+    comes_before_layers, is_vocab_tensor, layer_index, layer_stacks, set_layer_count, split_layer_name, stack_layer_name, text_section,
+)
 from distmerge.errors import MergeError
 from distmerge.io import quantized
 from distmerge.io.header import DTYPE_NAMES, DTYPES, build_header, itemsize
@@ -264,6 +266,15 @@ def _check_layer_count(ref: str, ck: Checkpoint, layered: _Layered) -> None:
             f"(e.g. {example}), which the merge would leave out; correct the layer count in config.json, "
             "or remove those tensors from the checkpoint"
         )
+    for stack in layer_stacks(ck.config, ck.tensors):  # a vision or audio encoder's own count
+        indices = {split.index for name in ck.tensors if (split := stack_layer_name(name)) and split.stack == stack.prefix}
+        extra = sorted(k for k in indices if stack.count is not None and k >= stack.count)
+        if stack.role != "text" and extra:
+            raise MergeError(
+                f"model {ref!r}: config.json's {stack.key} says {stack.count} layers, but its weights also hold "
+                f"{stack.prefix} layer(s) {layer_ranges(extra)}, which the output model would not load; correct "
+                f"{stack.key} in config.json, or remove those tensors from the checkpoint"
+            )
 
 
 def layer_ranges(indices) -> str:

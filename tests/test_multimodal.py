@@ -202,3 +202,19 @@ def test_qwen2vl_passthrough_keeps_the_vision_encoder(tmp_path, vlms):
     with torch.no_grad():
         out = merged(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_vision_layers_past_their_config_count_are_refused(tmp_path, vlms):
+    import shutil
+
+    from distmerge.errors import MergeError
+
+    src = tmp_path / "short"
+    shutil.copytree(vlms["qwen2vl"][0], src)
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"]["depth"] = 1
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=r"vision_config\.depth says 1 layers, but .* visual\.blocks layer\(s\) 1,"):
+        _plan(tmp_path, {"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 1.0}}]})
