@@ -102,6 +102,29 @@ def test_align_command_writes_the_checkpoint_and_align_json(tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
+def test_without_scipy_align_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from distmerge.errors import MergeError
+
+    state = make_llama(tmp_path / "ref", seed=0, num_layers=1, dtype=torch.float32, tokenizer=False)
+    spec = llama_spec(llama_config(num_layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128), state)
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    with pytest.raises(MergeError, match="needs scipy: pip install scipy"):
+        weight_matching(state, state, spec)
+
+
+def test_tied_embeddings_planted_permutation(tmp_path):
+    state = make_llama(tmp_path / "ref", seed=0, num_layers=1, tie_embeddings=True, dtype=torch.float32, tokenizer=False)
+    assert "lm_head.weight" not in state
+    config = llama_config(num_layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128, tie_embeddings=True)
+    spec = llama_spec(config, state)
+    model = apply_permutation(state, spec, random_perms(spec, seed=9))
+    perms, _ = weight_matching(state, model, spec, seed=3)
+    aligned = apply_permutation(model, spec, perms)
+    assert all(torch.equal(aligned[n], state[n]) for n in state)
+
+
 def test_align_rejects_models_of_different_shapes(tmp_path):
     from distmerge.errors import MergeError
 
