@@ -78,6 +78,15 @@ def _qwen2vl(transformers, path, seed):
     return path
 
 
+def _gemma3(transformers, path, seed):
+    torch.manual_seed(seed)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=300, sliding_window=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 @pytest.fixture(scope="module")
 def vlms(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
@@ -85,6 +94,7 @@ def vlms(tmp_path_factory):
     return {
         "llava": [_llava(transformers, d / f"llava{i}", i) for i in range(2)],
         "qwen2vl": [_qwen2vl(transformers, d / f"qwen2vl{i}", 10 + i) for i in range(2)],
+        "gemma3": [_gemma3(transformers, d / f"gemma3{i}", 20 + i) for i in range(2)],
     }
 
 
@@ -117,7 +127,7 @@ def _loads(cls, out):
 
 @pytest.mark.slow
 @pytest.mark.needs("transformers")
-@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "gemma3"])
 @pytest.mark.parametrize("method", ["linear", "ties", "slerp"])
 def test_models_recipes_merge_every_stack(tmp_path, vlms, family, method):
     a, b = vlms[family]
@@ -218,3 +228,23 @@ def test_vision_layers_past_their_config_count_are_refused(tmp_path, vlms):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match=r"vision_config\.depth says 1 layers, but .* visual\.blocks layer\(s\) 1,"):
         _plan(tmp_path, {"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 1.0}}]})
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_gemma3_text_decoder_passthrough_loads_and_runs(tmp_path, vlms):
+    """Gemma 3 (SigLIP tower, per-layer layer_types in text_config): 3 text layers, layer_types follows the layer map."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["gemma3"]
+    recipe = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]}
+    plan, path = _plan(tmp_path, recipe)
+    _accounted(plan, [a, b])
+    _run(path, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["text_config"]["num_hidden_layers"] == 3 and len(written["text_config"]["layer_types"]) == 3
+    assert "num_hidden_layers" not in written
+    merged = _loads(transformers.Gemma3ForConditionalGeneration, tmp_path / "out")
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor([[2, 5, 6, 7]]))
+    assert out.logits.shape == (1, 4, 300) and torch.isfinite(out.logits).all()
