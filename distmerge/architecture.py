@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
-    "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name",
+    "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name", "layer_count_key",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -96,7 +96,7 @@ def layer_stacks(config: dict, names) -> list[Stack]:
         if m:
             role = "audio" if "audio" in m["module"] else "vision"
         if role == "text":
-            key = _text_key(config)
+            key = layer_count_key(config)
             stacks[layer.stack] = Stack(layer.stack, role, key, _get(config, key))
         else:
             section, keys = _ENCODER_CONFIGS[role]
@@ -106,7 +106,7 @@ def layer_stacks(config: dict, names) -> list[Stack]:
     return list(stacks.values())
 
 
-def _text_key(config: dict) -> str | None:
+def layer_count_key(config: dict) -> str | None:
     """The key of the text decoder's layer count: top-level first, then ``text_config``."""
     key = next((k for k in LAYER_KEYS if config.get(k) is not None), None)
     if key is None and isinstance(config.get("text_config"), dict):
@@ -118,7 +118,7 @@ def text_section(config: dict) -> dict:
     """The part of a config that describes the text decoder (its layer count, its per-layer
     lists such as ``layer_types``): ``text_config`` when the count is nested there, else the
     config itself."""
-    key = _text_key(config)
+    key = layer_count_key(config)
     return config["text_config"] if key and key.startswith("text_config.") else config
 
 
@@ -159,14 +159,14 @@ def is_vocab_tensor(name: str) -> bool:
 def layer_count(config: dict) -> int | None:
     """The text decoder's layer count a config.json states (the first of LAYER_KEYS that is
     set, at the top level or else in ``text_config``), or None."""
-    return _get(config, _text_key(config))
+    return _get(config, layer_count_key(config))
 
 
 def set_layer_count(config: dict, n: int) -> None:
     """Set the text decoder's layer count under the key the config already uses (``n_layer``
     for GPT-2, ``num_hidden_layers`` for Llama, ``text_config.num_hidden_layers`` for a
     VLM), ``num_hidden_layers`` when it has none; no other key is added."""
-    *parents, last = (_text_key(config) or "num_hidden_layers").split(".")
+    *parents, last = (layer_count_key(config) or "num_hidden_layers").split(".")
     for part in parents:
         config = config[part]
     config[last] = n

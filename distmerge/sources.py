@@ -14,7 +14,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from distmerge.architecture import LAYER_KEYS, layer_count
+from distmerge.architecture import LAYER_KEYS, layer_count, layer_count_key
 from distmerge.errors import MergeError
 from distmerge.io import quantized
 from distmerge.io.header import DTYPE_NAMES, TensorEntry, itemsize, read_header, read_small
@@ -187,6 +187,9 @@ def load_checkpoint(ref: str, base_dir: str = ".", allow_pickle: bool = False, l
         value = config.get(key)
         if value is not None and (type(value) is not int or not 0 <= value < 2**63):
             raise MergeError(f"model {ref!r}: {config_path}: {key} is {value!r}, not a whole number; fix config.json")
+    nested = layer_count(config)  # a VLM's text_config.num_hidden_layers
+    if nested is not None and (type(nested) is not int or not 0 <= nested < 2**63):
+        raise MergeError(f"model {ref!r}: {config_path}: {layer_count_key(config)} is {nested!r}, not a whole number; fix config.json")
     tensors: dict[str, TensorInfo] = {}
     files = _weight_files(ref, path, allow_pickle)
     if any(is_pickle(f) for f in files):

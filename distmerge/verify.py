@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 
-from distmerge.architecture import LAYER_KEYS, layer_count, layer_index
+from distmerge.architecture import layer_count, layer_count_key, layer_index
 from distmerge.errors import MergeError
 from distmerge.io.header import read_header
 from distmerge.io.writer import PARTIAL
@@ -129,7 +129,7 @@ def _check_config(out_dir: str, shapes: dict[str, tuple[int, ...]]) -> list[str]
     layers = {i for n in shapes if (i := layer_index(n)) is not None}
     stated = layer_count(config)
     if stated is not None and layers and stated != len(layers):
-        key = next(k for k in LAYER_KEYS if config.get(k) is not None)
+        key = layer_count_key(config)
         problems.append(f"config.json: {key} is {stated}, the weights have {len(layers)} layers")
     if layers and layers != set(range(len(layers))):
         problems.append(f"layers are not numbered 0..{len(layers) - 1}")

@@ -103,13 +103,17 @@ def tiny_vision_language(kind: str, out: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "kind, stacks",
-    [("qwen2_vl", ["model.layers.N", "visual.blocks.N"]), ("llava", ["language_model.model.layers.N", "vision_tower.encoder.layers.N"])],
+    [("qwen2_vl", ["model.layers.", "visual.blocks."]), ("llava", ["language_model.model.layers.", "vision_tower.encoder.layers."])],
 )
-def test_a_checkpoint_with_several_layer_stacks_is_refused_up_front(tmp_path, kind, stacks):
+def test_a_checkpoint_with_a_vision_stack_merges_every_stack(tmp_path, kind, stacks):
+    """Issue 18: the vision encoder's layers beside the text decoder's are merged, none dropped
+    (tests/test_multimodal.py loads and runs the outputs)."""
     a = tiny_vision_language(kind, tmp_path / "a")
     b = tiny_vision_language(kind, tmp_path / "b")
-    message = refused(tmp_path, linear(a, b), "2 layer stacks", "multimodal", *stacks)
-    assert "written twice" not in message
+    path = write_recipe(tmp_path / "r.yml", linear(a, b))
+    plan = build_plan(parse_recipe(path.read_text(), str(tmp_path)))
+    assert {t.name for t in plan.tensors} == set(load_file(a / "model.safetensors")) and not plan.left_out
+    assert all(any(t.name.startswith(s) for t in plan.tensors) for s in stacks)
 
 
 @pytest.mark.slow

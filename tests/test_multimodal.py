@@ -192,6 +192,8 @@ def test_llava_text_decoder_passthrough(tmp_path, vlms):
     with torch.no_grad():
         out = merged(input_ids=torch.tensor([[1, 127, 127, 127, 127, 5]]), pixel_values=torch.randn(1, 3, 16, 16))
     assert out.logits.shape == (1, 6, 128) and torch.isfinite(out.logits).all()
+    verified = run_cli("verify", tmp_path / "out", timeout=600)  # checks text_config.num_hidden_layers against the text layers
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 @pytest.mark.slow
@@ -248,3 +250,19 @@ def test_gemma3_text_decoder_passthrough_loads_and_runs(tmp_path, vlms):
     with torch.no_grad():
         out = merged(input_ids=torch.tensor([[2, 5, 6, 7]]))
     assert out.logits.shape == (1, 4, 300) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_a_nested_layer_count_that_is_not_a_number_is_refused(tmp_path, vlms):
+    import shutil
+
+    from distmerge.errors import MergeError
+
+    src = tmp_path / "bad"
+    shutil.copytree(vlms["llava"][0], src)
+    config = json.loads((src / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = "2"
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match=r"text_config\.num_hidden_layers is '2', not a whole number"):
+        _plan(tmp_path, {"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 1.0}}]})
