@@ -224,7 +224,9 @@ def _check_layer_count(ref: str, config_path: str, config: dict, tensors: dict) 
 
 def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
     """Attach a PEFT LoRA adapter: every targeted weight W is read as W + s·B·A, with
-    s = lora_alpha / r (lora_alpha / √r with rslora), as PEFT's merge_and_unload computes it."""
+    s = lora_alpha / r (lora_alpha / √r with rslora), per module where the config has a
+    rank_pattern or alpha_pattern, as PEFT's merge_and_unload computes it. An adapter that also
+    holds whole tensors (modules_to_save) is refused: they are not applied here."""
     config_path = os.path.join(adapter_path, "adapter_config.json")
     config = read_json(config_path, "adapter config")
     r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
@@ -235,20 +237,29 @@ def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
         )
     if config.get("peft_type", "LORA") != "LORA" or config.get("fan_in_fan_out"):
         raise MergeError(f"adapter {adapter_path}: only plain LoRA adapters are supported (peft_type LORA, fan_in_fan_out false)")
-    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
     file = "adapter_model.safetensors"
     if not os.path.exists(os.path.join(adapter_path, file)):
         raise MergeError(f"adapter {adapter_path}: no {file} (pickled adapters are not read)")
     entries, _ = read_header(os.path.join(adapter_path, file))
     prefix = "base_model.model."
     pairs: dict[str, dict] = {}
+    whole = []
     for key, e in entries.items():
         name = key[len(prefix):] if key.startswith(prefix) else key
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in name:
-                target = name.replace(marker, ".").replace(".default.", ".")
-                pairs.setdefault(target, {})[part] = [file, e.dtype, list(e.shape), e.begin, e.end]
+        part = next((p for p in ("lora_A", "lora_B") if f".{p}." in name), None)
+        if part is None:
+            whole.append(name)
+            continue
+        target = name.replace(f".{part}.", ".").replace(".default.", ".")
+        pairs.setdefault(target, {})[part] = [file, e.dtype, list(e.shape), e.begin, e.end]
+    if whole:  # modules_to_save: whole tensors that replace the model's; not applied here
+        raise MergeError(
+            f"adapter {adapter_path}: {file} holds {len(whole)} whole tensor(s) besides LoRA pairs "
+            f"({', '.join(sorted(whole)[:3])}{', ...' if len(whole) > 3 else ''}: modules_to_save), which distmerge's "
+            "model+adapter input does not apply; merge the adapter into its model with PEFT first (merge_and_unload), "
+            "or extract it with distmerge extract-lora --skip-full"
+        )
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     tensors = dict(ck.tensors)
     for target, ab in sorted(pairs.items()):
         if target not in tensors or set(ab) != {"lora_A", "lora_B"}:
@@ -258,10 +269,22 @@ def attach_adapter(ck: Checkpoint, adapter_path: str) -> Checkpoint:
         rank_a, inp = ab["lora_A"][2]
         if (out, inp) != tuple(w.shape) or rank_a != rank_b:
             raise MergeError(f"adapter {adapter_path}: B{[out, rank_b]}·A{[rank_a, inp]} does not fit {target!r} of shape {list(w.shape)}")
+        module = target.removesuffix(".weight")
+        r_t, alpha_t = _peft_pattern(rank_pattern, module, r), _peft_pattern(alpha_pattern, module, alpha)
+        if rank_a != r_t:
+            raise MergeError(f"adapter {adapter_path}: {target!r} has LoRA rank {rank_a}, but {config_path} gives it r={r_t}")
+        scale = alpha_t / r_t**0.5 if config.get("use_rslora") else alpha_t / r_t
         lora = {"a": ab["lora_A"], "b": ab["lora_B"], "scale": scale}
         tensors[target] = TensorInfo(w.file, w.dtype, w.shape, w.begin, w.end, lora, w.quant)
     ck.tensors, ck.adapter_path = tensors, adapter_path
     return ck
+
+
+def _peft_pattern(patterns: dict, module: str, default):
+    """PEFT's per-module ``rank_pattern``/``alpha_pattern`` value for ``module``: the longest key
+    (a name or regex) that matches the end of its dotted name; ``default`` when none does."""
+    keys = [k for k in patterns if re.fullmatch(rf"(?:.*\.)?(?:{k})", module)]
+    return patterns[max(keys, key=len)] if keys else default
 
 
 def _info(file: str, e: TensorEntry) -> TensorInfo:

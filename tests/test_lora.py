@@ -76,3 +76,41 @@ def test_adapter_that_does_not_fit_is_refused(llama_family_f32, tmp_path, capsys
     with pytest.raises(SystemExit):
         run({"merge_method": "passthrough", "slices": [{"sources": [{"model": f"{llama_family_f32['ft1']}+{adapter}", "layer_range": [0, 4]}]}]}, tmp_path / "out")
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_per_module_ranks_and_alphas_scale_each_module_as_peft_does(llama_family_f32, tmp_path):
+    """rank_pattern / alpha_pattern (PEFT's per-module r and lora_alpha, as extract-lora writes
+    them): each module's s = its alpha / its r, not the config's global ones."""
+    base_dir = llama_family_f32["ft1"]
+    base = load_state(base_dir)
+    adapter = make_adapter(tmp_path / "adapter", base, r=4, alpha=8)
+    lora = load_state(adapter)
+    q = "base_model.model.model.layers.1.self_attn.q_proj"
+    lora[f"{q}.lora_A.weight"], lora[f"{q}.lora_B.weight"] = lora[f"{q}.lora_A.weight"][:2].clone(), lora[f"{q}.lora_B.weight"][:, :2].contiguous()
+    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config |= {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"model.layers.1.self_attn.q_proj": 5, "down_proj": 3}}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = run({"merge_method": "passthrough", "slices": [{"sources": [{"model": f"{base_dir}+{adapter}", "layer_range": [0, 4]}]}]}, tmp_path / "out")
+    merged = load_state(out)
+
+    def expect(module: str, scale: float) -> torch.Tensor:
+        stem = f"base_model.model.{module}"
+        return base[f"{module}.weight"] + scale * (lora[f"{stem}.lora_B.weight"] @ lora[f"{stem}.lora_A.weight"])
+
+    assert torch.equal(merged["model.layers.1.self_attn.q_proj.weight"], expect("model.layers.1.self_attn.q_proj", 5 / 2))
+    assert torch.equal(merged["model.layers.2.self_attn.q_proj.weight"], expect("model.layers.2.self_attn.q_proj", 8 / 4))
+    assert torch.equal(merged["model.layers.2.mlp.down_proj.weight"], expect("model.layers.2.mlp.down_proj", 3 / 4))
+
+
+def test_adapter_with_whole_tensors_is_refused_not_half_applied(llama_family_f32, tmp_path, capsys):
+    """modules_to_save (whole tensors in the adapter file) would be silently dropped: refused."""
+    base = load_state(llama_family_f32["ft1"])
+    adapter = make_adapter(tmp_path / "adapter", base)
+    lora = load_state(adapter) | {"base_model.model.model.norm.weight": base["model.norm.weight"] * 2}
+    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit):
+        run({"merge_method": "passthrough", "slices": [{"sources": [{"model": f"{llama_family_f32['ft1']}+{adapter}", "layer_range": [0, 4]}]}]}, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "holds 1 whole tensor(s) besides LoRA pairs (model.norm.weight: modules_to_save)" in err and "merge_and_unload" in err
+    assert not (tmp_path / "out").exists()
