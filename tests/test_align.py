@@ -8,6 +8,7 @@ import torch
 from distmerge.align import align, apply_permutation, llama_spec, objective, weight_matching
 from distmerge.demo import llama_config, make_llama
 from tests.helpers import run_main
+from tests.skills_fixtures import skill_models  # noqa: F401  (fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,9 +139,11 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @pytest.fixture(scope="module")
-def two_bases(tmp_path_factory):
-    """Two skills-harness bases trained from different initialisations (~30 s on 2 cores),
-    B aligned to A, and the loss along both linear paths on 512 fixed pre-training rows."""
+def two_bases(tmp_path_factory, skill_models):
+    """Two skills-harness bases trained from different initialisations, B aligned to A, and the
+    loss along both linear paths on 512 fixed pre-training rows. A is the skills fixture's base
+    (trained once per test run for the other tests: ``train_base`` with seed 0), B is trained
+    here from seed 1 (~15 s on 2 cores)."""
     import random
 
     import torch.nn.functional as F
@@ -149,7 +152,7 @@ def two_bases(tmp_path_factory):
     from distmerge.tinyllama import forward, load_model
 
     root = tmp_path_factory.mktemp("bases")
-    wa, args = load_model(train_base(root / "a", seed=0))
+    wa, args = load_model(skill_models["base"])
     wb, _ = load_model(train_base(root / "b", seed=1))
     spec = llama_spec(args.config(), wa)
     perms, _ = weight_matching(wa, wb, spec, seed=0)
