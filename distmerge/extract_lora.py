@@ -45,7 +45,7 @@ from distmerge.errors import MergeError
 from distmerge.faults import fault_point
 from distmerge.io.header import DTYPE_NAMES, DTYPES
 from distmerge.io.reader import TensorReader
-from distmerge.io.writer import PARTIAL, fsync_dir, raw_bytes, write_atomic
+from distmerge.io.writer import PARTIAL, fsync_dir, publish, raw_bytes, write_atomic
 from distmerge.sources import Checkpoint, load_checkpoint
 
 PARTS = ".lora-parts"
@@ -234,14 +234,9 @@ def compute(item: Item, base: Checkpoint, model: Checkpoint, reader: TensorReade
 
 
 def save_part(path: str, tensors: dict, meta: dict) -> None:
-    """Whole or absent: written as ``.partial``, fsynced, renamed."""
+    """Whole or absent: written as ``.partial``, then published (fsynced, renamed)."""
     save_file(tensors, path + PARTIAL, metadata=meta)
-    fd = os.open(path + PARTIAL, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(path + PARTIAL, path)
+    publish(path)
 
 
 # ---------------------------------------------------------------- assembling
