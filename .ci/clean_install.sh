@@ -11,12 +11,19 @@
 # Environment: PYTHON (default python3); CLEAN_VENV: where to make the venv and keep it
 # afterwards (default: a temporary directory, removed at the end). It is made afresh each
 # time, so that nothing left from an earlier install hides a missing dependency.
+#
+# It works on a copy of the checkout (the files git tracks or would track), so that it can run
+# beside .ci/run's own install: pip builds in the source tree (egg-info, build/), and the demo
+# writes demo-out/ there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+mkdir "$WORK/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null | tar -C "$WORK/src" -xf -
+cd "$WORK/src"
 VENV=${CLEAN_VENV:-$WORK/venv}
 LOG=$WORK/log  # everything the commands print, searched for the NumPy warning at the end
 start=$SECONDS
