@@ -25,7 +25,8 @@ import tempfile
 from dataclasses import dataclass
 
 from distmerge.errors import MergeError
-from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, assign, build_plan, stage_plans
+from distmerge import methods
+from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, assign, build_plan, estimated_seconds, stage_plans, tensor_flops
 from distmerge.recipe import Recipe, sweep_variants
 from distmerge.sources import Checkpoint, TensorInfo, load_checkpoint
 
@@ -262,21 +263,46 @@ class Unit:
     members: list[tuple[int, int]]
     """(target index, tensor index) pairs."""
     cost: int
+    """Estimated nanoseconds (as ``plan.tensor_cost``): its bytes and its merges' operations."""
 
 
 def work_units(plans: list[Plan]) -> list[Unit]:
     """The targets' tensors grouped by name, in the first target's order (then the others'),
-    each costed by its outputs' bytes and the bytes of its distinct inputs."""
+    each costed by the estimated time (``plan.estimated_seconds``) of its outputs' bytes, the
+    bytes of its distinct inputs, and the operations of each distinct merge in it (the targets'
+    and those of the stages they read, each once)."""
     units: dict[str, Unit] = {}
     for k, plan in enumerate(plans):
         for i, t in enumerate(plan.tensors):
             unit = units.setdefault(t.name, Unit(t.name, [], 0))
             unit.members.append((k, i))
+    stages = {s.fingerprint: {t.name: t for t in s.tensors} for p in plans for s in stage_plans(p)}
     for unit in units.values():
         tensors = [plans[k].tensors[i] for k, i in unit.members]
         reads = {(plans[k].models[r.model].ref, r.name): r.nbytes for (k, _), t in zip(unit.members, tensors) for r in t.all_inputs}
-        unit.cost = sum(t.nbytes for t in tensors) + sum(reads.values())
+        nbytes = sum(t.nbytes for t in tensors) + sum(reads.values())
+        flops = _unit_flops([(plans[k], t) for (k, _), t in zip(unit.members, tensors)], stages)
+        unit.cost = round(1e9 * estimated_seconds(nbytes, flops))
     return list(units.values())
+
+
+def _unit_flops(merges: list, stages: dict) -> int:
+    """Operations of the distinct merges of (plan, tensor) pairs and of the stage tensors they
+    read (``stages``: stage fingerprint -> {tensor name: tensor})."""
+    seen: dict[tuple[str, str], int] = {}
+
+    def visit(plan: Plan, t) -> None:
+        if (plan.fingerprint, t.name) in seen:
+            return
+        seen[plan.fingerprint, t.name] = tensor_flops(methods.get(plan.method), t)
+        for r in t.all_inputs:
+            if plan.models[r.model].stage:
+                stage = plan.stages[plan.models[r.model].ref]
+                visit(stage, stages[stage.fingerprint][r.name])
+
+    for plan, t in merges:
+        visit(plan, t)
+    return sum(seen.values())
 
 
 def assign_units(units: list[Unit], world_size: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from distmerge.cli import cli
 from distmerge.demo import LLAMA3_70B, LLAMA_70B, LLAMA_120B, llama_tensor_shapes, make_sparse_checkpoint
-from distmerge.plan import BALANCE_TARGET, Plan, assign_tensors, build_plan, contiguous_shares, imbalance, rank_loads, tensor_cost
+from distmerge.plan import BALANCE_TARGET, Plan, assign_tensors, build_plan, contiguous_shares, imbalance, rank_loads, tensor_costs
 from distmerge.recipe import load_recipe, parse_recipe
 from distmerge.sources import load_checkpoint
 from tests.helpers import REPO_ROOT
@@ -123,7 +123,7 @@ def test_every_tensor_is_assigned_to_exactly_one_rank(plans, name, world):
     assert len(shares) == world
     assert sorted(i for share in shares for i in share) == list(range(len(p.tensors)))  # each once
     assert all(share == sorted(share) for share in shares)  # each rank works in plan order
-    costs = [tensor_cost(t) for t in p.tensors]
+    costs = tensor_costs(p)
     contiguous = [list(r) for r in contiguous_shares(costs, world)]
     if imbalance(p, contiguous) <= BALANCE_TARGET:
         assert shares == contiguous  # contiguous runs whenever they balance within 5%
@@ -166,7 +166,7 @@ def test_ties_70b_is_balanced_within_5_percent(plans, world, name):
 @pytest.mark.parametrize("name", ["ties-llama3-70b", "goliath-120b.yml", "linear-120b"])
 def test_assignment_is_at_least_as_good_as_the_best_contiguous_split_and_bounded(plans, name, world):
     p = plans[name]
-    costs = [tensor_cost(t) for t in p.tensors]
+    costs = tensor_costs(p)
     loads = rank_loads(p, assign_tensors(p, world))
     mean = sum(costs) / world
     # The contiguous split found is the best one possible ...

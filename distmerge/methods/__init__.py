@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import keyword
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -74,6 +75,12 @@ def float32_copies(n_inputs: int, numel: int) -> int:
     """The default working memory of a merge, in bytes: a float32 copy of each of the
     ``n_inputs`` inputs (base included), plus two tensor-sized float32 temporaries."""
     return numel * 4 * (n_inputs + 2)
+
+
+def elementwise_flops(n_inputs: int, shape: list[int], params: dict) -> int:
+    """The default compute of a merge, in floating-point operations: a multiply and an add per
+    element of each of the ``n_inputs`` inputs (base included), as a weighted sum does."""
+    return 2 * math.prod(shape) * n_inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +127,12 @@ class Method:
     """``work_bytes(n_inputs, numel)``: the bytes the merge of one tensor of ``numel`` elements
     from ``n_inputs`` inputs (base included) needs besides its output, for ``distmerge plan``'s
     memory estimate. A method with more scratch (an SVD, a stack of every input) says so here."""
+    work_flops: Callable[[int, list[int], dict], int] = elementwise_flops
+    """``work_flops(n_inputs, shape, params)``: the floating-point operations of the merge of one
+    tensor of ``shape`` from ``n_inputs`` inputs (base included) with its shared ``params``, for
+    spreading tensors over ranks by estimated time (``distmerge.plan.tensor_cost``) and for
+    ``distmerge plan``. A method whose work grows faster than its inputs (an SVD per matrix, an
+    optimiser's steps) says so here; the count is a rough estimate, not a measurement."""
     divides_by_weight_sum: str | None = None
     """The boolean parameter that, when true, makes the method divide by Σᵢ weightᵢ with no
     guard against zero (as mergekit does): the plan refuses weights that sum to zero."""

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from distmerge.methods import Method, Param
-from distmerge.methods.tsv import mean_update, one_cpu_thread, orthogonalize, svd_bytes, task_vectors
+from distmerge.methods import Method, Param, elementwise_flops
+from distmerge.methods.tsv import (
+    matmul_flops,
+    mean_update,
+    one_cpu_thread,
+    orthogonalize,
+    orthogonalize_flops,
+    svd_bytes,
+    svd_flops,
+    task_vectors,
+)
 
 
 def _sum(deltas: list[torch.Tensor]) -> torch.Tensor:
@@ -67,6 +76,30 @@ def iso_cts(
     return base + lambda_ * (s_all.mean() * (orthogonalize(u_all) @ orthogonalize(vh_all)))
 
 
+def iso_c_flops(n_inputs: int, shape: list[int], params: dict) -> int:
+    """Compute of ``iso_c`` on one tensor: for a matrix, the SVD of the sum and the product U Vᵀ."""
+    if len(shape) != 2:
+        return elementwise_flops(n_inputs, shape, params)
+    m, n = shape
+    return orthogonalize_flops(m, n) + elementwise_flops(n_inputs, shape, params)
+
+
+def iso_cts_flops(n_inputs: int, shape: list[int], params: dict) -> int:
+    """Compute of ``iso_cts`` on one tensor: for a matrix, the SVD of the sum; per task, its part
+    outside the common subspace (two products) and that part's SVD; the orthogonal factors of
+    the joined U (m×k) and Vᵀ (k×n), and their product."""
+    if len(shape) != 2:
+        return elementwise_flops(n_inputs, shape, params)
+    (m, n), tasks = shape, n_inputs - 1
+    k = min(m, n)
+    common = k - round((k - int(k * params.get("common_fraction", 0.8))) / tasks) * tasks
+    per_task = 2 * matmul_flops(m, common, n) + svd_flops(m, n)
+    return (
+        svd_flops(m, n) + tasks * per_task + orthogonalize_flops(m, k) + orthogonalize_flops(k, n)
+        + matmul_flops(m, k, n) + elementwise_flops(n_inputs, shape, params)
+    )
+
+
 def _common_fraction(value: float) -> str | None:
     return None if 0 <= value <= 1 else f"must be in [0, 1] (the share of the spectrum kept common), got {value}"
 
@@ -80,6 +113,7 @@ METHODS = (
         params=(LAMBDA,),
         base="required",
         work_bytes=svd_bytes,
+        work_flops=iso_c_flops,
         summary="Iso-C: the sum of the task vectors with its singular values all set to their mean.",
         paper="https://arxiv.org/abs/2502.04959",
     ),
@@ -92,6 +126,7 @@ METHODS = (
         ),
         base="required",
         work_bytes=svd_bytes,
+        work_flops=iso_cts_flops,
         summary="Iso-CTS: Iso-C on the common subspace plus each task's own directions outside it.",
         paper="https://arxiv.org/abs/2502.04959",
     ),

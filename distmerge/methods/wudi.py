@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from distmerge.methods import Method, Param
-from distmerge.methods.tsv import mean_update, one_cpu_thread, task_vectors
+from distmerge.methods import Method, Param, elementwise_flops
+from distmerge.methods.tsv import matmul_flops, mean_update, one_cpu_thread, task_vectors
 
 
 @one_cpu_thread
@@ -67,6 +67,18 @@ def wudi_bytes(n_inputs: int, numel: int) -> int:
     return numel * 4 * (n_inputs + 2 + 5 + 4)
 
 
+def wudi_flops(n_inputs: int, shape: list[int], params: dict) -> int:
+    """Compute of ``wudi`` on one tensor: for an m×n matrix, S and C (two products per task),
+    then per Adam step the gradient's product τ S and about ten element-wise operations."""
+    if len(shape) != 2:
+        return elementwise_flops(n_inputs, shape, params)
+    (m, n), tasks, steps = shape, n_inputs - 1, params.get("steps", 300)
+    return (
+        tasks * (matmul_flops(n, m, n) + matmul_flops(m, n, n))
+        + steps * (matmul_flops(m, n, n) + 10 * m * n) + elementwise_flops(n_inputs, shape, params)
+    )
+
+
 def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be > 0, got {value}"
 
@@ -86,6 +98,7 @@ METHODS = (
         ),
         base="required",
         work_bytes=wudi_bytes,
+        work_flops=wudi_flops,
         summary="WUDI: the task vector that least changes each task's output on the inputs its own task vector spans (data-free).",
         paper="https://arxiv.org/abs/2503.08099",
     ),
