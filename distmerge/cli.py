@@ -132,15 +132,18 @@ def _named_stages(plan) -> list:
 def describe(p, world_size: int = 1, per_tensor: bool = False) -> str:
     """The plan for people: summary, what is left out, layer map, files, ranks; with
     ``per_tensor`` every output tensor too."""
-    from distmerge.plan import assign_tensors, imbalance, rank_loads
+    from distmerge.architecture import layer_count
+    from distmerge.plan import CPU_FLOPS_PER_S, IO_BYTES_PER_S, assign_tensors, imbalance, rank_work
 
     lines = [
         f"method: {p.method}   dtype: {p.dtype or 'as inputs'}   seed: {p.seed}   fingerprint: {p.fingerprint[:16]}",
         "models:",
         *[f"  [{i}] {m.ref}  ({m.num_layers} layers)  {m.path}" for i, m in enumerate(p.models)],
-        f"output: {len(p.tensors)} tensors, {p.config.get('num_hidden_layers')} layers, {len(p.files)} files",
+        f"output: {len(p.tensors)} tensors, {layer_count(p.config)} layers, {len(p.files)} files",
         f"reads {human(p.read_bytes)}, writes {human(p.write_bytes)}, "
         f"peak working memory per rank ~{human(p.peak_memory)} (largest tensor's inputs in float32 + result)",
+        *describe_stacks(p),
+        *describe_quantized(p),
     ]
     reindexed = [t.name for t in p.tensors if t.vocab is not None]
     vocab_size = p.config.get("vocab_size")
@@ -177,6 +180,44 @@ def describe(p, world_size: int = 1, per_tensor: bool = False) -> str:
         params = {**t.params, **t.input_params}
         lines.append(f"  {t.name} {t.dtype}{t.shape} <- " + ", ".join(srcs) + (f"  {params}" if params else ""))
     return "\n".join(lines)
+
+
+def describe_stacks(p) -> list[str]:
+    """A line per layer stack of the output: its prefix, its role, its layer count and the
+    config key that count is written at."""
+    from distmerge.architecture import layer_stacks, stack_layer_name
+
+    names = [t.name for t in p.tensors]
+    lines = []
+    for s in layer_stacks(p.config, names):
+        found = {split.index for n in names if (split := stack_layer_name(n)) and split.stack == s.prefix}
+        count = s.count if s.count is not None else len(found)
+        at = f"config {s.key}" if s.key else "no config key"
+        lines.append(f"  {s.prefix}.N ({s.role}): {count} layers, {at}")
+    return [f"layer stacks ({len(lines)}):", *lines] if lines else ["layer stacks: none (no numbered layers)"]
+
+
+def describe_quantized(p) -> list[str]:
+    """A line per quantized input model and format: how many of its tensors are dequantized
+    while read, and what they become."""
+    groups: dict[tuple[int, str, str], dict[str, set]] = {}
+    for t in p.tensors:
+        for r in t.all_inputs:
+            if r.quant:
+                block = "x".join(map(str, r.quant["block"]))
+                g = groups.setdefault((r.model, r.quant["format"], block), {"names": set(), "out": set()})
+                g["names"].add(r.name)
+                g["out"].add(t.dtype)
+    if not groups:
+        return []
+    kinds = {"fp8": "block-scaled fp8", "mxfp4": "mxfp4"}
+    lines = [f"quantized inputs ({len(groups)}):"]
+    for (model, fmt, block), g in sorted(groups.items()):
+        lines.append(
+            f"  [{model}] {p.models[model].ref}: {len(g['names'])} tensors {kinds.get(fmt, fmt)} (block {block}), "
+            f"dequantized to float32 while read, merged in float32, written as {', '.join(sorted(g['out']))}"
+        )
+    return lines
 
 
 def layer_runs(layer_map) -> list[tuple[int, int, list]]:
