@@ -189,7 +189,7 @@ def describe_stacks(p) -> list[str]:
 
     names = [t.name for t in p.tensors]
     lines = []
-    for s in layer_stacks(p.config, names):
+    for s in sorted(layer_stacks(p.config, names), key=lambda s: s.role != "text"):  # the text decoder first
         found = {split.index for n in names if (split := stack_layer_name(n)) and split.stack == s.prefix}
         count = s.count if s.count is not None else len(found)
         at = f"config {s.key}" if s.key else "no config key"

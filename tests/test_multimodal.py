@@ -266,3 +266,20 @@ def test_a_nested_layer_count_that_is_not_a_number_is_refused(tmp_path, vlms):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match=r"text_config\.num_hidden_layers is '2', not a whole number"):
         _plan(tmp_path, {"merge_method": "linear", "models": [{"model": str(src), "parameters": {"weight": 1.0}}]})
+
+
+@pytest.mark.needs("transformers")
+def test_plan_shows_each_layer_stack(tmp_path, vlms):
+    """``distmerge plan``: a line per stack of the output with its count and the key it is written at."""
+    from distmerge.cli import describe
+
+    a, b = vlms["llava"]
+    recipe = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]}
+    text = describe(_plan(tmp_path, recipe)[0])
+    assert "\nlayer stacks (2):\n  language_model.model.layers.N (text): 3 layers, config text_config.num_hidden_layers\n" \
+        "  vision_tower.encoder.layers.N (vision): 2 layers, config vision_config.num_hidden_layers\n" in text
+    assert "\noutput: " in text and ", 3 layers, " in text.split("\noutput: ")[1].split("\n")[0]
+    a, _ = vlms["qwen2vl"]
+    text = describe(_plan(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(a)}]})[0])
+    assert "\nlayer stacks (2):\n  model.layers.N (text): 2 layers, config text_config.num_hidden_layers\n  visual.blocks.N (vision): 2 layers, config vision_config.depth\n" in text
