@@ -39,6 +39,22 @@ def human(n: float) -> str:
     return str(n)
 
 
+def flops(n: float) -> str:
+    """Floating-point operations for people: 1.23 TFLOP."""
+    for unit in ("", "k", "M", "G", "T", "P"):
+        if abs(n) < 1000 or unit == "P":
+            return f"{n:.0f} FLOP" if not unit else f"{n:.2f} {unit}FLOP"
+        n /= 1000
+    return str(n)
+
+
+def duration(seconds: float) -> str:
+    """An estimated time for people: 0.004 s, 12.3 s, 4.5 min, 2.1 h."""
+    if seconds < 1:
+        return f"{seconds:.2g} s"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 keep_option = click.option(
     "--keep-intermediates", metavar="DIR", type=click.Path(file_okay=False),
     help="Multi-stage recipes: also write every named stage into DIR/NAME (from the same pass, as mergekit-multi's -I does).",
@@ -65,7 +81,7 @@ def cli():
 @keep_option
 def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json, per_tensor, keep_intermediates):
     """Show what a run of RECIPE will do, read, write and need, without reading tensor data."""
-    from distmerge.plan import assign_tensors, imbalance, rank_loads
+    from distmerge.plan import CPU_FLOPS_PER_S, IO_BYTES_PER_S, assign_tensors, imbalance, rank_work
     from distmerge.recipe import recipe_warnings
 
     for line in recipe_warnings(recipe):
@@ -78,7 +94,11 @@ def plan(recipe, out_shard_size, random_seed, allow_pickle, world_size, as_json,
     shares = assign_tensors(p, world_size)
     if as_json:
         d = p.to_dict()
-        d["assignment"] = [{"rank": r, "tensors": s, "bytes": b} for r, (s, b) in enumerate(zip(shares, rank_loads(p, shares)))]
+        d["assignment"] = [
+            {"rank": r, "tensors": s, "bytes": w.bytes, "flops": w.flops, "seconds": w.seconds, "peak_memory": w.peak_memory}
+            for r, (s, w) in enumerate(zip(shares, rank_work(p, shares)))
+        ]
+        d["balanced_by"] = {"estimated": "seconds", "io_bytes_per_s": IO_BYTES_PER_S, "cpu_flops_per_s": CPU_FLOPS_PER_S}
         d["imbalance"] = imbalance(p, shares)
         click.echo(json.dumps(d, indent=1))
         return
@@ -166,11 +186,17 @@ def describe(p, world_size: int = 1, per_tensor: bool = False) -> str:
     shares = assign_tensors(p, world_size)
     contiguous = all(share == list(range(share[0], share[-1] + 1)) for share in shares if share)
     how = "a contiguous run of tensors" if contiguous else "the largest tensors first, spread over all ranks"
-    lines.append(f"ranks ({world_size}): each merges {how}, balanced by bytes read + written")
-    for r, (share, load) in enumerate(zip(shares, rank_loads(p, shares))):
+    lines.append(
+        f"ranks ({world_size}): each merges {how}, balanced by estimated time: bytes read + written at "
+        f"{human(IO_BYTES_PER_S)}/s + the merges' operations at {flops(CPU_FLOPS_PER_S)}/s (rough rates of one CPU thread)"
+    )
+    for r, (share, w) in enumerate(zip(shares, rank_work(p, shares))):
         first = p.tensors[share[0]].name if share else "-"
-        lines.append(f"  rank {r}: {len(share)} tensors from {first}, moves {human(load)}")
-    lines.append(f"imbalance: the busiest rank moves {imbalance(p, shares) * 100:.1f}% more than the mean")
+        lines.append(
+            f"  rank {r}: {len(share)} tensors from {first}, moves {human(w.bytes)}, computes {flops(w.flops)}, "
+            f"~{duration(w.seconds)}, peak working memory ~{human(w.peak_memory)}"
+        )
+    lines.append(f"imbalance: the busiest rank's estimated time is {imbalance(p, shares) * 100:.1f}% more than the mean")
     if not per_tensor:
         lines.append(f"({len(p.tensors)} tensors: --tensors lists each with its inputs and parameters, --json gives the whole plan)")
         return "\n".join(lines)
