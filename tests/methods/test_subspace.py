@@ -23,7 +23,7 @@ except ImportError:
 from distmerge import lines
 from distmerge.cli import main
 from distmerge.errors import MergeError
-from distmerge.methods import METHODS, float32_copies
+from distmerge.methods import METHODS, elementwise_flops, float32_copies
 from distmerge.methods.iso import iso_c, iso_cts
 from distmerge.methods.tall_consensus import tall_consensus
 from distmerge.methods.tsv import tsv
@@ -285,6 +285,19 @@ def test_svd_methods_give_the_same_bits_at_any_thread_count(method):
 def test_svd_methods_declare_more_memory_than_float32_copies():
     for name in ("tsv", "iso_c", "iso_cts", "wudi"):
         assert METHODS[name].work_bytes(3, 1000) > float32_copies(3, 1000), name
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts", "wudi"])
+def test_svd_methods_declare_compute_that_grows_as_m_n_min_m_n(name):
+    """``Method.work_flops``, which spreads tensors over ranks: cubic in the matrix's size (twice
+    each side: 8 times the operations, against 4 times the bytes), element-wise for vectors."""
+    flops = METHODS[name].work_flops
+    small, big = flops(3, [512, 1024], {}), flops(3, [1024, 2048], {})
+    assert 7.9 < big / small < 8.1, big / small
+    assert small > 100 * elementwise_flops(3, [512, 1024], {})
+    assert flops(3, [1024], {}) == elementwise_flops(3, [1024], {}) == METHODS["tall_consensus"].work_flops(3, [1024], {})
+    if name == "wudi":
+        assert flops(3, [64, 64], {"steps": 600}) > 1.9 * flops(3, [64, 64], {"steps": 300})
 
 
 # ---------------------------------------------------------------- end to end: distmerge run
