@@ -250,6 +250,28 @@ def test_plan_lists_the_scales_as_consumed(family, tmp_path, capsys):
         assert f"{shown}: read to dequantize their tensors, not merged on their own" in capsys.readouterr().out
 
 
+def test_plan_lists_each_quantized_input(family, tmp_path, capsys):
+    """``distmerge plan`` names each quantized input, its format and block, how many tensors it
+    dequantizes and what they are written as; an unquantized input has no line."""
+    def plan(base, ft) -> str:
+        recipe = tmp_path / "r.yml"
+        recipe.write_text(yaml.safe_dump(ties(family[base], family[ft])))
+        main(["plan", str(recipe)])
+        return capsys.readouterr().out
+
+    def count(name) -> int:
+        return len([t for t in load_checkpoint(str(family[name])).tensors.values() if t.quant])
+
+    out = plan("base-fp8", "ft1")
+    assert count("base-fp8") > 0 and "quantized inputs (1):\n" in out and "[1] " not in out.split("quantized inputs")[1].split("\n")[1]
+    assert re.search(rf"\n  \[0\] \S*base-fp8: {count('base-fp8')} tensors block-scaled fp8 \(block 48x40\), dequantized to float32 while read, merged in float32, written as BF16\n", out)
+    out = plan("base-mxfp4", "ft1-mxfp4")
+    assert "quantized inputs (2):\n" in out
+    for i, name in enumerate(("base-mxfp4", "ft1-mxfp4")):
+        assert re.search(rf"\n  \[{i}\] \S*{name}: {count(name)} tensors mxfp4 \(block 32\), dequantized to float32 while read, merged in float32, written as BF16\n", out)
+    assert "quantized inputs" not in plan("base-fp8-f32", "ft1")
+
+
 def corrupt(family, tmp_path: Path, fmt: str, name: str, value: torch.Tensor | None) -> Path:
     """A copy of the quantized base whose ``name`` is replaced by ``value`` (or removed)."""
     from safetensors.torch import load_file
