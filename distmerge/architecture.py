@@ -18,6 +18,13 @@ audio) encoder and a projector beside the text decoder. The text decoder is *the
 the config nests it); the encoder modules' tensors, their own layers included, are merged like
 embeddings: they feed the decoder's input, so a frankenmerge takes them from its first slice's
 models. :func:`layer_stacks` lists every stack with its own count and config key.
+
+mergekit's ``modules:`` recipes address these parts by name (its architecture definitions for
+Mistral 3, Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Llama 4): ``text_decoder`` (the text
+stack with its embeddings, final norm and LM head), ``vision_tower`` (``vision_model`` in
+Llama 4) and ``multi_modal_projector`` (Qwen-VL's ``visual.merger``, which sits inside its
+vision tower, included). :func:`module_of` names a tensor's module; LLaVA, which mergekit
+infers as one ``default`` module, gets the names of its Mistral 3 sibling.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import NamedTuple
 __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
     "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name", "layer_count_key",
+    "TEXT_MODULE", "module_of", "module_names", "after_encoder_layers", "ENCODER_LAYER_LISTS",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -45,6 +53,15 @@ _ENCODER_CONFIGS = {"vision": ("vision_config", ("depth", "num_hidden_layers", "
                     "audio": ("audio_config", ("num_hidden_layers", "encoder_layers", "num_layers"))}
 # Where a config keeps an encoder stack's layer count: Qwen2-VL ``vision_config.depth``,
 # LLaVA/Gemma 3 ``vision_config.num_hidden_layers``.
+_PROJECTOR = re.compile(r"^(?:model\.)?(?:multi_modal_projector|mm_projector|visual\.merger|visual\.deepstack_merger_list)\.")
+# mergekit's multi_modal_projector module: LLaVA/Mistral 3/Gemma 3/Llama 4's projector, and
+# Qwen-VL's patch merger (and Qwen3-VL's deepstack mergers) inside the ``visual`` tower.
+_AFTER_ENCODER_LAYERS = re.compile(r"\.(?:post_layernorm|layernorm_post|ln_post|vision_adapter|head)\.")
+# An encoder's tensors after its layers (mergekit's post_weights: Gemma 3's post_layernorm,
+# Llama 4's layernorm_post and vision_adapter); the rest of an encoder comes before its layers.
+ENCODER_LAYER_LISTS = ("fullatt_block_indexes", "deepstack_visual_indexes")
+"""vision_config keys that list an encoder's layers by index (Qwen2.5-VL, Qwen3-VL)."""
+TEXT_MODULE = "text_decoder"
 _VOCAB = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|word_embeddings|lm_head|embed_out)\.weight$")
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -74,6 +91,34 @@ class Stack(NamedTuple):
 def is_encoder_tensor(name: str) -> bool:
     """A tensor of a multimodal checkpoint's vision or audio encoder or projector."""
     return bool(_ENCODER.match(name))
+
+
+def module_of(name: str) -> str:
+    """The mergekit module a tensor of a multimodal checkpoint belongs to: ``text_decoder``,
+    ``vision_tower`` (``vision_model`` for Llama 4's), ``audio_tower`` or ``multi_modal_projector``."""
+    m = _ENCODER.match(name)
+    if m is None:
+        return TEXT_MODULE
+    if _PROJECTOR.match(name) or m["module"] in ("embed_vision", "embed_audio"):
+        return "multi_modal_projector"
+    if m["module"] == "vision_model":
+        return "vision_model"
+    return "audio_tower" if "audio" in m["module"] else "vision_tower"
+
+
+def module_names(names) -> list[str]:
+    """The modules of a checkpoint with these tensors, text decoder first: ``default`` alone for
+    a language model (as mergekit names its one module)."""
+    found = {module_of(n) for n in names}
+    if found <= {TEXT_MODULE}:
+        return ["default"]
+    return sorted(found, key=lambda m: (m != TEXT_MODULE, m))
+
+
+def after_encoder_layers(name: str) -> bool:
+    """An encoder tensor that comes after the encoder's layers (taken from the last slice's
+    models when a ``modules:`` recipe slices the encoder)."""
+    return bool(_AFTER_ENCODER_LAYERS.search(name))
 
 
 def stack_layer_name(name: str) -> LayerName | None:

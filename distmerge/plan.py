@@ -14,11 +14,12 @@ import heapq
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from distmerge import __version__, methods, templates
 from distmerge.architecture import (
-    comes_before_layers, is_vocab_tensor, layer_index, layer_stacks, set_layer_count, split_layer_name, stack_layer_name, text_section,
+    ENCODER_LAYER_LISTS, TEXT_MODULE, LayerName, after_encoder_layers, comes_before_layers, is_vocab_tensor, layer_stacks, module_names,
+    module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
 )
 from distmerge.errors import MergeError
 from distmerge.io import quantized
@@ -231,15 +232,16 @@ class _Layered:
     other: list[str] = field(default_factory=list)
 
 
-def split_layers(ref: str, names: list[str]) -> _Layered:
+def split_layers(ref: str, names: list[str], split: Callable[[str], LayerName | None] = split_layer_name) -> _Layered:
     """Split a checkpoint's tensor names into its text decoder's layer stack and the rest (a
-    VLM's vision tower and projector among the rest: see :mod:`distmerge.architecture`). A
+    VLM's vision tower and projector among the rest: see :mod:`distmerge.architecture`); with
+    ``split=stack_layer_name``, an encoder module's names into its stack and the rest. A
     checkpoint with several text stacks (an encoder and a decoder) is refused: merging it as
     one stack would drop or mix layers."""
     out = _Layered()
     stacks: dict[str, str] = {}  # prefix -> its first tensor
     for name in names:
-        layer = split_layer_name(name)
+        layer = split(name)
         if layer:
             stacks.setdefault(layer.stack, name)
             out.layers.setdefault(layer.index, []).append(layer.rest)
@@ -316,44 +318,34 @@ def build_plan(
     layered = {ref: split_layers(ref, list(ck.tensors)) for ref, ck in checkpoints.items()}
     for ref, ck in checkpoints.items():
         _check_layer_count(ref, ck, layered[ref])
-    slices = _normalize(recipe, checkpoints, layered)
     method = recipe.method
 
     vocab = build_vocab(recipe.tokenizer, checkpoints, recipe.donor) if recipe.tokenizer else None
     planner = _Planner(recipe, method, checkpoints, index, seed, vocab)
-    first, last = slices[0], slices[-1]
-    donor_names = layered[first.sources[0].model].other
-    pre = [n for n in donor_names if comes_before_layers(n)]
-    post = [n for n in layered[last.sources[0].model].other if not comes_before_layers(n)]
-    for name in pre:
-        planner.add(first, {s.model: name for s in first.sources}, name, t=0.0, layer=None)
-    layer_map = []
-    for s in slices:
-        length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-        lead = s.sources[0]
-        for k in range(length):
-            t = k / (length - 1) if length > 1 else 1.0
-            out_layer = len(layer_map)
-            layer_map.append([(src.model, src.layer_range[0] + k) for src in s.sources])
-            lead_layer = layered[lead.model]
-            for rest in lead_layer.layers[lead.layer_range[0] + k]:
-                names = {}
-                for src in s.sources:
-                    lay = layered[src.model]
-                    i = src.layer_range[0] + k
-                    if rest not in lay.layers.get(i, []):
-                        raise MergeError(
-                            f"model {src.model!r} has no tensor {lay.prefix}.{i}.{rest}, which "
-                            f"{lead.model!r} has: the models' tensor names don't line up"
-                        )
-                    names[src.model] = f"{lay.prefix}.{i}.{rest}"
-                planner.add(s, names, f"{lead_layer.prefix}.{out_layer}.{rest}", t=t, layer=out_layer)
-    for name in post:
-        planner.add(last, {s.model: name for s in last.sources}, name, t=0.0, layer=None)
+    layer_map: list = []
+    text_recipe = recipe
+    planned: list[tuple[_Part, list[Slice]]] = []
+    encoder_counts: dict[str, int] = {}  # an encoder module's config key -> its sliced layer count
+    for part in _parts(recipe, checkpoints):
+        part_layered = layered if part.module is None else {
+            ref: split_layers(ref, [n for n in ck.tensors if part.owns(n)], part.split) for ref, ck in checkpoints.items()
+        }
+        slices = _normalize(part.recipe, checkpoints, part_layered, part.count, f"modules.{part.module}." if part.module else "")
+        planner.recipe = part.recipe  # its parameters: the module's, then the top level's
+        stack_map = _plan_part(planner, slices, part_layered, part.before, text=part.split is split_layer_name)
+        planned.append((part, slices))
+        if part.split is split_layer_name:
+            layer_map, text_recipe = stack_map, part.recipe
+        elif part.recipe.slices:
+            encoder_counts.update(_encoder_count(checkpoints[recipe.donor], part, stack_map))
+    planner.recipe = recipe
 
-    left_out = _left_out(checkpoints, slices, planner.read)
+    left_out = _left_out(checkpoints, planned, planner.read)
     donor = index[recipe.donor]
-    config = _output_config(checkpoints[recipe.donor].config, recipe, layer_map, layered[recipe.donor])
+    config = _output_config(checkpoints[recipe.donor].config, text_recipe, layer_map, layered[recipe.donor])
+    for key, count in encoder_counts.items():
+        section, name = key.split(".")
+        config[section][name] = count
     if recipe.out_dtype == "fp8":
         _requantized_config(config, [checkpoints[recipe.donor], *checkpoints.values()], planner.tensors)
     if vocab is not None:
@@ -385,6 +377,122 @@ def build_plan(
     return plan
 
 
+def _plan_part(planner: "_Planner", slices: list[Slice], layered: dict[str, _Layered], before: Callable[[str], bool], text: bool) -> list:
+    """Add the output tensors of one stack and the tensors around it: those before its layers
+    from the first slice's models, its layers slice by slice, those after from the last slice's.
+    Returns the stack's layer map (``Plan.layer_map`` for the text decoder)."""
+    first, last = slices[0], slices[-1]
+    pre = [n for n in layered[first.sources[0].model].other if before(n)]
+    post = [n for n in layered[last.sources[0].model].other if not before(n)]
+    for name in pre:
+        planner.add(first, {s.model: name for s in first.sources}, name, t=0.0, layer=None)
+    layer_map = []
+    for s in slices:
+        length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+        lead = s.sources[0]
+        for k in range(length):
+            t = k / (length - 1) if length > 1 else 1.0
+            out_layer = len(layer_map)
+            layer_map.append([(src.model, src.layer_range[0] + k) for src in s.sources])
+            lead_layer = layered[lead.model]
+            for rest in lead_layer.layers[lead.layer_range[0] + k]:
+                names = {}
+                for src in s.sources:
+                    lay = layered[src.model]
+                    i = src.layer_range[0] + k
+                    if rest not in lay.layers.get(i, []):
+                        raise MergeError(
+                            f"model {src.model!r} has no tensor {lay.prefix}.{i}.{rest}, which "
+                            f"{lead.model!r} has: the models' tensor names don't line up"
+                        )
+                    names[src.model] = f"{lay.prefix}.{i}.{rest}"
+                planner.add(s, names, f"{lead_layer.prefix}.{out_layer}.{rest}", t=t, layer=out_layer if text else None)
+    for name in post:
+        planner.add(last, {s.model: name for s in last.sources}, name, t=0.0, layer=None)
+    return layer_map
+
+
+@dataclass(slots=True)
+class _Part:
+    """What one pass of the planner covers: the whole recipe, or one module of a ``modules:``
+    recipe (mergekit plans each module on its own: its models or slices over its own layers)."""
+
+    recipe: Recipe
+    """Its models or slices, and its parameters (a module's ranked before the top level's)."""
+    module: str | None
+    owns: Callable[[str], bool]
+    split: Callable[[str], LayerName | None]
+    """Its layer stack: ``split_layer_name`` for the text decoder, ``stack_layer_name`` for an encoder."""
+    before: Callable[[str], bool]
+    """Its tensors outside the layers that come before them (the rest come after)."""
+    count: Callable[[Checkpoint], int | None]
+    """The layer count a model's config gives for this stack."""
+
+
+def _parts(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> list[_Part]:
+    """The recipe as one part, or a ``modules:`` recipe as one part per module, after checking
+    that each module it names is one the models have and that it names every module of the
+    donor (mergekit writes only the modules a recipe names: an output without its vision tower
+    would not load)."""
+    if not recipe.modules:
+        return [_Part(recipe, None, lambda n: True, split_layer_name, comes_before_layers, lambda ck: ck.num_layers)]
+    named = [m.name for m in recipe.modules]
+    arch = checkpoints[recipe.donor].config.get("architectures")
+    for ref, ck in checkpoints.items():  # a module is written under the donor's config and names
+        if ck.config.get("architectures") != arch:
+            raise MergeError(
+                f"modules: model {ref!r} is {ck.config.get('architectures')}, but the output takes {recipe.donor!r}'s config, "
+                f"{arch}; each module must come from models of the donor's architecture (mergekit refuses this too, without --allow-crimes)"
+            )
+    for m in recipe.modules:
+        for ref in recipe.module_recipe(m).model_refs():
+            have = module_names(checkpoints[ref].tensors)
+            if m.name not in have:
+                hint = ("; it is a language model: merge it with models or slices, or modules: {default: ...}" if have == ["default"]
+                        else f"; mergekit's module names for it are {', '.join(have)}")
+                raise MergeError(f"modules.{m.name}: model {ref!r} has no module {m.name!r}{hint}")
+        if m.name != TEXT_MODULE and m.slices and not any(stack_layer_name(n) for n in checkpoints[m.slices[0].sources[0].model].tensors if module_of(n) == m.name):
+            raise MergeError(f"modules.{m.name}: this module has no numbered layers to slice; give it models: instead of slices:")
+    missing = [m for m in module_names(checkpoints[recipe.donor].tensors) if m not in named]
+    if missing:
+        raise MergeError(
+            f"modules: the recipe names {', '.join(named)}, but {recipe.donor!r} also has {', '.join(missing)}, which the output "
+            f"needs to load (mergekit would write it without them); add {missing[0]}: {{models: [...]}} to modules"
+        )
+    parts = []
+    for m in recipe.modules:
+        if m.name == TEXT_MODULE:
+            parts.append(_Part(recipe.module_recipe(m), m.name, lambda n: module_of(n) == TEXT_MODULE, split_layer_name, comes_before_layers, lambda ck: ck.num_layers))
+        else:
+            owns = (lambda name: lambda n: module_of(n) == name)(m.name)
+            parts.append(_Part(recipe.module_recipe(m), m.name, owns, stack_layer_name, lambda n: not after_encoder_layers(n), (lambda own: lambda ck: _encoder_stack_count(ck, own))(owns)))
+    return parts
+
+
+def _encoder_stack_count(ck: Checkpoint, owns: Callable[[str], bool]) -> int | None:
+    stacks = layer_stacks(ck.config, [n for n in ck.tensors if owns(n)])
+    return stacks[0].count if len(stacks) == 1 else None
+
+
+def _encoder_count(donor: Checkpoint, part: _Part, stack_map: list) -> dict[str, int]:
+    """{config key: layer count} for an encoder module that slices its layers; a config that
+    lists that encoder's layers by index (Qwen2.5-VL's fullatt_block_indexes) is refused unless
+    the layers stay as they are, since the list would no longer say which layers they are."""
+    stacks = layer_stacks(donor.config, [n for n in donor.tensors if part.owns(n)])
+    if len(stacks) != 1 or stacks[0].key is None:
+        raise MergeError(f"modules.{part.module}: slices change this module's layer count, but {donor.ref!r}'s config.json has no key for it; give it models: instead")
+    key = stacks[0].key
+    section = donor.config.get(key.split(".")[0], {})
+    identity = [pairs[0][1] for pairs in stack_map] == list(range(stacks[0].count or 0))
+    lists = [k for k in ENCODER_LAYER_LISTS if k in section]
+    if lists and not identity:
+        raise MergeError(
+            f"modules.{part.module}: its slices reorder or change the encoder's layers, but {key.split('.')[0]}.{lists[0]} lists "
+            "those layers by index, which distmerge does not remap; keep the encoder's layers as they are (models:)"
+        )
+    return {key: len(stack_map)}
+
+
 def _check_lines(plan: Plan) -> None:
     """LiNeS scales the update from the base: every merged tensor needs one."""
     for t in plan.tensors:
@@ -395,29 +503,39 @@ def _check_lines(plan: Plan) -> None:
             )
 
 
-def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dict[str, set[str]]) -> list[LeftOut]:
+def _left_out(checkpoints: dict[str, Checkpoint], planned: list[tuple[_Part, list[Slice]]], read: dict[str, set[str]]) -> list[LeftOut]:
     """Every input tensor the plan does not read, grouped by model and reason. An unread
     tensor without a reason (a model holds a tensor its slice's first model lacks, say)
     would vanish from the output unnoticed: MergeError naming it."""
-    first = {src.model for src in slices[0].sources}
-    last = {src.model for src in slices[-1].sources}
     groups: dict[tuple[int, str], list[str]] = {}
     for i, (ref, ck) in enumerate(checkpoints.items()):
-        sourced = [src for s in slices for src in s.sources if src.model == ref]
-        taken = {k for src in sourced for k in range(*src.layer_range)}
         unexplained = []
         for name in ck.tensors:
             if name in read.get(ref, ()):
                 continue
-            index = layer_index(name)
-            if not sourced:
+            found = next(((part, slices) for part, slices in planned if part.owns(name)), None)
+            if found is None:  # a module the donor (and so the output) does not have
+                groups.setdefault((i, f"its module {module_of(name)} is not in the output (the donor has none)"), []).append(name)
+                continue
+            part, slices = found
+            first = {src.model for src in slices[0].sources}
+            last = {src.model for src in slices[-1].sources}
+            sourced = [src for s in slices for src in s.sources if src.model == ref]
+            taken = {k for src in sourced for k in range(*src.layer_range)}
+            layer = part.split(name)
+            index = layer.index if layer else None
+            if part.module is not None and not sourced:
+                reason = f"not among modules.{part.module}'s models"
+            elif not sourced:
                 reason = "named as a base_model but in no slice's sources, so the method does not read it"
             elif index is not None:
                 reason = None if index in taken else "its layer is in no slice's layer_range"
-            elif comes_before_layers(name):
+            elif part.before(name):
                 reason = None if ref in first else "embeddings come from the first slice's models"
             else:
                 reason = None if ref in last else "tensors after the layers (final norm, lm_head) come from the last slice's models"
+            if reason is not None and part.module is not None and part.module != TEXT_MODULE and not reason.startswith("not among"):
+                reason = f"modules.{part.module}: " + reason.replace("embeddings come", "its tensors before its layers come").replace("(final norm, lm_head) ", "")
             if reason is None:
                 unexplained.append(name)
             else:
@@ -440,12 +558,13 @@ def _left_out(checkpoints: dict[str, Checkpoint], slices: list[Slice], read: dic
     return [LeftOut(model, reason, names) for (model, reason), names in groups.items()]
 
 
-def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict[str, _Layered]) -> list[Slice]:
+def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict[str, _Layered], count=lambda ck: ck.num_layers, at: str = "") -> list[Slice]:
     """Turn a ``models`` recipe into one slice over every layer (the base appended when it is
-    not listed, as mergekit does), and check layer ranges against the models."""
+    not listed, as mergekit does), and check layer ranges against the models. ``count``: a
+    model's layer count for the stack (a module's own); ``at``: where messages say the models are."""
 
     def layers_of(ref: str) -> int:
-        n = checkpoints[ref].num_layers
+        n = count(checkpoints[ref])
         return n if n is not None else len(layered[ref].layers)
 
     if recipe.models:
@@ -455,7 +574,7 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
         counts = {m.model: layers_of(m.model) for m in sources}
         if len(set(counts.values())) > 1:
             detail = ", ".join(f"{m} has {n}" for m, n in counts.items())
-            raise MergeError(f"models must have the same number of layers to be merged layer by layer: {detail}; use slices")
+            raise MergeError(f"{at}models must have the same number of layers to be merged layer by layer: {detail}; use slices")
         slices = [Slice(sources=tuple(dataclasses.replace(m, layer_range=(0, counts[m.model])) for m in sources))]
     else:
         slices = list(recipe.slices)
@@ -463,7 +582,7 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
         listed = [src.model for src in s.sources]
         twice = next((m for m in listed if listed.count(m) > 1), None)
         if twice is not None:
-            where = "models" if recipe.models else f"slices[{i}].sources"
+            where = f"{at}models" if recipe.models else f"{at}slices[{i}].sources"
             raise MergeError(
                 f"{where}: model {twice!r} is listed {listed.count(twice)} times; list each model once "
                 "(mergekit refuses this too: \"Duplicate merge inputs\"); to weigh it more, raise its weight"
@@ -472,10 +591,10 @@ def _normalize(recipe: Recipe, checkpoints: dict[str, Checkpoint], layered: dict
             n = layers_of(src.model)
             start, end = src.layer_range
             if end > n:
-                raise MergeError(f"slices[{i}]: layer_range [{start}, {end}] of {src.model!r} is out of bounds: the model has {n} layers (0..{n - 1})")
+                raise MergeError(f"{at}slices[{i}]: layer_range [{start}, {end}] of {src.model!r} is out of bounds: the model has {n} layers (0..{n - 1})")
             missing = [k for k in range(start, end) if k not in layered[src.model].layers]
             if missing:
-                raise MergeError(f"slices[{i}]: {src.model!r} has no tensors for layer {missing[0]}")
+                raise MergeError(f"{at}slices[{i}]: {src.model!r} has no tensors for layer {missing[0]}")
     return slices
 
 

@@ -8,9 +8,11 @@ against tensor names. The semantics follow mergekit 0.1.5 (config.py, parameter_
 
 What mergekit accepts is accepted, or refused here with one reason: ``modules:`` with the one
 module ``default`` (the form mergekit writes into model cards) is the same recipe without it;
+``modules:`` naming a multimodal model's modules (``text_decoder``, ``vision_tower``,
+``multi_modal_projector``) gives each its own models or slices and parameters under the one
+merge_method (``Recipe.modules``; the planner checks the names against the checkpoints);
 booleans are read as mergekit reads them (``1.0``, ``0``, ``"yes"``); keys mergekit ignores
-(NO_EFFECT) are warnings in ``Recipe.warnings``; multimodal modules are refused naming what
-they are; close misspellings get a "did you mean".
+(NO_EFFECT) are warnings in ``Recipe.warnings``; close misspellings get a "did you mean".
 
 A file of several YAML documents is a multi-stage recipe in mergekit-multi's format: each
 document may have a ``name``, which later documents use as a model (``distmerge.graph``
@@ -114,6 +116,20 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Module:
+    """One entry of ``modules:`` (mergekit's OutputModuleDefinition): the models or slices that
+    make one module of a multimodal model, over that module's own layers."""
+
+    name: str
+    """mergekit's module name: ``text_decoder``, ``vision_tower`` (``vision_model`` for Llama 4),
+    ``multi_modal_projector`` (see ``distmerge.architecture.module_of``)."""
+    models: tuple[InputModel, ...] | None
+    slices: tuple[Slice, ...] | None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    """Ranked between the slices' and the recipe's top level, as mergekit ranks them."""
+
+
+@dataclass(frozen=True, slots=True)
 class Recipe:
     merge_method: str
     base_model: str | None
@@ -140,6 +156,9 @@ class Recipe:
     """The document as written (a stage's own recipe, kept with its output)."""
     lines: Lines | None = None
     """``lines: {alpha, beta}``: LiNeS layer scaling of the merge's update (``distmerge.lines``)."""
+    modules: tuple[Module, ...] = ()
+    """``modules:`` with named modules (a multimodal model's); ``models`` and ``slices`` are then
+    None. Empty otherwise (``modules: {default: ...}`` is read as the recipe without it)."""
 
     @property
     def method(self) -> methods.Method:
@@ -148,11 +167,18 @@ class Recipe:
     def model_refs(self) -> list[str]:
         """Every model the recipe names, each once, in order of first mention (base first)."""
         refs = [self.base_model] if self.base_model else []
-        for src in self.models or ():
-            refs.append(src.model)
-        for s in self.slices or ():
-            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        for part in (self, *self.modules):
+            for src in part.models or ():
+                refs.append(src.model)
+            for s in part.slices or ():
+                refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return list(dict.fromkeys(refs))
+
+    def module_recipe(self, module: Module) -> "Recipe":
+        """The recipe one module is planned with: its models or slices, and its parameters
+        ranked before the top level's (a module's setting applies first; the top level's
+        where the module's filters match nothing)."""
+        return dataclasses.replace(self, models=module.models, slices=module.slices, modules=(), parameters=_ranked(module.parameters, self.parameters))
 
     @property
     def donor(self) -> str:
@@ -249,8 +275,11 @@ def _parse_document(doc: Any, base_dir: str, source: str, text: str) -> Recipe:
     if sum(bool(doc.get(k)) for k in ("models", "slices", "modules")) != 1:
         raise MergeError(f"{source}: a recipe needs exactly one of 'models', 'slices' or 'modules' (non-empty)")
     at = ""  # where the models or slices are written
-    if doc.get("modules"):
+    modules: tuple[Module, ...] = ()
+    if doc.get("modules") and _is_default_only(doc["modules"], source):
         doc, at = _single_module(doc, methods.get(name), source, notes), "modules.default."
+    elif doc.get("modules"):
+        modules = tuple(_module(key, entry, source, notes) for key, entry in doc["modules"].items())
 
     recipe = Recipe(
         merge_method=name,
@@ -268,6 +297,7 @@ def _parse_document(doc: Any, base_dir: str, source: str, text: str) -> Recipe:
         sweep=_sweep(doc.get("sweep"), source),
         text=text,
         lines=parse_lines(doc.get("lines"), source, methods.get(name)),
+        modules=modules,
     )
     _check_parameters(recipe, source, at)
     _check_base(recipe, source)
@@ -332,23 +362,59 @@ def _variant_text(text: str, parameters: dict) -> str:
     return yaml_text(doc)
 
 
+def _is_default_only(modules: Any, source: str) -> bool:
+    if not isinstance(modules, dict) or not modules:
+        raise MergeError(f"{source}: modules must be a mapping of module names to {{models or slices, parameters}}")
+    return list(modules) == ["default"]
+
+
+MODULE_NOT_HERE = {
+    "merge_method": "mergekit has one merge_method per recipe (its modules have none, and it ignores this key)",
+    "base_model": "mergekit has no base_model per module (it ignores this key); set base_model at the top level or per slice",
+}
+
+
+def _module(key: Any, entry: Any, source: str, notes: list[str]) -> Module:
+    """One named module of ``modules:``: models or slices, and parameters. Keys mergekit
+    ignores in a module but a person means (merge_method, base_model) are refused: a recipe
+    that seems to merge a module differently must not be merged as if it did not."""
+    if not isinstance(key, str) or not key:
+        raise MergeError(f"{source}: modules: module names are text such as text_decoder, vision_tower, multi_modal_projector; got {_short(key)}")
+    where = f"modules.{key}"
+    if not isinstance(entry, dict):
+        raise MergeError(f"{source}: {where} must be a mapping with models or slices, and parameters")
+    entry = _drop_no_effect(entry, ("model_name",), where, source, notes)
+    for bad, why in MODULE_NOT_HERE.items():
+        if bad in entry:
+            raise MergeError(f"{source}: {where}.{bad}: {why}; remove it from the module")
+    _no_unknown(entry, MODULE_KEYS, where, source)
+    if bool(entry.get("models")) == bool(entry.get("slices")):
+        raise MergeError(f"{source}: {where} needs exactly one of 'models' or 'slices' (non-empty)")
+    return Module(
+        name=key,
+        models=tuple(_source(m, f"{where}.models[{i}]", source, False, notes) for i, m in enumerate(_list(entry, "models", source))) or None,
+        slices=tuple(_slice(s, f"{where}.slices[{i}]", source, notes) for i, s in enumerate(_list(entry, "slices", source))) or None,
+        parameters=_params(entry.get("parameters"), f"{where}.parameters", source),
+    )
+
+
+def _ranked(first: dict[str, Setting], then: dict[str, Setting]) -> dict[str, Setting]:
+    """One parameter block that gives ``first``'s setting where it has one (a filter that
+    matches), else ``then``'s: mergekit's module-over-top-level precedence."""
+    out = dict(then)
+    for key, setting in first.items():
+        out[key] = _as_filters(setting) + _as_filters(then[key]) if key in then else setting
+    return out
+
+
 def _single_module(doc: dict, method: methods.Method, source: str, notes: list[str]) -> dict:
     """A ``modules:`` recipe as the same recipe written without it, when it has the one module
     ``default``: the form mergekit writes into model cards for a language model. That module's
     ``models`` or ``slices`` move to the top level; its ``parameters`` rank between the slices'
     and the top level's, as in mergekit, so a setting it makes comes first and the top level's
     applies where the module's filters match nothing."""
-    modules = doc["modules"]
-    if not isinstance(modules, dict) or not modules:
-        raise MergeError(f"{source}: modules must be a mapping of module names to {{models or slices, parameters}}")
-    if list(modules) != ["default"]:
-        names = ", ".join(_short(k) for k in list(modules)[:8])
-        raise MergeError(
-            f"{source}: modules {names}: recipes with several modules or named modules (multimodal models) are not "
-            "supported yet; a language model's recipe uses models or slices, or modules with the one module 'default'"
-        )
     where = "modules.default"
-    module = modules["default"]
+    module = doc["modules"]["default"]
     if not isinstance(module, dict):
         raise MergeError(f"{source}: {where} must be a mapping with models or slices, and parameters")
     module = _drop_no_effect(module, ("model_name",), where, source, notes)
@@ -357,9 +423,7 @@ def _single_module(doc: dict, method: methods.Method, source: str, notes: list[s
         raise MergeError(f"{source}: {where} needs exactly one of 'models' or 'slices' (non-empty)")
     params = _params(module.get("parameters"), f"{where}.parameters", source)
     _check_block(method, params, f"{where}.parameters", source)
-    top = _params(doc.get("parameters"), "parameters", source)
-    for key, setting in params.items():
-        top[key] = _as_filters(setting) + _as_filters(top[key]) if key in top else setting
+    top = _ranked(params, _params(doc.get("parameters"), "parameters", source))
     out = {k: v for k, v in doc.items() if k != "modules"}
     kind = "models" if module.get("models") else "slices"
     out[kind] = module[kind]
@@ -601,12 +665,15 @@ def _dtype(value: Any, where: str, source: str, allowed: set[str] = DTYPES) -> s
 
 def _all_parameter_blocks(recipe: Recipe, at: str = ""):
     yield "parameters", recipe.parameters
-    for i, m in enumerate(recipe.models or ()):
-        yield f"{at}models[{i}].parameters", m.parameters
-    for i, s in enumerate(recipe.slices or ()):
-        yield f"{at}slices[{i}].parameters", s.parameters
-        for j, src in enumerate(s.sources):
-            yield f"{at}slices[{i}].sources[{j}].parameters", src.parameters
+    for part, at in ((recipe, at), *((m, f"modules.{m.name}.") for m in recipe.modules)):
+        if part is not recipe:
+            yield f"{at}parameters", part.parameters
+        for i, m in enumerate(part.models or ()):
+            yield f"{at}models[{i}].parameters", m.parameters
+        for i, s in enumerate(part.slices or ()):
+            yield f"{at}slices[{i}].parameters", s.parameters
+            for j, src in enumerate(s.sources):
+                yield f"{at}slices[{i}].sources[{j}].parameters", src.parameters
 
 
 def _check_parameters(recipe: Recipe, source: str, at: str = "") -> None:
@@ -639,7 +706,8 @@ def _leaf_values(setting: Setting):
 
 def _check_base(recipe: Recipe, source: str) -> None:
     method = recipe.method
-    every_slice_has_one = bool(recipe.slices) and all(s.base_model for s in recipe.slices)
+    parts = recipe.modules or (recipe,)
+    every_slice_has_one = all(part.slices and all(s.base_model for s in part.slices) for part in parts)
     if method.base == "required" and not recipe.base_model and not every_slice_has_one:
         raise MergeError(f"{source}: merge_method {method.name} needs a base_model (the model the others were fine-tuned from)")
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from distmerge.architecture import comes_before_layers, layer_count, layer_stacks, set_layer_count, split_layer_name
 from distmerge.plan import build_plan
 from distmerge.recipe import parse_recipe
-from tests.helpers import run_cli
+from tests.helpers import load_state, run_cli
 
 LLAVA_NAMES = [
     "language_model.model.embed_tokens.weight",
@@ -283,3 +283,145 @@ def test_plan_shows_each_layer_stack(tmp_path, vlms):
     a, _ = vlms["qwen2vl"]
     text = describe(_plan(tmp_path, {"merge_method": "passthrough", "models": [{"model": str(a)}]})[0])
     assert "\nlayer stacks (2):\n  model.layers.N (text): 2 layers, config text_config.num_hidden_layers\n  visual.blocks.N (vision): 2 layers, config vision_config.depth\n" in text
+
+
+# --- mergekit's modules: syntax (text_decoder, vision_tower, multi_modal_projector) ----------
+
+MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
+
+
+def _by_name(plan):
+    """name -> what decides its bytes: inputs (model, tensor), base, parameters, dtype, shape."""
+    ref = lambda r: (plan.models[r.model].ref, r.name)  # noqa: E731
+    return {t.name: ([ref(r) for r in t.inputs], t.base and ref(t.base), t.params, t.input_params, t.dtype, t.shape, t.layer) for t in plan.tensors}
+
+
+def _modules(**modules):
+    return {name: ({"models": spec} if isinstance(spec, list) else spec) for name, spec in modules.items()}
+
+
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "gemma3"])
+def test_modules_with_the_same_models_plan_as_a_models_recipe(tmp_path, vlms, family):
+    """Every module merging the same models with the same weights: the tensors of the models:
+    recipe, each from the same inputs with the same parameters (only their order differs)."""
+    a, b = vlms[family]
+    models = [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}]
+    flat, _ = _plan(tmp_path, {"merge_method": "linear", "dtype": "float32", "models": models})
+    mods, _ = _plan(tmp_path, {"merge_method": "linear", "dtype": "float32", "modules": _modules(**{m: models for m in MODULES})})
+    assert _by_name(mods) == _by_name(flat) and mods.config == flat.config and not mods.left_out
+    _accounted(mods, [a, b])
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_llava_modules_recipe_writes_the_models_recipe_bytes(tmp_path, vlms):
+    """The two recipes run: the same tensors, bit for bit; the output loads with no missing or unexpected weights."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["llava"]
+    models = [{"model": str(a), "parameters": {"weight": 0.3}}, {"model": str(b), "parameters": {"weight": 0.7}}]
+    for name, recipe in (("flat", {"models": models}), ("mods", {"modules": _modules(**{m: models for m in MODULES})})):
+        _, path = _plan(tmp_path, {"merge_method": "linear", "dtype": "float32", **recipe})
+        _run(path, tmp_path / name)
+    flat, mods = load_state(tmp_path / "flat"), load_state(tmp_path / "mods")
+    assert set(flat) == set(mods)
+    for name in flat:
+        assert torch.equal(flat[name], mods[name]), name
+    _loads(transformers.LlavaForConditionalGeneration, tmp_path / "mods")
+
+
+@pytest.mark.needs("transformers")
+def test_module_parameters_apply_to_their_module_only(tmp_path, vlms):
+    """modules.vision_tower.parameters ranks over the top level's for the vision tower's
+    tensors only; a gradient over the vision tower's layers runs over its own layer count (t per
+    vision layer, as mergekit plans each module's slices)."""
+    a, b = vlms["qwen2vl"]
+    models = [{"model": str(a)}, {"model": str(b)}]
+    plan, _ = _plan(tmp_path, {"merge_method": "linear", "parameters": {"weight": 0.5}, "modules": _modules(
+        text_decoder=models, multi_modal_projector=models,
+        vision_tower={"models": models, "parameters": {"weight": [{"filter": "mlp", "value": [0.0, 1.0]}]}})})
+    weights = {t.name: t.input_params["weight"][0] for t in plan.tensors}
+    assert weights["visual.blocks.0.mlp.fc1.weight"] == 0.0 and weights["visual.blocks.1.mlp.fc1.weight"] == 1.0
+    assert weights["visual.blocks.1.attn.qkv.weight"] == 0.5  # the module's filter does not match: the top level's
+    assert weights["model.layers.1.mlp.up_proj.weight"] == 0.5 and weights["visual.merger.mlp.0.weight"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_modules_passthrough_of_the_text_decoder(tmp_path, vlms):
+    """A text-decoder frankenmerge in modules: form: with the encoders from the first slice's
+    model it is the slices: recipe; with the vision tower and projector from b, those are b's."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["llava"]
+    slices = [{"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]
+    flat, _ = _plan(tmp_path, {"merge_method": "passthrough", "dtype": "float32", "slices": slices})
+    same, _ = _plan(tmp_path, {"merge_method": "passthrough", "dtype": "float32", "modules": _modules(
+        text_decoder={"slices": slices}, vision_tower=[{"model": str(a)}], multi_modal_projector=[{"model": str(a)}])})
+    assert _by_name(same) == _by_name(flat) and same.config == flat.config and same.layer_map == flat.layer_map
+    plan, path = _plan(tmp_path, {"merge_method": "passthrough", "dtype": "float32", "modules": _modules(
+        text_decoder={"slices": slices}, vision_tower=[{"model": str(b)}], multi_modal_projector=[{"model": str(b)}])})
+    _accounted(plan, [a, b])
+    left = {g.reason: g for g in plan.left_out}
+    assert {len(g.tensors) for r, g in left.items() if r.startswith("not among modules.vision_tower")} == {sum(n.startswith("vision_tower.") for n in load_file(a / "model.safetensors"))}
+    assert plan.config["text_config"]["num_hidden_layers"] == 3 and plan.config["vision_config"]["num_hidden_layers"] == 2
+    _run(path, tmp_path / "out")
+    merged = _loads(transformers.LlavaForConditionalGeneration, tmp_path / "out")
+    sd, sb = merged.state_dict(), _loads(transformers.LlavaForConditionalGeneration, b).state_dict()
+    for name in sd:
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            assert torch.equal(sd[name], sb[name]), name
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor([[1, 127, 127, 127, 127, 5]]), pixel_values=torch.randn(1, 3, 16, 16))
+    assert out.logits.shape == (1, 6, 128) and torch.isfinite(out.logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_modules_slices_of_the_vision_tower(tmp_path, vlms):
+    """A vision-tower frankenmerge: its layers from a then b, counted at vision_config.num_hidden_layers
+    (and only there); its tensors before the layers from a, after them (post_layernorm) from b."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms["llava"]
+    plan, path = _plan(tmp_path, {"merge_method": "passthrough", "dtype": "float32", "modules": _modules(
+        text_decoder=[{"model": str(a)}], multi_modal_projector=[{"model": str(a)}],
+        vision_tower={"slices": [{"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]})})
+    _accounted(plan, [a, b])
+    inputs = {t.name: (plan.models[t.inputs[0].model].ref, t.inputs[0].name) for t in plan.tensors}
+    assert inputs["vision_tower.encoder.layers.2.mlp.fc1.weight"] == (str(b), "vision_tower.encoder.layers.1.mlp.fc1.weight")
+    assert inputs["vision_tower.embeddings.patch_embedding.weight"][0] == str(a) and inputs["vision_tower.post_layernorm.weight"][0] == str(b)
+    assert plan.config["vision_config"]["num_hidden_layers"] == 3 and plan.config["text_config"]["num_hidden_layers"] == 2
+    assert plan.layer_map == [[(str(a), 0)], [(str(a), 1)]]  # the text decoder's
+    _run(path, tmp_path / "out")
+    merged = _loads(transformers.LlavaForConditionalGeneration, tmp_path / "out")
+    assert merged.config.vision_config.num_hidden_layers == 3
+    with torch.no_grad():
+        out = merged(input_ids=torch.tensor([[1, 127, 127, 127, 127, 5]]), pixel_values=torch.randn(1, 3, 16, 16))
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.needs("transformers")
+def test_modules_recipes_that_cannot_be_merged_are_one_error(tmp_path, vlms):
+    from distmerge.errors import MergeError
+
+    a, b = vlms["llava"]
+    q, _ = vlms["qwen2vl"]
+    one = [{"model": str(a)}]
+    cases = [
+        (_modules(text_decoder=one), r"modules: the recipe names text_decoder, but .* also has multi_modal_projector, vision_tower, which the output needs to load .*; add multi_modal_projector: \{models: \[\.\.\.\]\} to modules"),
+        (_modules(text_decoder=one, vision_model=one, multi_modal_projector=one), r"modules\.vision_model: model .* has no module 'vision_model'; mergekit's module names for it are text_decoder, multi_modal_projector, vision_tower"),
+        (_modules(text_decoder=one, vision_tower=one, multi_modal_projector={"slices": [{"sources": [{"model": str(a), "layer_range": [0, 1]}]}]}),
+         r"modules\.multi_modal_projector: this module has no numbered layers to slice; give it models: instead of slices:"),
+        (_modules(text_decoder=one, vision_tower={"slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}]}]}, multi_modal_projector=one),
+         r"modules\.vision_tower\.slices\[0\]: layer_range \[0, 3\] of .* is out of bounds: the model has 2 layers"),
+        (_modules(text_decoder=[{"model": str(q)}], vision_tower=one, multi_modal_projector=one), r"modules: model .*qwen2vl0' is \['Qwen2VLForConditionalGeneration'\], but the output takes .*llava0'.s config, \['LlavaForConditionalGeneration'\]; each module must come from models of the donor's architecture"),
+    ]
+    for modules, message in cases:
+        with pytest.raises(MergeError, match=message):
+            _plan(tmp_path, {"merge_method": "passthrough", "modules": modules})
+
+
+def test_modules_of_a_language_model_is_default(tmp_path, llama_family):
+    from distmerge.errors import MergeError
+
+    with pytest.raises(MergeError, match=r"modules\.text_decoder: model .* has no module 'text_decoder'; it is a language model: merge it with models or slices, or modules: \{default: \.\.\.\}"):
+        _plan(tmp_path, {"merge_method": "passthrough", "modules": _modules(text_decoder=[{"model": str(llama_family["base"])}])})

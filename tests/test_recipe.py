@@ -100,9 +100,15 @@ def test_donor_without_base_is_the_first_model():
         ("merge_method: linear\nslices: [{sources: [{model: a, layer_rang: [0, 1]}]}]\n", "slices[0].sources[0]: unknown key 'layer_rang'; did you mean 'layer_range'? valid keys are layer_range, model, parameters"),
         ("merge_method: linear\nmodels: [a]\ntokenizer: {sauce: base}\n", "tokenizer: unknown key 'sauce'; did you mean 'source'?"),
         ("merge_method: linear\nmodels: [a]\nxyzzy: 1\n", "r.yml: unknown key 'xyzzy'; valid keys are"),
-        # modules: only the single module 'default', holding models or slices
-        ("merge_method: linear\nmodules: {text_decoder: {models: [a]}, vision_tower: {models: [a]}}\n", "modules 'text_decoder', 'vision_tower': recipes with several modules or named modules (multimodal models) are not supported yet"),
-        ("merge_method: linear\nmodules: {decoder: {models: [a]}}\n", "modules 'decoder': recipes with several modules"),
+        # modules: named modules (a multimodal model's), each with models or slices and parameters
+        ("merge_method: linear\nmodules: {text_decoder: {models: [a], merge_method: ties}}\n", "modules.text_decoder.merge_method: mergekit has one merge_method per recipe"),
+        ("merge_method: linear\nmodules: {vision_tower: {models: [a], base_model: a}}\n", "modules.vision_tower.base_model: mergekit has no base_model per module"),
+        ("merge_method: linear\nmodules: {text_decoder: {models: [a]}, vision_tower: {}}\n", "modules.vision_tower needs exactly one of 'models' or 'slices'"),
+        ("merge_method: linear\nmodules: {text_decoder: {models: [a]}, vision_tower: {modles: [a]}}\n", "modules.vision_tower: unknown key 'modles'; did you mean 'models'?"),
+        ("merge_method: linear\nmodules: {text_decoder: {models: [a], parameters: {weigth: 1}}}\n", "modules.text_decoder.parameters: linear has no parameter 'weigth'"),
+        ("merge_method: linear\nmodules: {vision_tower: {slices: [{sources: [{model: a, layer_range: [0, 1]}]}], parameters: {weight: x}}}\n", "modules.vision_tower.parameters.weight: expected float, got 'x'"),
+        ("merge_method: ties\nmodules: {text_decoder: {models: [a]}, vision_tower: {models: [a]}}\n", "merge_method ties needs a base_model"),
+        ("merge_method: linear\nmodules: [text_decoder]\n", "modules must be a mapping of module names"),
         ("merge_method: linear\nmodels: [a]\nmodules: {default: {models: [a]}}\n", "exactly one of 'models', 'slices' or 'modules'"),
         ("merge_method: linear\nmodules: {default: {models: [a], slices: [{sources: [{model: a, layer_range: [0, 1]}]}]}}\n", "modules.default needs exactly one of 'models' or 'slices'"),
         ("merge_method: linear\nmodules: {default: {modles: [a]}}\n", "modules.default: unknown key 'modles'; did you mean 'models'?"),
@@ -154,6 +160,23 @@ def test_module_default_is_the_recipe_with_its_models_or_slices_at_the_top_level
     assert r == top
     models = parse_recipe("merge_method: linear\nmodules:\n  default:\n    models: [a, {model: b, parameters: {weight: 2}}]\n")
     assert models.models == parse_recipe("merge_method: linear\nmodels: [a, {model: b, parameters: {weight: 2}}]\n").models
+
+
+def test_named_modules_keep_their_own_models_slices_and_parameters():
+    r = parse_recipe(
+        "merge_method: linear\nparameters: {weight: 1.0}\nmodules:\n"
+        "  text_decoder:\n    slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]\n"
+        "    parameters: {weight: [{filter: mlp, value: 0.25}]}\n"
+        "  vision_tower: {models: [a]}\n  multi_modal_projector: {models: [b, c]}\n"
+    )
+    assert r.models is None and r.slices is None and r.model_refs() == ["a", "b", "c"] and r.donor == "a"
+    assert [m.name for m in r.modules] == ["text_decoder", "vision_tower", "multi_modal_projector"]
+    text = r.module_recipe(r.modules[0])
+    assert text.slices == r.modules[0].slices and text.models is None and not text.modules
+    assert evaluate(text.parameters["weight"], "model.layers.0.mlp.up_proj.weight", 0, FLOAT, "w") == 0.25  # the module's filter first
+    assert evaluate(text.parameters["weight"], "model.layers.0.self_attn.o_proj.weight", 0, FLOAT, "w") == 1.0  # then the top level
+    vision = r.module_recipe(r.modules[1])
+    assert [m.model for m in vision.models] == ["a"] and vision.parameters == {"weight": 1.0}
 
 
 @pytest.mark.needs("mergekit")
