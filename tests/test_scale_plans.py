@@ -15,7 +15,9 @@ from click.testing import CliRunner
 
 from distmerge.cli import cli
 from distmerge.demo import LLAMA3_70B, LLAMA_70B, LLAMA_120B, llama_tensor_shapes, make_sparse_checkpoint
-from distmerge.plan import BALANCE_TARGET, Plan, assign_tensors, build_plan, contiguous_shares, imbalance, rank_loads, tensor_costs
+from distmerge.plan import (
+    BALANCE_TARGET, Plan, assign, assign_tensors, build_plan, contiguous_shares, imbalance, rank_loads, tensor_bytes, tensor_costs,
+)  # fmt: skip
 from distmerge.recipe import load_recipe, parse_recipe
 from distmerge.sources import load_checkpoint
 from tests.helpers import REPO_ROOT
@@ -160,6 +162,19 @@ def test_ties_70b_is_balanced_within_5_percent(plans, world, name):
     p = plans[name]
     imb = imbalance(p, assign_tensors(p, world))
     assert imb <= 0.05, f"{world} ranks: the busiest rank moves {imb:.2%} more than the mean"
+
+
+@pytest.mark.parametrize("method, balanced, by_bytes", [("tsv", 0.09, 0.2), ("wudi", 0.01, 0.5)])
+def test_svd_methods_on_llama3_70b_are_balanced_by_time_at_64_ranks(sparse, method, balanced, by_bytes):
+    """Bytes alone leave the busiest rank 23% (tsv) or 56% (wudi) over the mean estimated time at
+    64 ranks; balanced by time, 8.0% (tsv: the two 128256×8192 embeddings, 1.7 h each, are 58%
+    of a rank's mean 2.9 h) and 0.5% (wudi). Totals: tsv 184 h, wudi 2324 h of one CPU thread."""
+    p = plan_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(sparse["llama3-70b/base"]), "dtype": "bfloat16",
+        "models": [{"model": str(sparse["llama3-70b/ft1"])}, {"model": str(sparse["llama3-70b/ft2"])}],
+    }))  # fmt: skip
+    bytes_only = assign([tensor_bytes(t) for t in p.tensors], 64)
+    assert imbalance(p, assign_tensors(p, 64)) < balanced < by_bytes < imbalance(p, bytes_only)
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
