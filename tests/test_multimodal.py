@@ -337,7 +337,7 @@ def test_module_parameters_apply_to_their_module_only(tmp_path, vlms):
     vision layer, as mergekit plans each module's slices)."""
     a, b = vlms["qwen2vl"]
     models = [{"model": str(a)}, {"model": str(b)}]
-    plan, _ = _plan(tmp_path, {"merge_method": "linear", "parameters": {"weight": 0.5}, "modules": _modules(
+    plan, _ = _plan(tmp_path, {"merge_method": "linear", "parameters": {"weight": 0.5, "normalize": False}, "modules": _modules(
         text_decoder=models, multi_modal_projector=models,
         vision_tower={"models": models, "parameters": {"weight": [{"filter": "mlp", "value": [0.0, 1.0]}]}})})
     weights = {t.name: t.input_params["weight"][0] for t in plan.tensors}
