@@ -444,3 +444,18 @@ def test_mergekit_cannot_merge_these_modules_recipes(tmp_path, vlms, family, err
     models = [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]
     with pytest.raises(error, match=message):
         run_mergekit({"merge_method": "linear", "dtype": "float32", "modules": _modules(**{m: models for m in MODULES})}, tmp_path / "mergekit")
+
+
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["qwen2vl", "gemma3"])
+def test_modules_passthrough_equals_the_slices_recipe(tmp_path, vlms, family):
+    """Qwen2-VL (projector inside the vision tower) and Gemma 3: a text-decoder frankenmerge in
+    modules: form, encoders from the first slice's model, plans as the slices: recipe."""
+    a, b = vlms[family]
+    slices = [{"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(b), "layer_range": [1, 2]}]}]
+    flat, _ = _plan(tmp_path, {"merge_method": "passthrough", "slices": slices})
+    mods, path = _plan(tmp_path, {"merge_method": "passthrough", "modules": _modules(
+        text_decoder={"slices": slices}, vision_tower=[{"model": str(a)}], multi_modal_projector=[{"model": str(a)}])})
+    assert _by_name(mods) == _by_name(flat) and mods.config == flat.config and mods.layer_map == flat.layer_map
+    assert layer_count(mods.config) == 3
+    _accounted(mods, [a, b])
