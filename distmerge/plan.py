@@ -303,6 +303,9 @@ def build_plan(
 ) -> Plan:
     """Plan the merge from headers alone. Raises MergeError for anything that does not line up.
 
+    A ``modules:`` recipe is planned one module at a time (``_parts``): each module's models or
+    slices over its own stack, its parameters first; the text decoder's gives ``layer_map``.
+
     ``local_only``: take hub models from the local cache, without asking the hub. ``stages``:
     the plans of earlier stages that the recipe names as models (``checkpoints`` then holds
     each as ``distmerge.graph.stage_checkpoint`` describes it).
