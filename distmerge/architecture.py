@@ -35,7 +35,7 @@ from typing import NamedTuple
 __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
     "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name", "layer_count_key",
-    "TEXT_MODULE", "module_of", "module_names", "after_encoder_layers", "ENCODER_LAYER_LISTS",
+    "TEXT_MODULE", "module_of", "module_names", "after_encoder_layers", "ENCODER_LAYER_LISTS", "TEXT_LAYER_INDEX_LISTS",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -61,6 +61,10 @@ _AFTER_ENCODER_LAYERS = re.compile(r"\.(?:post_layernorm|layernorm_post|ln_post|
 # Llama 4's layernorm_post and vision_adapter); the rest of an encoder comes before its layers.
 ENCODER_LAYER_LISTS = ("fullatt_block_indexes", "deepstack_visual_indexes")
 """vision_config keys that list an encoder's layers by index (Qwen2.5-VL, Qwen3-VL)."""
+TEXT_LAYER_INDEX_LISTS = ("moe_layers", "mlp_only_layers")
+"""Text config keys that list decoder layers by index, not one value per layer (Llama 4's
+``moe_layers``, Qwen2-MoE/Qwen3-MoE's ``mlp_only_layers``): a frankenmerge rewrites them as the
+output layers whose source layer was listed, however long the list is."""
 TEXT_MODULE = "text_decoder"
 _VOCAB = re.compile(r"(^|\.)(embed_tokens|embed_in|wte|word_embeddings|lm_head|embed_out)\.weight$")
 

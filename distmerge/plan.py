@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 from distmerge import __version__, methods, templates
 from distmerge.architecture import (
-    ENCODER_LAYER_LISTS, TEXT_MODULE, LayerName, after_encoder_layers, comes_before_layers, is_vocab_tensor, layer_stacks, module_names,
-    module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
+    ENCODER_LAYER_LISTS, TEXT_LAYER_INDEX_LISTS, TEXT_MODULE, LayerName, after_encoder_layers, comes_before_layers, is_vocab_tensor, layer_stacks, module_names,
+    layer_count, module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
 )
 from distmerge.errors import MergeError
 from distmerge.io import quantized
@@ -345,7 +345,7 @@ def build_plan(
 
     left_out = _left_out(checkpoints, planned, planner.read)
     donor = index[recipe.donor]
-    config = _output_config(checkpoints[recipe.donor].config, text_recipe, layer_map, layered[recipe.donor])
+    config = _output_config(checkpoints[recipe.donor].config, text_recipe, layer_map, checkpoints)
     for key, count in encoder_counts.items():
         section, name = key.split(".")
         config[section][name] = count
@@ -786,20 +786,52 @@ def _working_bytes(method: methods.Method, t: OutputTensor) -> int:
         return method.work_bytes(len(t.all_inputs), math.prod(t.quant["shape"])) + 13 * math.prod(t.quant["shape"]) + dequantized
     return method.work_bytes(len(t.all_inputs), math.prod(t.shape)) + t.nbytes + dequantized
 
-def _output_config(donor: dict, recipe: Recipe, layer_map: list, donor_layers: _Layered) -> dict:
+def _output_config(donor: dict, recipe: Recipe, layer_map: list, checkpoints: dict[str, Checkpoint]) -> dict:
     config = copy.deepcopy(donor)
     config.pop("quantization_config", None)  # quantized inputs are dequantized while read
     if recipe.slices:
+        donor_count = layer_count(donor)
         set_layer_count(config, len(layer_map))
         text = text_section(config)  # a VLM's text_config
         for key, value in list(text.items()):
-            # Per-layer lists (e.g. layer_types) follow the layer map of the donor's layers.
-            if isinstance(value, list) and len(value) == len(donor_layers.layers) and key != "architectures":
-                text[key] = [value[i] if i < len(value) else value[-1] for _, i in (layer[0] for layer in layer_map)]
+            if key in TEXT_LAYER_INDEX_LISTS and isinstance(value, list):
+                text[key] = _layer_index_list(key, layer_map, checkpoints)
+            elif isinstance(value, list) and len(value) == donor_count and key != "architectures":
+                text[key] = _per_layer_list(key, layer_map, checkpoints)
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     return config
+
+
+def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint]) -> list[int]:
+    """A list of layer indices (Llama 4's moe_layers) for the output's layers: the output layers
+    whose source layer its own model's config lists (a MoE layer stays one, wherever it lands)."""
+    out = []
+    for k, pairs in enumerate(layer_map):
+        ref, i = pairs[0]
+        listed = text_section(checkpoints[ref].config).get(key)
+        if not isinstance(listed, list):
+            raise MergeError(f"model {ref!r}'s config.json has no list {key}, which the donor's has: the output's {key} cannot say "
+                             f"which of its layers are which; take these layers from models whose configs list {key}")
+        if i in listed:
+            out.append(k)
+    return out
+
+
+def _per_layer_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint]) -> list:
+    """A list with one value per layer (layer_types, Llama 4's no_rope_layers) for the output's
+    layers: each output layer takes its source layer's value from its own model's config."""
+    out = []
+    for pairs in layer_map:
+        ref, i = pairs[0]
+        ck = checkpoints[ref]
+        values = text_section(ck.config).get(key)
+        if not isinstance(values, list) or len(values) != layer_count(ck.config):
+            raise MergeError(f"model {ref!r}'s config.json has no {key} with one value per layer, which the donor's has: the output's "
+                             f"{key} cannot say what its layers from {ref!r} are; take these layers from models whose configs give {key} per layer")
+        out.append(values[i])
+    return out
 
 
 def _requantized_config(config: dict, checkpoints: list[Checkpoint], tensors: list[OutputTensor]) -> None:
