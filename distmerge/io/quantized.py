@@ -21,12 +21,18 @@ range of the scales, the format and block). Its scales are consumed: read to deq
 never merged or written as tensors of their own. ``dequantize`` returns a float32 tensor and
 never holds more than the float32 result and one block row (fp8) or one leading slice
 (mxfp4) of temporaries.
+
+float8 tensors that no quantization_config covers are read as plain values (an fp8 checkpoint
+saved as such, e.g. by ``model.to(torch.float8_e4m3fn)``), unless scale tensors sit beside
+them (``weight_scale``, ``weight_scale_inv``, ``input_scale``, ``k_scale``, ...): then their
+values mean nothing without the scales, and the checkpoint is refused (``_check_unscaled_fp8``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 
@@ -39,6 +45,9 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 FP8_SCALE_SUFFIX = "_scale_inv"
 MX_BLOCKS, MX_SCALES = "_blocks", "_scales"
 FORMATS = ("fp8", "mxfp4")
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_SCALE_NAME = re.compile(r"^(?:\w+_)?scales?(?:_inv)?$")
+"""The last part of a scale tensor's name: ``weight_scale``, ``weight_scale_inv``, ``input_scale``, ``down_proj_scale``, ``scale``."""
 
 
 def quant_method(ref: str, config: dict) -> str | None:
@@ -63,10 +72,28 @@ def fold(ref: str, config: dict, tensors: dict) -> tuple[dict, dict | None]:
     scales that are missing or of the wrong shape."""
     method = quant_method(ref, config)
     if method is None:
+        _check_unscaled_fp8(ref, tensors, "config.json has no quantization_config")
         return tensors, None
     if method == "fp8":
         return _fold_fp8(ref, config["quantization_config"], tensors)
-    return _fold_mxfp4(ref, tensors)
+    folded, quant = _fold_mxfp4(ref, tensors)
+    _check_unscaled_fp8(ref, folded, "config.json's quantization_config is mxfp4, which does not cover them")
+    return folded, quant
+
+
+def _check_unscaled_fp8(ref: str, tensors: dict, why: str) -> None:
+    """float8 tensors with scale tensors in their module, which no quantization_config read:
+    merged as they are, their values would be missing their scales (a wrong checkpoint)."""
+    fp8 = [n for n, info in tensors.items() if info.dtype in FP8_DTYPES]
+    modules = {n.rpartition(".")[0] for n in fp8}
+    scales = [n for n in tensors if n not in fp8 and _SCALE_NAME.match(n.rpartition(".")[2]) and n.rpartition(".")[0] in modules]
+    if scales:
+        raise MergeError(
+            f"model {ref!r}: {len(fp8)} float8 tensors (e.g. {fp8[0]!r}) come with {len(scales)} scale tensors (e.g. {scales[0]!r}), "
+            f"but {why}, so their values would be merged without their scales; add the checkpoint's quantization_config "
+            "(distmerge reads quant_method fp8 with weight_block_size and *_scale_inv scales) or dequantize it first "
+            "(transformers: from_pretrained, then save_pretrained in bfloat16)"
+        )
 
 
 def _part(info) -> list:

@@ -323,6 +323,49 @@ def test_unreadable_quantization_configs_are_refused(family, tmp_path, model, qu
         load_checkpoint(str(dst))
 
 
+def _without_quantization_config(family, tmp_path: Path, rename=None) -> Path:
+    """A copy of the fp8 base with no quantization_config, its tensors renamed by ``rename``
+    (name -> new names and values)."""
+    from safetensors.torch import load_file
+
+    dst = tmp_path / "noqc"
+    shutil.copytree(family["base-fp8"], dst)
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    if rename:
+        state = {k: v for name, w in load_file(str(dst / "model.safetensors")).items() for k, v in rename(name, w)}
+        save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _compressed_tensors_names(name, w):
+    """DeepSeek's *_scale_inv renamed to a compressed-tensors layout: weight_scale and input_scale."""
+    if name.endswith("_scale_inv"):
+        stem = name.removesuffix(".weight_scale_inv")
+        return [(stem + ".weight_scale", w), (stem + ".input_scale", torch.ones(1))]
+    return [(name, w)]
+
+
+@pytest.mark.parametrize("rename, scale", [(None, "_scale_inv"), (_compressed_tensors_names, "(?:input|weight)_scale")])
+def test_fp8_with_scales_but_no_quantization_config_is_refused(family, tmp_path, rename, scale):
+    """float8 values with scales beside them, which no quantization_config reads: merged as they
+    are they would be a wrong checkpoint, so the plan refuses the model in one line."""
+    with pytest.raises(MergeError, match=r"^model .*: \d+ float8 tensors \(e\.g\. 'model\.layers\.0\.[\w.]+\.weight'\) come with \d+ scale tensors "
+                       rf"\(e\.g\. '[\w.]+{scale}'\), but config.json has no quantization_config, so their values would be merged without their scales; "
+                       r"add the checkpoint's quantization_config .* or dequantize it first") as e:
+        load_checkpoint(str(_without_quantization_config(family, tmp_path, rename)))
+    assert "\n" not in str(e.value)
+
+
+def test_plain_fp8_without_scales_is_read_as_values(family, tmp_path):
+    """An fp8 checkpoint with no scale tensors at all (model.to(float8)): its values are the weights."""
+    dst = _without_quantization_config(family, tmp_path, lambda name, w: [] if name.endswith("_scale_inv") else [(name, w)])
+    ck = load_checkpoint(str(dst))
+    info = ck.tensors["model.layers.0.self_attn.q_proj.weight"]
+    assert ck.quant is None and info.dtype == "F8_E4M3" and info.quant is None
+
+
 def test_dequantized_shapes_in_the_plan(family):
     ck = load_checkpoint(str(family["base-mxfp4"]))
     info = ck.tensors["model.layers.0.mlp.experts.down_proj"]
