@@ -36,6 +36,7 @@ __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
     "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name", "layer_count_key",
     "TEXT_MODULE", "module_of", "module_names", "after_encoder_layers", "ENCODER_LAYER_LISTS", "TEXT_LAYER_INDEX_LISTS",
+    "layer_lists",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -169,6 +170,28 @@ def text_section(config: dict) -> dict:
     config itself."""
     key = layer_count_key(config)
     return config["text_config"] if key and key.startswith("text_config.") else config
+
+
+def layer_lists(section: dict) -> dict:
+    """A text config section with the per-layer settings it leaves to defaults spelled out, as
+    transformers derives them: Llama 4's ``moe_layers`` (from ``interleave_moe_layer_step``),
+    ``no_rope_layers`` (from ``no_rope_layer_interval``) and ``layer_types`` (chunked attention
+    where RoPE is on). Hub configs (Llama-4-Scout's) leave them out; a frankenmerge must write
+    them for its new layer order, since the defaults for a new layer count would differ."""
+    out = dict(section)
+    n = layer_count(section)
+    if n is None or section.get("model_type") != "llama4_text":
+        return out
+    if out.get("moe_layers") is None:
+        step = out.get("interleave_moe_layer_step", 1)
+        out["moe_layers"] = list(range(step - 1, n, step))
+    if not out.get("no_rope_layers"):
+        interval = out.get("no_rope_layer_interval", 4)
+        out["no_rope_layers"] = [int((i + 1) % interval != 0) for i in range(n)]
+    if out.get("layer_types") is None:
+        chunked = "attention_chunk_size" not in out or out["attention_chunk_size"] is not None  # transformers' default is 8192
+        out["layer_types"] = ["chunked_attention" if no_rope and chunked else "full_attention" for no_rope in out["no_rope_layers"]]
+    return out
 
 
 def _get(config: dict, key: str | None):

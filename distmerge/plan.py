@@ -19,7 +19,7 @@ from typing import Any, Callable
 from distmerge import __version__, methods, templates
 from distmerge.architecture import (
     ENCODER_LAYER_LISTS, TEXT_LAYER_INDEX_LISTS, TEXT_MODULE, LayerName, after_encoder_layers, comes_before_layers, is_vocab_tensor, layer_stacks, module_names,
-    layer_count, module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
+    layer_count, layer_lists, module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
 )
 from distmerge.errors import MergeError
 from distmerge.io import quantized
@@ -791,8 +791,9 @@ def _output_config(donor: dict, recipe: Recipe, layer_map: list, checkpoints: di
     config.pop("quantization_config", None)  # quantized inputs are dequantized while read
     if recipe.slices:
         donor_count = layer_count(donor)
-        set_layer_count(config, len(layer_map))
         text = text_section(config)  # a VLM's text_config
+        text.update(layer_lists(text))  # the per-layer lists the config leaves to defaults, written out
+        set_layer_count(config, len(layer_map))
         for key, value in list(text.items()):
             if key in TEXT_LAYER_INDEX_LISTS and isinstance(value, list):
                 text[key] = _layer_index_list(key, layer_map, checkpoints)
@@ -810,7 +811,7 @@ def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoi
     out = []
     for k, pairs in enumerate(layer_map):
         ref, i = pairs[0]
-        listed = text_section(checkpoints[ref].config).get(key)
+        listed = layer_lists(text_section(checkpoints[ref].config)).get(key)
         if not isinstance(listed, list):
             raise MergeError(f"model {ref!r}'s config.json has no list {key}, which the donor's has: the output's {key} cannot say "
                              f"which of its layers are which; take these layers from models whose configs list {key}")
@@ -826,7 +827,7 @@ def _per_layer_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint
     for pairs in layer_map:
         ref, i = pairs[0]
         ck = checkpoints[ref]
-        values = text_section(ck.config).get(key)
+        values = layer_lists(text_section(ck.config)).get(key)
         if not isinstance(values, list) or len(values) != layer_count(ck.config):
             raise MergeError(f"model {ref!r}'s config.json has no {key} with one value per layer, which the donor's has: the output's "
                              f"{key} cannot say what its layers from {ref!r} are; take these layers from models whose configs give {key} per layer")

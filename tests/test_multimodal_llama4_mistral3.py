@@ -120,17 +120,39 @@ def test_llama4_passthrough_remaps_per_layer_config(tmp_path, vlms):
     assert experts == {"1", "3", "5"}
 
 
+def _edited(src, dst, **text):
+    """A copy of a checkpoint whose text_config has these keys set (None: removed)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for key, value in text.items():
+        config["text_config"].pop(key) if value is None else config["text_config"].update({key: value})
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
 @pytest.mark.needs("transformers")
-def test_llama4_passthrough_refuses_a_source_without_the_per_layer_list(tmp_path, vlms):
-    """b's config without moe_layers: the output's list could not say which of b's layers are MoE."""
+def test_llama4_passthrough_writes_the_per_layer_lists_a_hub_config_leaves_out(tmp_path, vlms):
+    """Llama-4-Scout's config.json has no moe_layers and an empty no_rope_layers: transformers
+    derives them from interleave_moe_layer_step and no_rope_layer_interval, which for 6 layers
+    would put MoE and NoPE at other layers than the weights'; the output spells them out."""
     a, b = vlms["llama4"]
-    c = tmp_path / "c"
-    shutil.copytree(b, c)
-    config = json.loads((c / "config.json").read_text())
-    del config["text_config"]["moe_layers"]
-    (c / "config.json").write_text(json.dumps(config))
+    hub = {"moe_layers": None, "no_rope_layers": [], "layer_types": None}
+    a2, b2 = _edited(a, tmp_path / "a2", **hub), _edited(b, tmp_path / "b2", **hub)
+    slices = lambda x, y: [{"sources": [{"model": str(x), "layer_range": [0, 3]}]}, {"sources": [{"model": str(y), "layer_range": [1, 4]}]}]  # noqa: E731
+    explicit, _ = _plan(tmp_path, {"merge_method": "passthrough", "slices": slices(a, b)})
+    derived, _ = _plan(tmp_path, {"merge_method": "passthrough", "slices": slices(a2, b2)})
+    for key in ("moe_layers", "no_rope_layers", "layer_types", "num_hidden_layers"):
+        assert derived.config["text_config"][key] == explicit.config["text_config"][key], key
+    assert derived.config["text_config"]["moe_layers"] == [1, 3, 5]
+
+
+@pytest.mark.needs("transformers")
+def test_llama4_passthrough_refuses_a_per_layer_list_of_the_wrong_length(tmp_path, vlms):
+    """b's no_rope_layers gives 2 values for 4 layers: the output's could not say which of b's layers use RoPE."""
+    a, b = vlms["llama4"]
+    c = _edited(b, tmp_path / "c", no_rope_layers=[1, 0])
     slices = [{"sources": [{"model": str(a), "layer_range": [0, 2]}]}, {"sources": [{"model": str(c), "layer_range": [1, 4]}]}]
-    with pytest.raises(MergeError, match=r"model .*c'.s config.json has no list moe_layers, which the donor's has: .*take these layers from models whose configs list moe_layers"):
+    with pytest.raises(MergeError, match=r"model .*c'.s config.json has no no_rope_layers with one value per layer, which the donor's has: .*; take these layers from models whose configs give no_rope_layers per layer"):
         _plan(tmp_path, {"merge_method": "passthrough", "slices": slices})
 
 
