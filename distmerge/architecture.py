@@ -36,7 +36,7 @@ __all__ = [
     "LAYER_KEYS", "LayerName", "split_layer_name", "layer_index", "comes_before_layers", "is_vocab_tensor",
     "layer_count", "set_layer_count", "Stack", "layer_stacks", "is_encoder_tensor", "text_section", "stack_layer_name", "layer_count_key",
     "TEXT_MODULE", "module_of", "module_names", "after_encoder_layers", "ENCODER_LAYER_LISTS", "TEXT_LAYER_INDEX_LISTS",
-    "layer_lists",
+    "layer_lists", "moe_rule",
 ]  # fmt: skip
 
 _LAYER = re.compile(r"^(?P<prefix>(?:.+?\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -192,6 +192,20 @@ def layer_lists(section: dict) -> dict:
         chunked = "attention_chunk_size" not in out or out["attention_chunk_size"] is not None  # transformers' default is 8192
         out["layer_types"] = ["chunked_attention" if no_rope and chunked else "full_attention" for no_rope in out["no_rope_layers"]]
     return out
+
+
+def moe_rule(section: dict):
+    """Which layers a text config's scalar rule makes MoE, as transformers builds them, or None
+    for a config without one: DeepSeek-V2/V3 (and GLM-4-MoE, dots1) ``i >= first_k_dense_replace``;
+    Qwen2-MoE/Qwen3-MoE ``i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0``. A
+    frankenmerge that moves a layer must keep it MoE or dense under the output's rule."""
+    if section.get("first_k_dense_replace") is not None:
+        k = section["first_k_dense_replace"]
+        return lambda i: i >= k
+    if section.get("decoder_sparse_step") is not None and section.get("num_experts"):
+        step, dense = section["decoder_sparse_step"], set(section.get("mlp_only_layers") or ())
+        return lambda i: i not in dense and (i + 1) % step == 0
+    return None
 
 
 def _get(config: dict, key: str | None):

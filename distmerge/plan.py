@@ -19,7 +19,7 @@ from typing import Any, Callable
 from distmerge import __version__, methods, templates
 from distmerge.architecture import (
     ENCODER_LAYER_LISTS, TEXT_LAYER_INDEX_LISTS, TEXT_MODULE, LayerName, after_encoder_layers, comes_before_layers, is_vocab_tensor, layer_stacks, module_names,
-    layer_count, layer_lists, module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
+    layer_count, layer_lists, moe_rule, module_of, set_layer_count, split_layer_name, stack_layer_name, text_section,
 )
 from distmerge.errors import MergeError
 from distmerge.io import quantized
@@ -799,10 +799,42 @@ def _output_config(donor: dict, recipe: Recipe, layer_map: list, checkpoints: di
                 text[key] = _layer_index_list(key, layer_map, checkpoints)
             elif isinstance(value, list) and len(value) == donor_count and key != "architectures":
                 text[key] = _per_layer_list(key, layer_map, checkpoints)
+        _keep_moe_layers(text, layer_map, checkpoints)
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     return config
+
+
+def _keep_moe_layers(text: dict, layer_map: list, checkpoints: dict[str, Checkpoint]) -> None:
+    """A frankenmerge keeps each layer MoE or dense as in its own model, where the config says
+    which by a rule of the layer's position (``moe_rule``): Qwen-MoE's is rewritten to list the
+    output's dense layers (``decoder_sparse_step: 1``, ``mlp_only_layers``); DeepSeek's
+    ``first_k_dense_replace`` cannot list them, so a layer order it cannot state is refused."""
+    moe = []
+    for pairs in layer_map:
+        ref, i = pairs[0]
+        rule = moe_rule(text_section(checkpoints[ref].config))
+        moe.append(None if rule is None else rule(i))
+    out = moe_rule(text)
+    mismatched = [k for k, m in enumerate(moe) if m is not None and (out is None or out(k) != m)]
+    if not mismatched:
+        return
+    if text.get("decoder_sparse_step") is not None and text.get("num_experts"):
+        text["decoder_sparse_step"] = 1
+        text["mlp_only_layers"] = [k for k, m in enumerate(moe) if not m]
+        return
+    dense = moe.index(True) if True in moe else len(moe)
+    if text.get("first_k_dense_replace") is not None and None not in moe and all(moe[dense:]):
+        text["first_k_dense_replace"] = dense  # the dense layers still come first: say how many
+        return
+    k = mismatched[0]
+    ref, i = layer_map[k][0]
+    raise MergeError(
+        f"slices: output layer {k} is layer {i} of {ref!r}, {'an MoE' if moe[k] else 'a dense'} layer, but the output config's "
+        f"first_k_dense_replace: {text.get('first_k_dense_replace')} makes layer {k} {'dense' if moe[k] else 'MoE'}, and it cannot list "
+        "MoE layers one by one; order the slices so that the dense layers come first, as in the models"
+    )
 
 
 def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint]) -> list[int]:

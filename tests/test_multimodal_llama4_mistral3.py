@@ -227,3 +227,55 @@ def test_text_decoder_frankenmerge_loads_and_runs(tmp_path, vlms, family):
     _forward(merged, family)
     verified = run_cli("verify", tmp_path / "out", timeout=600)
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+# --- MoE layers placed by a rule of position (Qwen-MoE, DeepSeek): a frankenmerge keeps each layer's kind
+
+
+@pytest.fixture(scope="module")
+def moes(tmp_path_factory):
+    """Qwen2-MoE with MoE at layers 1 and 3 (decoder_sparse_step 2); DeepSeek-V3 with layer 0 dense (first_k_dense_replace 1)."""
+    transformers = pytest.importorskip("transformers")
+    d = tmp_path_factory.mktemp("moe")
+    torch.manual_seed(50)
+    small = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_attention_heads=2, vocab_size=128, num_experts_per_tok=1)
+    qwen = transformers.Qwen2MoeConfig(**small, shared_expert_intermediate_size=32, num_hidden_layers=4, num_key_value_heads=1, num_experts=2, decoder_sparse_step=2)
+    transformers.Qwen2MoeForCausalLM(qwen).save_pretrained(d / "qwen2moe")
+    deepseek = transformers.DeepseekV3Config(**small, num_hidden_layers=3, num_key_value_heads=2, n_routed_experts=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                                             q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    transformers.DeepseekV3ForCausalLM(deepseek).save_pretrained(d / "deepseek")
+    return d
+
+
+def _franken(path, *ranges):
+    return {"merge_method": "passthrough", "dtype": "float32", "slices": [{"sources": [{"model": str(path), "layer_range": list(r)}]} for r in ranges]}
+
+
+@pytest.mark.needs("transformers")
+def test_qwen_moe_frankenmerge_lists_its_dense_layers(tmp_path, moes):
+    """Layers [0, 2) + [1, 3): sources 0 1 1 2, MoE at output 1 and 2, where decoder_sparse_step 2
+    would put it at 1 and 3: the output says decoder_sparse_step 1 and lists the dense layers."""
+    plan, _ = _plan(tmp_path, _franken(moes / "qwen2moe", (0, 2), (1, 3)))
+    assert (plan.config["num_hidden_layers"], plan.config["decoder_sparse_step"], plan.config["mlp_only_layers"]) == (4, 1, [0, 3])
+    same, _ = _plan(tmp_path, _franken(moes / "qwen2moe", (0, 4)))  # the identity keeps the config as it is
+    assert same.config["decoder_sparse_step"] == 2 and same.config["mlp_only_layers"] == []
+
+
+@pytest.mark.needs("transformers")
+def test_deepseek_frankenmerge_keeps_its_dense_layers_first_or_is_refused(tmp_path, moes):
+    plan, _ = _plan(tmp_path, _franken(moes / "deepseek", (0, 1), (0, 3)))  # sources 0 0 1 2: two dense layers first
+    assert (plan.config["num_hidden_layers"], plan.config["first_k_dense_replace"]) == (4, 2)
+    with pytest.raises(MergeError, match=r"^slices: output layer 2 is layer 0 of .*deepseek', a dense layer, but the output config's first_k_dense_replace: 1 "
+                                         r"makes layer 2 MoE, and it cannot list MoE layers one by one; order the slices so that the dense layers come first"):
+        _plan(tmp_path, _franken(moes / "deepseek", (0, 2), (0, 3)))
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+def test_qwen_moe_frankenmerge_loads(tmp_path, moes):
+    transformers = pytest.importorskip("transformers")
+    _, path = _plan(tmp_path, _franken(moes / "qwen2moe", (0, 2), (1, 3)))
+    _run(path, tmp_path / "out")
+    model = _loads(transformers.Qwen2MoeForCausalLM, tmp_path / "out")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 6]])).logits).all()
