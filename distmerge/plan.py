@@ -793,12 +793,13 @@ def _output_config(donor: dict, recipe: Recipe, layer_map: list, checkpoints: di
         donor_count = layer_count(donor)
         text = text_section(config)  # a VLM's text_config
         text.update(layer_lists(text))  # the per-layer lists the config leaves to defaults, written out
+        donor_text = dict(text)
         set_layer_count(config, len(layer_map))
         for key, value in list(text.items()):
             if key in TEXT_LAYER_INDEX_LISTS and isinstance(value, list):
-                text[key] = _layer_index_list(key, layer_map, checkpoints)
+                text[key] = _layer_index_list(key, layer_map, checkpoints, donor_text)
             elif isinstance(value, list) and len(value) == donor_count and key != "architectures":
-                text[key] = _per_layer_list(key, layer_map, checkpoints)
+                text[key] = _per_layer_list(key, layer_map, checkpoints, donor_text)
         _keep_moe_layers(text, layer_map, checkpoints)
     dtype = recipe.out_dtype or recipe.dtype
     if dtype:
@@ -837,13 +838,22 @@ def _keep_moe_layers(text: dict, layer_map: list, checkpoints: dict[str, Checkpo
     )
 
 
-def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint]) -> list[int]:
+def _source_list(key: str, ck: Checkpoint, donor_text: dict):
+    """A per-layer list of a source model's text config; the donor's where the source's config
+    does not state it and is of the donor's model type (a config saved by an older transformers)."""
+    section = layer_lists(text_section(ck.config))
+    if section.get(key) is None and section.get("model_type") == donor_text.get("model_type"):
+        return donor_text[key]
+    return section.get(key)
+
+
+def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint], donor_text: dict) -> list[int]:
     """A list of layer indices (Llama 4's moe_layers) for the output's layers: the output layers
     whose source layer its own model's config lists (a MoE layer stays one, wherever it lands)."""
     out = []
     for k, pairs in enumerate(layer_map):
         ref, i = pairs[0]
-        listed = layer_lists(text_section(checkpoints[ref].config)).get(key)
+        listed = _source_list(key, checkpoints[ref], donor_text)
         if not isinstance(listed, list):
             raise MergeError(f"model {ref!r}'s config.json has no list {key}, which the donor's has: the output's {key} cannot say "
                              f"which of its layers are which; take these layers from models whose configs list {key}")
@@ -852,14 +862,14 @@ def _layer_index_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoi
     return out
 
 
-def _per_layer_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint]) -> list:
+def _per_layer_list(key: str, layer_map: list, checkpoints: dict[str, Checkpoint], donor_text: dict) -> list:
     """A list with one value per layer (layer_types, Llama 4's no_rope_layers) for the output's
     layers: each output layer takes its source layer's value from its own model's config."""
     out = []
     for pairs in layer_map:
         ref, i = pairs[0]
         ck = checkpoints[ref]
-        values = layer_lists(text_section(ck.config)).get(key)
+        values = _source_list(key, ck, donor_text)
         if not isinstance(values, list) or len(values) != layer_count(ck.config):
             raise MergeError(f"model {ref!r}'s config.json has no {key} with one value per layer, which the donor's has: the output's "
                              f"{key} cannot say what its layers from {ref!r} are; take these layers from models whose configs give {key} per layer")

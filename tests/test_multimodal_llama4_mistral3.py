@@ -259,6 +259,15 @@ def test_qwen_moe_frankenmerge_lists_its_dense_layers(tmp_path, moes):
     assert (plan.config["num_hidden_layers"], plan.config["decoder_sparse_step"], plan.config["mlp_only_layers"]) == (4, 1, [0, 3])
     same, _ = _plan(tmp_path, _franken(moes / "qwen2moe", (0, 4)))  # the identity keeps the config as it is
     assert same.config["decoder_sparse_step"] == 2 and same.config["mlp_only_layers"] == []
+    old = tmp_path / "old"  # a config without layer_types (an older transformers): the donor's values stand for its layers
+    shutil.copytree(moes / "qwen2moe", old)
+    config = json.loads((old / "config.json").read_text())
+    del config["layer_types"]
+    (old / "config.json").write_text(json.dumps(config))
+    recipe = _franken(moes / "qwen2moe", (0, 2))
+    recipe["slices"].append({"sources": [{"model": str(old), "layer_range": [1, 3]}]})
+    mixed, _ = _plan(tmp_path, recipe)
+    assert mixed.config["layer_types"] == ["full_attention"] * 4 and mixed.config["mlp_only_layers"] == [0, 3]
 
 
 @pytest.mark.needs("transformers")
