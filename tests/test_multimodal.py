@@ -211,9 +211,7 @@ def test_qwen2vl_passthrough_keeps_the_vision_encoder(tmp_path, vlms):
     assert layer_count(written) == 4 and written["vision_config"]["depth"] == 2
     merged = _loads(transformers.Qwen2VLForConditionalGeneration, tmp_path / "out")
     assert merged.config.text_config.num_hidden_layers == 4
-    with torch.no_grad():
-        out = merged(input_ids=torch.tensor([[1, 2, 3, 4]]))
-    assert torch.isfinite(out.logits).all()
+    _forward(merged, "qwen2vl")  # on text and on an image
 
 
 @pytest.mark.slow
@@ -247,9 +245,7 @@ def test_gemma3_text_decoder_passthrough_loads_and_runs(tmp_path, vlms):
     assert written["text_config"]["num_hidden_layers"] == 3 and len(written["text_config"]["layer_types"]) == 3
     assert "num_hidden_layers" not in written
     merged = _loads(transformers.Gemma3ForConditionalGeneration, tmp_path / "out")
-    with torch.no_grad():
-        out = merged(input_ids=torch.tensor([[2, 5, 6, 7]]))
-    assert out.logits.shape == (1, 4, 300) and torch.isfinite(out.logits).all()
+    _forward(merged, "gemma3")  # on text and on an image
 
 
 @pytest.mark.slow
@@ -459,3 +455,89 @@ def test_modules_passthrough_equals_the_slices_recipe(tmp_path, vlms, family):
     assert _by_name(mods) == _by_name(flat) and mods.config == flat.config and mods.layer_map == flat.layer_map
     assert layer_count(mods.config) == 3
     _accounted(mods, [a, b])
+
+
+# --- TIES and SLERP from one run, loaded and run on text and on an image -------------------------
+
+
+def _ties_and_slerp(tmp_path, a, b):
+    """One ``distmerge run`` of a two-document recipe: TIES (named, kept with --keep-intermediates)
+    and SLERP, both of a and b. Returns {method: output directory}."""
+    ties = {"name": "ties", "merge_method": "ties", "dtype": "float32", "base_model": str(a),
+            "models": [{"model": str(b), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    slerp = {"merge_method": "slerp", "dtype": "float32", "base_model": str(a), "parameters": {"t": 0.5}, "models": [{"model": str(a)}, {"model": str(b)}]}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump_all([ties, slerp], sort_keys=False))
+    proc = run_cli("run", path, tmp_path / "out", "--quiet", "--device", "cpu", "--keep-intermediates", tmp_path / "keep", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return {"ties": tmp_path / "keep" / "ties", "slerp": tmp_path / "out"}
+
+
+def _image_inputs(model, family):
+    """Processor-free inputs for one small image: input_ids with the family's image tokens and
+    the pixel tensors its vision tower takes, built from the config."""
+    c = model.config
+    if family == "llava":  # CLIP 16x16, patch 8: image_seq_length 4 tokens
+        ids = torch.tensor([[1] + [c.image_token_index] * c.image_seq_length + [5, 6]])
+        return ids, dict(pixel_values=torch.randn(1, 3, 16, 16))
+    if family == "gemma3":  # 16x16 pixels pooled to mm_tokens_per_image tokens between boi and eoi
+        ids = torch.tensor([[2, c.boi_token_index] + [c.image_token_index] * c.mm_tokens_per_image + [c.eoi_token_index, 5]])
+        size = c.vision_config.image_size
+        return ids, dict(pixel_values=torch.randn(1, 3, size, size))
+    # Qwen2-VL: flattened patches (channels x temporal x patch x patch each) of a 1x4x4 patch grid,
+    # merged 2x2 into 4 image tokens. Its default image token id (151655) is past this vocabulary
+    # of 128, so the loaded model is told to read 120 as the image token.
+    v = c.vision_config
+    c.image_token_id = 120
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([[1] + [120] * (int(grid.prod()) // v.spatial_merge_size ** 2) + [5, 6]])
+    pixels = torch.randn(int(grid.prod()), v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+    return ids, dict(pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=(ids == 120).int())
+
+
+def _forward(model, family):
+    """Finite logits of the right shape for text alone and for text with one image."""
+    vocab = model.config.text_config.vocab_size
+    ids, image = _image_inputs(model, family)
+    with torch.no_grad():
+        text = model(input_ids=torch.tensor([[1, 5, 6]])).logits
+        out = model(input_ids=ids, **image).logits
+    assert text.shape == (1, 3, vocab) and torch.isfinite(text).all()
+    assert out.shape == (1, ids.shape[1], vocab) and torch.isfinite(out).all()
+
+
+VLM_CLASSES = {"llava": "LlavaForConditionalGeneration", "qwen2vl": "Qwen2VLForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["llava", "qwen2vl", "gemma3"])
+def test_ties_and_slerp_from_one_run_load_and_run(tmp_path, vlms, family):
+    """Both outputs load in the family's class with no missing or unexpected weights, differ
+    from each other, and run on text and on an image."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms[family]
+    outs = _ties_and_slerp(tmp_path, a, b)
+    cls = getattr(transformers, VLM_CLASSES[family])
+    models = {method: _loads(cls, out) for method, out in outs.items()}
+    ties, slerp = models["ties"].state_dict(), models["slerp"].state_dict()
+    assert any(not torch.equal(ties[n], slerp[n]) for n in ties if "vision" in n or "visual" in n)
+    for model in models.values():
+        _forward(model, family)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["qwen2vl", "gemma3"])
+def test_linear_merge_runs_on_an_image(tmp_path, vlms, family):
+    """Qwen2-VL and Gemma 3: the linear merge is the mean of the two, every stack, and runs on text and on an image."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms[family]
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}
+    _, path = _plan(tmp_path, recipe)
+    _run(path, tmp_path / "out")
+    cls = getattr(transformers, VLM_CLASSES[family])
+    merged, sa, sb = _loads(cls, tmp_path / "out"), _loads(cls, a).state_dict(), _loads(cls, b).state_dict()
+    for name, p in merged.state_dict().items():
+        torch.testing.assert_close(p, (sa[name] + sb[name]) / 2)
+    _forward(merged, family)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from distmerge.errors import MergeError
-from tests.test_multimodal import _accounted, _by_name, _loads, _modules, _plan, _run
+from tests.test_multimodal import _accounted, _by_name, _loads, _modules, _plan, _run, _ties_and_slerp
 
 L4_TEXT = dict(hidden_size=32, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
                head_dim=16, vocab_size=128, num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=8)
@@ -181,7 +181,7 @@ def test_modules_recipes_with_mergekits_names(tmp_path, vlms, family):
 @pytest.mark.slow
 @pytest.mark.needs("transformers")
 @pytest.mark.parametrize("family", ["llama4", "mistral3"])
-@pytest.mark.parametrize("method", ["linear"])  # TIES writes the same names and shapes (test_models_recipes_merge_every_tensor)
+@pytest.mark.parametrize("method", ["linear"])  # TIES and SLERP: test_ties_and_slerp_from_one_run_load_and_run
 def test_merges_load_and_run(tmp_path, vlms, family, method):
     """The output loads with no missing or unexpected weights and runs on text and on an image;
     linear is the mean of the two, every stack."""
@@ -196,6 +196,21 @@ def test_merges_load_and_run(tmp_path, vlms, family, method):
         for name, p in merged.state_dict().items():
             torch.testing.assert_close(p, (sa[name] + sb[name]) / 2)
     _forward(merged, family)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("transformers")
+@pytest.mark.parametrize("family", ["llama4", "mistral3"])
+def test_ties_and_slerp_from_one_run_load_and_run(tmp_path, vlms, family):
+    """One run of a two-document recipe writes TIES (kept) and SLERP; both load with no missing
+    or unexpected weights, differ from each other, and run on text and on an image."""
+    transformers = pytest.importorskip("transformers")
+    a, b = vlms[family]
+    models = {method: _loads(_cls(transformers, family), out) for method, out in _ties_and_slerp(tmp_path, a, b).items()}
+    ties, slerp = models["ties"].state_dict(), models["slerp"].state_dict()
+    assert any(not torch.equal(ties[n], slerp[n]) for n in ties if ".experts." in n or "vision" in n)
+    for model in models.values():
+        _forward(model, family)
 
 
 @pytest.mark.slow
