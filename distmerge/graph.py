@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from distmerge.errors import MergeError
 from distmerge import methods
-from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, assign, build_plan, estimated_seconds, stage_plans, tensor_flops
+from distmerge.plan import DEFAULT_SHARD_BYTES, Plan, assign, build_plan, estimated_seconds, stage_plans, tensor_flops, work_key
 from distmerge.recipe import Recipe, sweep_variants
 from distmerge.sources import Checkpoint, TensorInfo, load_checkpoint
 
@@ -257,7 +257,8 @@ def stage_dir(plan: Plan) -> str:
 @dataclass(slots=True)
 class Unit:
     """Output tensors merged together because they read the same inputs: one tensor name
-    across the targets (a sweep's variants, a stage and the final output that reads it)."""
+    across the targets (a sweep's variants, a stage and the final output that reads it), an
+    fp8 output's values and scales counting as the one tensor they come from (``plan.work_key``)."""
 
     name: str
     members: list[tuple[int, int]]
@@ -267,14 +268,14 @@ class Unit:
 
 
 def work_units(plans: list[Plan]) -> list[Unit]:
-    """The targets' tensors grouped by name, in the first target's order (then the others'),
+    """The targets' tensors grouped by name (``plan.work_key``), in the first target's order (then the others'),
     each costed by the estimated time (``plan.estimated_seconds``) of its outputs' bytes, the
     bytes of its distinct inputs, and the operations of each distinct merge in it (the targets'
     and those of the stages they read, each once)."""
     units: dict[str, Unit] = {}
     for k, plan in enumerate(plans):
         for i, t in enumerate(plan.tensors):
-            unit = units.setdefault(t.name, Unit(t.name, [], 0))
+            unit = units.setdefault(work_key(t), Unit(work_key(t), [], 0))
             unit.members.append((k, i))
     stages = {s.fingerprint: {t.name: t for t in s.tensors} for p in plans for s in stage_plans(p)}
     for unit in units.values():
@@ -292,9 +293,9 @@ def _unit_flops(merges: list, stages: dict) -> int:
     seen: dict[tuple[str, str], int] = {}
 
     def visit(plan: Plan, t) -> None:
-        if (plan.fingerprint, t.name) in seen:
+        if (plan.fingerprint, work_key(t)) in seen:
             return
-        seen[plan.fingerprint, t.name] = tensor_flops(methods.get(plan.method), t)
+        seen[plan.fingerprint, work_key(t)] = tensor_flops(methods.get(plan.method), t)
         for r in t.all_inputs:
             if plan.models[r.model].stage:
                 stage = plan.stages[plan.models[r.model].ref]

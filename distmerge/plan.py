@@ -989,6 +989,32 @@ def tensor_costs(plan: Plan) -> list[int]:
     return [tensor_cost(method, t) for t in plan.tensors]
 
 
+def work_key(t: OutputTensor) -> str:
+    """What a tensor is merged as: its own name, or, for the two parts of an fp8 output tensor
+    (``out_dtype: fp8``: its values and its scales), the tensor both are quantized from, whose one
+    float32 merge gives both. Tensors of one key are one unit of work, on one rank."""
+    return t.quant["of"] if t.quant else t.name
+
+
+def work_groups(plan: Plan) -> list[list[int]]:
+    """The plan's tensors (indices) grouped by ``work_key``, in plan order: single tensors, but
+    an fp8 output's values and scales together."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(plan.tensors):
+        groups.setdefault(work_key(t), []).append(i)
+    return list(groups.values())
+
+
+def group_cost(method: methods.Method, tensors: list[OutputTensor]) -> int:
+    """``tensor_cost`` of tensors merged as one (a ``work_groups`` group): their outputs, their
+    distinct inputs read once, and each distinct merge once."""
+    if len(tensors) == 1:
+        return tensor_cost(method, tensors[0])
+    reads = {(r.model, r.name): r.nbytes for t in tensors for r in t.all_inputs}
+    flops = {work_key(t): tensor_flops(method, t) for t in tensors}
+    return round(1e9 * estimated_seconds(sum(t.nbytes for t in tensors) + sum(reads.values()), sum(flops.values())))
+
+
 BALANCE_TARGET = 0.05
 """Contiguous shares are used while their busiest rank moves at most 5% more than the mean."""
 
@@ -1003,9 +1029,12 @@ def assign_tensors(plan: Plan, world_size: int) -> list[list[int]]:
     writes runs of whole files and reads its inputs in file order); otherwise, when a few
     large tensors make every contiguous split uneven (64+ ranks on a 70B model, or an SVD
     method, whose cost grows as m·n·min(m, n)), the longest-processing-time-first assignment
-    of single tensors.
+    of single tensors. An fp8 output's values and scales (``work_groups``) go to one rank.
     """
-    return assign(tensor_costs(plan), world_size)
+    method = methods.get(plan.method)
+    groups = work_groups(plan)
+    shares = assign([group_cost(method, [plan.tensors[i] for i in g]) for g in groups], world_size)
+    return [sorted(i for k in share for i in groups[k]) for share in shares]
 
 
 def assign(costs: list[int], world_size: int) -> list[list[int]]:

@@ -397,6 +397,40 @@ def test_out_dtype_fp8_requantizes_to_the_input_block_layout(family, tmp_path):
     assert config["torch_dtype"] == "bfloat16"
 
 
+def test_out_dtype_fp8_merges_each_tensor_once_and_keeps_its_parts_on_one_rank(family, tmp_path, monkeypatch):
+    """An fp8 output tensor's values and scales come from one float32 merge: one unit of work
+    (graph.work_units), on one rank (plan.assign_tensors, the same split), merged once."""
+    from distmerge import tensor_merge
+    from distmerge.graph import assign_units, work_units
+    from distmerge.plan import assign_tensors, build_plan
+    from distmerge.recipe import parse_recipe
+
+    recipe = ties(family["base-fp8"], family["ft1-fp8"], out_dtype="fp8")
+    plan = build_plan(parse_recipe(yaml.safe_dump(recipe)))
+    parts = {t.name: t.quant["of"] for t in plan.tensors if t.quant}
+    assert parts and len(parts) == 2 * len(set(parts.values()))
+    units = work_units([plan])
+    by_name = {plan.tensors[i].name: u for u in units for _, i in u.members}
+    for name, of in parts.items():
+        assert by_name[name] is by_name[of], name
+    for world in (2, 3):
+        shares = assign_tensors(plan, world)
+        assert shares == [sorted(i for u in share for _, i in units[u].members) for share in assign_units(units, world)]
+        rank = {plan.tensors[i].name: r for r, share in enumerate(shares) for i in share}
+        assert all(rank[name] == rank[of] for name, of in parts.items())
+
+    merged = []
+    real = tensor_merge._merge
+    def counted(plan, t, ctx):  # the float32 merges (a part's own call, t.quant set, goes on to one)
+        if t.quant is None:
+            merged.append(t.name)
+        return real(plan, t, ctx)
+
+    monkeypatch.setattr(tensor_merge, "_merge", counted)
+    merge(recipe, tmp_path / "q")
+    assert sorted(n for n in merged if n in parts.values()) == sorted(set(parts.values()))  # each once, not once per part
+
+
 def test_out_dtype_fp8_needs_an_fp8_input(family, tmp_path):
     from distmerge.plan import build_plan
     from distmerge.recipe import parse_recipe
