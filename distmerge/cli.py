@@ -31,21 +31,24 @@ def parse_size(text: str) -> int:
     return value
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+def _scaled(n: float, unit: str, prefixes: tuple[str, ...]) -> str:
+    """``n`` in ``unit`` with the largest decimal prefix that keeps it under 1000 (the last one
+    for anything larger): 512 B, 1.23 GB."""
+    for prefix in prefixes:
+        if abs(n) < 1000 or prefix == prefixes[-1]:
+            return f"{n:.0f} {unit}" if not prefix else f"{n:.2f} {prefix}{unit}"
         n /= 1000
     return str(n)
+
+
+def human(n: float) -> str:
+    """Bytes for people: 1.23 GB."""
+    return _scaled(n, "B", ("", "K", "M", "G", "T"))
 
 
 def flops(n: float) -> str:
     """Floating-point operations for people: 1.23 TFLOP."""
-    for unit in ("", "k", "M", "G", "T", "P"):
-        if abs(n) < 1000 or unit == "P":
-            return f"{n:.0f} FLOP" if not unit else f"{n:.2f} {unit}FLOP"
-        n /= 1000
-    return str(n)
+    return _scaled(n, "FLOP", ("", "k", "M", "G", "T", "P"))
 
 
 def duration(seconds: float) -> str:
