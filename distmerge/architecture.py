@@ -217,10 +217,7 @@ def _get(config: dict, key: str | None):
 def split_layer_name(name: str) -> LayerName | None:
     """The stack, layer index and rest of a text decoder layer's name; None for any other
     tensor (an encoder's layers included: they are merged like the embeddings)."""
-    if _ENCODER.match(name):
-        return None
-    m = _LAYER.match(name)
-    return LayerName(m["prefix"], int(m["index"]), m["rest"]) if m else None
+    return None if _ENCODER.match(name) else stack_layer_name(name)
 
 
 def layer_index(name: str) -> int | None:
