@@ -1079,7 +1079,11 @@ def longest_first_shares(costs: list[int], world_size: int) -> list[list[int]]:
 
 
 def _imbalance(costs: list[int], shares: list[list[int]]) -> float:
-    loads = [sum(costs[i] for i in share) for share in shares]
+    return _spread([sum(costs[i] for i in share) for share in shares])
+
+
+def _spread(loads: list[int]) -> float:
+    """The largest load over the mean, minus 1."""
     mean = sum(loads) / len(loads)
     return max(loads) / mean - 1 if mean else 0.0
 
@@ -1106,9 +1110,15 @@ def _min_capacity(costs: list[int], parts: int) -> int:
 
 
 def rank_loads(plan: Plan, assignment: list[list[int]]) -> list[int]:
-    """Each rank's summed ``tensor_cost`` (estimated nanoseconds): what the assignment balances."""
-    costs = tensor_costs(plan)
-    return [sum(costs[i] for i in share) for share in assignment]
+    """Each rank's estimated nanoseconds, as ``assign_tensors`` balances them: the ``group_cost``
+    of each ``work_groups`` group it holds (a tensor's ``tensor_cost``, but an fp8 output's values
+    and scales, always on one rank, cost one merge)."""
+    method = methods.get(plan.method)
+    rank_of = {i: r for r, share in enumerate(assignment) for i in share}
+    loads = [0] * len(assignment)
+    for g in work_groups(plan):
+        loads[rank_of[g[0]]] += group_cost(method, [plan.tensors[i] for i in g])
+    return loads
 
 
 def rank_work(plan: Plan, assignment: list[list[int]]) -> list[RankWork]:
@@ -1124,5 +1134,6 @@ def rank_work(plan: Plan, assignment: list[list[int]]) -> list[RankWork]:
 
 
 def imbalance(plan: Plan, assignment: list[list[int]]) -> float:
-    """Largest rank's estimated time over the mean, minus 1 (0.05 = the busiest rank does 5% more)."""
-    return _imbalance(tensor_costs(plan), assignment)
+    """Largest rank's estimated time (``rank_loads``) over the mean, minus 1 (0.05 = the busiest
+    rank does 5% more)."""
+    return _spread(rank_loads(plan, assignment))
