@@ -18,14 +18,20 @@ counter (c0, c1, c2, c3) and a 64-bit key (k0, k1) through 10 rounds of::
 Triton's ``randint4x(seed, c)`` uses key = (seed & 0xFFFFFFFF, seed >> 32) and counter =
 (c & 0xFFFFFFFF, c >> 32, 0, 0) and returns the four output words; a word x becomes a
 float32 in [0, 1) as Triton's ``uint_to_uniform_float`` does it: ``float32(x if x < 2**31
-else ~x & 0x7FFFFFFF) * float32(4.6566127342e-10)``. Here the same arithmetic runs on int64
-tensors holding uint32 values.
+else ~x & 0x7FFFFFFF) * float32(4.6566127342e-10)``.
+
+On CPU the words come from randomgen's Philox4x32-10, written in C (``_c_words``); on other
+devices the same arithmetic runs as tensor ops on int64 tensors holding uint32 values
+(``philox4x32``). tests/test_rng.py checks both against Random123's known answers, a scalar
+Python Philox and each other.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy
+import randomgen
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -36,6 +42,8 @@ _KEY_B = 0xBB67AE85
 _ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10
 """Triton's float scale: the largest value with (2**31 - 1) * scale < 1 in float32."""
+_MAX_FOLDED = (1 << 31) - 1
+"""The largest folded word (``_folded_block``)."""
 CHUNK = 1 << 17
 """Elements per vectorized block (a quarter as many counters). Small enough for the scratch
 (a few int64 words per counter) to stay in cache and at torch's intra-op parallel grain
@@ -92,7 +100,15 @@ def _check_key(seed: int) -> None:
 
 def _randint_block(seed: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     """The words of elements start .. start+count-1 (int64 holding uint32): element i is
-    word i % 4 of the Philox block for counter i // 4."""
+    word i % 4 of the Philox block for counter i // 4. On CPU from randomgen's Philox in C
+    (``_c_words``), on other devices from ``philox4x32``'s tensor ops: the same words."""
+    if _on_cpu(device):
+        return torch.from_numpy(_c_words(seed, start, count).astype(numpy.int64))
+    return _tensor_words(seed, start, count, device)
+
+
+def _tensor_words(seed: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+    """``_randint_block`` by ``philox4x32``'s tensor ops, on any device."""
     counter = torch.arange(start >> 2, ((start + count - 1) >> 2) + 1, dtype=torch.int64, device=device)
     c0, c1 = counter & _MASK32, counter >> 32
     zero = torch.zeros_like(c0)
@@ -100,16 +116,41 @@ def _randint_block(seed: int, start: int, count: int, device: torch.device | str
     return words[start & 3 : (start & 3) + count]
 
 
+def _on_cpu(device: torch.device | str | None) -> bool:
+    return torch.device(device or "cpu").type == "cpu"
+
+
+def _c_words(seed: int, start: int, count: int) -> numpy.ndarray:
+    """``_randint_block``'s words as uint32, on CPU: randomgen's Philox4x32-10 with Triton's key
+    (seed's low and high words) and counter (the block index as one 128-bit number), 4 ns a
+    word against the tensor ops' 14 (measured side by side, one thread). randomgen adds one to
+    its counter *before* each block, so it starts one below the first block; ``integers``
+    over the full uint32 range returns its 32-bit words one by one, in block order."""
+    first = start >> 2
+    philox = randomgen.Philox(counter=(first - 1) % (1 << 128), key=seed, number=4, width=32)
+    skip = start & 3
+    return numpy.random.Generator(philox).integers(0, 1 << 32, size=skip + count, dtype=numpy.uint32)[skip:]
+
+
+def _folded_block(seed: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
+    """The words of ``_randint_block`` as Triton's ``uint_to_uniform_float`` reads them before
+    scaling: the word as int32 x, negatives mapped by ~x, a value in [0, 2**31). On CPU,
+    int32 (x ^ (x >> 31) is ~x for negative x, x otherwise); elsewhere int64."""
+    if _on_cpu(device):
+        x = _c_words(seed, start, count).view(numpy.int32)
+        return torch.from_numpy(x ^ (x >> 31))
+    return _fold(_tensor_words(seed, start, count, device))
+
+
 def _fold(x: torch.Tensor) -> torch.Tensor:
-    """A word as Triton's ``uint_to_uniform_float`` reads it before scaling: x as int32,
-    negatives mapped by ~x, i.e. min(x, x ^ 0xFFFFFFFF) for x in [0, 2**32)."""
+    """``_folded_block``'s fold of words x in [0, 2**32) held in int64: min(x, x ^ 0xFFFFFFFF)."""
     return torch.minimum(x, x ^ _MASK32)
 
 
-def _to_uniform(x: torch.Tensor) -> torch.Tensor:
-    """Triton's ``uint_to_uniform_float`` for 32-bit words (what ``tl.rand`` applies to its
-    word): [0, 2**32) -> float32 [0, 1)."""
-    return _fold(x).to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+def _to_uniform(folded: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` of folded words (what ``tl.rand`` applies to its
+    word): float32 [0, 1)."""
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
 
 
 def _below(p: torch.Tensor) -> int:
@@ -148,7 +189,7 @@ def uniform(seed: int, numel: int, offset: int = 0, device: torch.device | str |
     out = torch.empty(numel, dtype=torch.float32, device=device)
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
-        out[start : start + count] = _to_uniform(_randint_block(seed, offset + start, count, device))
+        out[start : start + count] = _to_uniform(_folded_block(seed, offset + start, count, device))
     return out
 
 
@@ -177,11 +218,13 @@ def bernoulli_keep(
     keep = torch.empty(numel, dtype=torch.bool, device=device)
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
-        words = _randint_block(seed, offset + start, count, device)
-        if below is not None:
-            keep[start : start + count] = _fold(words) < below
+        folded = _folded_block(seed, offset + start, count, device)
+        if below is None:
+            keep[start : start + count] = _to_uniform(folded) < probs[start : start + count]
+        elif below > _MAX_FOLDED:  # p above every uniform: an int32 cannot hold the bound
+            keep[start : start + count] = True
         else:
-            keep[start : start + count] = _to_uniform(words) < probs[start : start + count]
+            keep[start : start + count] = folded < below
     return keep.reshape(shape)
 
 

@@ -218,3 +218,21 @@ def test_bit_exact_with_triton_interpreter():
     # A subprocess: TRITON_INTERPRET must be set before triton is first imported.
     result = subprocess.run([sys.executable, "-c", TRITON_KERNEL], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**64 - 1),
+    count=st.integers(1, 600),
+    offset=st.one_of(st.integers(0, 2**20), st.integers(2**34 - 600, 2**34 + 600), st.integers(0, 2**62)),
+)
+def test_c_philox_equals_the_tensor_ops(seed, count, offset):
+    """CPU draws come from randomgen's C Philox, other devices' from the tensor ops: the same
+    words at any key and offset (a block's words split by the offset, the counter's carry into
+    its second word), folded the same way in int32 as in int64."""
+    c_words = torch.from_numpy(rng._c_words(seed, offset, count).astype("int64"))
+    tensor_words = rng._tensor_words(seed, offset, count, "cpu")
+    assert torch.equal(c_words, tensor_words)
+    folded = rng._folded_block(seed, offset, count, "cpu")
+    assert folded.dtype == torch.int32
+    assert torch.equal(folded.to(torch.int64), rng._fold(tensor_words))
