@@ -188,6 +188,7 @@ def train(
     kl_weight: float = 5.0,
     until: Callable[[dict[str, torch.Tensor]], bool] | None = None,
     args: ModelArgs = MODEL_ARGS,
+    weight_decay: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """AdamW on next-token cross-entropy over batches of ``skills`` (one drawn per example).
 
@@ -196,12 +197,13 @@ def train(
     answer and </s> (fine-tuning); otherwise on every token after <s> (pre-training). With
     ``anchor``, each step adds ``kl_weight`` x KL(anchor || model) on batch_size / 4 of the
     anchor's sequences. ``until(weights)``, asked every 25 steps, stops training early when
-    it returns True (the learning rate then stays at its peak after warmup).
+    it returns True (the learning rate then stays at its peak after warmup). ``weight_decay``
+    is AdamW's (decoupled, on every tensor).
     """
     rng = random.Random(seed)
     w = {k: v.detach().clone().float().requires_grad_(True) for k, v in w.items()}
     params = list(w.values())
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     warmup = max(1, steps // 20)
     with _deterministic():
         for step in range(steps):
@@ -249,6 +251,7 @@ def train_base(
     lr: float = 3e-3,
     seed: int = 0,
     args: ModelArgs = MODEL_ARGS,
+    weight_decay: float = 0.0,
 ) -> Path:
     """Pre-train the base on all skills mixed (loss on every token) and save it at ``out``.
 
@@ -262,7 +265,7 @@ def train_base(
 
     w = train(
         init_weights(args, seed), list(SKILLS), steps=max_steps, lr=lr, seed=seed, answer_only=False,
-        until=partly_trained, args=args,
+        until=partly_trained, args=args, weight_decay=weight_decay,
     )  # fmt: skip
     return save_model(out, w, args, CHARS)
 
