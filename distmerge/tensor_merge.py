@@ -168,8 +168,21 @@ class TensorInputs:
         """Float32 (base, inputs), whole."""
         return self.widen(self.base), [widen(x, self.work) for x in self.inputs]
 
-    def read_range(self, i: int, j: int, how: Callable | None = None) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def read_range(
+        self,
+        i: int,
+        j: int,
+        how: Callable | None = None,
+        models: tuple[int, ...] | None = None,
+        out: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(base, inputs) of the flat range [i, j), widened by ``how`` (default: to float32).
+        With ``models`` (indices into the inputs), only those inputs, in that order: a pass of
+        a chunked method that needs the base and one model widens no other. With ``out``
+        (float32 tensors of at least j − i elements, the base's first if there is one, then
+        one per input read), the chunks are widened into them and returned as views of them:
+        the same values without a fresh float32 chunk per input and call (fresh memory costs
+        its page faults), valid until the caller writes there again.
         Called chunk by chunk in order (a chunked method may go over the tensor more than
         once): pages behind the reads are unmapped every DROP_ELEMENTS, and on a new pass."""
         if i != self.last or self.last - self.dropped >= DROP_ELEMENTS:  # a new pass, or 16 chunks behind us
@@ -177,8 +190,16 @@ class TensorInputs:
             self.dropped = i
         self.last = j
         start = time.perf_counter()
-        how = how or self.widen
         *flat, flat_base = self._flattened()
+        if models is not None:
+            flat = [flat[k] for k in models]
+        if out is not None:
+            buffers = iter(out)
+
+            def how(x: torch.Tensor) -> torch.Tensor:  # ``widen``'s values, into the next buffer
+                return next(buffers)[: j - i].copy_(x if self.work in (x.dtype, torch.float32) else x.to(self.work))
+
+        how = how or self.widen
         chunks = (how(flat_base[i:j]) if flat_base is not None else None), [how(x[i:j]) for x in flat]
         self.read_seconds += time.perf_counter() - start
         return chunks
