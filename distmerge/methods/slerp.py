@@ -36,20 +36,37 @@ def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Te
     """(c₀, c₁) of SLERP's combine c₀·θ₀ + c₁·θ₁ for flat θ₀, θ₁: float32 0-d tensors, not
     Python floats, and every reduction in mergekit's runs and shapes, so that results agree
     with mergekit bitwise."""
-    t = torch.tensor(t, dtype=v0.dtype)
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
-    runs = chunk_ranges(a.shape[1], REDUCTION_RUN)
+    return _coefficients(lambda i, j: (a[:, i:j], b[:, i:j]), a.shape[1], t, v0.dtype, v0.device)
+
+
+def _coefficients(run, numel: int, t: float, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``coefficients`` of θ₀, θ₁ of ``numel`` elements given run by run: ``run(i, j)`` is
+    (θ₀, θ₁) of the run [i, j) as (1, j − i) tensors, asked for each run in order, twice (the
+    runs' norms first, then, with the whole-tensor norms, their dot products). A run's
+    reductions read only its own values, so they are the same bits whether it is a view of
+    the whole tensor or a buffer of its own."""
+    t = torch.tensor(t, dtype=dtype)
+    runs = chunk_ranges(numel, REDUCTION_RUN)
     if not runs:
         return 1 - t, t
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
-        parts = torch.stack([torch.linalg.vector_norm(x[:, i:j], dim=1, keepdim=True) for i, j in runs])
-        n = torch.linalg.vector_norm(parts, dim=0)
-        return torch.where(n > EPS, n, 1)
-
-    n0, n1 = norm(a), norm(b)
-    dot = torch.stack([((a[:, i:j] / n0) * (b[:, i:j] / n1)).sum(dim=1, keepdim=True) for i, j in runs])
-    cos_omega = dot.sum(dim=0).clamp(-1, 1)[0, 0]
+    # Every run's reductions go into tensors allocated up front, and the dot's products into
+    # two scratch buffers of a run, not into fresh tensors: a small result kept until all
+    # runs are done would pin the freed temporaries below it in the heap (glibc), and the
+    # resident memory of a chunked merge would grow by a run's temporaries per run.
+    norms = torch.empty(2, len(runs), 1, 1, dtype=dtype, device=device)  # θ₀'s and θ₁'s, stacked as in mergekit
+    products = torch.empty(len(runs), 1, 1, dtype=dtype, device=device)
+    scratch = torch.empty(2, 1, min(numel, REDUCTION_RUN), dtype=dtype, device=device)
+    for k, (i, j) in enumerate(runs):
+        for x, out in zip(run(i, j), norms[:, k]):
+            torch.linalg.vector_norm(x, dim=1, keepdim=True, out=out)
+    n0, n1 = (torch.where(n > EPS, n, 1) for n in (torch.linalg.vector_norm(part, dim=0) for part in norms))
+    for k, (i, j) in enumerate(runs):
+        a, b = run(i, j)
+        p, q = scratch[:, :, : j - i]
+        torch.sum(torch.div(a, n0, out=p).mul_(torch.div(b, n1, out=q)), dim=1, keepdim=True, out=products[k])
+    cos_omega = products.sum(dim=0).clamp(-1, 1)[0, 0]
     if cos_omega.abs() > DOT_THRESHOLD:
         return 1 - t, t  # (1 − t)·θ₀ + t·θ₁
     omega = torch.acos(cos_omega)
@@ -58,18 +75,35 @@ def coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Te
 
 
 def slerp_chunked(read, shape: tuple[int, ...], chunk: int, *, t: float, options=None):
-    """``slerp`` for a tensor read in flat chunks, the same bits with less memory traffic:
-    pass 1 gathers θ₀ and θ₁ in float32 and reduces them exactly as ``slerp`` does (the
-    norms and cos Ω are whole-tensor sums); pass 2 combines chunk by chunk."""
+    """``slerp`` for a tensor read in flat chunks, the same bits in bounded memory: θ₀ and
+    θ₁ are gathered one reduction run (REDUCTION_RUN elements) at a time into two float32
+    buffers of a run, from which ``coefficients``' reductions are taken run by run: pass 1
+    the runs' norms, pass 2 (the whole-tensor norms now known) their dot products; pass 3
+    combines chunk by chunk. A tensor of one run is read once and stays in the buffers.
+    Three reads cost less than the float32 copies of the whole of θ₀ and θ₁ that they
+    replace (2 × 262 MB for a 32000 × 2048 embedding, every page of them faulted in fresh):
+    that tensor merges in about half the time, in 0.5 GB less resident memory (issue #20)."""
     numel = math.prod(shape)
-    v0, v1 = torch.empty(numel), torch.empty(numel)
-    ranges = chunk_ranges(numel, chunk)
-    for i, j in ranges:
-        base, (other,) = read(i, j)
-        v0[i:j], v1[i:j] = base, other
-    c0, c1 = coefficients(v0, v1, t)
-    for i, j in ranges:
-        yield i, j, kernels.slerp_combine(c0, c1, v0[i:j], v1[i:j], options=options)
+    a, b = torch.empty(1, min(numel, REDUCTION_RUN)), torch.empty(1, min(numel, REDUCTION_RUN))
+    held = None  # the run [i, j) that the buffers hold
+
+    def run(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal held
+        if held != (i, j):
+            for start, end in chunk_ranges(j - i, chunk):  # widened straight into the buffers
+                read(i + start, i + end, out=[a[0, start:], b[0, start:]])
+            held = (i, j)
+        return a[:, : j - i], b[:, : j - i]
+
+    c0, c1 = _coefficients(run, numel, t, torch.float32, "cpu")
+    if held == (0, numel):  # one run: the whole tensor is in the buffers
+        for i, j in chunk_ranges(numel, chunk):
+            yield i, j, kernels.slerp_combine(c0, c1, a[0, i:j], b[0, i:j], options=options)
+        return
+    staging = list(torch.empty(2, min(numel, chunk)))  # a chunk of θ₀ and θ₁, widened in place
+    for i, j in chunk_ranges(numel, chunk):
+        base, (other,) = read(i, j, out=staging)
+        yield i, j, kernels.slerp_combine(c0, c1, base, other, options=options)
 
 
 METHODS = (
