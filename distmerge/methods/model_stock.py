@@ -66,7 +66,8 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
     One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
     product τᵢ·τⱼ is a whole-tensor reduction, so it is reduced from one float32 buffer
     holding exactly the values ``model_stock`` reduces (τᵢ, or τᵢ ⊙ τⱼ), filled chunk by
-    chunk: one pass per norm and per pair, N + N(N−1)/2 passes. Rows (``filter_wise``): one
+    chunk: one pass per norm and per pair, N + N(N−1)/2 passes, each reading only the
+    models it needs (``_vector_chunked``). Rows (``filter_wise``): one
     pass over batches of whole rows gathers every row's pairwise cosines. A last pass
     interpolates chunk by chunk.
     """
@@ -81,27 +82,52 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
 
 
 def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
-    """``model_stock_chunked`` of one vector (a whole tensor, or one row)."""
+    """``model_stock_chunked`` of one vector (a whole tensor, or one row).
+
+    Each pass fills the buffer chunk by chunk, reading only the inputs it needs: τⱼ for
+    ‖τⱼ‖ (the base and θⱼ); then, while the buffer still holds τⱼ, τ₀ ⊙ τⱼ in place for the
+    pair (0, j) (the base and θ₀: a product is the same bits in either order); τᵢ ⊙ τⱼ for
+    the other pairs (the base, θᵢ and θⱼ). For N = 2 that is 2 + 2 + 2 + 3 widened inputs
+    per element, not 3 + 3 + 3 + 3.
+    """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
     buffer = torch.empty(numel)
+    staging = list(torch.empty(n + 1, min(numel, chunk)))  # the chunks read, widened in place
+    norms = torch.empty(n, *vector_shape[:-1])  # the reductions, allocated up front: see below
+    dots = torch.empty(math.comb(n, 2), *vector_shape[:-1])
+    pair = {p: k for k, p in enumerate(combinations(range(n), 2))}
 
-    def gather(value) -> torch.Tensor:
-        """buffer = value(base, models, out=…) of every chunk, shaped as model_stock's vectors."""
+    def fill(value, *models: int) -> torch.Tensor:
+        """buffer = value(base, [θ of ``models``], out) of every chunk, shaped as model_stock's vectors."""
         for start, end in ranges:
-            value(*read(start, end), out=buffer[start:end])
+            base, xs = read(start, end, models=models, out=staging)
+            value(base, xs, buffer[start:end])
         return buffer.view(vector_shape)
 
-    def norm(i: int) -> torch.Tensor:
-        return torch.linalg.vector_norm(gather(lambda base, xs, out: torch.sub(xs[i], base, out=out)), dim=-1)
+    def tau(base, xs, out):  # out = θ − base, θ the first model read
+        return torch.sub(xs[0], base, out=out)
 
-    def dot(i: int, j: int) -> torch.Tensor:
-        return gather(lambda base, xs, out: torch.mul(xs[i] - base, xs[j] - base, out=out)).sum(dim=-1)
+    def times_tau(base, xs, out):  # out ⊙= θ − base, in place
+        out.mul_(tau(base, xs, xs[0]))
 
-    t = _ratio(_cosines([norm(i) for i in range(n)], dot), n).reshape(-1)  # one ratio
+    def product(base, xs, out):  # out = τᵢ ⊙ τⱼ, θᵢ and θⱼ read
+        times_tau(base, xs[1:], tau(base, xs, out))
+
+    # Each reduction writes into norms and dots: a small result kept across the passes would
+    # pin the chunks' freed temporaries below it in the heap (glibc), and resident memory
+    # would grow with every pass.
+    for j in range(n):
+        torch.linalg.vector_norm(fill(tau, j), dim=-1, out=norms[j])
+        if j:
+            torch.sum(fill(times_tau, 0), dim=-1, out=dots[pair[0, j]])
+    for i, j in pair:
+        if i:
+            torch.sum(fill(product, i, j), dim=-1, out=dots[pair[i, j]])
+    t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio
     del buffer
     for start, end in ranges:
-        base, tensors = read(start, end)
+        base, tensors = read(start, end, out=staging)
         yield start, end, kernels.stock_interpolate(base, tensors, t, options=options)
 
 

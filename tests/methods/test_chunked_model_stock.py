@@ -20,21 +20,29 @@ def family(shape, n, seed):
     return synthetic_models(shape, n, seed, spread=0.01, shared=0.01, dtype=torch.bfloat16, as_float32=True, from_rounded_base=True)
 
 
-def run_chunked(base, tensors, chunk, filter_wise):
+def run_chunked(base, tensors, chunk, filter_wise, models_read=None):
     """The chunked form's pieces, concatenated; checks that they cover the tensor in order
-    and that every pass of reads goes up the tensor from 0 without gaps. Returns (merged,
-    the passes' ranges)."""
+    and that every pass of reads goes up the tensor from 0 without gaps, reading the same
+    inputs throughout. Returns (merged, the passes' ranges); ``models_read`` gets each pass's
+    ``models`` (the inputs it reads besides the base; None: all)."""
     flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
-    passes = []
+    passes, models_read = [], [] if models_read is None else models_read
 
-    def read(i, j):
-        if i == j:  # an empty read (the form asks how many models there are)
-            return flat_base[i:j], [x[i:j] for x in flat]
-        if not passes or i != passes[-1][-1][1]:
-            assert i == 0, f"a pass starts at {i}"
-            passes.append([])
-        passes[-1].append((i, j))
-        return flat_base[i:j], [x[i:j] for x in flat]
+    def read(i, j, models=None, out=None):
+        """``TensorInputs.read_range``: the base and ``models`` (None: all), copied into
+        ``out`` if given, each chunk into a buffer of its own."""
+        chosen = [flat_base[i:j]] + [x[i:j] for x in (flat if models is None else [flat[k] for k in models])]
+        if i < j:  # not the empty read by which the form asks how many models there are
+            if not passes or i != passes[-1][-1][1]:
+                assert i == 0, f"a pass starts at {i}"
+                passes.append([])
+                models_read.append(models)
+            assert models == models_read[-1], "a pass reads the same inputs throughout"
+            passes[-1].append((i, j))
+        if out is not None:
+            assert len(out) >= len(chosen) and all(o.numel() >= j - i for o in out)
+            chosen = [o[: j - i].copy_(x) for o, x in zip(out, chosen)]
+        return chosen[0], chosen[1:]
 
     pieces = list(model_stock_chunked(read, tuple(base.shape), chunk, filter_wise=filter_wise))
     assert [p[0] for p in pieces] == [0] + [p[1] for p in pieces[:-1]] and pieces[-1][1] == base.numel()
@@ -56,11 +64,18 @@ def test_chunked_model_stock_is_the_whole_tensor_merge(shape, n, filter_wise):
 
 
 def test_passes_and_row_batches():
-    """Per tensor: one pass per norm, one per pair and one to merge, in chunks of `chunk`.
-    Per row: two passes, in batches of whole rows, never a lone row."""
+    """Per tensor: one pass per norm, one per pair and one to merge, in chunks of `chunk`,
+    each reading only the models it needs: τⱼ for ‖τⱼ‖, then τ₀ multiplied into it for the
+    pair (0, j), both models of the other pairs. Per row: two passes, in batches of whole
+    rows, never a lone row."""
     base, tensors = family((37, 53), 3, seed=0)
-    _, passes = run_chunked(base, tensors, 100, filter_wise=False)
+    models_read = []
+    _, passes = run_chunked(base, tensors, 100, filter_wise=False, models_read=models_read)
     assert len(passes) == 3 + 3 + 1 and all(j - i <= 100 for p in passes for i, j in p)
+    assert models_read == [(0,), (1,), (0,), (2,), (0,), (1, 2), None]
+    models_read.clear()  # N = 2: 2 + 2 + 2 + 3 inputs widened per element, not 4 × 3
+    run_chunked(*family((37, 53), 2, seed=0), 100, filter_wise=False, models_read=models_read)
+    assert models_read == [(0,), (1,), (0,), None]
     _, passes = run_chunked(base, tensors, 100, filter_wise=True)
     assert len(passes) == 2 and passes[0] == passes[1]
     assert [(i // 53, j // 53) for i, j in passes[0]] == [(k, k + 2) for k in range(0, 34, 2)] + [(34, 37)]
@@ -97,10 +112,13 @@ def test_opposite_task_vectors_give_the_base(shape, filter_wise):
         assert torch.equal(got, whole), chunk
 
 
-@pytest.mark.parametrize("filter_wise", [False, True])
-def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch, filter_wise):
+@pytest.mark.parametrize(
+    "filter_wise, stored", [(False, "bf16"), (True, "bf16"), (False, "f32")], ids=["tensor", "rows", "tensor-f32-stored"]
+)
+def test_chunked_model_stock_through_the_cli(request, tmp_path, monkeypatch, filter_wise, stored):
     """bf16 recipe, base + 2 models: merged in 777- and 4099-element chunks, the same bytes as
-    the whole-tensor merge."""
+    the whole-tensor merge; also from float32 checkpoints, which the chunked reads round to
+    bf16 before widening them into their buffers."""
     from distmerge import tensor_merge
 
     method = METHODS["model_stock"]
@@ -111,7 +129,7 @@ def test_chunked_model_stock_through_the_cli(llama_family, tmp_path, monkeypatch
         return model_stock_chunked(*args, **kwargs)
 
     monkeypatch.setitem(METHODS, "model_stock", dataclasses.replace(method, chunked=spy))
-    f = llama_family
+    f = request.getfixturevalue("llama_family" if stored == "bf16" else "llama_family_f32")
     recipe = {
         "merge_method": "model_stock",
         "base_model": str(f["base"]),
