@@ -234,7 +234,7 @@ def test_alignment_of_independent_bases_keeps_the_function_and_moves_b_closer(tw
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="measured: on these 64-wide, briefly trained bases weight matching does not lower the barrier at alpha = 0.5 (README, Git Re-Basin)")
+@pytest.mark.xfail(strict=True, reason="measured: weight matching does not lower the barrier at alpha = 0.5 on these bases, nor on wider, longer or weight-decayed ones (README, Git Re-Basin)")
 def test_alignment_lowers_the_loss_barrier(two_bases):
     _, _, _, before, after = two_bases
     assert after[2] < before[2]
