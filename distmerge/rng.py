@@ -28,6 +28,7 @@ Python Philox and each other.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy
@@ -153,11 +154,14 @@ def _to_uniform(folded: torch.Tensor) -> torch.Tensor:
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=folded.device)
 
 
-def _below(p: torch.Tensor) -> int:
+@functools.lru_cache(maxsize=64)
+def _below(p: float) -> int:
     """The number of folded words y in [0, 2**31) whose uniform float32(y)·scale is below the
     float32 probability p. That float is non-decreasing in y, so u < p exactly when y < this
-    count: a Bernoulli draw with one probability compares integers (found by bisection)."""
+    count: a Bernoulli draw with one probability compares integers (found by bisection, once
+    per probability)."""
     scale = torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+    p = torch.tensor(p, dtype=torch.float32)
     lo, hi = 0, 1 << 31  # the answer lies in [lo, hi]
     while lo < hi:
         mid = (lo + hi) // 2
@@ -166,6 +170,14 @@ def _below(p: torch.Tensor) -> int:
         else:
             hi = mid
     return lo
+
+
+def _fold_below(words: numpy.ndarray, below: int, out: numpy.ndarray) -> None:
+    """out = (folded word < below) for uint32 ``words`` (overwritten), below < 2**31, in two
+    passes without the fold: a word w folds below b exactly when w < b or w ≥ 2**32 − b, that
+    is when (w + b) mod 2**32 < 2b."""
+    numpy.add(words, numpy.uint32(below), out=words)
+    numpy.less(words, numpy.uint32(2 * below), out=out)
 
 
 def randint(seed: int, numel: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
@@ -214,17 +226,18 @@ def bernoulli_keep(
     else:
         probs = torch.tensor(p, dtype=torch.float32, device=device)
     _check_key(seed)
-    below = _below(probs.cpu()) if probs.dim() == 0 else None
+    below = _below(float(probs)) if probs.dim() == 0 else None
+    if below is not None and below > _MAX_FOLDED:  # p above every uniform
+        return torch.ones(shape, dtype=torch.bool, device=device)
     keep = torch.empty(numel, dtype=torch.bool, device=device)
     for start in range(0, numel, CHUNK):
         count = min(CHUNK, numel - start)
-        folded = _folded_block(seed, offset + start, count, device)
         if below is None:
-            keep[start : start + count] = _to_uniform(folded) < probs[start : start + count]
-        elif below > _MAX_FOLDED:  # p above every uniform: an int32 cannot hold the bound
-            keep[start : start + count] = True
+            keep[start : start + count] = _to_uniform(_folded_block(seed, offset + start, count, device)) < probs[start : start + count]
+        elif _on_cpu(device):
+            _fold_below(_c_words(seed, offset + start, count), below, out=keep.numpy()[start : start + count])
         else:
-            keep[start : start + count] = folded < below
+            keep[start : start + count] = _folded_block(seed, offset + start, count, device) < below
     return keep.reshape(shape)
 
 

@@ -136,7 +136,7 @@ def test_one_probability_compares_integers_with_the_same_result(p):
     p = float(u[123]) if p == "a draw" else p  # a p that some element equals exactly
     p32 = torch.tensor(p, dtype=torch.float32)
     assert torch.equal(rng.bernoulli_keep(11, (50_000,), p), u < p32)
-    t = rng._below(p32)
+    t = rng._below(float(p32))
     f = lambda y: torch.tensor(y, dtype=torch.float32) * torch.tensor(rng._UNIFORM_SCALE, dtype=torch.float32)  # noqa: E731
     assert (t == 0 or f(t - 1) < p32) and (t == 2**31 or f(t) >= p32)
 
@@ -236,3 +236,17 @@ def test_c_philox_equals_the_tensor_ops(seed, count, offset):
     folded = rng._folded_block(seed, offset, count, "cpu")
     assert folded.dtype == torch.int32
     assert torch.equal(folded.to(torch.int64), rng._fold(tensor_words))
+
+
+@pytest.mark.parametrize("below", [0, 1, 12345, 2**30, 2**31 - 2, 2**31 - 1])
+def test_fold_below_without_folding(below):
+    """CPU masks compare (w + b) mod 2**32 < 2b instead of fold(w) < b: the same at the edges
+    of both halves of the word range."""
+    import numpy
+
+    edges = [0, 1, below - 1, below, below + 1, 2**31 - 1, 2**31, 2**32 - below - 1, 2**32 - below, 2**32 - below + 1, 2**32 - 1]
+    words = numpy.array([w % 2**32 for w in edges], dtype=numpy.uint32)
+    folded = rng._fold(torch.from_numpy(words.astype(numpy.int64)))
+    out = numpy.empty(len(words), dtype=bool)
+    rng._fold_below(words.copy(), below, out=out)
+    assert out.tolist() == (folded < below).tolist()
