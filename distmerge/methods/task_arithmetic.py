@@ -188,7 +188,7 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
 
     ``draws[i]`` is None (τᵢ kept whole) or ``keep(start, end, τ)``: the keep mask of the
     chunk [start, end) of τᵢ (a draw depends only on element indices, so a mask does not
-    depend on chunking). Per model, pass 1 draws the masks chunk by chunk and, with
+    depend on chunking). Per model, reading only the base and that model, pass 1 draws the masks chunk by chunk and, with
     ``rescale``, gathers |τᵢ ⊙ mᵢ| into one float32 buffer; pass 2 gathers |τᵢ| into the same
     buffer. Their sums are ``kernels.reference.masked``'s whole-tensor L1 norms (same values,
     same reduction). The last pass drops, rescales and combines chunk by chunk. Memory: one
@@ -202,17 +202,17 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
             continue
         keep = torch.empty(numel, dtype=torch.bool)
         for start, end in ranges:
-            base, tensors = read(start, end)
-            delta = tensors[i] - base
+            base, (x,) = read(start, end, models=(i,))
+            delta = x - base
             keep[start:end] = draw(start, end, delta)
             if rescale:
-                torch.abs(torch.where(keep[start:end], delta, 0.0), out=buffer[start:end])
+                torch.abs(delta.masked_fill_(~keep[start:end], 0.0), out=buffer[start:end])  # τᵢ where kept, +0 elsewhere
         factor = None
         if rescale:
             after = buffer.sum()
             for start, end in ranges:
-                base, tensors = read(start, end)
-                torch.abs(tensors[i] - base, out=buffer[start:end])
+                base, (x,) = read(start, end, models=(i,))
+                torch.abs(x - base, out=buffer[start:end])
             before = buffer.sum()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 factor = before / after

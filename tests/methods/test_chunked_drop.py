@@ -20,11 +20,12 @@ def run_chunked(name, base, tensors, chunk, **params):
     flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
     passes = []
 
-    def read(i, j):
+    def read(i, j, models=None):
+        """``TensorInputs.read_range``: the base and ``models`` (None: all)."""
         if not passes or i < passes[-1][-1][0]:
             passes.append([])
         passes[-1].append((i, j))
-        return flat_base[i:j], [x[i:j] for x in flat]
+        return flat_base[i:j], [x[i:j] for x in (flat if models is None else [flat[k] for k in models])]
 
     pieces = METHODS[name].chunked(read, tuple(base.shape), chunk, **params)
     if pieces is None:
