@@ -8,6 +8,7 @@ naming the rank and the cause.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import signal
 import threading
@@ -168,6 +169,25 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc's ``mallopt`` parameters (malloc.h)."""
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep the memory a merge frees for its next allocation: blocks under 32 MiB
+    come from the heap, not from a fresh mmap each time, and up to 128 MiB of free heap stays
+    mapped. A chunked merge allocates and frees megabyte-sized temporaries thousands of times
+    per tensor, and by default each one was a new mapping whose pages were faulted in again
+    (dare_ties on the benchmark's second data set, one rank: 74–83 s → 66–74 s in alternating
+    runs; peak RSS within 0.05 GB). Elsewhere than glibc, nothing."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 128 << 20)
+
+
 def run_job(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
     """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job. Ctrl-C
     and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun.
@@ -177,6 +197,7 @@ def run_job(recipe_path: str, out_dir: str, options: JobOptions | None = None) -
     multi-stage recipe into ``options.keep_intermediates`` when it is set."""
     options = options or JobOptions()
     dirs = [out_dir]
+    keep_freed_memory()
     with sigterm_raises():
         try:
             return _run_job(recipe_path, out_dir, options, dirs)
