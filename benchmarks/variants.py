@@ -106,7 +106,7 @@ def main(argv=None) -> int:
                 else:
                     command = [*cmd, "run", str(recipes / f"{method}-{kind}.yml"), str(out), "--quiet", "--out-shard-size", str(shard)]
                 run = bench.Run(method, kind, command)
-                bench.measure(run, logs / f"{method}-{kind}.log", args.timeout)
+                bench.measure(run, logs / f"{method}-{kind}.log", args.timeout, env=bench.RUN_ENV)
                 if not run.ok:
                     print(f"{method} {kind}: FAILED {run.error}")
                     return 1
