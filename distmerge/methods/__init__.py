@@ -114,8 +114,9 @@ class Method:
     ``read(start, end)`` returns the float32 (base, [inputs]) of a flat index range (it may
     be called for several passes over the tensor, each in increasing order); the iterator
     yields the merged flat ranges in order. A method whose statistics run along rows may
-    read whole rows at a time. None means "not for these parameters": the run then calls
-    ``merge``."""
+    read whole rows at a time; it may also read only some models, or into buffers of its own
+    (``TensorInputs.read_range``'s ``models`` and ``out``). None means "not for these
+    parameters": the run then calls ``merge``."""
     shares_statistics: bool = False
     """``chunked`` takes ``stats``: a dict that the run shares between the merges of one unit
     of work that read the same inputs (a sweep's variants), for statistics that do not depend
