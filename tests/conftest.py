@@ -15,11 +15,13 @@ hf_hub_cache      (cache_dir, repo_id): a huggingface_hub cache with repo_id
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import importlib.util
 import os
 import platform
 import shutil
+import tempfile
 from pathlib import Path
 
 # The same CPU kernels on every x86-64 host, set before torch runs its first op (it reads these
@@ -27,9 +29,14 @@ from pathlib import Path
 # bits between torch's AVX2 and AVX-512 kernels and MKL's code paths, and the results asserted
 # on them were measured with AVX2. Without it, on an AVX-512 host the greedy soup's ingredients
 # scored 64-70 instead of 73-77 and the soup kept one of them, not three. Subprocesses inherit it.
+# Inductor compiles for the same ISA, but its disk cache does not key on it: code compiled for
+# AVX-512 by an earlier run was loaded and no longer matched the eager kernels bit for bit, so
+# the pinned runs get a cache of their own.
 if platform.machine() in ("x86_64", "AMD64"):
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     os.environ.setdefault("MKL_CBWR", "AVX2")
+    cache = f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), cache))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
