@@ -1005,6 +1005,13 @@ def work_groups(plan: Plan) -> list[list[int]]:
     return list(groups.values())
 
 
+def costed_groups(plan: Plan) -> list[tuple[list[int], int]]:
+    """Each ``work_groups`` group of the plan with its ``group_cost``: what ``assign_tensors``
+    spreads over ranks and ``rank_loads`` sums."""
+    method = methods.get(plan.method)
+    return [(g, group_cost(method, [plan.tensors[i] for i in g])) for g in work_groups(plan)]
+
+
 def group_cost(method: methods.Method, tensors: list[OutputTensor]) -> int:
     """``tensor_cost`` of tensors merged as one (a ``work_groups`` group): their outputs, their
     distinct inputs read once, and each distinct merge once."""
@@ -1031,10 +1038,9 @@ def assign_tensors(plan: Plan, world_size: int) -> list[list[int]]:
     method, whose cost grows as m·n·min(m, n)), the longest-processing-time-first assignment
     of single tensors. An fp8 output's values and scales (``work_groups``) go to one rank.
     """
-    method = methods.get(plan.method)
-    groups = work_groups(plan)
-    shares = assign([group_cost(method, [plan.tensors[i] for i in g]) for g in groups], world_size)
-    return [sorted(i for k in share for i in groups[k]) for share in shares]
+    groups = costed_groups(plan)
+    shares = assign([cost for _, cost in groups], world_size)
+    return [sorted(i for k in share for i in groups[k][0]) for share in shares]
 
 
 def assign(costs: list[int], world_size: int) -> list[list[int]]:
@@ -1113,11 +1119,10 @@ def rank_loads(plan: Plan, assignment: list[list[int]]) -> list[int]:
     """Each rank's estimated nanoseconds, as ``assign_tensors`` balances them: the ``group_cost``
     of each ``work_groups`` group it holds (a tensor's ``tensor_cost``, but an fp8 output's values
     and scales, always on one rank, cost one merge)."""
-    method = methods.get(plan.method)
     rank_of = {i: r for r, share in enumerate(assignment) for i in share}
     loads = [0] * len(assignment)
-    for g in work_groups(plan):
-        loads[rank_of[g[0]]] += group_cost(method, [plan.tensors[i] for i in g])
+    for g, cost in costed_groups(plan):
+        loads[rank_of[g[0]]] += cost
     return loads
 
 
