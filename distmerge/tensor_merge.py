@@ -196,8 +196,8 @@ class TensorInputs:
         if out is not None:
             buffers = iter(out)
 
-            def how(x: torch.Tensor) -> torch.Tensor:  # ``widen``'s values, into the next buffer
-                return next(buffers)[: j - i].copy_(x if self.work in (x.dtype, torch.float32) else x.to(self.work))
+            def how(x: torch.Tensor) -> torch.Tensor:
+                return widen_into(x, self.work, next(buffers)[: j - i])
 
         how = how or self.widen
         chunks = (how(flat_base[i:j]) if flat_base is not None else None), [how(x[i:j]) for x in flat]
@@ -432,6 +432,12 @@ def method_kwargs(method: methods.Method, t: OutputTensor, kernel_options: kerne
 def widen(x: torch.Tensor, work: torch.dtype) -> torch.Tensor:
     """Like mergekit: round an input to the recipe's dtype first, then compute in float32."""
     return x.to(work).to(torch.float32)
+
+
+def widen_into(x: torch.Tensor, work: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """``widen``'s values written into the float32 tensor ``out`` (returned): no rounding step
+    when x is already in the recipe's dtype or the recipe computes in float32."""
+    return out.copy_(x if work in (x.dtype, torch.float32) else x.to(work))
 
 
 def apply_lora(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
