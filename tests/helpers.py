@@ -21,6 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from distmerge.job import one_compute_thread
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 StateOrDir = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
@@ -39,7 +41,9 @@ def recipe_text(recipe: dict | str) -> str:
 
 
 def run_mergekit(recipe: dict | str, out_dir: str | os.PathLike, *, seed: int | None = None) -> Path:
-    """Merge with mergekit 0.1.5 in this process, as ``mergekit-yaml RECIPE OUT`` would.
+    """Merge with mergekit 0.1.5 in this process, as ``mergekit-yaml RECIPE OUT`` would with
+    OMP_NUM_THREADS=1: on one intra-op thread, as each distmerge rank merges (torch splits a
+    whole-tensor reduction by its thread count, and so its bits).
 
     CPU only, lazy loading, tokenizer copied, output in one shard. Results are cached by
     recipe text and seed for the session: a repeated recipe copies the earlier output to
@@ -78,7 +82,8 @@ def run_mergekit(recipe: dict | str, out_dir: str | os.PathLike, *, seed: int | 
         lora_merge_cache=str(out_dir.parent / (out_dir.name + "-lora-cache")),  # for model+adapter refs
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_merge(config, str(out_dir), options=options, config_source=text)
+    with one_compute_thread():  # as distmerge's ranks: mergekit's reductions split by thread count too
+        run_merge(config, str(out_dir), options=options, config_source=text)
     _MERGEKIT_CACHE[key] = out_dir
     return out_dir
 

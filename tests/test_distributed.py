@@ -42,6 +42,7 @@ from distmerge.errors import MergeError
 from distmerge.job import JobOptions, make_plan, run_job
 from distmerge.plan import assign_tensors
 from distmerge.slurm import sbatch_script
+from distmerge.demo import make_family
 from tests.helpers import REPO_ROOT, child_env, free_port, launcher_free, load_state
 
 SHARD = "40KB"
@@ -279,6 +280,43 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
             out = multi_rank(k)[name]
         assert_same_output(out, ref)
         assert sorted(p.name for p in (out / ".distmerge" / "journal").glob("*.jsonl")) == [f"rank-{r:05d}.jsonl" for r in range(k)]
+
+
+THREAD_RECIPES = ("model_stock", "dare_ties", "slerp")
+"""Methods with whole-tensor reductions (cosines, L1 norms, norms), whose float bits torch
+splits by its intra-op thread count once a tensor has more than 32768 elements."""
+
+
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory) -> dict[str, Path]:
+    """bf16 models whose MLP and embedding tensors (131072 elements) torch reduces on
+    several threads when it has them."""
+    root = tmp_path_factory.mktemp("wide_family")
+    return make_family(root, n_finetunes=2, seed=3, num_layers=1, hidden=256, intermediate=512, vocab=512)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", THREAD_RECIPES)
+def test_output_bytes_do_not_depend_on_the_thread_count(name, wide_family, tmp_path):
+    """One rank alone uses every core, torchrun's ranks one each (OMP_NUM_THREADS=1), Slurm
+    jobs what --cpus-per-task gives: each rank merges on one intra-op thread, so the bytes are
+    the same whatever the thread count (they differed for these three with 2 threads)."""
+    base, ft1, ft2 = (str(wide_family[k]) for k in ("base", "ft1", "ft2"))
+    recipe = {"merge_method": name, "base_model": base, "models": [{"model": ft1}, {"model": ft2}], "dtype": "bfloat16"}
+    if name == "slerp":
+        recipe = {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": ft1}], "parameters": {"t": 0.4}, "dtype": "bfloat16"}
+    elif name == "dare_ties":
+        recipe["parameters"] = {"density": 0.5, "weight": 0.5}
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    outs = {}
+    for threads in (1, 2):
+        outs[threads] = tmp_path / f"threads-{threads}"
+        cmd = [sys.executable, "-m", "distmerge.cli", "run", str(path), str(outs[threads]), "--quiet", "--device", "cpu"]
+        r = Proc(cmd, child_env({"OMP_NUM_THREADS": threads}), tmp_path / f"log-{threads}").wait()
+        assert r.rc == 0, r.tail()
+    (file,) = outs[1].glob("model*.safetensors")
+    assert filecmp.cmp(file, outs[2] / file.name, shallow=False), f"{name}: 1 and 2 threads wrote different bytes"
 
 
 @pytest.mark.slow
