@@ -134,7 +134,7 @@ def linear_sum(tensors: list[torch.Tensor], weight: list[float], *, normalize: b
     for wi, x in zip(w, tensors):
         out.addcmul_(x, wi)  # out += wᵢ·θᵢ, one rounding (an FMA on CPU)
     if normalize:
-        out = out / w.sum()
+        out.div_(w.sum())  # in place, as mergekit divides: the same bits without a temporary
     return out
 
 
