@@ -27,7 +27,6 @@ using the counter i of its row-major flat index, so a mask does not depend on ch
 from __future__ import annotations
 
 import copy
-import math
 import sys
 from dataclasses import dataclass, field
 
@@ -259,20 +258,6 @@ def della_magprune(
 # ---------------------------------------------------------------- top-k over a tensor read in chunks
 
 
-_SAMPLE_PIECES = 64
-
-
-def sample_ranges(n: int, chunk: int) -> list[tuple[int, int]]:
-    """Flat ranges for ``ChunkedTopK.sample``: 64 runs spread evenly over the n elements,
-    about n/64 of them in all (at least 2**15, at most 2**18 and n/4). None when n fits
-    one chunk: pass 1 then sees every entry at once."""
-    if n <= chunk:
-        return []
-    length = max(1, min(n // 4, max(n // 64, 1 << 15), 1 << 18) // _SAMPLE_PIECES)
-    starts = (int((piece + 0.5) * n / _SAMPLE_PIECES) - length // 2 for piece in range(_SAMPLE_PIECES))
-    return [(start, start + length) for start in starts]
-
-
 @dataclass(slots=True)
 class SharedTopK:
     """What the top-k selections of one score have in common across the merges of one unit
@@ -330,22 +315,11 @@ class ChunkedTopK:
         self._lows_kept = 0
         self._chunk_ties = iter(())  # per chunk: (size, entries equal to the threshold)
         self._replay: tuple = ()  # what ``replay`` restores: the state right after ``finish``
-        self._sample: list[torch.Tensor] = []  # high bits of a sample of the scores (``sample``)
-        self._window: tuple[int, int] | None = None  # high buckets lo..hi whose entries pass 1 keeps
-        self._candidates: list | None = None  # per chunk of pass 1: (size, bits of its entries in the window)
-        self._candidates_kept = 0
-        self._low_done = False  # the low-bits statistics are complete: pass 2 is not needed
 
     @property
     def needs_passes(self) -> bool:
         """Statistics passes are still to run (not trivial, not finished)."""
         return not self.trivial and self.threshold is None
-
-    @property
-    def needs_low(self) -> bool:
-        """After pass 1 (``end_high``): pass 2 is still to run — the window of pass 1 missed
-        the k-th largest's bucket or overflowed, or there was none."""
-        return self.needs_passes and not self._low_done
 
     def add_high(self, score: torch.Tensor) -> None:
         """Pass 1 of 2: a chunk's scores (flat, non-negative float32) into the high-bits histogram."""
@@ -356,111 +330,27 @@ class ChunkedTopK:
         ChunkedTopK.gather([self], score, low=True)
 
     @staticmethod
-    def sample(tops: list[ChunkedTopK], values: torch.Tensor) -> None:
-        """Before pass 1: a piece of a sample of the score (flat float32 values whose |·| is
-        the score, e.g. from ``sample_ranges``) for several selections of it. From the sample,
-        pass 1 picks a window of high buckets likely to hold the k-th largest and keeps the
-        entries in it, so that pass 2 is not needed when it does (``end_high``)."""
-        high = _magnitude_bits(values) >> 16
-        for top in tops:
-            if not top.has_high:
-                top._sample.append(high)
-
-    @staticmethod
     def gather(tops: list[ChunkedTopK], values: torch.Tensor, *, low: bool) -> None:
         """``add_high`` (or with ``low``, ``add_low``) of one chunk for several selections of
         one score, given a flat float32 chunk whose |·| is that score (signed δ will do).
 
         They share the high-bits histogram, and in pass 2 one scan of the chunk picks the
-        entries of all their buckets. In pass 1 each also keeps the entries in its window
-        (``sample``); a chunk that is the whole score does pass 2 at once.
+        entries of all their buckets.
         """
         bits = _magnitude_bits(values)
         if not low:
-            hist = torch.bincount(bits >> 16, minlength=1 << 15)
+            bits >>= 16
+            hist = torch.bincount(bits, minlength=1 << 15)
             for top in tops:
                 top._hist += hist
-                top._keep_window(bits)
-            if bits.numel() == tops[0].n:  # the whole score: its low bits are here
-                ChunkedTopK._gather_low(tops, bits)
-                for top in tops:
-                    top._low_done = True
             return
-        ChunkedTopK._gather_low(tops, bits)
-
-    @staticmethod
-    def _gather_low(tops: list[ChunkedTopK], bits: torch.Tensor) -> None:
-        """Pass 2 of a chunk (``_magnitude_bits``) for the selections that still need it."""
-        tops = [top for top in tops if top._end_high()]
+        for top in tops:
+            top._start_low()
         buckets = list(dict.fromkeys(top._high for top in tops))
-        if not buckets:
-            return
         for bucket, lows in zip(buckets, _bucket_lows(bits, buckets)):
             for top in tops:
                 if top._high == bucket:
                     top._add_lows(bits.numel(), lows)
-
-    def _plan_window(self) -> None:
-        """From the sample: the high buckets holding the sample's ranks r ± Δ, r = k·m/n the
-        k-th largest's expected rank among its m entries, Δ = m/256 plus four binomial
-        standard deviations (pieces of rows are not independent draws: a margin). The
-        window's entries are at most about n/64 + two buckets; a window expected to hold more
-        than ``_cap`` entries is narrowed to r's bucket, or dropped."""
-        highs, self._sample = self._sample, []
-        if self._high is not None or not highs:
-            return
-        hist = torch.bincount(torch.cat(highs), minlength=1 << 15)
-        m = int(hist.sum())
-        if m == 0:
-            return
-        r = self.k * m / self.n
-        margin = m / 256 + 4 * math.sqrt(r * (m - r) / m) + 1
-        top_rank, bottom_rank = math.ceil(r - margin), math.floor(r + margin)
-        hi = (1 << 15) - 1 if top_rank < 1 else _select_digit(hist, top_rank)[0]
-        lo = 0 if bottom_rank > m else _select_digit(hist, bottom_rank)[0]
-        per_sample = self.n / m
-        if int(hist[lo : hi + 1].sum()) * per_sample > self._cap:
-            lo = hi = _select_digit(hist, min(m, max(1, round(r))))[0]
-            if int(hist[lo]) * per_sample > self._cap:
-                return
-        self._window = (lo, hi)
-        self._candidates = []
-
-    @property
-    def _cap(self) -> int:
-        """The most window entries pass 1 keeps: n/32 (4 bytes each), at least 2**16."""
-        return max(self.n // 32, 1 << 16)
-
-    def _keep_window(self, bits: torch.Tensor) -> None:
-        """Pass 1: keep the bits of the chunk's entries in the window, in flat order; past
-        ``_cap`` of them, drop them all (pass 2 will run)."""
-        if self._sample:
-            self._plan_window()
-        if self._candidates is None:
-            return
-        lo, hi = self._window
-        inside = bits >= lo << 16
-        if hi < (1 << 15) - 1:
-            inside &= bits < (hi + 1) << 16
-        kept = bits[inside]
-        self._candidates_kept += kept.numel()
-        if self._candidates_kept > self._cap:
-            self._candidates = self._window = None
-            return
-        self._candidates.append((bits.numel(), kept))
-
-    def end_high(self) -> bool:
-        """After pass 1: fix the k-th largest's high bucket; True if pass 2 is still needed.
-
-        When the bucket is in the window, the entries pass 1 kept from each chunk hold every
-        entry of the bucket, so they give pass 2's statistics (the same low bits, per chunk,
-        in flat order) without reading the chunks again.
-        """
-        return self._end_high()
-
-    def _end_high(self) -> bool:
-        self._start_low()
-        return not self._low_done
 
     def _add_lows(self, size: int, lows: torch.Tensor) -> None:
         """Pass 2 for one chunk of ``size`` entries, given the low bits of those in the bucket.
@@ -479,19 +369,13 @@ class ChunkedTopK:
             self._lows = None
 
     def _start_low(self) -> None:
-        """Between the passes: the high bucket of the k-th largest, and the rank in it; and
-        pass 2's statistics from the window's entries when they hold that bucket."""
+        """Between the passes: the high bucket of the k-th largest, and the rank in it."""
         if self._high is None:
             if self.shared is not None and self.shared.high is None:
                 self.shared.high = self._hist.clone()
             self._finite = not bool(self._hist[0x7F80:].any())  # buckets of Inf and NaN
             self._high, self._rank = _select_digit(self._hist, self.k)
             self._hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._hist.device)
-            candidates, self._candidates, self._sample = self._candidates, None, []
-            if candidates is not None and self._window[0] <= self._high <= self._window[1]:
-                for size, kept in candidates:
-                    self._add_lows(size, kept[(kept >> 16) == self._high] & 0xFFFF)
-                self._low_done = True
 
     def finish(self) -> None:
         """After both passes: the threshold and how many entries equal to it are kept."""

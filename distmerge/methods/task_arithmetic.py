@@ -126,15 +126,15 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
     """
     ranges = chunk_ranges(numel, chunk)
     live = [[top for top in pair or () if top is not None and top.needs_passes] for pair in selections]
-    first = [[top for top in tops if not top.has_high] for tops in live]
-    if any(first):
-        for start, end in sparsify.sample_ranges(numel, chunk):
+    for low in (False, True):
+        passing = [[top for top in tops if low or not top.has_high] for tops in live]
+        if not any(passing):
+            continue
+        for start, end in ranges:
             base, tensors = read(start, end)
-            for tops, x in zip(first, tensors):
+            for tops, x in zip(passing, tensors):
                 if tops:
-                    sparsify.ChunkedTopK.sample(tops, x - base)
-        _statistics_pass(read, ranges, first, low=False)
-    _statistics_pass(read, ranges, [[top for top in tops if top.end_high()] for tops in live], low=True)
+                    sparsify.ChunkedTopK.gather(tops, x - base, low=low)
     for tops in live:
         for top in tops:
             top.finish()
@@ -145,17 +145,6 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
         yield start, end, combine(
             base, trimmed, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options
         )
-
-
-def _statistics_pass(read, ranges, tops_per_input, *, low: bool) -> None:
-    """One statistics pass over the chunks (``sparsify.ChunkedTopK.gather``) for the inputs with selections in it."""
-    if not any(tops_per_input):
-        return
-    for start, end in ranges:
-        base, tensors = read(start, end)
-        for tops, x in zip(tops_per_input, tensors):
-            if tops:
-                sparsify.ChunkedTopK.gather(tops, x - base, low=low)
 
 
 def _top_k(stats: dict | None, i: int, numel: int, k: int) -> sparsify.ChunkedTopK:

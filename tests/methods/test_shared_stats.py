@@ -49,8 +49,7 @@ def test_a_new_density_skips_the_first_statistics_pass_and_a_known_one_both():
     base, fine = models(1)
     stats: dict = {}
     passes = [chunked("ties", base, fine, {"weight": [0.5, 0.5], "density": [d, d]}, stats)[1] for d in (0.3, 0.5, 0.3, 0.5)]
-    # alone: the statistics pass (pass 1 keeps the entries near the sampled threshold, so no
-    # low-bits pass) and the merge pass; a new density: the low-bits pass and the merge pass (the
-    # high-bits histogram serves every density); a density seen before: the merge only
-    assert passes == [2, 2, 1, 1]
-    assert chunked("ties", base, fine, {"weight": [0.5, 0.5], "density": [0.3, 0.3]}, None)[1] == 2
+    # alone: two statistics passes and the merge pass; a new density: the low-bits pass and the
+    # merge pass (the high-bits histogram serves every density); a density seen before: the merge only
+    assert passes == [3, 2, 1, 1]
+    assert chunked("ties", base, fine, {"weight": [0.5, 0.5], "density": [0.3, 0.3]}, None)[1] == 3
