@@ -600,3 +600,35 @@ def test_kernels_compile_for_sm90_without_contracted_fma(tmp_path):
     if result.stdout.startswith("skip"):
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-4000:]
+
+
+def _mergekit_linear(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
+    """mergekit 0.1.5's linear merge, step for step: float32 zeros, one ``addcmul_`` per model,
+    then ``div_`` by the sum of the weights."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    out = torch.zeros_like(xs[0], dtype=torch.float32)
+    for x, wi in zip(xs, w.unbind(0)):
+        out.addcmul_(x, wi)
+    return out.div_(w.sum()) if normalize else out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_linear_sum_is_mergekits_accumulation_bit_for_bit(seed, normalize):
+    """The reference's first step is 0 + w₀θ₀ with a broadcast zero instead of a zero-filled
+    buffer: the same bits, signed zeros included (a −0 product gives +0 in both), for weights
+    of either sign, zero weights, and values from subnormal to 1e38."""
+    g = torch.Generator().manual_seed(seed)
+    n = 4099
+    xs = []
+    for _ in range(3):
+        x = torch.randn(n, generator=g) * 10.0 ** torch.randint(-40, 38, (n,), generator=g).float()
+        x[torch.randint(0, n, (n // 5,), generator=g)] = -0.0
+        x[torch.randint(0, n, (n // 7,), generator=g)] = 0.0
+        xs.append(x)
+    xs[1][:64] = -0.0
+    xs[2][:64] = -0.0
+    for weight in ([0.3, 0.5, 0.2], [0.7, -0.4, 0.0], [-0.0, 1e-30, 2.5], torch.randn(3, generator=g).tolist()):
+        want = _mergekit_linear(xs, weight, normalize)
+        got = reference.linear_sum(xs, weight, normalize=normalize)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), weight
