@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass
 
 import psutil
-import torch
 
-from distmerge import dist, output, state
+from distmerge import dist, output, state, threads
 from distmerge.errors import MergeError, Stopped
 from distmerge.graph import FINAL, Graph, build_graph
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan
@@ -189,32 +188,6 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
-@contextlib.contextmanager
-def one_compute_thread():
-    """The rank merges on one intra-op thread of torch's, and the thread count it had is
-    restored after.
-
-    - **The same bytes on any machine and rank count.** torch splits a whole-tensor
-      reduction (the norms and cosines of slerp and model_stock, DARE's and DELLA's L1
-      rescale, sce's variances) between its threads, so its float bits depend on how many
-      there are. One rank alone has one per core, torchrun gives each of several ranks
-      OMP_NUM_THREADS=1, a Slurm job what --cpus-per-task says. With 2 threads those three
-      methods wrote other bytes than with 1 (tests/test_distributed.py).
-    - **No stalls.** The rank's merge loop works on 1 MB chunks while its own writer, hash
-      and sync threads run beside it. torch's OpenMP workers wait for each other at every
-      operation, and one whose core is busy elsewhere stalls them all. Measured here (2
-      cores, the 4-output linear sweep of benchmarks/variants.py): quiet, 7.65 s with 2
-      threads against 7.57 s with 1; with one niced process busy beside it, 40–179 s against
-      8.9–13 s.
-    More cores are used by more ranks (``torchrun --nproc-per-node``, ``srun``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def run_job(recipe_path: str, out_dir: str, options: JobOptions | None = None) -> JobResult:
     """Run the merge of ``recipe_path`` into ``out_dir`` as this rank of the job. Ctrl-C
     and SIGTERM raise ``Stopped``, saying how many merged tensors are kept for the rerun.
@@ -277,7 +250,7 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         )  # fmt: skip
         work_start = time.time()
         try:
-            with one_compute_thread():
+            with threads.one():  # the same bytes on any machine and rank count (distmerge.threads)
                 ran = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress)
             written = ran.written
         except BaseException as e:

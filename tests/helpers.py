@@ -21,7 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from distmerge.job import one_compute_thread
+from distmerge import threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def run_mergekit(recipe: dict | str, out_dir: str | os.PathLike, *, seed: int | 
         lora_merge_cache=str(out_dir.parent / (out_dir.name + "-lora-cache")),  # for model+adapter refs
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    with one_compute_thread():  # as distmerge's ranks: mergekit's reductions split by thread count too
+    with threads.one():  # as distmerge's ranks: mergekit's reductions split by thread count too
         run_merge(config, str(out_dir), options=options, config_source=text)
     _MERGEKIT_CACHE[key] = out_dir
     return out_dir

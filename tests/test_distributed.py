@@ -282,31 +282,35 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
         assert sorted(p.name for p in (out / ".distmerge" / "journal").glob("*.jsonl")) == [f"rank-{r:05d}.jsonl" for r in range(k)]
 
 
-THREAD_RECIPES = ("model_stock", "dare_ties", "slerp")
-"""Methods with whole-tensor reductions (cosines, L1 norms, norms), whose float bits torch
-splits by its intra-op thread count once a tensor has more than 32768 elements."""
+THREAD_RECIPES = ("model_stock", "dare_ties", "slerp", "della", "sce")
+"""Methods with whole-tensor reductions (cosines, L1 norms, norms, variances), whose float bits
+torch splits by its intra-op thread count once a tensor has more than 32768 elements (della
+and sce also run steps on every thread: a row sort, element-wise work)."""
 
 
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory) -> dict[str, Path]:
-    """bf16 models whose MLP and embedding tensors (131072 elements) torch reduces on
-    several threads when it has them."""
+    """bf16 models whose tensors torch reduces on several threads when it has them: MLP
+    matrices of 327680 elements (merged in chunks) and embeddings of 131072 (merged whole)."""
     root = tmp_path_factory.mktemp("wide_family")
-    return make_family(root, n_finetunes=2, seed=3, num_layers=1, hidden=256, intermediate=512, vocab=512)
+    return make_family(root, n_finetunes=2, seed=3, num_layers=1, hidden=256, intermediate=1280, vocab=512)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", THREAD_RECIPES)
 def test_output_bytes_do_not_depend_on_the_thread_count(name, wide_family, tmp_path):
     """One rank alone uses every core, torchrun's ranks one each (OMP_NUM_THREADS=1), Slurm
-    jobs what --cpus-per-task gives: each rank merges on one intra-op thread, so the bytes are
-    the same whatever the thread count (they differed for these three with 2 threads)."""
+    jobs what --cpus-per-task gives: each rank merges on one intra-op thread (but for steps whose
+    bits cannot depend on it), so the bytes are the same whatever the thread count (model_stock,
+    dare_ties and slerp differed with 2 threads before)."""
     base, ft1, ft2 = (str(wide_family[k]) for k in ("base", "ft1", "ft2"))
     recipe = {"merge_method": name, "base_model": base, "models": [{"model": ft1}, {"model": ft2}], "dtype": "bfloat16"}
     if name == "slerp":
         recipe = {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": ft1}], "parameters": {"t": 0.4}, "dtype": "bfloat16"}
-    elif name == "dare_ties":
-        recipe["parameters"] = {"density": 0.5, "weight": 0.5}
+    elif name in ("dare_ties", "della"):
+        recipe["parameters"] = {"density": 0.5, "weight": 0.5, **({"epsilon": 0.1} if name == "della" else {})}
+    elif name == "sce":
+        recipe["parameters"] = {"select_topk": 0.5}
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     outs = {}

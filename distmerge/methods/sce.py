@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from distmerge import threads
 from distmerge.kernels.reference import agrees, elect_sign
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
@@ -113,19 +114,29 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float):
 
     energies = []
     for i in range(models):
-        for start, end in ranges:
-            base, tensors = read(start, end)
-            torch.square(task_vector(base, tensors[i], start, end), out=buffer[start:end])
-        energies.append(buffer.mean())
+        with threads.every():  # element-wise
+            for start, end in ranges:
+                base, tensors = read(start, end)
+                torch.square(task_vector(base, tensors[i], start, end), out=buffer[start:end])
+        energies.append(buffer.mean())  # a whole-tensor reduction: on the rank's one thread
     del buffer
     weights = energy_weights(energies)
     for start, end in ranges:
         base, tensors = read(start, end)
-        yield start, end, erase_and_merge(base, [task_vector(base, x, start, end) for x in tensors], weights)
+        with threads.every():  # element-wise
+            merged = erase_and_merge(base, [task_vector(base, x, start, end) for x in tensors], weights)
+        yield start, end, merged
 
 
 def _keep_by_variance(read, numel: int, ranges, buffer: torch.Tensor, fraction: float) -> torch.Tensor:
-    """``select_by_variance`` (flat), with ``buffer`` as scratch for Var: one pass over the inputs."""
+    """``select_by_variance`` (flat), with ``buffer`` as scratch for Var: one pass over the
+    inputs. On every thread (``threads.every``): a variance across the models is one element's,
+    and the selection counts integers, so no bit depends on the thread count."""
+    with threads.every():
+        return _keep_by_variance_on(read, numel, ranges, buffer, fraction)
+
+
+def _keep_by_variance_on(read, numel: int, ranges, buffer: torch.Tensor, fraction: float) -> torch.Tensor:
     if fraction <= 0:
         return torch.zeros(numel, dtype=torch.bool)
     nonzero = torch.zeros((), dtype=torch.int64)

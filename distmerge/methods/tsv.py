@@ -11,28 +11,24 @@ import functools
 
 import torch
 
+from distmerge import threads
 from distmerge.methods import Method, Param, elementwise_flops, in_unit_interval
 
 
 def one_cpu_thread(merge):
-    """Run ``merge`` with one intra-op thread when its base is on the CPU.
+    """Run ``merge`` on one intra-op thread (``distmerge.threads.one``) when its base is on
+    the CPU, also when it is called outside a run (a rank already merges on one).
 
     LAPACK's SVD and BLAS's products block their work by thread count, so their float32 bits
-    depend on it (measured: 1e-5 apart between 1 and 2 threads on a 384×512 matrix), and ranks
-    do not share one: a single rank uses every core, torchrun gives each of several ranks
-    OMP_NUM_THREADS=1. One thread gives every rank count the same bytes; the ranks themselves
-    are the parallelism. On a GPU (cuSOLVER, cuBLAS) the thread count plays no part."""
+    depend on it (measured: 1e-5 apart between 1 and 2 threads on a 384×512 matrix). On a
+    GPU (cuSOLVER, cuBLAS) the thread count plays no part."""
 
     @functools.wraps(merge)
     def wrapped(base, tensors, **kwargs):
-        threads = torch.get_num_threads()
-        if base.device.type != "cpu" or threads == 1:
+        if base.device.type != "cpu":
             return merge(base, tensors, **kwargs)
-        torch.set_num_threads(1)
-        try:
+        with threads.one():
             return merge(base, tensors, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
 
     return wrapped
 

@@ -1,0 +1,53 @@
+"""How many of torch's intra-op threads a merge uses (README, "Threads").
+
+A rank merges on one thread (``one``). torch splits a whole-tensor reduction between its
+threads, and so its float bits depend on their number. The reductions are the norms and
+cosines of slerp and model_stock, DARE's and DELLA's L1 rescale, sce's variances, and
+LAPACK's and BLAS's blocking in the SVD methods. One rank alone has a thread per core,
+torchrun gives each of several ranks OMP_NUM_THREADS=1, and a Slurm job has what
+--cpus-per-task says. On one thread the bytes are the same everywhere.
+
+A step whose bits cannot depend on the thread count may use every thread the rank was given
+(``every``). DELLA's ranking of |δ| within each row is such a step: a sort along rows, each
+row sorted whole by one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def available() -> int:
+    """The intra-op threads torch starts a process with: OMP_NUM_THREADS when it is set
+    (torchrun sets 1 for each of several ranks), else the CPUs this process may run on."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def using(n: int):
+    """torch's intra-op thread count set to ``n`` inside, restored after."""
+    before = torch.get_num_threads()
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+def one():
+    """One intra-op thread: every float reduction gets the same bits whatever the machine."""
+    return using(1)
+
+
+def every():
+    """Every thread the process was given (``available``), for steps whose bits do not
+    depend on the count."""
+    return using(available())
