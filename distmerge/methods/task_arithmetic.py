@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import kernels, rng
+from distmerge import kernels, rng, threads
 from distmerge.kernels.reference import RESCALE_EPS
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, non_negative, sparsify
 
@@ -201,36 +201,38 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
             drops.append(None)
             continue
         keep = torch.empty(numel, dtype=torch.bool)
-        for start, end in ranges:
-            base, (x,) = read(start, end, models=(i,))
-            delta = x - base
-            keep[start:end] = draw(start, end, delta)
-            if rescale:
-                torch.abs(delta.masked_fill_(~keep[start:end], 0.0), out=buffer[start:end])  # τᵢ where kept, +0 elsewhere
-        factor = None
-        if rescale:
-            after = buffer.sum()
+        with threads.every():  # element-wise (and draws that depend only on indices)
             for start, end in ranges:
                 base, (x,) = read(start, end, models=(i,))
-                torch.abs(x - base, out=buffer[start:end])
+                delta = x - base
+                keep[start:end] = draw(start, end, delta)
+                if rescale:
+                    torch.abs(delta.masked_fill_(~keep[start:end], 0.0), out=buffer[start:end])  # τᵢ where kept, +0 elsewhere
+        factor = None
+        if rescale:
+            after = buffer.sum()  # whole-tensor sums: on the rank's one thread (distmerge.threads)
+            with threads.every():
+                for start, end in ranges:
+                    base, (x,) = read(start, end, models=(i,))
+                    torch.abs(x - base, out=buffer[start:end])
             before = buffer.sum()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 factor = before / after
         drops.append((keep, factor))
     del buffer
     for start, end in ranges:
-        base, tensors = read(start, end)
-        deltas = []
-        for drop, delta in zip(drops, task_vectors(base, tensors)):
-            if drop is not None:
-                keep, factor = drop
-                delta = torch.where(keep[start:end], delta, 0.0)
-                if factor is not None:
-                    delta = delta * factor
-            deltas.append(delta)
-        yield start, end, combine(
-            base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options
-        )
+        with threads.every():  # element-wise
+            base, tensors = read(start, end)
+            deltas = []
+            for drop, delta in zip(drops, task_vectors(base, tensors)):
+                if drop is not None:
+                    keep, factor = drop
+                    delta = torch.where(keep[start:end], delta, 0.0)
+                    if factor is not None:
+                        delta = delta * factor
+                deltas.append(delta)
+            merged = combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options)
+        yield start, end, merged
 
 
 def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
