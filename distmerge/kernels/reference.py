@@ -130,10 +130,8 @@ def linear_sum(tensors: list[torch.Tensor], weight: list[float], *, normalize: b
     (``addcmul_``, as mergekit's linear merge, so float32 results agree bitwise)."""
     tensors = [_f32(x) for x in tensors]
     w = torch.tensor(weight, dtype=torch.float32)
-    # 0 + w₀·θ₀ with a broadcast zero: the bits of addcmul_ into zeros (−0 products become +0
-    # alike), without a pass that fills zeros first.
-    out = torch.addcmul(torch.zeros((), device=tensors[0].device), tensors[0], w[0])
-    for wi, x in zip(w[1:], tensors[1:]):
+    out = torch.zeros_like(tensors[0])  # (addcmul from a broadcast 0-d zero gives the same bits, 2.5-3x slower)
+    for wi, x in zip(w, tensors):
         out.addcmul_(x, wi)  # out += wᵢ·θᵢ, one rounding (an FMA on CPU)
     if normalize:
         out.div_(w.sum())  # in place, as mergekit divides: the same bits without a temporary

@@ -615,9 +615,9 @@ def _mergekit_linear(xs: list[torch.Tensor], weight: list[float], normalize: boo
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("seed", range(6))
 def test_linear_sum_is_mergekits_accumulation_bit_for_bit(seed, normalize):
-    """The reference's first step is 0 + w₀θ₀ with a broadcast zero instead of a zero-filled
-    buffer: the same bits, signed zeros included (a −0 product gives +0 in both), for weights
-    of either sign, zero weights, and values from subnormal to 1e38."""
+    """The reference is mergekit's accumulation: the same bits, signed zeros included (a −0
+    product gives +0 in both), for weights of either sign, zero weights, and values from
+    subnormal to 1e38."""
     g = torch.Generator().manual_seed(seed)
     n = 4099
     xs = []
