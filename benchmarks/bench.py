@@ -666,8 +666,9 @@ def main(argv=None) -> int:
     runners = ["io-floor"] + ([] if args.skip_mergekit else ["mergekit"]) + [f"distmerge×{n}" for n in args.ranks]
     say(
         f"output shards of at most {shard / 1e9:.3f} GB for both tools; device {args.device}; runners: {', '.join(runners)}\n"
-        "threads: 1 process uses torch's default intra-op threads; torchrun gives each of N>1 workers "
-        "OMP_NUM_THREADS=1 unless it is set"
+        "threads: mergekit uses torch's default intra-op threads; each distmerge rank merges on one "
+        "(steps whose bits cannot depend on it on every thread: distmerge.threads); torchrun gives each "
+        "of N>1 workers OMP_NUM_THREADS=1 unless it is set"
     )
     if cuda:
         bw = cuda.get("theoretical_bw")
