@@ -2,14 +2,15 @@
 
 A rank merges on one thread (``one``). torch splits a whole-tensor reduction between its
 threads, and so its float bits depend on their number. The reductions are the norms and
-cosines of slerp and model_stock, DARE's and DELLA's L1 rescale, sce's variances, and
-LAPACK's and BLAS's blocking in the SVD methods. One rank alone has a thread per core,
+cosines of slerp and model_stock, DARE's and DELLA's L1 rescale, sce's energies (mean τ²),
+and LAPACK's and BLAS's blocking in the SVD methods. One rank alone has a thread per core,
 torchrun gives each of several ranks OMP_NUM_THREADS=1, and a Slurm job has what
 --cpus-per-task says. On one thread the bytes are the same everywhere.
 
 A step whose bits cannot depend on the thread count may use every thread the rank was given
-(``every``). DELLA's ranking of |δ| within each row is such a step: a sort along rows, each
-row sorted whole by one thread.
+(``every``). These are DELLA's ranking of |δ| within each row (a sort along rows, each row
+sorted whole by one thread) and the element-wise passes of DARE, DELLA and sce. sce's
+variance of an element across the models counts as element-wise here.
 """
 
 from __future__ import annotations
