@@ -16,18 +16,12 @@ variance of an element across the models counts as element-wise here.
 from __future__ import annotations
 
 import contextlib
-import os
+import contextvars
 
 import torch
 
-
-def available() -> int:
-    """The intra-op threads torch starts a process with: OMP_NUM_THREADS when it is set
-    (torchrun sets 1 for each of several ranks), else the CPUs this process may run on."""
-    try:
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    except (KeyError, ValueError):
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+_GIVEN: contextvars.ContextVar[int | None] = contextvars.ContextVar("distmerge_threads_given", default=None)
+"""Inside ``one``: the intra-op thread count the process had before it (what ``every`` restores)."""
 
 
 @contextlib.contextmanager
@@ -43,12 +37,20 @@ def using(n: int):
             torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
 def one():
-    """One intra-op thread: every float reduction gets the same bits whatever the machine."""
-    return using(1)
+    """One intra-op thread: every float reduction gets the same bits whatever the machine.
+    The count it replaces (torch's own: OMP_NUM_THREADS, MKL_NUM_THREADS or the physical
+    cores; torchrun sets 1 for each of several ranks) is what ``every`` uses inside."""
+    token = _GIVEN.set(_GIVEN.get() or torch.get_num_threads())
+    try:
+        with using(1):
+            yield
+    finally:
+        _GIVEN.reset(token)
 
 
 def every():
-    """Every thread the process was given (``available``), for steps whose bits do not
-    depend on the count."""
-    return using(available())
+    """Every thread the process was given (the count before ``one``; outside ``one``, the
+    count as it is), for steps whose bits do not depend on the count."""
+    return using(_GIVEN.get() or torch.get_num_threads())

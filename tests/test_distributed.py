@@ -283,7 +283,7 @@ def test_output_bytes_do_not_depend_on_the_number_of_ranks(name, recipes, one_pr
 
 
 THREAD_RECIPES = ("model_stock", "dare_ties", "slerp", "della", "sce")
-"""Methods with whole-tensor reductions (cosines, L1 norms, norms, variances), whose float bits
+"""Methods with whole-tensor reductions (cosines, L1 norms, norms, energies), whose float bits
 torch splits by its intra-op thread count once a tensor has more than 32768 elements (della
 and sce also run steps on every thread: a row sort, element-wise work)."""
 
