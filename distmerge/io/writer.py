@@ -5,14 +5,24 @@ rank that owns some of a file's tensors opens ``NAME.partial`` (creating it, wri
 header and sizing it if needed: every rank would write the same bytes) and writes its
 tensors at their offsets. When every tensor of the file is written and synced, rank 0
 renames ``NAME.partial`` to ``NAME``. A file with its final name is therefore always whole.
+
+Tensor bytes go to disk around the page cache (``O_DIRECT``) where the file system allows it:
+the 4 KiB-aligned middle of each tensor's byte range, through an aligned buffer; the ragged
+ends, which may share a 4 KiB block with a neighbour another rank writes, and the header go
+through the page cache. Buffered writes cost the kernel a core: on this project's machines
+2 GB written and fsynced took 2.1-5.6 s of system time buffered against 0.14-0.23 s direct
+(3.6-6.5 s of wall time against 1.5-1.9 s), time taken from the merge on the same cores.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
+import mmap
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -38,7 +48,7 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 class PartialFile:
     """``path + ".partial"``, sized and headed, open for writing tensors at their offsets."""
 
-    def __init__(self, path: str, header: bytes, size: int):
+    def __init__(self, path: str, header: bytes, size: int, direct: bool = True):
         self.path = path
         self.tmp = path + PARTIAL
         self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,6 +56,9 @@ class PartialFile:
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
         _pwrite_all(self.fd, memoryview(header), 0)
+        self.direct_fd = _open_direct(self.tmp) if direct else None
+        """A second descriptor that writes around the page cache; None where the file system
+        refuses ``O_DIRECT`` (tmpfs, some network file systems), or after a write it refused."""
 
     def write_at(self, offset: int, tensor: torch.Tensor, ready: Callable[[], None] | None = None) -> Future:
         """Start writing ``tensor``'s bytes at ``offset`` on the I/O thread. Returns a future
@@ -60,8 +73,7 @@ class PartialFile:
             data = raw_bytes(tensor)  # the closure holds the tensor until the job is done
             digest = _HASH.submit(_sha256, data)
             try:
-                _pwrite_all(self.fd, data, offset)
-                start_writeback(self.fd, offset, len(data))
+                self._write(data, tensor.data_ptr(), offset)
             finally:
                 hexdigest = digest.result()  # never leave the hash reading a tensor we let go of
             return hexdigest
@@ -69,6 +81,27 @@ class PartialFile:
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(_IO.submit(job))
         return self._pending[-1]
+
+    def _write(self, data: memoryview, address: int, offset: int) -> None:
+        """Write ``data`` (at memory ``address``) at file ``offset``: its aligned middle
+        directly when this file can, the rest through the page cache."""
+        begin, end = _align_up(offset), _align_down(offset + len(data))
+        if self.direct_fd is None or end - begin < DIRECT_MIN:
+            _pwrite_all(self.fd, data, offset)
+            start_writeback(self.fd, offset, len(data))
+            return
+        head, tail = begin - offset, end - offset
+        _pwrite_all(self.fd, data[:head], offset)
+        _pwrite_all(self.fd, data[tail:], end)
+        try:
+            _pwrite_direct(self.direct_fd, address + head, end - begin, begin)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            os.close(self.direct_fd)  # refused after all (an alignment this file system wants bigger)
+            self.direct_fd = None
+            _pwrite_all(self.fd, data[head:tail], begin)
+        start_writeback(self.fd, offset, len(data))  # the ragged ends
 
     def flush_job(self) -> Callable[[], None]:
         """What makes this file's bytes written so far durable, for the sync thread to run:
@@ -90,6 +123,8 @@ class PartialFile:
                 f.result()
             except Exception:
                 pass
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
         os.close(self.fd)
 
 
@@ -102,6 +137,53 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
+
+
+DIRECT_ALIGN = 4096
+"""What ``O_DIRECT`` needs file offsets, lengths and buffer addresses aligned to: a page,
+a multiple of every disk's logical block size in use (512 or 4096 bytes)."""
+DIRECT_MIN = 1 << 20
+"""Tensors whose aligned middle is smaller than this go through the page cache whole."""
+DIRECT_CHUNK = 8 << 20
+"""The aligned buffer a direct write copies through, per writing thread."""
+_staging = threading.local()
+
+
+def _open_direct(path: str) -> int | None:
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # EINVAL: this file system has no direct I/O
+        return None
+
+
+def _align_up(n: int) -> int:
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def _align_down(n: int) -> int:
+    return n // DIRECT_ALIGN * DIRECT_ALIGN
+
+
+def _pwrite_direct(fd: int, address: int, nbytes: int, offset: int) -> None:
+    """Write ``nbytes`` from memory ``address`` at ``offset`` (both multiples of
+    DIRECT_ALIGN) on an ``O_DIRECT`` descriptor, copying through a page-aligned buffer
+    (a tensor's bytes are only 64-byte aligned)."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None:
+        buf = _staging.buf = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned
+        _staging.address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        _staging.view = memoryview(buf)
+    done = 0
+    while done < nbytes:
+        n = min(DIRECT_CHUNK, nbytes - done)
+        ctypes.memmove(_staging.address, address + done, n)  # releases the GIL
+        written = 0
+        while written < n:  # a short direct write ends on a block boundary
+            written += os.pwrite(fd, _staging.view[written:n], offset + done + written)
+        done += n
 
 
 SYNC_FILE_RANGE_WRITE = 2

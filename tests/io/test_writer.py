@@ -1,0 +1,146 @@
+"""Output files written at tensor offsets: around the page cache where the file system allows,
+through it where it does not, with the same bytes either way."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import distmerge.io.writer as writer
+from distmerge.io.writer import DIRECT_ALIGN, DIRECT_MIN, PartialFile
+
+HEADER = b"\x07" * 1001  # ends mid-block, as a safetensors header does
+
+
+def layout(sizes: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """Tensors of ``sizes`` bytes (distinct random bytes), laid end to end after HEADER."""
+    g = torch.Generator().manual_seed(0)
+    out, offset = [], len(HEADER)
+    for n in sizes:
+        out.append((offset, torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)))
+        offset += n
+    return out
+
+
+def expected(tensors: list[tuple[int, torch.Tensor]]) -> bytes:
+    return HEADER + b"".join(bytes(t.numpy()) for _, t in tensors)
+
+
+def write(path, tensors, direct=True, files=1):
+    """Write ``tensors`` into ``path`` through ``files`` PartialFiles taking turns (as ranks
+    writing neighbouring tensors of one file do), and return the ``.partial``'s bytes."""
+    size = len(expected(tensors))
+    parts = [PartialFile(str(path), HEADER, size, direct=direct) for _ in range(files)]
+    digests = [parts[k % files].write_at(offset, t) for k, (offset, t) in enumerate(tensors)]
+    for p in parts:
+        p.flush_job()()
+    for p in parts:
+        p.close()
+    assert [d.result() for d in digests] == [writer._sha256(writer.raw_bytes(t)) for _, t in tensors]
+    return (path.parent / (path.name + ".partial")).read_bytes(), parts
+
+
+SIZES = [DIRECT_MIN + 4097, 3 * DIRECT_ALIGN + 5, DIRECT_MIN * 2 + 1, 17, DIRECT_MIN + DIRECT_ALIGN]
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    calls = []
+    real = writer._pwrite_direct
+
+    def spy(fd, address, nbytes, offset):
+        calls.append((offset, nbytes))
+        return real(fd, address, nbytes, offset)
+
+    monkeypatch.setattr(writer, "_pwrite_direct", spy)
+    return calls
+
+
+def needs_direct_io(tmp_path):
+    fd = writer._open_direct(str(tmp_path / "probe"))  # O_DIRECT without O_CREAT: make it first
+    if fd is None:
+        (tmp_path / "probe").touch()
+        fd = writer._open_direct(str(tmp_path / "probe"))
+    if fd is None:
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT, so the direct path cannot run here")
+    os.close(fd)
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_aligned_middles_go_direct_and_the_file_holds_every_byte(tmp_path, direct_calls, files):
+    needs_direct_io(tmp_path)
+    tensors = layout(SIZES)
+    data, parts = write(tmp_path / "f", tensors, files=files)
+    assert data == expected(tensors)
+    up, down = (lambda n: -(-n // DIRECT_ALIGN) * DIRECT_ALIGN), (lambda n: n // DIRECT_ALIGN * DIRECT_ALIGN)
+    big = [(o, t.numel()) for o, t in tensors if down(o + t.numel()) - up(o) >= DIRECT_MIN]
+    assert len(direct_calls) == len(big) == 3  # the 17-byte and 12 KiB tensors go through the page cache
+    for (offset, nbytes), (o, n) in zip(direct_calls, big):
+        assert offset % DIRECT_ALIGN == 0 and nbytes % DIRECT_ALIGN == 0
+        assert o <= offset < o + DIRECT_ALIGN and o + n - DIRECT_ALIGN < offset + nbytes <= o + n
+
+
+def test_a_file_system_without_direct_io_gets_every_byte_through_the_page_cache(tmp_path, direct_calls, monkeypatch):
+    monkeypatch.setattr(writer, "_open_direct", lambda path: None)
+    tensors = layout(SIZES)
+    data, _ = write(tmp_path / "f", tensors)
+    assert data == expected(tensors)
+    assert direct_calls == []
+
+
+def test_direct_off_writes_the_same_bytes(tmp_path, direct_calls):
+    tensors = layout(SIZES)
+    data, _ = write(tmp_path / "f", tensors, direct=False)
+    assert data == expected(tensors) and direct_calls == []
+
+
+def test_a_direct_write_refused_midway_falls_back_for_the_rest_of_the_file(tmp_path, monkeypatch):
+    needs_direct_io(tmp_path)
+    real, refused = os.pwrite, []
+
+    def picky(fd, data, offset):
+        if fd in direct_fds:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    direct_fds: set[int] = set()
+    real_open = writer._open_direct
+
+    def tracking_open(path):
+        fd = real_open(path)
+        direct_fds.add(fd)
+        return fd
+
+    monkeypatch.setattr(writer, "_open_direct", tracking_open)
+    monkeypatch.setattr(writer.os, "pwrite", picky)
+    tensors = layout(SIZES)
+    size = len(expected(tensors))
+    part = PartialFile(str(tmp_path / "f"), HEADER, size)
+    for offset, t in tensors:
+        part.write_at(offset, t).result()
+    assert len(refused) == 1  # the first refusal turns direct writes off for this file
+    assert part.direct_fd is None
+    part.flush_job()()
+    part.close()
+    assert (tmp_path / "f.partial").read_bytes() == expected(tensors)
+
+
+def test_a_disk_error_in_a_direct_write_reaches_the_caller(tmp_path, monkeypatch):
+    needs_direct_io(tmp_path)
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        if len(data) >= DIRECT_ALIGN and offset % DIRECT_ALIGN == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", full)
+    tensors = layout([DIRECT_MIN + 4097])
+    part = PartialFile(str(tmp_path / "f"), HEADER, len(expected(tensors)))
+    with pytest.raises(OSError, match="No space left"):
+        part.write_at(*tensors[0]).result()
+    part.close()
