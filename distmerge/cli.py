@@ -307,11 +307,12 @@ def mergekit_options(f):
 @click.option("--report-json", type=click.Path(dir_okay=False), help="Write the run report (phases, GB/s, memory per rank) here.")
 @click.option("--log-every", default=30.0, show_default=True, help="Seconds between progress lines when stderr is not a terminal.")
 @click.option("--io", "io", type=click.Choice(["mmap", "pread"]), default="mmap", show_default=True, help="Read inputs memory-mapped, or with pread (network file systems).")
+@click.option("--buffered-writes", is_flag=True, help="Write outputs through the page cache, not around it (O_DIRECT): for file systems where direct writes are slow.")
 @click.option("--push-to-hub", "push_to", metavar="REPO", help="Upload the verified output to this hub repo when done.")
 @click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
 @keep_option
 @mergekit_options
-def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, push_to, private, keep_intermediates, **mergekit):
+def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrite, hash_inputs, allow_nonfinite, quiet, timeout, report_json, log_every, io, buffered_writes, push_to, private, keep_intermediates, **mergekit):
     """Merge RECIPE into the directory OUT (alone, or as one rank under torchrun or srun).
 
     mergekit-yaml's options are accepted too: --cuda means --device cuda; the others are not
@@ -336,7 +337,8 @@ def run(recipe, out, out_shard_size, random_seed, allow_pickle, device, overwrit
     options = JobOptions(
         out_shard_bytes=parse_size(out_shard_size), seed=random_seed, device=device, overwrite=overwrite, hash_inputs=hash_inputs,
         allow_nonfinite=allow_nonfinite, quiet=quiet, timeout_s=timeout, allow_pickle=allow_pickle,
-        report_json=report_json, log_seconds=log_every, io=io, keep_intermediates=keep_intermediates,
+        report_json=report_json, log_seconds=log_every, io=io, direct_writes=not buffered_writes,
+        keep_intermediates=keep_intermediates,
     )  # fmt: skip
     if push_to and _outputs(recipe, keep_intermediates) > 1:
         raise click.UsageError("--push-to-hub takes a recipe with one output; push each output with `distmerge push DIR REPO` after the run")

@@ -48,6 +48,8 @@ class JobOptions:
     """Read .bin/.pt checkpoints (with torch.load(weights_only=True)); refused otherwise."""
     io: str = "mmap"
     """How inputs are read: "mmap", or "pread" for network file systems where mmap is slow."""
+    direct_writes: bool = True
+    """Write output tensors around the page cache (``O_DIRECT``) where the file system allows."""
     log_seconds: float = 30.0
     """Interval of the progress lines printed when stderr is not a terminal (Slurm logs)."""
     report_json: str | None = None
@@ -238,7 +240,8 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         dirs[:] = [d for _, d in outputs]
         resumed = group.on_rank0("prepare", lambda: _prepare(outputs, options, locked))
         phases = {"plan": time.time() - start}
-        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io)
+        run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io,
+                                 direct_writes=options.direct_writes)
         kept = [state.finished_tensors(plan, d) if resumed else set() for plan, d in outputs]
         tensors = [t for plan, _ in outputs for t in plan.tensors]
         done = [t for (plan, _), names in zip(outputs, kept) for t in plan.tensors if t.name in names]

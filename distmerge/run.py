@@ -45,6 +45,9 @@ class RunOptions:
     """Keep going when a merged tensor has NaN or Inf (default: stop and name the tensor)."""
     io: str = "mmap"
     """How inputs are read: "mmap" (zero-copy) or "pread" (into buffers; network file systems)."""
+    direct_writes: bool = True
+    """Write output tensors around the page cache (``O_DIRECT``) where the file system allows
+    (``io.writer``); False: through it."""
     kernels: kernels.KernelOptions = field(default_factory=kernels.KernelOptions.from_env)
     """How the merge methods' fused steps run (compiled CPU loops, Triton); from the environment by default."""
 
@@ -128,7 +131,7 @@ def run_rank(
     with TensorReader(options.io, pin=cuda) as reader:
         ctx = MergeContext(reader, options.device, progress, options.allow_nonfinite, uploader, kernel_options)
         timed = ctx.timed
-        outs = [_RankOutput(plan, out_dir, rank, timed) for plan, out_dir in outputs]
+        outs = [_RankOutput(plan, out_dir, rank, timed, options.direct_writes) for plan, out_dir in outputs]
         out = outs[0]
         try:
             for n, members in enumerate(todo):
@@ -209,8 +212,8 @@ class _RankOutput:
     are being written and hashed on the I/O thread, and the journal that records each
     tensor once its bytes are synced."""
 
-    def __init__(self, plan: Plan, out_dir: str, rank: int, timed):
-        self.plan, self.out_dir, self.timed = plan, out_dir, timed
+    def __init__(self, plan: Plan, out_dir: str, rank: int, timed, direct: bool = True):
+        self.plan, self.out_dir, self.timed, self.direct = plan, out_dir, timed, direct
         self.journal = Journal(out_dir, rank)
         self.file_of = {name: f for f in plan.files for name in f.tensors}
         self.file: OutputFile | None = None
@@ -230,7 +233,7 @@ class _RankOutput:
         if self.partial is not None:
             self.commit(close=True)
         header, offsets = file_layout(self.plan, file)
-        self.partial = PartialFile(os.path.join(self.out_dir, file.name), header, file.nbytes)
+        self.partial = PartialFile(os.path.join(self.out_dir, file.name), header, file.nbytes, direct=self.direct)
         self.file, self.offsets = file, offsets
 
     def write(self, t: OutputTensor, value, ready: Callable[[], None] | None) -> Future:
