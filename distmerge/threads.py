@@ -9,8 +9,9 @@ torchrun gives each of several ranks OMP_NUM_THREADS=1, and a Slurm job has what
 
 A step whose bits cannot depend on the thread count may use every thread the rank was given
 (``every``). These are DELLA's ranking of |δ| within each row (a sort along rows, each row
-sorted whole by one thread) and the element-wise passes of DARE, DELLA and sce. sce's
-variance of an element across the models counts as element-wise here.
+sorted whole by one thread) and the element-wise passes of DARE, DELLA, sce and
+model_stock (the task vectors and products its reductions read, and the interpolation).
+sce's variance of an element across the models counts as element-wise here.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import kernels
+from distmerge import kernels, threads
 from distmerge.methods import Method, Param, chunk_ranges, input_count
 
 
@@ -99,10 +99,12 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options)
     pair = {p: k for k, p in enumerate(combinations(range(n), 2))}
 
     def fill(value, *models: int) -> torch.Tensor:
-        """buffer = value(base, [θ of ``models``], out) of every chunk, shaped as model_stock's vectors."""
-        for start, end in ranges:
-            base, xs = read(start, end, models=models, out=staging)
-            value(base, xs, buffer[start:end])
+        """buffer = value(base, [θ of ``models``], out) of every chunk, shaped as model_stock's
+        vectors: element-wise, so on every thread (the reductions of it stay on one)."""
+        with threads.every():
+            for start, end in ranges:
+                base, xs = read(start, end, models=models, out=staging)
+                value(base, xs, buffer[start:end])
         return buffer.view(vector_shape)
 
     def tau(base, xs, out):  # out = θ − base, θ the first model read
@@ -127,8 +129,10 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options)
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio
     del buffer
     for start, end in ranges:
-        base, tensors = read(start, end, out=staging)
-        yield start, end, kernels.stock_interpolate(base, tensors, t, options=options)
+        with threads.every():  # element-wise (a yield cannot sit inside the with)
+            base, tensors = read(start, end, out=staging)
+            merged = kernels.stock_interpolate(base, tensors, t, options=options)
+        yield start, end, merged
 
 
 def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
@@ -150,9 +154,10 @@ def _rows_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
         cosines.view(-1, rows)[:, first:last] = _pairwise_cosines([x.reshape(-1, columns) - w0 for x in tensors])
     t = _ratio(cosines, n).reshape(rows, 1)
     for first, last in batches:
-        base, tensors = read(first * columns, last * columns)
-        models = [x.reshape(-1, columns) for x in tensors]
-        merged = kernels.stock_interpolate(base.reshape(-1, columns), models, t[first:last], options=options)
+        with threads.every():  # element-wise (the rows' reductions above stay on one thread)
+            base, tensors = read(first * columns, last * columns)
+            models = [x.reshape(-1, columns) for x in tensors]
+            merged = kernels.stock_interpolate(base.reshape(-1, columns), models, t[first:last], options=options)
         yield first * columns, last * columns, merged.reshape(-1)
 
 
