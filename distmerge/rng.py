@@ -35,6 +35,8 @@ import numpy
 import randomgen
 import torch
 
+from distmerge import threads
+
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
@@ -136,11 +138,20 @@ def _c_words(seed: int, start: int, count: int) -> numpy.ndarray:
 def _folded_block(seed: int, start: int, count: int, device: torch.device | str | None) -> torch.Tensor:
     """The words of ``_randint_block`` as Triton's ``uint_to_uniform_float`` reads them before
     scaling: the word as int32 x, negatives mapped by ~x, a value in [0, 2**31). On CPU,
-    int32 (x ^ (x >> 31) is ~x for negative x, x otherwise); elsewhere int64."""
+    int32 (``_fold_into``); elsewhere int64."""
     if _on_cpu(device):
-        x = _c_words(seed, start, count).view(numpy.int32)
-        return torch.from_numpy(x ^ (x >> 31))
+        out = numpy.empty(count, dtype=numpy.int32)
+        _fold_into(_c_words(seed, start, count), out)
+        return torch.from_numpy(out)
     return _fold(_tensor_words(seed, start, count, device))
+
+
+def _fold_into(words: numpy.ndarray, out: numpy.ndarray) -> None:
+    """out = the uint32 ``words`` folded as ``_folded_block`` folds them, as int32: x ^ (x >> 31)
+    is ~x for negative x, x otherwise."""
+    x = words.view(numpy.int32)
+    numpy.right_shift(x, 31, out=out)
+    numpy.bitwise_xor(x, out, out=out)
 
 
 def _fold(x: torch.Tensor) -> torch.Tensor:
@@ -230,12 +241,28 @@ def bernoulli_keep(
     if below is not None and below > _MAX_FOLDED:  # p above every uniform
         return torch.ones(shape, dtype=torch.bool, device=device)
     keep = torch.empty(numel, dtype=torch.bool, device=device)
-    for start in range(0, numel, CHUNK):
+    starts = range(0, numel, CHUNK)
+    if _on_cpu(device):  # the words in C, block by block on every thread the process was given
+        out = keep.numpy() if below is not None else numpy.empty(numel, dtype=numpy.int32)
+
+        def block(start: int) -> None:
+            words = _c_words(seed, offset + start, min(CHUNK, numel - start))
+            if below is not None:
+                _fold_below(words, below, out=out[start : start + CHUNK])
+            else:
+                _fold_into(words, out[start : start + CHUNK])
+
+        threads.each(block, starts)
+        if below is not None:
+            return keep.reshape(shape)
+        for start in starts:  # the comparison with each element's p: torch, on this thread
+            folded = torch.from_numpy(out[start : start + CHUNK])
+            keep[start : start + CHUNK] = _to_uniform(folded) < probs[start : start + CHUNK]
+        return keep.reshape(shape)
+    for start in starts:
         count = min(CHUNK, numel - start)
         if below is None:
             keep[start : start + count] = _to_uniform(_folded_block(seed, offset + start, count, device)) < probs[start : start + count]
-        elif _on_cpu(device):
-            _fold_below(_c_words(seed, offset + start, count), below, out=keep.numpy()[start : start + count])
         else:
             keep[start : start + count] = _folded_block(seed, offset + start, count, device) < below
     return keep.reshape(shape)

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _GIVEN: contextvars.ContextVar[int | None] = contextvars.ContextVar("distmerge_threads_given", default=None)
 """Inside ``one``: the intra-op thread count the process had before it (what ``every`` restores)."""
@@ -51,7 +56,31 @@ def one():
         _GIVEN.reset(token)
 
 
+def given() -> int:
+    """How many threads the process was given: the count before ``one``; outside ``one``,
+    torch's count as it is."""
+    return _GIVEN.get() or torch.get_num_threads()
+
+
 def every():
-    """Every thread the process was given (the count before ``one``; outside ``one``, the
-    count as it is), for steps whose bits do not depend on the count."""
-    return using(_GIVEN.get() or torch.get_num_threads())
+    """Every thread the process was given (``given``), for steps whose bits do not depend
+    on the count."""
+    return using(given())
+
+
+def each(fn: Callable[[T], object], items: Sequence[T]) -> None:
+    """``fn(item)`` for every item, on ``given()`` Python threads (one: in order, on this
+    thread). For work outside torch that releases the GIL (numpy, randomgen), each item's
+    result independent of the others."""
+    n = min(given(), len(items))
+    if n <= 1:
+        for item in items:
+            fn(item)
+        return
+    for _ in _pool(n).map(fn, items):  # raises the first error
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(n: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="distmerge-each")

@@ -128,6 +128,32 @@ def test_chunking_does_not_change_draws(monkeypatch):
     assert torch.equal(keep, (reference < 0.3).view(100, 100))
 
 
+@pytest.mark.parametrize("given", [1, 2, 3])
+def test_masks_drawn_on_several_threads_are_the_draws_in_order(monkeypatch, given):
+    """bernoulli_keep draws its blocks on every thread the process was given
+    (``threads.each``): block k's draws land in block k whatever thread drew them."""
+    import threading
+
+    from distmerge import threads
+
+    monkeypatch.setattr(rng, "CHUNK", 1000)  # 10 blocks, the last one short
+    u = rng.uniform(5, 9_500, offset=77)
+    p = torch.rand(9_500, generator=torch.Generator().manual_seed(0))
+    ran_on = set()
+    real = rng._c_words
+
+    def spy(seed, start, count):
+        ran_on.add(threading.get_ident())
+        return real(seed, start, count)
+
+    monkeypatch.setattr(rng, "_c_words", spy)
+    with threads.using(given):
+        assert torch.equal(rng.bernoulli_keep(5, (95, 100), 0.3, offset=77), (u < 0.3).view(95, 100))
+        assert torch.equal(rng.bernoulli_keep(5, (9_500,), p, offset=77), u < p)
+    main = threading.get_ident()
+    assert ran_on == {main} if given == 1 else main not in ran_on  # one thread: in order, here
+
+
 @pytest.mark.parametrize("p", [0.0, 1e-12, 0.3, 0.5, "a draw", 0.9999999, 1.0, 1.5])
 def test_one_probability_compares_integers_with_the_same_result(p):
     """bernoulli_keep with one probability compares folded words with an integer threshold;

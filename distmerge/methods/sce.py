@@ -7,7 +7,7 @@ import math
 import torch
 
 from distmerge import threads
-from distmerge.kernels.reference import agrees, elect_sign
+from distmerge.kernels.reference import agrees, elect_sign, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
 
@@ -76,7 +76,7 @@ def sce(
     deltas = [x - base for x in tensors]
     if select_topk < 1:
         keep = select_by_variance(deltas, select_topk)
-        deltas = [torch.where(keep, d, 0.0) for d in deltas]
+        deltas = [kept(keep, d) for d in deltas]
     return erase_and_merge(base, deltas, task_vector_weights(deltas))
 
 
@@ -110,7 +110,7 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float):
 
     def task_vector(base, x, start, end):
         delta = x - base
-        return delta if keep is None else torch.where(keep[start:end], delta, 0.0)
+        return delta if keep is None else kept(keep[start:end], delta)
 
     energies = []
     for i in range(models):

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from distmerge import kernels, rng, threads
-from distmerge.kernels.reference import RESCALE_EPS
+from distmerge.kernels.reference import RESCALE_EPS, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, non_negative, sparsify
 
 
@@ -186,9 +186,10 @@ def _band_chunked(read, shape, chunk, *, weight, density, gamma, normalize, resc
 def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, normalize, lambda_, options):
     """``merge`` with random-drop sparsifiers (DARE, DELLA), for a tensor read in chunks: the same bits.
 
-    ``draws[i]`` is None (τᵢ kept whole) or ``keep(start, end, τ)``: the keep mask of the
-    chunk [start, end) of τᵢ (a draw depends only on element indices, so a mask does not
-    depend on chunking). Per model, reading only the base and that model, pass 1 draws the masks chunk by chunk and, with
+    ``draws[i]`` is None (τᵢ kept whole), τᵢ's whole keep mask (drawn already: DARE's
+    depends on nothing but the element indices), or ``keep(start, end, τ)``: the keep mask of
+    the chunk [start, end) of τᵢ (DELLA's depends on τᵢ's ranks; a draw depends only on
+    element indices, so a mask does not depend on chunking). Per model, reading only the base and that model, pass 1 draws the masks chunk by chunk and, with
     ``rescale``, gathers |τᵢ ⊙ mᵢ| into one float32 buffer; pass 2 gathers |τᵢ| into the same
     buffer. Their sums are ``kernels.reference.masked``'s whole-tensor L1 norms (same values,
     same reduction). The last pass drops, rescales and combines chunk by chunk. Memory: one
@@ -200,14 +201,16 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
         if draw is None:
             drops.append(None)
             continue
-        keep = torch.empty(numel, dtype=torch.bool)
-        with threads.every():  # element-wise (and draws that depend only on indices)
-            for start, end in ranges:
-                base, (x,) = read(start, end, models=(i,))
-                delta = x - base
-                keep[start:end] = draw(start, end, delta)
-                if rescale:
-                    torch.abs(delta.masked_fill_(~keep[start:end], 0.0), out=buffer[start:end])  # τᵢ where kept, +0 elsewhere
+        keep = draw if isinstance(draw, torch.Tensor) else torch.empty(numel, dtype=torch.bool)
+        if rescale or keep is not draw:
+            with threads.every():  # element-wise (and draws that depend only on indices)
+                for start, end in ranges:
+                    base, (x,) = read(start, end, models=(i,))
+                    delta = x - base
+                    if keep is not draw:
+                        keep[start:end] = draw(start, end, delta)
+                    if rescale:
+                        torch.abs(kept(keep[start:end], delta), out=buffer[start:end])  # |τᵢ| where kept, +0 elsewhere
         factor = None
         if rescale:
             after = buffer.sum()  # whole-tensor sums: on the rank's one thread (distmerge.threads)
@@ -227,7 +230,7 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
             for drop, delta in zip(drops, task_vectors(base, tensors)):
                 if drop is not None:
                     keep, factor = drop
-                    delta = torch.where(keep[start:end], delta, 0.0)
+                    delta = kept(keep[start:end], delta)
                     if factor is not None:
                         delta = delta * factor
                 deltas.append(delta)
@@ -237,15 +240,10 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
 
 def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
     """DARE's drop for a tensor read in flat chunks (``_dropped_chunked``): element i of τᵢ
-    keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``."""
+    keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``. Each mask is drawn whole first, on every
+    thread the process was given (``rng.bernoulli_keep``), while torch's own threads are idle."""
     numel = math.prod(shape)
-
-    def drop(i: int):
-        if density[i] >= 1:
-            return None
-        return lambda start, end, delta: rng.bernoulli_keep(seeds[i], (end - start,), density[i], offset=start)
-
-    draws = [drop(i) for i in range(len(density))]
+    draws = [None if d >= 1 else rng.bernoulli_keep(seed, (numel,), d) for d, seed in zip(density, seeds)]
     return _dropped_chunked(
         read, chunk_ranges(numel, chunk), numel, draws, weight,
         rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options,

@@ -144,6 +144,34 @@ def test_top_cut_selects_the_top_k_mask():
         assert torch.equal(mask.reshape(-1).nonzero().reshape(-1), order.sort().values)
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def test_kept_is_torch_where_bit_for_bit():
+    """``reference.kept`` (an integer AND) gives ``torch.where(keep, x, 0.0)``'s bits for any
+    float32 values (NaN payloads, ±Inf, −0, subnormals) and any mask, strided or not."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    words = st.integers(-(2**31), 2**31 - 1)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(words, st.booleans()), min_size=1, max_size=64), st.booleans())
+    def check(entries, transpose):
+        bits = torch.tensor([w for w, _ in entries] * 2, dtype=torch.int32)
+        x = bits.view(torch.float32).view(2, -1)
+        keep = torch.tensor([k for _, k in entries] * 2).view(2, -1)
+        if transpose:
+            x, keep = x.t(), keep.t()
+        assert torch.equal(_bits(reference.kept(keep, x)), _bits(torch.where(keep, x, 0.0)))
+
+    check()
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-45, -3.5])
+    for keep in (torch.ones(7, dtype=torch.bool), torch.zeros(7, dtype=torch.bool)):
+        assert torch.equal(_bits(reference.kept(keep, special)), _bits(torch.where(keep, special, 0.0)))
+
+
 # ---------------------------------------------------------------- what to keep, as the methods decide it
 
 
