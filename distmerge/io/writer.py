@@ -168,9 +168,9 @@ def _align_down(n: int) -> int:
 
 
 def _pwrite_direct(fd: int, address: int, nbytes: int, offset: int) -> None:
-    """Write ``nbytes`` from memory ``address`` at ``offset`` (both multiples of
-    DIRECT_ALIGN) on an ``O_DIRECT`` descriptor, copying through a page-aligned buffer
-    (a tensor's bytes are only 64-byte aligned)."""
+    """Write ``nbytes`` from memory ``address`` at file ``offset`` (both multiples of
+    DIRECT_ALIGN; the address need not be) on an ``O_DIRECT`` descriptor, copying through
+    a page-aligned buffer (a tensor's bytes are only 64-byte aligned)."""
     buf = getattr(_staging, "buf", None)
     if buf is None:
         buf = _staging.buf = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned
