@@ -13,8 +13,28 @@ from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
 
 
 def variance(deltas: list[torch.Tensor]) -> torch.Tensor:
-    """Var_j: the population variance of entry j across the models."""
+    """Var_j: the population variance of entry j across the models (mergekit:
+    ``torch.var(torch.stack(τ), dim=0, unbiased=False)``; on CPU, ``welford_variance``)."""
+    if deltas[0].device.type == "cpu" and deltas[0].dtype == torch.float32:
+        return welford_variance(deltas)
     return torch.var(torch.stack(deltas), dim=0, unbiased=False)
+
+
+def welford_variance(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.var(torch.stack(deltas), dim=0, unbiased=False)`` of float32 CPU tensors, bit
+    for bit, as element-wise operations: torch's CPU kernel runs Welford's update in float64
+    for each entry, over the models in order (δ = x − mean, mean += δ/n, M2 += δ·(x − mean)),
+    then rounds M2/N to float32. Its reduction over the stack's outer axis runs that update
+    in scalar code: 34 ms per 256K entries of two models, one thread, against 5 ms here
+    (sce's variance pass was 142 of its 187 s on the benchmark's second data set)."""
+    mean = torch.zeros(deltas[0].shape, dtype=torch.float64)
+    m2 = torch.zeros_like(mean)
+    for n, d in enumerate(deltas, 1):
+        x = d.to(torch.float64)
+        delta = x - mean
+        mean += delta / n
+        m2 += delta * (x - mean)
+    return (m2 / len(deltas)).to(torch.float32)
 
 
 def selected_count(nonzero: torch.Tensor, fraction: float) -> int:

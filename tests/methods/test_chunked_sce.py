@@ -144,3 +144,33 @@ def test_chunked_sce_is_the_whole_tensor_result(llama_family, tmp_path, monkeypa
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)
         assert passes and max(passes) > chunk
+
+
+def test_welford_variance_is_torch_var_bit_for_bit():
+    """sce's variance on CPU (``welford_variance``, element-wise) gives the bits of mergekit's
+    ``torch.var(torch.stack(τ), dim=0, unbiased=False)``: 2 to 5 models, values from any
+    float32 bit pattern (NaN, ±Inf, −0, subnormals, huge and tiny magnitudes)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from distmerge.methods.sce import welford_variance
+
+    def bits(x):
+        x = x.clone()
+        x[x.isnan()] = float("nan")  # one NaN pattern: torch and the update may carry others
+        return x.view(torch.int32)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(2, 5), st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=40), st.integers(0, 2**32 - 1))
+    def check(n, words, seed):
+        g = torch.Generator().manual_seed(seed)
+        special = torch.tensor(words, dtype=torch.int32).view(torch.float32)
+        deltas = []
+        for i in range(n):
+            x = torch.randn(300, generator=g) * 10 ** float(torch.randint(-30, 30, (), generator=g))
+            x[: len(words)] = special.roll(i)
+            deltas.append(x)
+        ref = torch.var(torch.stack(deltas), dim=0, unbiased=False)
+        assert torch.equal(bits(welford_variance(deltas)), bits(ref))
+
+    check()
