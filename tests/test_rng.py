@@ -130,8 +130,9 @@ def test_chunking_does_not_change_draws(monkeypatch):
 
 @pytest.mark.parametrize("given", [1, 2, 3])
 def test_masks_drawn_on_several_threads_are_the_draws_in_order(monkeypatch, given):
-    """bernoulli_keep draws its blocks on every thread the process was given
-    (``threads.each``): block k's draws land in block k whatever thread drew them."""
+    """bernoulli_keep with one probability draws its blocks on every thread the process was
+    given (``threads.each``): block k's draws land in block k whatever thread drew them.
+    With a probability per element (DELLA, chunk by chunk) it draws on this thread."""
     import threading
 
     from distmerge import threads
@@ -147,11 +148,13 @@ def test_masks_drawn_on_several_threads_are_the_draws_in_order(monkeypatch, give
         return real(seed, start, count)
 
     monkeypatch.setattr(rng, "_c_words", spy)
+    main = threading.get_ident()
     with threads.using(given):
         assert torch.equal(rng.bernoulli_keep(5, (95, 100), 0.3, offset=77), (u < 0.3).view(95, 100))
+        assert ran_on == {main} if given == 1 else main not in ran_on  # one thread: in order, here
+        ran_on.clear()
         assert torch.equal(rng.bernoulli_keep(5, (9_500,), p, offset=77), u < p)
-    main = threading.get_ident()
-    assert ran_on == {main} if given == 1 else main not in ran_on  # one thread: in order, here
+        assert ran_on == {main}
 
 
 @pytest.mark.parametrize("p", [0.0, 1e-12, 0.3, 0.5, "a draw", 0.9999999, 1.0, 1.5])
