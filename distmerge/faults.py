@@ -17,9 +17,10 @@ ENV = "DISTMERGE_FAULT"
 def fault_point(rank: int, where: int | str) -> None:
     """Test hook: DISTMERGE_FAULT="RANK:WHERE:ACTION" makes rank RANK, at WHERE (after
     writing that many tensors, or at a named step: "setup-mkdir" ... "setup-done" in
-    output.prepare, "publish", "index", "manifest"), "raise" an error,
-    "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then on, to give a
-    test time to kill the job). Unset in normal use."""
+    output.prepare, "prepared" once every rank has it, "publish", "index", "manifest"),
+    "raise" an error, "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then
+    on, to give a test time to kill the job; once at a named step, to let the other ranks
+    run ahead). Unset in normal use."""
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -27,7 +28,7 @@ def fault_point(rank: int, where: int | str) -> None:
     if int(who) != rank:
         return
     if action.startswith("sleep:"):
-        if isinstance(where, int) and at.isdigit() and where >= int(at):
+        if (isinstance(where, int) and at.isdigit() and where >= int(at)) or str(where) == at:
             time.sleep(float(action.split(":")[1]))
         return
     if str(where) == at:

@@ -19,6 +19,7 @@ import psutil
 
 from distmerge import dist, output, state, threads
 from distmerge.errors import MergeError, Stopped
+from distmerge.faults import fault_point
 from distmerge.graph import FINAL, Graph, build_graph
 from distmerge.plan import DEFAULT_SHARD_BYTES, Plan
 from distmerge.progress import Progress
@@ -238,11 +239,12 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         group.agree(check_memory(graph.peak_memory, group.env, group.device))
         outputs = [(t.plan, t.out_dir(out_dir, options.keep_intermediates)) for t in graph.targets]
         dirs[:] = [d for _, d in outputs]
-        resumed = group.on_rank0("prepare", lambda: _prepare(outputs, options, locked))
+        resumed, kept = group.on_rank0("prepare", lambda: _prepare(outputs, options, locked))
+        kept = [set(names) for names in kept]
+        fault_point(group.rank, "prepared")
         phases = {"plan": time.time() - start}
         run_options = RunOptions(device=group.device, allow_nonfinite=options.allow_nonfinite, io=options.io,
                                  direct_writes=options.direct_writes)
-        kept = [state.finished_tensors(plan, d) if resumed else set() for plan, d in outputs]
         tensors = [t for plan, _ in outputs for t in plan.tensors]
         done = [t for (plan, _), names in zip(outputs, kept) for t in plan.tensors if t.name in names]
         complete = len(done) == len(tensors) and all(state.read_manifest(d) is not None for _, d in outputs)
@@ -254,7 +256,7 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         work_start = time.time()
         try:
             with threads.one():  # the same bytes on any machine and rank count (distmerge.threads)
-                ran = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress)
+                ran = run_rank(outputs, group.rank, group.world_size, run_options, group.check_abort, progress, kept)
             written = ran.written
         except BaseException as e:
             group.abort(_describe(e))
@@ -290,15 +292,20 @@ def _run_job(recipe_path: str, out_dir: str, options: JobOptions, dirs: list[str
         group.close()
 
 
-def _prepare(outputs: list[tuple[Plan, str]], options: JobOptions, locked: list[str]) -> bool:
-    """Prepare (and lock) every output directory; True when resuming. Resuming is all or
+def _prepare(outputs: list[tuple[Plan, str]], options: JobOptions, locked: list[str]) -> tuple[bool, list[list[str]]]:
+    """Prepare (and lock) every output directory. Returns whether this resumes, and the names
+    of the tensors an earlier run left finished in each directory. Resuming is all or
     nothing: a job whose outputs are some new and some half-written starts the new ones and
-    resumes the others, and reports it as a resume."""
-    resumed = False
+    resumes the others, and reports it as a resume. The finished tensors are read here, once,
+    before any rank writes: read by each rank as it starts, a slow rank would count the new
+    tensors of a faster one as kept."""
+    resumed, kept = False, []
     for plan, d in outputs:
-        resumed |= output.prepare(d, plan, options.overwrite, options.hash_inputs)
+        again = output.prepare(d, plan, options.overwrite, options.hash_inputs)
         locked.append(d)
-    return resumed
+        kept.append(sorted(state.finished_tensors(plan, d)) if again else [])
+        resumed |= again
+    return resumed, kept
 
 
 def make_report(

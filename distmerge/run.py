@@ -99,11 +99,13 @@ def run_rank(
     options: RunOptions | None = None,
     between: Callable[[], None] | None = None,
     progress: Progress | None = None,
+    finished: list[set[str]] | None = None,
 ) -> RankRun:
     """Merge and write this rank's tensors of every output: ``(plan, out_dir)`` pairs, each
-    directory prepared by output.prepare. Returns the names of the tensors written in this
-    call and the path each method's fused steps took (on CUDA, after ``check_kernels``'s
-    self-check of the kernels, when there is anything to merge).
+    directory prepared by output.prepare, skipping the names in ``finished`` (per output;
+    default: what the directories' journals and published files hold now). Returns the names
+    of the tensors written in this call and the path each method's fused steps took (on CUDA,
+    after ``check_kernels``'s self-check of the kernels, when there is anything to merge).
 
     The work goes in units (``graph.work_units``): the outputs' tensors of one name, merged
     one after another from the same fetched inputs. ``between`` is called before every unit
@@ -113,7 +115,8 @@ def run_rank(
     options = options or RunOptions()
     plans = [plan for plan, _ in outputs]
     units = work_units(plans)
-    finished = [finished_tensors(plan, out_dir) for plan, out_dir in outputs]
+    if finished is None:
+        finished = [finished_tensors(plan, out_dir) for plan, out_dir in outputs]
     todo = []
     for u in (units[i] for i in assign_units(units, world_size)[rank]):
         members = [(k, plans[k].tensors[i]) for k, i in u.members if plans[k].tensors[i].name not in finished[k]]

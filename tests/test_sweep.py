@@ -531,7 +531,8 @@ def test_a_killed_sweep_resumes_to_the_bytes_of_a_clean_run(recipes, one_process
     total = sum(len(json.loads((ref / v / INDEX).read_text())["weight_map"]) for v in VARIANTS["dare_ties"])
     assert 0 < kept < total, f"{kept} of {total} tensors journaled before the kill: nothing to resume, or nothing left to do\n{r.tail()}"
 
-    again = torchrun(2, [(recipes["dare_ties"], out, [])], tmp_path / "rerun", quiet=False)
+    # Rank 0 starts late: rank 1 writes meanwhile, which the count of what was kept must not include.
+    again = torchrun(2, [(recipes["dare_ties"], out, [])], tmp_path / "rerun", env={"DISTMERGE_FAULT": "0:prepared:sleep:2"}, quiet=False)
     assert again.rc == 0, again.tail()
     assert f"merging {total} tensors ({kept} kept from the earlier run: resuming)" in again.stderr, again.tail()
     for v in VARIANTS["dare_ties"]:
