@@ -153,7 +153,7 @@ def run_rank(
                         ready = None
                         if downloader is not None:  # copied out on the download stream; the writer waits for it
                             value, ready = downloader.start(value)
-                        digest = out.write(t, value, ready)
+                        digest = out.write(t, value, ready, drop=reader.dropper(value))  # a mapped input's pages behind the writer
                     del value
                     out.settle()  # this output's previous tensor was written and hashed while this one was merged
                     out.writing = (t, digest, n)
@@ -239,9 +239,9 @@ class _RankOutput:
         self.partial = PartialFile(os.path.join(self.out_dir, file.name), header, file.nbytes, direct=self.direct)
         self.file, self.offsets = file, offsets
 
-    def write(self, t: OutputTensor, value, ready: Callable[[], None] | None) -> Future:
+    def write(self, t: OutputTensor, value, ready: Callable[[], None] | None, drop: Callable[[int, int], None] | None = None) -> Future:
         """Start writing ``t``'s bytes at its offset; the future of their sha256."""
-        return self.partial.write_at(self.offsets[t.name], value, ready=ready)
+        return self.partial.write_at(self.offsets[t.name], value, ready=ready, drop=drop)
 
     def settle(self) -> None:
         """Wait for the tensor being written and journal it (pending). Only then may its

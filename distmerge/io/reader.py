@@ -12,6 +12,7 @@ import mmap
 import os
 import threading
 import warnings
+from typing import Callable
 
 import torch
 
@@ -108,12 +109,26 @@ class TensorReader:
         mapping handed out by ``read`` (anything else is left alone: on ordinary memory
         MADV_DONTNEED would zero pages). Chunked merges call it after each chunk, so that
         a large tensor's inputs never all become resident at once."""
+        drop = self.dropper(view)
+        if drop is not None:
+            drop(0, view.numel() * view.element_size())
+
+    def dropper(self, view: torch.Tensor) -> Callable[[int, int], None] | None:
+        """For ``view`` in a file mapping handed out by ``read``: a function that unmaps the
+        pages under its bytes [begin, end) from this process (they stay in the page cache,
+        and a later touch maps them again). None for anything else, on which MADV_DONTNEED
+        would zero pages. The writer drops a passthrough copy's pages behind itself with it."""
         start = view.data_ptr()
         end = start + view.numel() * view.element_size()
         if not any(lo <= start and end <= hi for lo, hi in self._mapped):
-            return
-        start -= start % mmap.PAGESIZE
-        _madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+            return None
+
+        def drop(begin: int, stop: int) -> None:
+            lo = start + begin
+            lo -= lo % mmap.PAGESIZE
+            _madvise(ctypes.c_void_p(lo), ctypes.c_size_t(start + stop - lo), mmap.MADV_DONTNEED)
+
+        return drop
 
     def mark(self) -> int:
         """A position in the reads so far, for ``release(upto=...)``."""

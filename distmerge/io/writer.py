@@ -60,17 +60,28 @@ class PartialFile:
         """A second descriptor that writes around the page cache; None where the file system
         refuses ``O_DIRECT`` (tmpfs, some network file systems), or after a write it refused."""
 
-    def write_at(self, offset: int, tensor: torch.Tensor, ready: Callable[[], None] | None = None) -> Future:
+    def write_at(
+        self,
+        offset: int,
+        tensor: torch.Tensor,
+        ready: Callable[[], None] | None = None,
+        drop: Callable[[int, int], None] | None = None,
+    ) -> Future:
         """Start writing ``tensor``'s bytes at ``offset`` on the I/O thread. Returns a future
         of their sha256; its ``result()`` also raises the write's OSError, if any. ``ready``,
         if given, is called on the I/O thread first (to wait for an asynchronous copy into
-        ``tensor``: see ``distmerge.io.staging.Downloader``)."""
+        ``tensor``: see ``distmerge.io.staging.Downloader``). ``drop``, if given, is called
+        with each byte range [begin, end) of the tensor once it is written and hashed, in
+        pieces of PIECE bytes: a tensor written straight from its memory-mapped input (a
+        passthrough copy) then never becomes resident whole (``TensorReader.dropper``)."""
         tensor = tensor.detach().to("cpu").contiguous()
 
         def job() -> str:
             if ready is not None:
                 ready()
             data = raw_bytes(tensor)  # the closure holds the tensor until the job is done
+            if drop is not None:
+                return self._write_in_pieces(data, tensor.data_ptr(), offset, drop)
             digest = _HASH.submit(_sha256, data)
             try:
                 self._write(data, tensor.data_ptr(), offset)
@@ -81,6 +92,23 @@ class PartialFile:
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(_IO.submit(job))
         return self._pending[-1]
+
+    def _write_in_pieces(self, data: memoryview, address: int, offset: int, drop: Callable[[int, int], None]) -> str:
+        """``_write`` and the sha256 of ``data`` piece by piece, each piece hashed while it is
+        written and then handed to ``drop``. Pieces end at file offsets that are multiples of
+        PIECE, so each piece but the first and last is written directly whole."""
+        sha = hashlib.sha256()
+        cuts = [0, *range(-(-offset // PIECE) * PIECE - offset, len(data), PIECE), len(data)]
+        for begin, end in zip(cuts, cuts[1:]):
+            if begin == end:
+                continue
+            hashed = _HASH.submit(sha.update, data[begin:end])  # in order: one hash thread
+            try:
+                self._write(data[begin:end], address + begin, offset + begin)
+            finally:
+                hashed.result()
+            drop(begin, end)
+        return sha.hexdigest()
 
     def _write(self, data: memoryview, address: int, offset: int) -> None:
         """Write ``data`` (at memory ``address``) at file ``offset``: its aligned middle
@@ -146,6 +174,8 @@ DIRECT_MIN = 1 << 20
 """Tensors whose aligned middle is smaller than this go through the page cache whole."""
 DIRECT_CHUNK = 8 << 20
 """The aligned buffer a direct write copies through, per writing thread."""
+PIECE = 16 << 20
+"""Bytes written and hashed before they are dropped, when the writer is asked to drop them."""
 _staging = threading.local()
 
 

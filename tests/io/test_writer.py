@@ -174,3 +174,53 @@ def test_a_run_writes_the_same_bytes_direct_and_buffered(llama_family, tmp_path,
     for name in names:
         assert filecmp.cmp(tmp_path / "direct" / name, tmp_path / "buffered" / name, shallow=False), name
     assert run_main("verify", tmp_path / "direct", "--full").returncode == 0
+
+
+def test_written_with_drop_each_piece_is_on_disk_before_it_is_dropped(tmp_path, monkeypatch):
+    """A passthrough copy is written straight from its mapped input, dropped behind the writer:
+    the same bytes and sha256, and every byte handed to ``drop`` once, in order, after it is in
+    the file."""
+    monkeypatch.setattr(writer, "PIECE", 64 * DIRECT_ALIGN)  # several pieces per tensor
+    tensors = layout(SIZES)
+    size = len(expected(tensors))
+    part = PartialFile(str(tmp_path / "f"), HEADER, size)
+    dropped = []
+
+    def drop_of(offset, t):
+        def drop(begin, end):
+            with open(part.tmp, "rb") as f:
+                f.seek(offset + begin)
+                assert f.read(end - begin) == bytes(t[begin:end].numpy()), "dropped before it was written"
+            dropped.append((offset, begin, end))
+
+        return drop
+
+    digests = [part.write_at(offset, t, drop=drop_of(offset, t)) for offset, t in tensors]
+    assert [d.result() for d in digests] == [writer._sha256(writer.raw_bytes(t)) for _, t in tensors]
+    part.flush_job()()
+    part.close()
+    assert (tmp_path / "f.partial").read_bytes() == expected(tensors)
+    for offset, t in tensors:
+        ranges = [(b, e) for o, b, e in dropped if o == offset]
+        assert ranges[0][0] == 0 and ranges[-1][1] == t.numel()
+        assert all(e == b2 for (_, e), (b2, _) in zip(ranges, ranges[1:]))  # contiguous, in order
+        assert all((offset + e) % writer.PIECE == 0 for _, e in ranges[:-1])  # cut at file offsets
+    assert len(dropped) > len(tensors)
+
+
+def test_only_a_file_mapping_is_offered_for_dropping(tmp_path):
+    """``TensorReader.dropper``: None for ordinary memory (MADV_DONTNEED would zero it); for
+    a mapped input, dropping its pages leaves its values as they were (read again from the file)."""
+    from distmerge.io.reader import TensorReader
+
+    values = torch.arange(1 << 20, dtype=torch.float32)
+    (tmp_path / "x.bin").write_bytes(bytes(values.numpy()))
+    with TensorReader("mmap") as reader:
+        mapped = reader.read(str(tmp_path / "x.bin"), "F32", (1 << 20,), 0, 4 << 20)
+        assert torch.equal(mapped, values)
+        reader.dropper(mapped)(0, 4 << 20)
+        assert torch.equal(mapped, values)
+        copy = mapped.clone()
+        assert reader.dropper(copy) is None
+    with TensorReader("pread") as reader:
+        assert reader.dropper(reader.read(str(tmp_path / "x.bin"), "F32", (1 << 20,), 0, 4 << 20)) is None
