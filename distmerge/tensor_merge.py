@@ -319,9 +319,11 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext) -> torch.Tensor:
             out = method.merge(base, inputs, **kwargs).to(work).to(out_dtype)
             check(out)
             return out
-    out = torch.empty(numel, dtype=out_dtype, device=device)
+    out = None  # allocated at the first piece: a method's passes before it (statistics, float32 buffers) run without it
     start = time.perf_counter()
     for i, j, merged in pieces:
+        if out is None:
+            out = torch.empty(numel, dtype=out_dtype, device=device)
         out[i:j] = merged.to(work)
         check(out[i:j])
     src.drop_read()
