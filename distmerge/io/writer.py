@@ -98,10 +98,8 @@ class PartialFile:
         written and then handed to ``drop``. Pieces end at file offsets that are multiples of
         PIECE, so each piece but the first and last is written directly whole."""
         sha = hashlib.sha256()
-        cuts = [0, *range(-(-offset // PIECE) * PIECE - offset, len(data), PIECE), len(data)]
+        cuts = [0, *range(PIECE - offset % PIECE, len(data), PIECE), len(data)]  # the first cut past 0
         for begin, end in zip(cuts, cuts[1:]):
-            if begin == end:
-                continue
             hashed = _HASH.submit(sha.update, data[begin:end])  # in order: one hash thread
             try:
                 self._write(data[begin:end], address + begin, offset + begin)
