@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import kernels, rng, threads
+from distmerge import kernels, reductions, rng, threads
 from distmerge.kernels.reference import RESCALE_EPS, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, non_negative, sparsify
 
@@ -189,19 +189,20 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
     ``draws[i]`` is None (τᵢ kept whole), τᵢ's whole keep mask (drawn already: DARE's
     depends on nothing but the element indices), or ``keep(start, end, τ)``: the keep mask of
     the chunk [start, end) of τᵢ (DELLA's depends on τᵢ's ranks; a draw depends only on
-    element indices, so a mask does not depend on chunking). Per model, reading only the base and that model, pass 1 draws the masks chunk by chunk and, with
-    ``rescale``, gathers |τᵢ ⊙ mᵢ| into one float32 buffer; pass 2 gathers |τᵢ| into the same
-    buffer. Their sums are ``kernels.reference.masked``'s whole-tensor L1 norms (same values,
-    same reduction). The last pass drops, rescales and combines chunk by chunk. Memory: one
-    keep mask per model and one float32 buffer, however many models.
+    element indices, so a mask does not depend on chunking). Per model, reading only the base
+    and that model, pass 1 draws the masks chunk by chunk and, with ``rescale``, adds up
+    |τᵢ ⊙ mᵢ| and |τᵢ| as it goes (``reductions.total``): ``kernels.reference.masked``'s
+    whole-tensor L1 norms, the same bits. The last pass drops, rescales and combines chunk by
+    chunk. Memory: one keep mask per model.
     """
-    buffer = torch.empty(numel) if rescale and any(d is not None for d in draws) else None
     drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
     for i, draw in enumerate(draws):
         if draw is None:
             drops.append(None)
             continue
         keep = draw if isinstance(draw, torch.Tensor) else torch.empty(numel, dtype=torch.bool)
+        if rescale:
+            after, before = reductions.total(numel), reductions.total(numel)
         if rescale or keep is not draw:
             with threads.every():  # element-wise (and draws that depend only on indices)
                 for start, end in ranges:
@@ -210,19 +211,14 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
                     if keep is not draw:
                         keep[start:end] = draw(start, end, delta)
                     if rescale:
-                        torch.abs(kept(keep[start:end], delta), out=buffer[start:end])  # |τᵢ| where kept, +0 elsewhere
+                        after.add(kept(keep[start:end], delta).abs_())  # |τᵢ| where kept, +0 elsewhere
+                        before.add(delta.abs_())
         factor = None
         if rescale:
-            after = buffer.sum()  # whole-tensor sums: on the rank's one thread (distmerge.threads)
-            with threads.every():
-                for start, end in ranges:
-                    base, (x,) = read(start, end, models=(i,))
-                    torch.abs(x - base, out=buffer[start:end])
-            before = buffer.sum()
+            before, after = before.result(), after.result()
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 factor = before / after
         drops.append((keep, factor))
-    del buffer
     for start, end in ranges:
         with threads.every():  # element-wise
             base, tensors = read(start, end)

@@ -1,0 +1,91 @@
+"""Whole-tensor sums from chunks (distmerge.reductions): torch's bits, in constant memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distmerge import reductions, threads
+
+
+def _spread(n: int, seed: int) -> torch.Tensor:
+    """Values over many magnitudes and both signs: any other order of additions shows in the bits."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.exp(3 * torch.randn(n, generator=g))
+
+
+def _torch_sum(x: torch.Tensor) -> torch.Tensor:
+    with threads.one():
+        return x.sum()
+
+
+def _streamed(x: torch.Tensor, cuts: list[int], streamed: bool = True) -> torch.Tensor:
+    acc = reductions.total(x.numel(), streamed=streamed)
+    start = 0
+    for end in [*sorted(cuts), x.numel()]:
+        acc.add(x[start:end])
+        start = end
+    return acc.result()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype == torch.float32 and a.view(torch.int32).item() == b.view(torch.int32).item()
+
+
+def test_this_machines_torch_sum_is_reproduced():
+    """The benchmarks' memory figures for DARE and DELLA assume the streamed sum; CI runs here."""
+    assert reductions.lanes() == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300_000), seed=st.integers(0, 2**16), data=st.data())
+def test_a_sum_streamed_in_any_chunks_has_torchs_bits(n, seed, data):
+    x = _spread(n, seed)
+    cuts = data.draw(st.lists(st.integers(0, n), max_size=6))
+    assert _same_bits(_streamed(x, cuts), _torch_sum(x))
+
+
+@pytest.mark.parametrize(
+    "n",
+    [
+        (1 << 21) + 12_345,  # 16-row blocks, all four levels passing sums on
+        (1 << 24) + 3 * (1 << 19) + 37,  # 32-row blocks: rows past 16 added one by one
+    ],
+)
+def test_large_sums_with_every_level_have_torchs_bits(n):
+    x = _spread(n, 7)
+    assert _same_bits(_streamed(x, [262_144 * k for k in range(1, n // 262_144)]), _torch_sum(x))
+
+
+def test_zero_sums_have_torchs_sign():
+    x = -torch.zeros(1000)
+    assert _same_bits(_streamed(x, [300]), _torch_sum(x))
+    assert _streamed(x, [300]).item() == 0 and not torch.signbit(_streamed(x, [300]))
+
+
+def test_infinities_and_nan_come_out_as_torchs():
+    x = _spread(100_000, 3)
+    x[5] = float("inf")
+    assert _streamed(x, [1000]).item() == float("inf")
+    x[7] = float("-inf")
+    assert torch.isnan(_streamed(x, [1000]))
+
+
+def test_the_buffered_fallback_is_torchs_sum_too():
+    x = _spread(70_001, 5)
+    acc = reductions.total(x.numel(), streamed=False)
+    assert isinstance(acc, reductions.Buffered)
+    for part in x.split(1000):
+        acc.add(part)
+    assert _same_bits(acc.result(), _torch_sum(x))
+
+
+def test_a_wrong_count_of_elements_is_an_error():
+    acc = reductions.total(10)
+    acc.add(torch.ones(6))
+    with pytest.raises(ValueError, match="6 of 10"):
+        acc.result()
+    with pytest.raises(ValueError, match="more than the 10"):
+        acc.add(torch.ones(5))
