@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy
 import torch
 
 from distmerge import kernels, reductions, rng, threads
@@ -183,6 +184,33 @@ def _band_chunked(read, shape, chunk, *, weight, density, gamma, normalize, resc
     )
 
 
+DRAW_ELEMENTS = 1 << 24
+"""Elements of a DARE mask drawn at once (a byte each, before they are packed into ``Bits``)."""
+
+
+class Bits:
+    """A boolean mask of ``numel`` elements kept as one bit each (numpy's packbits, little
+    bit order): a 70B model's lm_head needs 131 MB per model instead of 1 GB. Written in flat
+    order by ranges, ``bits[start:end] = keep``, and read by ranges, ``bits[start:end]``."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.packed = numpy.zeros((numel + 7) // 8, dtype=numpy.uint8)
+
+    def __setitem__(self, where: slice, keep: torch.Tensor) -> None:
+        first, offset = divmod(where.start, 8)
+        values = keep.reshape(-1).numpy().view(numpy.uint8)
+        if offset:  # the first byte's bits before start, as they were
+            values = numpy.concatenate([numpy.unpackbits(self.packed[first : first + 1], bitorder="little")[:offset], values])
+        packed = numpy.packbits(values, bitorder="little")  # a partial last byte padded with 0s: set by the next range
+        self.packed[first : first + packed.size] = packed
+
+    def __getitem__(self, where: slice) -> torch.Tensor:
+        first, offset = divmod(where.start, 8)
+        bits = numpy.unpackbits(self.packed[first : (where.stop + 7) // 8], bitorder="little")
+        return torch.from_numpy(bits[offset : offset + where.stop - where.start]).view(torch.bool)
+
+
 def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, normalize, lambda_, options):
     """``merge`` with random-drop sparsifiers (DARE, DELLA), for a tensor read in chunks: the same bits.
 
@@ -193,14 +221,14 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
     and that model, pass 1 draws the masks chunk by chunk and, with ``rescale``, adds up
     |τᵢ ⊙ mᵢ| and |τᵢ| as it goes (``reductions.total``): ``kernels.reference.masked``'s
     whole-tensor L1 norms, the same bits. The last pass drops, rescales and combines chunk by
-    chunk. Memory: one keep mask per model.
+    chunk. Memory: one keep mask per model, a bit an element (``Bits``).
     """
     drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
     for i, draw in enumerate(draws):
         if draw is None:
             drops.append(None)
             continue
-        keep = draw if isinstance(draw, torch.Tensor) else torch.empty(numel, dtype=torch.bool)
+        keep = draw if isinstance(draw, Bits) else Bits(numel)
         if rescale:
             after, before = reductions.total(numel), reductions.total(numel)
         if rescale or keep is not draw:
@@ -237,9 +265,17 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
 def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
     """DARE's drop for a tensor read in flat chunks (``_dropped_chunked``): element i of τᵢ
     keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``. Each mask is drawn whole first, on every
-    thread the process was given (``rng.bernoulli_keep``), while torch's own threads are idle."""
+    thread the process was given (``rng.bernoulli_keep``), while torch's own threads are idle,
+    DRAW_ELEMENTS at a time."""
     numel = math.prod(shape)
-    draws = [None if d >= 1 else rng.bernoulli_keep(seed, (numel,), d) for d, seed in zip(density, seeds)]
+
+    def drawn(seed: int, d: float) -> Bits:
+        keep = Bits(numel)
+        for start, end in chunk_ranges(numel, DRAW_ELEMENTS):
+            keep[start:end] = rng.bernoulli_keep(seed, (end - start,), d, offset=start)
+        return keep
+
+    draws = [None if d >= 1 else drawn(seed, d) for d, seed in zip(density, seeds)]
     return _dropped_chunked(
         read, chunk_ranges(numel, chunk), numel, draws, weight,
         rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options,

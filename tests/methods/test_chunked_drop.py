@@ -90,3 +90,30 @@ def test_della_chunked_refuses_bad_epsilon_like_the_whole_merge():
     params["epsilon"] = [0.5, 0.1]
     with pytest.raises(MergeError, match="density ± epsilon"):
         run_chunked("della", base, tensors, 30, **params)
+
+
+def test_bits_written_in_flat_order_read_back_any_range():
+    from distmerge.methods.task_arithmetic import Bits
+
+    g = torch.Generator().manual_seed(3)
+    for numel in (1, 8, 13, 1000):
+        mask = torch.rand(numel, generator=g) < 0.5
+        bits = Bits(numel)
+        cuts = sorted({0, numel, *torch.randint(0, numel + 1, (5,), generator=g).tolist()})
+        for start, end in zip(cuts, cuts[1:]):
+            bits[start:end] = mask[start:end]
+        assert bits.packed.nbytes == (numel + 7) // 8
+        for _ in range(20):
+            start, end = sorted(torch.randint(0, numel + 1, (2,), generator=g).tolist())
+            assert torch.equal(bits[start:end], mask[start:end]), (numel, start, end)
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear"])
+def test_dare_masks_drawn_in_windows_are_the_whole_tensors_draw(name, monkeypatch):
+    from distmerge.methods import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "DRAW_ELEMENTS", 1000)  # 3 windows, the last partial
+    base, tensors = family((50, 53), 2, seed=4)
+    params = params_for(name, 2, rescale=True)
+    got, _ = run_chunked(name, base, tensors, 300, **params)
+    assert torch.equal(got, METHODS[name].merge(base, tensors, **params))
