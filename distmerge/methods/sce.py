@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distmerge import threads
+from distmerge import reductions, threads
 from distmerge.kernels.reference import agrees, elect_sign, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
@@ -104,14 +104,14 @@ def sce(
 
 
 def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0):
-    """``sce`` for a tensor read in flat chunks: the same bits, with one float32 buffer of the
-    tensor's size (and a bool mask) instead of every model's task vector.
+    """``sce`` for a tensor read in flat chunks: the same bits, without every model's task
+    vector (with select_topk < 1, one float32 buffer of the tensor's size and a bool mask).
 
     - select_topk < 1, one pass: Var_j chunk by chunk into the buffer, counting Var_j > 0;
       then k, and the top-k mask m from the buffer (``ChunkedTopK``: two statistics sweeps
       and one mask sweep, in memory).
-    - one pass per model i: (τᵢ ⊙ m)² into the buffer; eᵢ = its mean, the same whole-tensor
-      reduction as ``task_vector_weights``'s.
+    - one pass: every model's eᵢ = mean((τᵢ ⊙ m)²), summed chunk by chunk with
+      ``task_vector_weights``'s whole-tensor bits (``reductions.total``).
     - last pass: each chunk's τᵢ ⊙ m, sign election and weighted mean (``erase_and_merge``).
 
     None (the run then calls ``sce``) when there are no models: ``sce`` returns θ₀.
@@ -125,22 +125,21 @@ def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = F
 
 def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float):
     ranges = chunk_ranges(numel, chunk)
-    buffer = torch.empty(numel)
-    keep = _keep_by_variance(read, numel, ranges, buffer, select_topk) if select_topk < 1 else None
+    keep = _keep_by_variance(read, numel, ranges, torch.empty(numel), select_topk) if select_topk < 1 else None
 
     def task_vector(base, x, start, end):
         delta = x - base
         return delta if keep is None else kept(keep[start:end], delta)
 
-    energies = []
-    for i in range(models):
-        with threads.every():  # element-wise
-            for start, end in ranges:
-                base, tensors = read(start, end)
-                torch.square(task_vector(base, tensors[i], start, end), out=buffer[start:end])
-        energies.append(buffer.mean())  # a whole-tensor reduction: on the rank's one thread
-    del buffer
-    weights = energy_weights(energies)
+    # eᵢ = mean((τᵢ ⊙ m)²): torch's CPU mean is its sum divided by the count, and the sums are
+    # reproduced chunk by chunk (``reductions``), all models' in one pass.
+    sums = [reductions.total(numel) for _ in range(models)]
+    with threads.every():  # element-wise
+        for start, end in ranges:
+            base, tensors = read(start, end)
+            for x, total in zip(tensors, sums):
+                total.add(task_vector(base, x, start, end).square_())
+    weights = energy_weights([total.result().div_(numel) for total in sums])
     for start, end in ranges:
         base, tensors = read(start, end)
         with threads.every():  # element-wise
