@@ -193,7 +193,11 @@ def scale(x: torch.Tensor, s: float | None, *, options: KernelOptions | None = N
 
 
 def stock_interpolate(
-    w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, *, options: KernelOptions | None = None
+    w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, *, options: KernelOptions | None = None, overwrite: bool = False
 ) -> torch.Tensor:
-    """t·(Σᵢ θᵢ / N) + (1 − t)·θ₀, t one ratio or one per row."""
-    return _impl(w0, options, kernel="stock_interpolate").stock_interpolate(w0, models, t)
+    """t·(Σᵢ θᵢ / N) + (1 − t)·θ₀, t one ratio or one per row; with ``overwrite``, the inputs
+    may be overwritten (the torch reference then computes in place)."""
+    impl = _impl(w0, options, kernel="stock_interpolate")
+    if impl is reference:
+        return reference.stock_interpolate(w0, models, t, overwrite=overwrite)
+    return impl.stock_interpolate(w0, models, t)

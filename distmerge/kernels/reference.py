@@ -206,9 +206,18 @@ def scale(x: torch.Tensor, s: float | None) -> torch.Tensor:
     return x if s is None else x * s
 
 
-def stock_interpolate(w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+def stock_interpolate(w0: torch.Tensor, models: list[torch.Tensor], t: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
     """t θ̄ + (1 − t) θ₀ with θ̄ = Σᵢ θᵢ / N (summed in order from 0); t is float32 of
-    shape [1] (one ratio) or w0.shape[:-1] + [1] (one per row of the last axis)."""
+    shape [1] (one ratio) or w0.shape[:-1] + [1] (one per row of the last axis).
+
+    With ``overwrite`` the float32 inputs are the caller's to overwrite: the same operations in
+    place in them, the result alone in a tensor of its own (each operation is commutative, so
+    the same bits with one allocation instead of six)."""
+    if overwrite and all(x.dtype == torch.float32 for x in (w0, *models)):
+        average = models[0].add_(0)  # 0 + θ₁, as sum() starts
+        for x in models[1:]:
+            average.add_(x)
+        return torch.add(average.div_(len(models)).mul_(t), w0.mul_(1 - t))
     w0 = _f32(w0)
     models = [_f32(x) for x in models]
     average = sum(models) / len(models)

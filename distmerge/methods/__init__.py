@@ -121,6 +121,10 @@ class Method:
     """``chunked`` takes ``stats``: a dict that the run shares between the merges of one unit
     of work that read the same inputs (a sweep's variants), for statistics that do not depend
     on the varied parameters (``sparsify.SharedTopK``). The same bits as without it."""
+    buffer: bool = False
+    """``chunked`` takes ``buffer``: a function that returns a float32 tensor of n elements, the
+    run's buffer for whole-tensor statistics (``tensor_merge.Buffer``: its contents are left
+    over, and it is valid until the next call; the chunked form is done with it when it ends)."""
     kernel_options: bool = False
     """``merge`` and ``chunked`` take ``options``, a ``distmerge.kernels.KernelOptions`` (how
     the fused steps run), and pass it on to the kernels they call."""

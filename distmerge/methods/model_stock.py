@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from distmerge import kernels, threads
+from distmerge import kernels, reductions, threads
 from distmerge.methods import Method, Param, chunk_ranges, input_count
 
 
@@ -60,16 +60,15 @@ def _vectors(x: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return x.unsqueeze(0) if x.dim() == 1 else x
 
 
-def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise: bool = False, options=None):
+def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise: bool = False, options=None, buffer=torch.empty):
     """``model_stock`` for a tensor read in flat chunks: the same bits in bounded memory.
 
     One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
-    product τᵢ·τⱼ is a whole-tensor reduction, so it is reduced from one float32 buffer
-    holding exactly the values ``model_stock`` reduces (τᵢ, or τᵢ ⊙ τⱼ), filled chunk by
-    chunk: one pass per norm and per pair, N + N(N−1)/2 passes, each reading only the
-    models it needs (``_vector_chunked``). Rows (``filter_wise``): one
+    product τᵢ·τⱼ is a whole-tensor reduction: a norm is reduced from one float32 buffer
+    holding τᵢ, filled chunk by chunk, and the dot products are summed chunk by chunk in the
+    same passes, N passes in all (``_vector_chunked``). Rows (``filter_wise``): one
     pass over batches of whole rows gathers every row's pairwise cosines. A last pass
-    interpolates chunk by chunk.
+    interpolates chunk by chunk. ``buffer(n)`` gives the float32 buffer (``Method.buffer``).
     """
     numel = math.prod(shape)
     if numel == 0:
@@ -78,60 +77,50 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
     n = input_count(read)
     if math.prod(vector_shape[:-1]) > 1:
         return _rows_chunked(read, n, vector_shape, chunk, options)
-    return _vector_chunked(read, n, vector_shape, chunk, options)
+    return _vector_chunked(read, n, vector_shape, chunk, options, buffer)
 
 
-def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options):
+def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options, new_buffer):
     """``model_stock_chunked`` of one vector (a whole tensor, or one row).
 
-    Each pass fills the buffer chunk by chunk, reading only the inputs it needs: τⱼ for
-    ‖τⱼ‖ (the base and θⱼ); then, while the buffer still holds τⱼ, τ₀ ⊙ τⱼ in place for the
-    pair (0, j) (the base and θ₀: a product is the same bits in either order); τᵢ ⊙ τⱼ for
-    the other pairs (the base, θᵢ and θⱼ). For N = 2 that is 2 + 2 + 2 + 3 widened inputs
-    per element, not 3 + 3 + 3 + 3.
+    Pass j fills the buffer with τⱼ chunk by chunk for ‖τⱼ‖ (reading the base and θⱼ), and
+    reads θᵢ for i < j too: each chunk's τᵢ ⊙ τⱼ is added up as it comes (``reductions.total``,
+    the bits of torch's whole-tensor sum). torch's norm is a sequential scan that only its own
+    kernel runs fast, hence the buffer. For N = 2 that is 2 + 3 widened inputs per element,
+    then 3 for the interpolation.
     """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
-    buffer = torch.empty(numel)
+    buffer = new_buffer(numel)  # asked for once the passes start (Method.buffer)
     staging = list(torch.empty(n + 1, min(numel, chunk)))  # the chunks read, widened in place
     norms = torch.empty(n, *vector_shape[:-1])  # the reductions, allocated up front: see below
     dots = torch.empty(math.comb(n, 2), *vector_shape[:-1])
     pair = {p: k for k, p in enumerate(combinations(range(n), 2))}
 
-    def fill(value, *models: int) -> torch.Tensor:
-        """buffer = value(base, [θ of ``models``], out) of every chunk, shaped as model_stock's
-        vectors: element-wise, so on every thread (the reductions of it stay on one)."""
-        with threads.every():
-            for start, end in ranges:
-                base, xs = read(start, end, models=models, out=staging)
-                value(base, xs, buffer[start:end])
-        return buffer.view(vector_shape)
-
-    def tau(base, xs, out):  # out = θ − base, θ the first model read
-        return torch.sub(xs[0], base, out=out)
-
-    def times_tau(base, xs, out):  # out ⊙= θ − base, in place
-        out.mul_(tau(base, xs, xs[0]))
-
-    def product(base, xs, out):  # out = τᵢ ⊙ τⱼ, θᵢ and θⱼ read
-        times_tau(base, xs[1:], tau(base, xs, out))
+    def fill(start: int, end: int, j: int, sums: list) -> None:
+        """τⱼ into the buffer, and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the buffer outlives it)."""
+        base, xs = read(start, end, models=(j, *range(j)), out=staging)
+        tau = torch.sub(xs[0], base, out=buffer[start:end])
+        for x, total in zip(xs[1:], sums):
+            total.add(x.sub_(base).mul_(tau))
 
     # Each reduction writes into norms and dots: a small result kept across the passes would
     # pin the chunks' freed temporaries below it in the heap (glibc), and resident memory
     # would grow with every pass.
     for j in range(n):
-        torch.linalg.vector_norm(fill(tau, j), dim=-1, out=norms[j])
-        if j:
-            torch.sum(fill(times_tau, 0), dim=-1, out=dots[pair[0, j]])
-    for i, j in pair:
-        if i:
-            torch.sum(fill(product, i, j), dim=-1, out=dots[pair[i, j]])
+        sums = [reductions.total(numel) for _ in range(j)]  # τᵢ · τⱼ for i < j
+        with threads.every():  # element-wise (the sums and the norm are not threaded)
+            for start, end in ranges:
+                fill(start, end, j, sums)
+        torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
+        for i, total in enumerate(sums):
+            dots[pair[i, j]] = total.result()
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio
     del buffer
     for start, end in ranges:
         with threads.every():  # element-wise (a yield cannot sit inside the with)
             base, tensors = read(start, end, out=staging)
-            merged = kernels.stock_interpolate(base, tensors, t, options=options)
+            merged = kernels.stock_interpolate(base, tensors, t, options=options, overwrite=True)
         yield start, end, merged
 
 
@@ -181,6 +170,7 @@ METHODS = (
         summary="Average of the models, pulled toward the base by the angle between their task vectors.",
         paper="https://arxiv.org/abs/2403.19522",
         chunked=model_stock_chunked,
+        buffer=True,
         kernel_options=True,
     ),
 )

@@ -103,11 +103,11 @@ def sce(
 # ---------------------------------------------------------------- passes over chunks (CPU)
 
 
-def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0):
+def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0, buffer=torch.empty):
     """``sce`` for a tensor read in flat chunks: the same bits, without every model's task
     vector (with select_topk < 1, one float32 buffer of the tensor's size and a bool mask).
 
-    - select_topk < 1, one pass: Var_j chunk by chunk into the buffer, counting Var_j > 0;
+    - select_topk < 1, one pass: Var_j chunk by chunk into the buffer (``buffer(n)``, ``Method.buffer``), counting Var_j > 0;
       then k, and the top-k mask m from the buffer (``ChunkedTopK``: two statistics sweeps
       and one mask sweep, in memory).
     - one pass: every model's eᵢ = mean((τᵢ ⊙ m)²), summed chunk by chunk with
@@ -120,12 +120,12 @@ def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = F
     models = input_count(read) if numel else 0
     if not models:
         return None
-    return _sce_passes(read, numel, models, chunk, select_topk)
+    return _sce_passes(read, numel, models, chunk, select_topk, buffer)
 
 
-def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float):
+def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, buffer):
     ranges = chunk_ranges(numel, chunk)
-    keep = _keep_by_variance(read, numel, ranges, torch.empty(numel), select_topk) if select_topk < 1 else None
+    keep = _keep_by_variance(read, numel, ranges, buffer(numel), select_topk) if select_topk < 1 else None
 
     def task_vector(base, x, start, end):
         delta = x - base
@@ -201,5 +201,6 @@ METHODS = (
         summary="Keep high-variance entries, weight task vectors by their energy, erase minority signs.",
         paper="https://arxiv.org/abs/2408.07990",
         chunked=sce_chunked,
+        buffer=True,
     ),
 )

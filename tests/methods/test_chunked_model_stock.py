@@ -20,7 +20,7 @@ def family(shape, n, seed):
     return synthetic_models(shape, n, seed, spread=0.01, shared=0.01, dtype=torch.bfloat16, as_float32=True, from_rounded_base=True)
 
 
-def run_chunked(base, tensors, chunk, filter_wise, models_read=None):
+def run_chunked(base, tensors, chunk, filter_wise, models_read=None, buffer=torch.empty):
     """The chunked form's pieces, concatenated; checks that they cover the tensor in order
     and that every pass of reads goes up the tensor from 0 without gaps, reading the same
     inputs throughout. Returns (merged, the passes' ranges); ``models_read`` gets each pass's
@@ -44,7 +44,7 @@ def run_chunked(base, tensors, chunk, filter_wise, models_read=None):
             chosen = [o[: j - i].copy_(x) for o, x in zip(out, chosen)]
         return chosen[0], chosen[1:]
 
-    pieces = list(model_stock_chunked(read, tuple(base.shape), chunk, filter_wise=filter_wise))
+    pieces = list(model_stock_chunked(read, tuple(base.shape), chunk, filter_wise=filter_wise, buffer=buffer))
     assert [p[0] for p in pieces] == [0] + [p[1] for p in pieces[:-1]] and pieces[-1][1] == base.numel()
     assert all(p[2].shape == (p[1] - p[0],) and p[2].dtype == torch.float32 for p in pieces)
     return torch.cat([p[2] for p in pieces]).view(base.shape), passes
@@ -64,18 +64,17 @@ def test_chunked_model_stock_is_the_whole_tensor_merge(shape, n, filter_wise):
 
 
 def test_passes_and_row_batches():
-    """Per tensor: one pass per norm, one per pair and one to merge, in chunks of `chunk`,
-    each reading only the models it needs: τⱼ for ‖τⱼ‖, then τ₀ multiplied into it for the
-    pair (0, j), both models of the other pairs. Per row: two passes, in batches of whole
-    rows, never a lone row."""
+    """Per tensor: one pass per model and one to merge, in chunks of `chunk`: pass j reads
+    θⱼ (for ‖τⱼ‖) and the models before it (for the dot products τᵢ·τⱼ, i < j). Per row:
+    two passes, in batches of whole rows, never a lone row."""
     base, tensors = family((37, 53), 3, seed=0)
     models_read = []
     _, passes = run_chunked(base, tensors, 100, filter_wise=False, models_read=models_read)
-    assert len(passes) == 3 + 3 + 1 and all(j - i <= 100 for p in passes for i, j in p)
-    assert models_read == [(0,), (1,), (0,), (2,), (0,), (1, 2), None]
-    models_read.clear()  # N = 2: 2 + 2 + 2 + 3 inputs widened per element, not 4 × 3
+    assert len(passes) == 3 + 1 and all(j - i <= 100 for p in passes for i, j in p)
+    assert models_read == [(0,), (1, 0), (2, 0, 1), None]
+    models_read.clear()  # N = 2: 2 + 3 + 3 inputs widened per element, not 4 × 3
     run_chunked(*family((37, 53), 2, seed=0), 100, filter_wise=False, models_read=models_read)
-    assert models_read == [(0,), (1,), (0,), None]
+    assert models_read == [(0,), (1, 0), None]
     _, passes = run_chunked(base, tensors, 100, filter_wise=True)
     assert len(passes) == 2 and passes[0] == passes[1]
     assert [(i // 53, j // 53) for i, j in passes[0]] == [(k, k + 2) for k in range(0, 34, 2)] + [(34, 37)]
@@ -146,3 +145,18 @@ def test_chunked_model_stock_through_the_cli(request, tmp_path, monkeypatch, fil
         shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
         assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
     assert calls  # the chunked form did run
+
+
+def test_a_buffer_reused_from_tensor_to_tensor_gives_each_its_whole_tensor_merge(monkeypatch):
+    """The run's buffer (``tensor_merge.Buffer``) is handed over with the last tensor's values in it."""
+    from distmerge import tensor_merge
+
+    monkeypatch.setattr(tensor_merge, "BUFFER_ELEMENTS", 3000)
+    buffer = tensor_merge.Buffer()
+    for shape, seed in [((37, 53), 1), ((29, 41), 2), ((37, 53), 3)]:  # ≤ 3000 elements: kept
+        base, tensors = family(shape, 2, seed)
+        got, _ = run_chunked(base, tensors, 100, False, buffer=buffer)
+        assert torch.equal(got, model_stock(base, tensors))
+    kept = buffer.kept
+    assert kept is not None and kept.numel() == 37 * 53 and buffer(100).data_ptr() == kept.data_ptr()
+    assert buffer(3001).numel() == 3001 and buffer.kept is None  # a larger one is not kept, nor is the old
