@@ -116,7 +116,7 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
         for i, total in enumerate(sums):
             dots[pair[i, j]] = total.result()
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio
-    del buffer
+    buffer = None  # released (unless the run keeps it for the next tensor) before the output is allocated
     for start, end in ranges:
         with threads.every():  # element-wise (a yield cannot sit inside the with)
             base, tensors = read(start, end, out=staging)
