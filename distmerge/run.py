@@ -33,7 +33,7 @@ from distmerge.sources import is_pickle
 from distmerge.state import Journal, finished_tensors
 from distmerge.kernels import selfcheck
 from distmerge.tensor_merge import (
-    MergeContext, input_path, merge_tensor, merge_together, method_consensus, method_kernels, plan_methods, stage_key,
+    MergeContext, Pieces, input_path, merge_tensor, merge_together, method_consensus, method_kernels, plan_methods, stage_key,
 )  # fmt: skip
 
 
@@ -148,12 +148,15 @@ def run_rank(
                 for k, t in members:
                     out = outs[k]
                     out.open_file_of(t)
-                    value = merge_tensor(plans[k], t, ctx)
-                    with timed("write"):
-                        ready = None
-                        if downloader is not None:  # copied out on the download stream; the writer waits for it
-                            value, ready = downloader.start(value)
-                        digest = out.write(t, value, ready, drop=reader.dropper(value))  # a mapped input's pages behind the writer
+                    value = merge_tensor(plans[k], t, ctx, stream=len(members) == 1 and not cuda)  # alone: nothing else reads it
+                    if isinstance(value, Pieces):  # written as it is merged
+                        digest = out.write_stream(t, value.pieces)
+                    else:
+                        with timed("write"):
+                            ready = None
+                            if downloader is not None:  # copied out on the download stream; the writer waits for it
+                                value, ready = downloader.start(value)
+                            digest = out.write(t, value, ready, drop=reader.dropper(value))  # a mapped input's pages behind the writer
                     del value
                     out.settle()  # this output's previous tensor was written and hashed while this one was merged
                     out.writing = (t, digest, n)
@@ -242,6 +245,11 @@ class _RankOutput:
     def write(self, t: OutputTensor, value, ready: Callable[[], None] | None, drop: Callable[[int, int], None] | None = None) -> Future:
         """Start writing ``t``'s bytes at its offset; the future of their sha256."""
         return self.partial.write_at(self.offsets[t.name], value, ready=ready, drop=drop)
+
+    def write_stream(self, t: OutputTensor, pieces) -> Future:
+        """Write ``t``'s bytes as they are merged, piece by piece (``tensor_merge.Pieces``);
+        the future of their sha256."""
+        return self.partial.write_stream(self.offsets[t.name], pieces)
 
     def settle(self) -> None:
         """Wait for the tensor being written and journal it (pending). Only then may its

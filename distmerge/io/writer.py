@@ -24,7 +24,7 @@ import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -92,6 +92,46 @@ class PartialFile:
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(_IO.submit(job))
         return self._pending[-1]
+
+    def write_stream(self, offset: int, pieces: Iterable[torch.Tensor]) -> Future:
+        """Write a tensor whose bytes come as ``pieces`` (CPU tensors, in order, covering it)
+        from ``offset``, as they come: gathered into segments of PIECE bytes, each written
+        and hashed on the I/O and hash threads while the next is gathered, at most two in
+        flight (so the tensor is never in memory whole). Returns the future of the sha256 of
+        all its bytes, like ``write_at``; a write's OSError raises here or from it."""
+        sha = hashlib.sha256()
+        in_flight: list[Future] = []
+        segment, filled, position = torch.empty(PIECE, dtype=torch.uint8), 0, offset
+
+        def submit(segment: torch.Tensor, nbytes: int, at: int) -> None:
+            data = raw_bytes(segment)[:nbytes]  # the closure holds the segment until its job is done
+
+            def job() -> str:
+                hashed = _HASH.submit(sha.update, data)  # in order: one hash thread
+                try:
+                    self._write(data, segment.data_ptr(), at)
+                finally:
+                    hashed.result()
+                return sha.hexdigest()  # of every segment so far: the last job's is the tensor's
+
+            if len(in_flight) == 2:
+                in_flight.pop(0).result()
+            in_flight.append(_IO.submit(job))
+            self._pending = [f for f in self._pending if not f.done()] + [in_flight[-1]]
+
+        for piece in pieces:
+            piece = piece.detach().contiguous()  # held while its bytes are copied
+            data = raw_bytes(piece)
+            while data:
+                take = min(len(data), PIECE - filled)
+                raw_bytes(segment)[filled : filled + take] = data[:take]
+                filled, data = filled + take, data[take:]
+                if filled == PIECE:
+                    submit(segment, filled, position)
+                    segment, filled, position = torch.empty(PIECE, dtype=torch.uint8), 0, position + PIECE
+        if filled or not in_flight:
+            submit(segment, filled, position)
+        return in_flight[-1]
 
     def _write_in_pieces(self, data: memoryview, address: int, offset: int, drop: Callable[[int, int], None]) -> str:
         """``_write`` and the sha256 of ``data`` piece by piece, each piece hashed while it is

@@ -421,10 +421,10 @@ def test_out_dtype_fp8_merges_each_tensor_once_and_keeps_its_parts_on_one_rank(f
 
     merged = []
     real = tensor_merge._merge
-    def counted(plan, t, ctx):  # the float32 merges (a part's own call, t.quant set, goes on to one)
+    def counted(plan, t, ctx, *rest):  # the float32 merges (a part's own call, t.quant set, goes on to one)
         if t.quant is None:
             merged.append(t.name)
-        return real(plan, t, ctx)
+        return real(plan, t, ctx, *rest)
 
     monkeypatch.setattr(tensor_merge, "_merge", counted)
     merge(recipe, tmp_path / "q")

@@ -224,3 +224,68 @@ def test_only_a_file_mapping_is_offered_for_dropping(tmp_path):
         assert reader.dropper(copy) is None
     with TensorReader("pread") as reader:
         assert reader.dropper(reader.read(str(tmp_path / "x.bin"), "F32", (1 << 20,), 0, 4 << 20)) is None
+
+
+def test_a_tensor_written_as_a_stream_of_pieces_is_the_same_bytes_and_sha256(tmp_path, monkeypatch):
+    """``write_stream``: pieces of any sizes, gathered into segments (several per tensor here),
+    give the file and the digest that ``write_at`` of the whole tensor gives."""
+    monkeypatch.setattr(writer, "PIECE", 16 * DIRECT_ALIGN)
+    tensors = layout(SIZES)
+    size = len(expected(tensors))
+    part = PartialFile(str(tmp_path / "f"), HEADER, size)
+    digests = []
+    for k, (offset, t) in enumerate(tensors):
+        flat = t.view(-1)
+        cuts = sorted({0, flat.numel(), *range(0, flat.numel(), 1000 + 777 * k)})
+        digests.append(part.write_stream(offset, (flat[a:b] for a, b in zip(cuts, cuts[1:]))))
+    assert [d.result() for d in digests] == [writer._sha256(writer.raw_bytes(t)) for _, t in tensors]
+    part.flush_job()()
+    part.close()
+    assert (tmp_path / "f.partial").read_bytes() == expected(tensors)
+
+
+def test_a_disk_error_while_streaming_reaches_the_caller(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "PIECE", 16 * DIRECT_ALIGN)
+    (offset, t), *_ = layout(SIZES)
+    part = PartialFile(str(tmp_path / "f"), HEADER, len(expected(layout(SIZES))))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_pwrite_all", full)
+    monkeypatch.setattr(writer, "_pwrite_direct", full)
+    with pytest.raises(OSError, match="No space"):
+        part.write_stream(offset, iter([t.view(-1)])).result()
+    part.close()
+
+
+def test_a_chunked_merge_is_written_as_it_is_merged_with_the_bytes_of_a_whole_one(llama_family, tmp_path, monkeypatch):
+    """A tensor merged by a method's chunked form, alone in its unit of work, goes to the file
+    piece by piece (``tensor_merge.Pieces``, ``PartialFile.write_stream``: its output never
+    allocated whole); the files, and the journal's digests the manifest is checked with, are
+    those of the merge with every tensor whole."""
+    import filecmp
+
+    from distmerge import tensor_merge
+    from tests.helpers import run_main
+    from tests.test_merge_vs_mergekit import distmerge, models
+
+    f = llama_family
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": 0.5, "density": 0.4}), ("ft2", {"weight": 0.5, "density": 0.6})),
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
+    whole = distmerge(recipe, tmp_path / "whole")
+    streamed = []
+    real = PartialFile.write_stream
+    monkeypatch.setattr(PartialFile, "write_stream", lambda self, offset, pieces: streamed.append(offset) or real(self, offset, pieces))
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 999)
+    chunked = distmerge(recipe, tmp_path / "chunked")
+    assert len(streamed) > 10
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
+    verified = run_main("verify", chunked, "--full")
+    assert verified.returncode == 0 and "every byte" in verified.stdout, verified
