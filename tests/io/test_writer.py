@@ -229,7 +229,7 @@ def test_only_a_file_mapping_is_offered_for_dropping(tmp_path):
 def test_a_tensor_written_as_a_stream_of_pieces_is_the_same_bytes_and_sha256(tmp_path, monkeypatch):
     """``write_stream``: pieces of any sizes, gathered into segments (several per tensor here),
     give the file and the digest that ``write_at`` of the whole tensor gives."""
-    monkeypatch.setattr(writer, "PIECE", 16 * DIRECT_ALIGN)
+    monkeypatch.setattr(writer, "SEGMENT", 16 * DIRECT_ALIGN)
     tensors = layout(SIZES)
     size = len(expected(tensors))
     part = PartialFile(str(tmp_path / "f"), HEADER, size)
@@ -245,7 +245,7 @@ def test_a_tensor_written_as_a_stream_of_pieces_is_the_same_bytes_and_sha256(tmp
 
 
 def test_a_disk_error_while_streaming_reaches_the_caller(tmp_path, monkeypatch):
-    monkeypatch.setattr(writer, "PIECE", 16 * DIRECT_ALIGN)
+    monkeypatch.setattr(writer, "SEGMENT", 16 * DIRECT_ALIGN)
     (offset, t), *_ = layout(SIZES)
     part = PartialFile(str(tmp_path / "f"), HEADER, len(expected(layout(SIZES))))
 
