@@ -294,3 +294,15 @@ def test_finite_check_finds_one_bad_value_anywhere(dtype, bad):
         broken[where] = bad
         with pytest.raises(MergeError, match=r"\(1 found\)"):
             check_finite(t, broken)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_values_whose_sum_overflows_pass_the_finite_check(dtype):
+    from distmerge.plan import OutputTensor
+    from distmerge.tensor_merge import check_finite
+
+    t = OutputTensor.__new__(OutputTensor)
+    object.__setattr__(t, "name", "x")
+    largest = torch.finfo(dtype).max
+    check_finite(t, torch.full((4096,), largest, dtype=dtype))  # the sum overflows; every value is finite
+    check_finite(t, torch.tensor([largest, largest, -largest], dtype=dtype))
