@@ -278,15 +278,22 @@ def test_allow_pickle_still_never_runs_pickled_code(llama_family, tmp_path, caps
     assert not marker.exists()
 
 
+def _output_named(name: str):
+    """An OutputTensor with only a name: all ``check_finite`` reads of it."""
+    from distmerge.plan import OutputTensor
+
+    t = OutputTensor.__new__(OutputTensor)
+    object.__setattr__(t, "name", name)
+    return t
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_finite_check_finds_one_bad_value_anywhere(dtype, bad):
     from distmerge.errors import MergeError
-    from distmerge.plan import OutputTensor
     from distmerge.tensor_merge import check_finite
 
-    t = OutputTensor.__new__(OutputTensor)
-    object.__setattr__(t, "name", "x")
+    t = _output_named("x")
     value = torch.linspace(-3, 3, 10001).to(dtype)
     check_finite(t, value)  # finite: no error
     for where in (0, 5000, 10000):
@@ -298,11 +305,9 @@ def test_finite_check_finds_one_bad_value_anywhere(dtype, bad):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_finite_values_whose_sum_overflows_pass_the_finite_check(dtype):
-    from distmerge.plan import OutputTensor
     from distmerge.tensor_merge import check_finite
 
-    t = OutputTensor.__new__(OutputTensor)
-    object.__setattr__(t, "name", "x")
+    t = _output_named("x")
     largest = torch.finfo(dtype).max
     check_finite(t, torch.full((4096,), largest, dtype=dtype))  # the sum overflows; every value is finite
     check_finite(t, torch.tensor([largest, largest, -largest], dtype=dtype))

@@ -97,8 +97,9 @@ class PartialFile:
         """Write a tensor whose bytes come as ``pieces`` (CPU tensors, in order, covering it)
         from ``offset``, as they come: gathered into segments of SEGMENT bytes, each written
         and hashed on the I/O and hash threads while the next is gathered, at most two in
-        flight and three in all, reused (so the tensor is never in memory whole). Returns the future of the sha256 of
-        all its bytes, like ``write_at``; a write's OSError raises here or from it."""
+        flight and three in all, reused (so the tensor is never in memory whole). Returns the
+        future of the sha256 of all its bytes, like ``write_at``; a write's OSError raises
+        here or from it."""
         sha = hashlib.sha256()
         in_flight: list[tuple[Future, torch.Tensor]] = []
         spare: list[torch.Tensor] = []  # segments whose jobs are done: at most three exist
@@ -107,7 +108,7 @@ class PartialFile:
             return spare.pop() if spare else torch.empty(SEGMENT, dtype=torch.uint8)
 
         def submit(segment: torch.Tensor, nbytes: int, at: int) -> None:
-            data = raw_bytes(segment)[:nbytes]
+            data = raw_bytes(segment)[:nbytes]  # in_flight holds the segment until its job is done
 
             def job() -> str:
                 hashed = _HASH.submit(sha.update, data)  # in order: one hash thread
