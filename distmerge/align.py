@@ -26,7 +26,8 @@ The permutations of a Llama checkpoint (:func:`llama_spec`):
   q·k is not invariant under a permutation of a head's dims.
 
 The permuted model computes exactly the same function (tests/test_align.py checks the logits
-through transformers' LlamaForCausalLM).
+through transformers' LlamaForCausalLM). ``align`` with ``data`` matches activations instead
+(``distmerge.activation_matching``: the residual stream rotated, values rotated).
 """
 
 from __future__ import annotations
@@ -259,11 +260,17 @@ class Result:
     perms: dict[str, list[int]]
     moved: dict[str, int]
     """Units that moved, per permutation."""
+    method: str = "weights"
+    """``weights`` (weight matching) or ``activations`` (``distmerge.activation_matching``)."""
+    similarity: dict[str, float] = field(default_factory=dict)
+    """Activations only: the mean matched similarity per unit group."""
 
 
-def align(model_dir: str, ref_dir: str, out: str, seed: int = 0) -> Result:
-    """Write MODEL permuted to match REFERENCE into ``out``: the same safetensors files (names,
-    tensors per file, dtype), config, tokenizer and other files copied, plus ``align.json``."""
+def align(model_dir: str, ref_dir: str, out: str, seed: int = 0, data: str | None = None, rows: int = 256, length: int = 64) -> Result:
+    """Write MODEL aligned to REFERENCE into ``out``: the same safetensors files (names,
+    tensors per file, dtype), config, tokenizer and other files copied, plus ``align.json``.
+    Weight matching, or with ``data`` (a text file) activation matching on up to ``rows``
+    windows of ``length`` of its tokens (``distmerge.activation_matching``)."""
     model_dir, ref_dir, out_dir = Path(model_dir), Path(ref_dir), Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"{out}: the output directory is not empty; give a new directory")
@@ -276,12 +283,21 @@ def align(model_dir: str, ref_dir: str, out: str, seed: int = 0) -> Result:
     if shapes != ref_shapes or llama_spec(ref_config, ref) != spec:
         diff = next((n for n in sorted(shapes.keys() | ref_shapes.keys()) if shapes.get(n) != ref_shapes.get(n)), "the head layout")
         raise MergeError(f"{model_dir} and {ref_dir} differ in shape at {diff}: align models of one architecture and size")
-    perms, iterations = weight_matching(ref, model, spec, seed)
-    aligned = apply_permutation(model, spec, perms)
+    if data is None:
+        perms, iterations = weight_matching(ref, model, spec, seed)
+        aligned, similarity = apply_permutation(model, spec, perms), {}
+    else:
+        from distmerge import activation_matching as am
+
+        tokens = am.calibration_tokens(ref_dir, data, rows, min(length, ref_config.get("max_position_embeddings", length)))
+        aligned, t = am.activation_matching(ref, model, config, spec, tokens)
+        aligned = {n: aligned[n].to(model[n].dtype) for n in model}
+        perms, iterations, similarity = t.perms, 1, t.similarity
     result = Result(
         objective_before=objective(ref, model), objective_after=objective(ref, aligned), iterations=iterations,
         seconds=0.0, perms={k: v.tolist() for k, v in perms.items()},
         moved={k: int((v != torch.arange(len(v))).sum()) for k, v in perms.items()},
+        method="weights" if data is None else "activations", similarity=similarity,
     )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in model_dir.iterdir():
@@ -290,6 +306,6 @@ def align(model_dir: str, ref_dir: str, out: str, seed: int = 0) -> Result:
     for fname, names in layout.items():
         save_safetensors({n: aligned[n] for n in names}, out_dir / fname, metadata=meta[fname])
     result.seconds = time.perf_counter() - start
-    record = {"model": str(model_dir), "reference": str(ref_dir), "seed": seed, **{k: getattr(result, k) for k in Result.__slots__}}
+    record = {"model": str(model_dir), "reference": str(ref_dir), "seed": seed, "data": data, **{k: getattr(result, k) for k in Result.__slots__}}
     (out_dir / "align.json").write_text(json.dumps(record, indent=1) + "\n")
     return result

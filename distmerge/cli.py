@@ -537,18 +537,23 @@ def extract_lora_command(out, base, model, rank, module_ranks, energy, dtype, sk
 @click.argument("model")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--to", "reference", required=True, help="The reference model whose unit order MODEL is permuted to match.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the order in which the permutations are updated.")
-def align_command(model, out, reference, seed):
-    """Permute MODEL's hidden units (residual stream, MLP units, attention heads) to match
-    REFERENCE by weight matching (Git Re-Basin) and write the permuted checkpoint, which
-    computes the same function, into OUT, with align.json. Llama-shaped checkpoints only."""
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the order in which the permutations are updated (weight matching).")
+@click.option("--data", type=click.Path(dir_okay=False), help="A text file: match activations on its tokens (residual stream rotated, MLP units and heads permuted, values rotated) instead of weights.")
+@click.option("--rows", default=256, show_default=True, type=click.IntRange(min=1), help="With --data: at most this many windows of its tokens.")
+@click.option("--length", default=64, show_default=True, type=click.IntRange(min=2), help="With --data: tokens per window (at most max_position_embeddings).")
+def align_command(model, out, reference, seed, data, rows, length):
+    """Align MODEL's hidden units (residual stream, MLP units, attention heads) to REFERENCE
+    and write the aligned checkpoint, which computes the same function, into OUT, with
+    align.json: Git Re-Basin weight matching, or with --data activation matching (README,
+    "Git Re-Basin"). Llama-shaped checkpoints only."""
     from distmerge.align import align
 
-    r = align(model, reference, out, seed=seed)
+    r = align(model, reference, out, seed=seed, data=data, rows=rows, length=length)
     moved = sum(1 for v in r.moved.values() if v)
+    how = f"in {r.iterations} passes" if r.method == "weights" else "matching activations, residual stream " + ("rotated" if "residual" not in r.perms else "permuted")
     click.echo(
         f"wrote {out}: {moved} of {len(r.moved)} permutations moved units; Σ<W_ref, W> "
-        f"{r.objective_before:.4g} -> {r.objective_after:.4g} in {r.iterations} passes, {r.seconds:.1f}s"
+        f"{r.objective_before:.4g} -> {r.objective_after:.4g} {how}, {r.seconds:.1f}s"
     )
 
 

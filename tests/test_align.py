@@ -187,14 +187,17 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 @pytest.fixture(scope="module")
 def two_bases(tmp_path_factory, skill_models):
-    """Two skills-harness bases trained from different initialisations, B aligned to A, and the
-    loss along both linear paths on 512 fixed pre-training rows. A is the skills fixture's base
-    (trained once per test run for the other tests: ``train_base`` with seed 0), B is trained
-    here from seed 1 (~15 s on 2 cores)."""
+    """Two skills-harness bases trained from different initialisations, B aligned to A by
+    weight matching and by activation matching (on 256 calibration rows drawn apart from the
+    evaluation rows), and the loss along each linear path on 512 fixed pre-training rows. A is
+    the skills fixture's base (``train_base`` with seed 0), B is trained here from seed 1
+    (~15 s on 2 cores)."""
     import random
+    from types import SimpleNamespace
 
     import torch.nn.functional as F
 
+    from distmerge.activation_matching import activation_matching
     from distmerge.skills import SKILLS, _rows, sample, train_base
     from distmerge.tinyllama import forward, load_model
 
@@ -203,9 +206,14 @@ def two_bases(tmp_path_factory, skill_models):
     wb, _ = load_model(train_base(root / "b", seed=1))
     spec = llama_spec(args.config(), wa)
     perms, _ = weight_matching(wa, wb, spec, seed=0)
-    aligned = apply_permutation(wb, spec, perms)
-    rng = random.Random(123)
-    tokens, targets = _rows([sample(rng.choice(list(SKILLS)), rng) for _ in range(512)], False)
+    by_weights = apply_permutation(wb, spec, perms)
+
+    def rows(seed, n):
+        rng = random.Random(seed)
+        return _rows([sample(rng.choice(list(SKILLS)), rng) for _ in range(n)], False)
+
+    by_activations, _ = activation_matching(wa, wb, args.config(), spec, rows(7, 256)[0])
+    tokens, targets = rows(123, 512)
 
     def loss(w):
         with torch.no_grad():
@@ -215,26 +223,40 @@ def two_bases(tmp_path_factory, skill_models):
     def curve(b):
         return [loss({k: (1 - a) * wa[k] + a * b[k] for k in wa}) for a in ALPHAS]
 
-    before, after = curve(wb), curve(aligned)
-    print("\nalpha  " + "  ".join(f"{a:6.2f}" for a in ALPHAS))
-    print("before " + "  ".join(f"{x:6.3f}" for x in before))
-    print("after  " + "  ".join(f"{x:6.3f}" for x in after))
-    return wa, wb, aligned, before, after
+    curves = {"before": curve(wb), "weights": curve(by_weights), "activations": curve(by_activations)}
+    print("\nalpha       " + "  ".join(f"{a:6.2f}" for a in ALPHAS))
+    for name, c in curves.items():
+        print(f"{name:11s} " + "  ".join(f"{x:6.3f}" for x in c))
+    return SimpleNamespace(wa=wa, wb=wb, by_weights=by_weights, by_activations=by_activations, **curves)
+
+
+def barrier(curve):
+    """The loss at the midpoint above the mean of the two ends."""
+    return curve[2] - (curve[0] + curve[-1]) / 2
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_alignment_of_independent_bases_keeps_the_function_and_moves_b_closer(two_bases):
-    wa, wb, aligned, before, after = two_bases
-    assert after[-1] == pytest.approx(before[-1], abs=1e-5)  # the same model B, permuted
-    assert after[0] == before[0]
-    dist = lambda w: sum(float((wa[k] - w[k]).pow(2).sum()) for k in wa) ** 0.5  # noqa: E731
-    assert dist(aligned) < 0.95 * dist(wb)
+    b = two_bases
+    dist = lambda w: sum(float((b.wa[k] - w[k]).pow(2).sum()) for k in b.wa) ** 0.5  # noqa: E731
+    for aligned, curve in ((b.by_weights, b.weights), (b.by_activations, b.activations)):
+        assert curve[-1] == pytest.approx(b.before[-1], abs=1e-5)  # the same model B, transformed
+        assert curve[0] == b.before[0]
+        assert dist(aligned) < 0.95 * dist(b.wb)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.xfail(strict=True, reason="measured: weight matching does not lower the barrier at alpha = 0.5 on these bases, nor on wider, longer or weight-decayed ones (README, Git Re-Basin)")
-def test_alignment_lowers_the_loss_barrier(two_bases):
-    _, _, _, before, after = two_bases
-    assert after[2] < before[2]
+def test_weight_matching_lowers_the_loss_barrier(two_bases):
+    assert two_bases.weights[2] < two_bases.before[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_activation_matching_lowers_the_loss_barrier_by_a_third(two_bases):
+    """Measured 1.56 -> 0.83 (README): the aligned midpoint knows something (its loss is below
+    the 3.36 of predicting each token by its frequency), the unaligned one does not."""
+    assert barrier(two_bases.activations) < 2 / 3 * barrier(two_bases.before)
+    assert two_bases.activations[2] < 3.2 < two_bases.before[2]

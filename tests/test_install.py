@@ -24,6 +24,7 @@ GUARDED = {
     "lm_eval": "the extra distmerge[eval]; imported only in distmerge eval's child process; without it, --tasks is a MergeError naming it",
     "cma": "the extra distmerge[evolve]; imported only by distmerge evolve's parameter search; without it, that search is a MergeError naming it",
     "scipy": "imported only by distmerge align's weight matching; without it, align is a MergeError saying: distmerge align needs scipy: pip install scipy",
+    "tokenizers": "the extra distmerge[align]; imported only by align --data to tokenize its text; without it, that is a MergeError saying: pip install tokenizers",
     "matplotlib": "the extras distmerge[plot] and [eval]; imported only in distmerge.plots, when a plot is drawn; without it, soup and skills --plot say what to install and write no PNG",
 }
 """Imported by distmerge but not required by a plain install, and why that is fine."""

@@ -1,0 +1,321 @@
+"""Git Re-Basin by activation matching: align a Llama to a reference on calibration tokens.
+
+Weight matching (``distmerge.align``) does not lower the loss barrier between the skills
+harness's independently trained bases (README, "Git Re-Basin"). Activation matching (Ainsworth,
+Hayase and Srinivasa, ICLR 2023, section 3.1: a permutation per unit group, the linear
+assignment that maximises the correlation of the two models' activations on the same inputs)
+does, once two continuous symmetries of a Llama are used besides its permutations:
+
+- **The residual stream, rotated.** With each RMSNorm's weight g folded into the projections
+  that read the stream, any orthogonal Q is a symmetry, since RMSNorm(xQ) = RMSNorm(x)Q when
+  g = 1: x ↦ xQ with E ↦ EQ, each reading projection W ↦ W diag(g) Q, each writing one
+  (o_proj, down_proj) W ↦ QᵀW. Q solves the orthogonal Procrustes problem
+
+      Q = argmax_{QᵀQ = I} Σ_points ⟨X̂_ref, X̂_model Q⟩_F = UVᵀ,  where X̂_modelᵀ X̂_ref = UΣVᵀ,
+
+  over the RMS-normalised residual activations X̂ at every block boundary. The model then takes
+  the reference's norm weights (W ↦ W diag(g_model) Q diag(1/g_ref)), so the two checkpoints
+  interpolate in one gauge. A permutation is the special case: with tied embeddings (lm_head
+  is the embedding, which cannot also take the final norm's fold) the stream is permuted,
+  by the linear assignment on the same matrix, and nothing is folded.
+- **Each KV head's value space, rotated**: v_proj's rows of the head ↦ Rᵀ·, o_proj's columns of
+  its query heads ↦ ·R, for the orthogonal R = argmax ⟨V_ref, V_model R⟩ (Procrustes on the
+  value activations).
+
+MLP units are permuted by the assignment on the correlation of their SwiGLU activations
+silu(x·W_gateᵀ)·(x·W_upᵀ); attention heads by the assignment on the cosine similarity of their
+attention patterns (the softmax probabilities), a KV head and its query heads as one block,
+as in weight matching. Every statistic is a sum over the calibration rows, gathered in one
+forward pass of both models side by side, batch by batch; every transform is exact, so the
+aligned model computes what it computed before (in float32; a 16-bit checkpoint rounds the
+rotated weights once when written).
+
+The activations come from distmerge's own Llama forward (``distmerge.tinyllama``: the default
+rotary embedding, no rope_scaling); they only choose the transforms, which keep the function
+whatever they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distmerge.align import Perm, _lap, apply_permutation
+from distmerge.errors import MergeError
+from distmerge.tinyllama import ModelArgs, apply_rope, rms_norm, rope
+
+__all__ = ["Statistics", "statistics", "transforms", "apply_transforms", "activation_matching", "calibration_tokens"]
+
+EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
+
+
+@dataclass(kw_only=True, slots=True)
+class Statistics:
+    """Sums over the calibration tokens of the products that choose the transforms
+    (float64; "ref" is the reference model, "model" the one aligned)."""
+
+    residual: torch.Tensor
+    """[hidden, hidden]: Σ X̂_modelᵀ X̂_ref over every block boundary."""
+    residual_norms: torch.Tensor
+    """[2]: ‖X̂_ref‖²_F and ‖X̂_model‖²_F over the same."""
+    mlp: list[dict[str, torch.Tensor]]
+    """Per layer: n, Σa, Σb, Σa², Σb² ([inter]) and Σaᵀb ([inter, inter]) of the SwiGLU activations (a ref, b model)."""
+    heads: list[torch.Tensor]
+    """Per layer [heads, heads]: the cosine of ref head i's and model head j's attention patterns, Σ⟨P_i, P_j⟩ / (‖P_i‖‖P_j‖)."""
+    values: list[torch.Tensor]
+    """Per layer [kv_heads, kv_heads, head_dim, head_dim]: [k, l] = Σ V_model,lᵀ V_ref,k."""
+    tokens: int
+
+
+def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities [B, heads, T, T], values [B, kv_heads, T, head_dim], output [B, T, hidden])."""
+    b, t, _ = h.shape
+    hd, rep = args.hidden // args.heads, args.heads // args.kv_heads
+    q = (h @ w[p + "q_proj.weight"].T).view(b, t, args.heads, hd).transpose(1, 2)
+    k = (h @ w[p + "k_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
+    v = (h @ w[p + "v_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    scores = q @ k.repeat_interleave(rep, dim=1).transpose(-1, -2) / math.sqrt(hd)
+    probs = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    y = (probs @ v.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(b, t, args.hidden)
+    return probs, v, y @ w[p + "o_proj.weight"].T
+
+
+def _activations(w: dict, args: ModelArgs, tokens: torch.Tensor):
+    """The matched activations in forward order: ("residual", x) at each block boundary,
+    ("heads", (probabilities, values)) and ("mlp", SwiGLU activations) of each layer."""
+    x = w[EMBED][tokens]
+    cos, sin = rope(args, tokens.shape[1])
+    yield "residual", x
+    for i in range(args.layers):
+        p = f"model.layers.{i}."
+        probs, v, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
+        yield "heads", (probs, v)
+        x = x + y
+        yield "residual", x
+        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
+        u = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        yield "mlp", u
+        x = x + u @ w[p + "mlp.down_proj.weight"].T
+        yield "residual", x
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Rows of x / RMS(x), flat, float64 (RMSNorm without its weight)."""
+    x = _flat(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@torch.no_grad()
+def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, batch: int = 16) -> Statistics:
+    """The sums of ``Statistics`` over ``tokens`` [rows, T], ``batch`` rows at a time (both
+    models' activations of a batch are alive together, nothing more)."""
+    d, inter, hd = args.hidden, args.intermediate, args.hidden // args.heads
+    residual = torch.zeros(d, d, dtype=torch.float64)
+    residual_norms = torch.zeros(2, dtype=torch.float64)
+    mlp = [{k: torch.zeros(inter, dtype=torch.float64) for k in ("a", "b", "aa", "bb")} for _ in range(args.layers)]
+    for s in mlp:
+        s["ab"] = torch.zeros(inter, inter, dtype=torch.float64)
+    cross = [torch.zeros(args.heads, args.heads, dtype=torch.float64) for _ in range(args.layers)]
+    norms = [torch.zeros(2, args.heads, dtype=torch.float64) for _ in range(args.layers)]
+    values = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
+    for rows in tokens.split(batch):
+        layer = {"heads": 0, "mlp": 0}
+        for (kind, a), (_, b) in zip(_activations(ref, args, rows), _activations(model, args, rows)):
+            if kind == "residual":  # RMS-normalised, as every reader of the stream sees it
+                a, b = _normalised(a, args.rms_norm_eps), _normalised(b, args.rms_norm_eps)
+                residual += b.T @ a
+                residual_norms += torch.stack([a.pow(2).sum(), b.pow(2).sum()])
+                continue
+            i = layer[kind]
+            layer[kind] += 1
+            if kind == "mlp":
+                a, b, s = _flat(a), _flat(b), mlp[i]
+                s["a"] += a.sum(0)
+                s["b"] += b.sum(0)
+                s["aa"] += a.pow(2).sum(0)
+                s["bb"] += b.pow(2).sum(0)
+                s["ab"] += a.T @ b
+            else:
+                (pa, va), (pb, vb) = a, b
+                pa, pb = pa.transpose(0, 1).flatten(1).double(), pb.transpose(0, 1).flatten(1).double()
+                cross[i] += pa @ pb.T
+                norms[i] += torch.stack([pa.pow(2).sum(1), pb.pow(2).sum(1)])
+                values[i] += torch.einsum("bltd,bkte->klde", vb.double(), va.double())
+    rows_tokens = tokens.numel()
+    for s in mlp:
+        s["n"] = torch.tensor(float(rows_tokens), dtype=torch.float64)
+    heads = [c / (n[0][:, None] * n[1][None, :]).sqrt().clamp_min(1e-300) for c, n in zip(cross, norms)]
+    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, tokens=rows_tokens)
+
+
+def _procrustes(m: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R maximising tr(Rᵀ m) = ⟨X_model R, X_ref⟩ for m = X_modelᵀ X_ref: UVᵀ."""
+    u, _, vh = torch.linalg.svd(m)
+    return (u @ vh).float()
+
+
+def _correlation(s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Pearson correlation [ref unit, model unit] from the sums of ``Statistics.mlp``."""
+    n = s["n"]
+    mean_a, mean_b = s["a"] / n, s["b"] / n
+    std_a = (s["aa"] / n - mean_a.pow(2)).clamp_min(0).sqrt()
+    std_b = (s["bb"] / n - mean_b.pow(2)).clamp_min(0).sqrt()
+    cov = s["ab"] / n - mean_a[:, None] * mean_b[None, :]
+    return cov / (std_a[:, None] * std_b[None, :]).clamp_min(1e-12)
+
+
+def _group_assignment(similarity: torch.Tensor, group: int) -> torch.Tensor:
+    """The head permutation maximising Σ similarity[i, perm[i]] with KV groups kept whole: the
+    best query-head assignment inside each (reference group, model group) pair, then the best
+    pairing of groups by those values (weight matching's two levels)."""
+    groups = similarity.shape[0] // group
+    score = torch.zeros(groups, groups, dtype=torch.float64)
+    inner = {}
+    for i in range(groups):
+        for j in range(groups):
+            inner[i, j], score[i, j] = _lap(similarity[i * group:(i + 1) * group, j * group:(j + 1) * group])
+    outer, _ = _lap(score)
+    return torch.cat([int(j) * group + inner[i, int(j)] for i, j in enumerate(outer)])
+
+
+@dataclass(kw_only=True, slots=True)
+class Transforms:
+    """What ``apply_transforms`` does to the model."""
+
+    residual: torch.Tensor
+    """[hidden, hidden] orthogonal Q (a permutation matrix with tied embeddings)."""
+    rotate_residual: bool
+    perms: dict[str, torch.Tensor]
+    """Each MLP and heads permutation of the spec, and the residual one with tied embeddings
+    (new unit i is old unit perms[name][i])."""
+    values: dict[int, list[torch.Tensor]]
+    """Per layer, per KV head (after the head permutation): the orthogonal R of its values."""
+    similarity: dict[str, float]
+    """Mean matched similarity per group (residual: the cosine of X̂_ref and X̂_model·Q, all points)."""
+
+
+def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transforms:
+    """The residual map, the permutations and the value rotations that ``stats`` choose."""
+    rotate = not args.tie_embeddings
+    perms = {}
+    if rotate:
+        q = _procrustes(stats.residual)
+    else:  # a permutation: new unit i is old unit perm[i], i.e. Q[perm[i], i] = 1
+        perms["residual"], _ = _lap(stats.residual.T)
+        q = torch.zeros(args.hidden, args.hidden)
+        q[perms["residual"], torch.arange(args.hidden)] = 1.0
+    similarity = {"residual": float((stats.residual * q.double()).sum() / stats.residual_norms.prod().sqrt())}
+    for p in spec:
+        if p.name == "residual":
+            continue
+        i = int(p.name.split(".")[1])
+        if p.name.endswith(".mlp"):
+            corr = _correlation(stats.mlp[i])
+            perms[p.name], value = _lap(corr)
+        else:
+            perms[p.name] = _group_assignment(stats.heads[i], p.group)
+            value = float(stats.heads[i][torch.arange(p.size), perms[p.name]].sum())
+        similarity[p.name] = value / p.size
+    group, values = args.heads // args.kv_heads, {}
+    for i in range(args.layers):
+        kv = perms[f"layers.{i}.heads"][::group] // group  # model KV head at each position
+        values[i] = [_procrustes(stats.values[i][k, int(l)]) for k, l in enumerate(kv)]
+    return Transforms(residual=q, rotate_residual=rotate, perms=perms, values=values, similarity=similarity)
+
+
+def _readers(layers: int) -> dict[str, list[str]]:
+    """Each RMSNorm weight and the projections that read its output."""
+    readers = {FINAL_NORM: [HEAD]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        readers[p + "input_layernorm.weight"] = [p + f"self_attn.{m}_proj.weight" for m in "qkv"]
+        readers[p + "post_attention_layernorm.weight"] = [p + f"mlp.{m}_proj.weight" for m in ("gate", "up")]
+    return readers
+
+
+def apply_transforms(model: dict, ref: dict, spec: list[Perm], t: Transforms, args: ModelArgs) -> dict[str, torch.Tensor]:
+    """``model`` (float32) mapped by ``t``: it computes the same function, in the reference's
+    gauge (its RMSNorm weights, when the residual is rotated)."""
+    w = {n: x.float() for n, x in model.items()}
+    q = t.residual
+    w[EMBED] = w[EMBED] @ q
+    for i in range(args.layers):
+        for m in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            w[f"model.layers.{i}.{m}"] = q.T @ w[f"model.layers.{i}.{m}"]
+    for norm, readers in _readers(args.layers).items():
+        if t.rotate_residual:
+            scale = ref[norm].float()
+            for r in readers:  # W diag(g_model) Q diag(1 / g_ref)
+                w[r] = (w[r] * w[norm][None, :]) @ q / scale[None, :]
+            w[norm] = scale.clone()
+        else:
+            w[norm] = w[norm] @ q
+            for r in readers:
+                if r in w:
+                    w[r] = w[r] @ q
+    w = apply_permutation(w, [p for p in spec if p.name != "residual"], t.perms)
+    hd, group = args.hidden // args.heads, args.heads // args.kv_heads
+    for i, rotations in t.values.items():
+        p = f"model.layers.{i}.self_attn."
+        v, o = w[p + "v_proj.weight"].clone(), w[p + "o_proj.weight"].clone()
+        for k, r in enumerate(rotations):
+            v[k * hd:(k + 1) * hd] = r.T @ v[k * hd:(k + 1) * hd]
+            for h in range(k * group, (k + 1) * group):
+                o[:, h * hd:(h + 1) * hd] = o[:, h * hd:(h + 1) * hd] @ r
+        w[p + "v_proj.weight"], w[p + "o_proj.weight"] = v, o
+    return w
+
+
+def check_alignable(config: dict, ref: dict) -> ModelArgs:
+    """The forward's shape of a Llama config; MergeError for what activation matching cannot do."""
+    args = ModelArgs.from_config(config)
+    head_dim = config.get("head_dim") or args.hidden // args.heads
+    if head_dim * args.heads != args.hidden:
+        raise MergeError(f"head_dim {head_dim} × {args.heads} heads is not hidden_size {args.hidden}: activation matching needs head_dim = hidden_size / heads; align without --data (weight matching)")
+    if not args.tie_embeddings:
+        zero = [n for n in _readers(args.layers) if bool((ref[n] == 0).any())]
+        if zero:
+            raise MergeError(f"the reference's {zero[0]} has zero entries, which a rotated residual stream cannot take as its norm weights; align without --data (weight matching)")
+    return args
+
+
+def activation_matching(ref: dict, model: dict, config: dict, spec: list[Perm], tokens: torch.Tensor) -> tuple[dict[str, torch.Tensor], Transforms]:
+    """``model`` aligned to ``ref`` on ``tokens`` [rows, T] (float32 weights), and the transforms."""
+    args = check_alignable(config, ref)
+    if int(tokens.max()) >= ref[EMBED].shape[0]:
+        raise MergeError(f"the calibration tokens reach id {int(tokens.max())} but the model has {ref[EMBED].shape[0]} embeddings: tokenize with the reference's own tokenizer")
+    ref32 = {n: x.float() for n, x in ref.items()}
+    model32 = {n: x.float() for n, x in model.items()}
+    t = transforms(statistics(ref32, model32, args, tokens), spec, args)
+    return apply_transforms(model32, ref32, spec, t, args), t
+
+
+def calibration_tokens(model_dir: str | Path, data: str | Path, rows: int, length: int) -> torch.Tensor:
+    """[n, length]: the first n ≤ ``rows`` windows of ``length`` tokens of the text file ``data``
+    (its non-empty lines tokenized one after another by ``model_dir``'s tokenizer.json)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise MergeError(f"{model_dir}: no tokenizer.json to tokenize {data} with; align --data needs the reference's fast tokenizer")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MergeError("distmerge align --data needs the tokenizers library: pip install tokenizers") from None
+    try:
+        lines = Path(data).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError(f"{data}: cannot read the calibration text ({e}); give a UTF-8 text file") from None
+    tokenizer = Tokenizer.from_file(str(path))
+    ids = [i for line in lines if line.strip() for i in tokenizer.encode(line).ids]
+    n = min(rows, len(ids) // length)
+    if n == 0:
+        raise MergeError(f"{data}: {len(ids)} tokens, fewer than one window of {length}; give more text or a smaller --length")
+    return torch.tensor(ids[: n * length]).view(n, length)
