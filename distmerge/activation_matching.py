@@ -21,6 +21,12 @@ does, once two continuous symmetries of a Llama are used besides its permutation
 - **Each KV head's value space, rotated**: v_proj's rows of the head ↦ Rᵀ·, o_proj's columns of
   its query heads ↦ ·R, for the orthogonal R = argmax ⟨V_ref, V_model R⟩ (Procrustes on the
   value activations).
+- **Each KV head's query/key planes, rotated.** Rotary embeddings turn each plane of dims
+  (i, i + head_dim/2) by an angle set by the position; a fixed rotation of the same plane
+  commutes with that, so the keys and the queries of a KV group may all be turned plane by
+  plane (k_proj's and q_proj's rows of the group ↦ Rᵀ·) and q·k does not change. Each plane's
+  angle maximises ⟨K_model R, K_ref⟩ on the keys before the rotary embedding:
+  θ = atan2(m_ba − m_ab, m_aa + m_bb) for that plane's 2 × 2 block m of K_modelᵀ K_ref.
 
 MLP units are permuted by the assignment on the correlation of their SwiGLU activations
 silu(x·W_gateᵀ)·(x·W_upᵀ); attention heads by the assignment on the cosine similarity of their
@@ -68,33 +74,37 @@ class Statistics:
     """Per layer [heads, heads]: the cosine of ref head i's and model head j's attention patterns, Σ⟨P_i, P_j⟩ / (‖P_i‖‖P_j‖)."""
     values: list[torch.Tensor]
     """Per layer [kv_heads, kv_heads, head_dim, head_dim]: [k, l] = Σ V_model,lᵀ V_ref,k."""
+    keys: list[torch.Tensor]
+    """The same of the keys, before the rotary embedding."""
     tokens: int
 
 
-def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(probabilities [B, heads, T, T], values [B, kv_heads, T, head_dim], output [B, T, hidden])."""
+def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probabilities [B, heads, T, T], values and keys before the rotary embedding
+    [B, kv_heads, T, head_dim], output [B, T, hidden])."""
     b, t, _ = h.shape
     hd, rep = args.hidden // args.heads, args.heads // args.kv_heads
     q = (h @ w[p + "q_proj.weight"].T).view(b, t, args.heads, hd).transpose(1, 2)
     k = (h @ w[p + "k_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
     v = (h @ w[p + "v_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
+    keys = k
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     scores = q @ k.repeat_interleave(rep, dim=1).transpose(-1, -2) / math.sqrt(hd)
     probs = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     y = (probs @ v.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(b, t, args.hidden)
-    return probs, v, y @ w[p + "o_proj.weight"].T
+    return probs, v, keys, y @ w[p + "o_proj.weight"].T
 
 
 def _activations(w: dict, args: ModelArgs, tokens: torch.Tensor):
     """The matched activations in forward order: ("residual", x) at each block boundary,
-    ("heads", (probabilities, values)) and ("mlp", SwiGLU activations) of each layer."""
+    ("heads", (probabilities, values, keys)) and ("mlp", SwiGLU activations) of each layer."""
     x = w[EMBED][tokens]
     cos, sin = rope(args, tokens.shape[1])
     yield "residual", x
     for i in range(args.layers):
         p = f"model.layers.{i}."
-        probs, v, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
-        yield "heads", (probs, v)
+        probs, v, k, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
+        yield "heads", (probs, v, k)
         x = x + y
         yield "residual", x
         h = rms_norm(x, w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
@@ -127,6 +137,7 @@ def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, ba
     cross = [torch.zeros(args.heads, args.heads, dtype=torch.float64) for _ in range(args.layers)]
     norms = [torch.zeros(2, args.heads, dtype=torch.float64) for _ in range(args.layers)]
     values = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
+    keys = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
     for rows in tokens.split(batch):
         layer = {"heads": 0, "mlp": 0}
         for (kind, a), (_, b) in zip(_activations(ref, args, rows), _activations(model, args, rows)):
@@ -145,22 +156,35 @@ def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, ba
                 s["bb"] += b.pow(2).sum(0)
                 s["ab"] += a.T @ b
             else:
-                (pa, va), (pb, vb) = a, b
+                (pa, va, ka), (pb, vb, kb) = a, b
                 pa, pb = pa.transpose(0, 1).flatten(1).double(), pb.transpose(0, 1).flatten(1).double()
                 cross[i] += pa @ pb.T
                 norms[i] += torch.stack([pa.pow(2).sum(1), pb.pow(2).sum(1)])
                 values[i] += torch.einsum("bltd,bkte->klde", vb.double(), va.double())
+                keys[i] += torch.einsum("bltd,bkte->klde", kb.double(), ka.double())
     rows_tokens = tokens.numel()
     for s in mlp:
         s["n"] = torch.tensor(float(rows_tokens), dtype=torch.float64)
     heads = [c / (n[0][:, None] * n[1][None, :]).sqrt().clamp_min(1e-300) for c, n in zip(cross, norms)]
-    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, tokens=rows_tokens)
+    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, keys=keys, tokens=rows_tokens)
 
 
 def _procrustes(m: torch.Tensor) -> torch.Tensor:
     """The orthogonal R maximising tr(Rᵀ m) = ⟨X_model R, X_ref⟩ for m = X_modelᵀ X_ref: UVᵀ."""
     u, _, vh = torch.linalg.svd(m)
     return (u @ vh).float()
+
+
+def _plane_rotations(m: torch.Tensor) -> torch.Tensor:
+    """The [head_dim, head_dim] R that turns each rotary plane (i, i + head_dim/2) by the angle
+    maximising tr(Rᵀ m) on that plane, for m = K_modelᵀ K_ref (a rotation, not a reflection:
+    only a rotation commutes with the rotary embedding's)."""
+    half = m.shape[0] // 2
+    a, b = torch.arange(half), torch.arange(half) + half
+    theta = torch.atan2(m[b, a] - m[a, b], m[a, a] + m[b, b])
+    r = torch.zeros(m.shape, dtype=torch.float64)
+    r[a, a], r[a, b], r[b, a], r[b, b] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    return r.float()
 
 
 def _correlation(s: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -199,12 +223,14 @@ class Transforms:
     (new unit i is old unit perms[name][i])."""
     values: dict[int, list[torch.Tensor]]
     """Per layer, per KV head (after the head permutation): the orthogonal R of its values."""
+    keys: dict[int, list[torch.Tensor]]
+    """The same for its queries and keys: a rotation of each plane the rotary embedding turns."""
     similarity: dict[str, float]
     """Mean matched similarity per group (residual: the cosine of X̂_ref and X̂_model·Q, all points)."""
 
 
 def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transforms:
-    """The residual map, the permutations and the value rotations that ``stats`` choose."""
+    """The residual map, the permutations and the value and query/key rotations that ``stats`` choose."""
     rotate = not args.tie_embeddings
     perms = {}
     if rotate:
@@ -225,11 +251,12 @@ def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transfor
             perms[p.name] = _group_assignment(stats.heads[i], p.group)
             value = float(stats.heads[i][torch.arange(p.size), perms[p.name]].sum())
         similarity[p.name] = value / p.size
-    group, values = args.heads // args.kv_heads, {}
+    group, values, keys = args.heads // args.kv_heads, {}, {}
     for i in range(args.layers):
         kv = perms[f"layers.{i}.heads"][::group] // group  # model KV head at each position
         values[i] = [_procrustes(stats.values[i][k, int(l)]) for k, l in enumerate(kv)]
-    return Transforms(residual=q, rotate_residual=rotate, perms=perms, values=values, similarity=similarity)
+        keys[i] = [_plane_rotations(stats.keys[i][k, int(l)]) for k, l in enumerate(kv)]
+    return Transforms(residual=q, rotate_residual=rotate, perms=perms, values=values, keys=keys, similarity=similarity)
 
 
 def _readers(layers: int) -> dict[str, list[str]]:
@@ -246,32 +273,35 @@ def apply_transforms(model: dict, ref: dict, spec: list[Perm], t: Transforms, ar
     """``model`` (float32) mapped by ``t``: it computes the same function, in the reference's
     gauge (its RMSNorm weights, when the residual is rotated)."""
     w = {n: x.float() for n, x in model.items()}
-    q = t.residual
-    w[EMBED] = w[EMBED] @ q
+    rot = t.residual
+    w[EMBED] = w[EMBED] @ rot
     for i in range(args.layers):
         for m in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
-            w[f"model.layers.{i}.{m}"] = q.T @ w[f"model.layers.{i}.{m}"]
+            w[f"model.layers.{i}.{m}"] = rot.T @ w[f"model.layers.{i}.{m}"]
     for norm, readers in _readers(args.layers).items():
         if t.rotate_residual:
             scale = ref[norm].float()
             for r in readers:  # W diag(g_model) Q diag(1 / g_ref)
-                w[r] = (w[r] * w[norm][None, :]) @ q / scale[None, :]
+                w[r] = (w[r] * w[norm][None, :]) @ rot / scale[None, :]
             w[norm] = scale.clone()
         else:
-            w[norm] = w[norm] @ q
+            w[norm] = w[norm] @ rot
             for r in readers:
                 if r in w:
-                    w[r] = w[r] @ q
+                    w[r] = w[r] @ rot
     w = apply_permutation(w, [p for p in spec if p.name != "residual"], t.perms)
     hd, group = args.hidden // args.heads, args.heads // args.kv_heads
-    for i, rotations in t.values.items():
+    for i in range(args.layers):
         p = f"model.layers.{i}.self_attn."
-        v, o = w[p + "v_proj.weight"].clone(), w[p + "o_proj.weight"].clone()
-        for k, r in enumerate(rotations):
-            v[k * hd:(k + 1) * hd] = r.T @ v[k * hd:(k + 1) * hd]
-            for h in range(k * group, (k + 1) * group):
-                o[:, h * hd:(h + 1) * hd] = o[:, h * hd:(h + 1) * hd] @ r
-        w[p + "v_proj.weight"], w[p + "o_proj.weight"] = v, o
+        q, k, v, o = (w[p + f"{m}_proj.weight"].clone() for m in "qkvo")
+        for kv, (rv, rk) in enumerate(zip(t.values[i], t.keys[i])):
+            v[kv * hd:(kv + 1) * hd] = rv.T @ v[kv * hd:(kv + 1) * hd]
+            k[kv * hd:(kv + 1) * hd] = rk.T @ k[kv * hd:(kv + 1) * hd]
+            for h in range(kv * group, (kv + 1) * group):
+                o[:, h * hd:(h + 1) * hd] = o[:, h * hd:(h + 1) * hd] @ rv
+                q[h * hd:(h + 1) * hd] = rk.T @ q[h * hd:(h + 1) * hd]
+        for m, x in zip("qkvo", (q, k, v, o)):
+            w[p + f"{m}_proj.weight"] = x
     return w
 
 

@@ -27,7 +27,7 @@ The permutations of a Llama checkpoint (:func:`llama_spec`):
 
 The permuted model computes exactly the same function (tests/test_align.py checks the logits
 through transformers' LlamaForCausalLM). ``align`` with ``data`` matches activations instead
-(``distmerge.activation_matching``: the residual stream rotated, values rotated).
+(``distmerge.activation_matching``: the residual stream, values and query/key planes rotated).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def tokens(seed, rows=64, length=24):
 
 def random_transforms(spec, args, seed) -> Transforms:
     """A random orthogonal residual map (a permutation with tied embeddings), permutations of
-    MLP units and whole KV head groups, and value rotations."""
+    MLP units and whole KV head groups, value rotations and rotary-plane rotations."""
     gen = torch.Generator().manual_seed(seed)
     orth = lambda n: torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0].float()  # noqa: E731
     perms, g = {}, args.heads // args.kv_heads
@@ -53,8 +53,19 @@ def random_transforms(spec, args, seed) -> Transforms:
         q[perms["residual"], torch.arange(args.hidden)] = 1.0
     else:
         q = orth(args.hidden)
-    values = {i: [orth(args.hidden // args.heads) for _ in range(args.kv_heads)] for i in range(args.layers)}
-    return Transforms(residual=q, rotate_residual=not args.tie_embeddings, perms=perms, values=values, similarity={})
+    hd = args.hidden // args.heads
+    values = {i: [orth(hd) for _ in range(args.kv_heads)] for i in range(args.layers)}
+    keys = {i: [planes(hd, gen) for _ in range(args.kv_heads)] for i in range(args.layers)}
+    return Transforms(residual=q, rotate_residual=not args.tie_embeddings, perms=perms, values=values, keys=keys, similarity={})
+
+
+def planes(hd, gen):
+    """A random rotation of each rotary plane (i, i + hd/2)."""
+    theta = torch.rand(hd // 2, generator=gen) * 6.28
+    a, b = torch.arange(hd // 2), torch.arange(hd // 2) + hd // 2
+    r = torch.zeros(hd, hd)
+    r[a, a], r[a, b], r[b, a], r[b, b] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
+    return r
 
 
 @pytest.mark.parametrize("tied,kv_heads", [(False, 2), (False, 4), (True, 2)])
@@ -144,3 +155,22 @@ def test_without_tokenizers_align_data_says_what_to_install(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(MergeError, match="needs the tokenizers library: pip install tokenizers"):
         calibration_tokens(tmp_path / "ref", text, rows=4, length=8)
+
+
+def test_queries_and_keys_turn_only_plane_by_plane(tmp_path):
+    """A rotation of each rotary plane (i, i + head_dim/2), the same for a KV head's keys and
+    its query heads, keeps the function; a general rotation of the head's dims does not."""
+    ref = model(tmp_path, 0, sharp=5.0)
+    cfg = config()
+    args, spec = ModelArgs.from_config(cfg), llama_spec(cfg, ref)
+    identity = random_transforms(spec, args, seed=1)
+    identity.residual = torch.eye(args.hidden)
+    identity.perms = {p.name: torch.arange(p.size) for p in spec if p.name != "residual"}
+    identity.values = {i: [torch.eye(16)] * args.kv_heads for i in range(args.layers)}
+    x = tokens(5)
+    turned = apply_transforms(ref, ref, spec, identity, args)
+    assert not torch.equal(turned["model.layers.0.self_attn.k_proj.weight"], ref["model.layers.0.self_attn.k_proj.weight"])
+    torch.testing.assert_close(forward(turned, args, x), forward(ref, args, x), atol=1e-5, rtol=1e-5)
+    gen = torch.Generator().manual_seed(2)
+    identity.keys = {i: [torch.linalg.qr(torch.randn(16, 16, generator=gen))[0] for _ in range(args.kv_heads)] for i in range(args.layers)}
+    assert (forward(apply_transforms(ref, ref, spec, identity, args), args, x) - forward(ref, args, x)).abs().max() > 1e-3

@@ -255,8 +255,8 @@ def test_weight_matching_lowers_the_loss_barrier(two_bases):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_activation_matching_lowers_the_loss_barrier_by_a_third(two_bases):
-    """Measured 1.56 -> 0.83 (README): the aligned midpoint knows something (its loss is below
+def test_activation_matching_halves_the_loss_barrier(two_bases):
+    """Measured 1.73 -> 0.57 (README): the aligned midpoint knows something (its loss is below
     the 3.36 of predicting each token by its frequency), the unaligned one does not."""
-    assert barrier(two_bases.activations) < 2 / 3 * barrier(two_bases.before)
-    assert two_bases.activations[2] < 3.2 < two_bases.before[2]
+    assert barrier(two_bases.activations) < barrier(two_bases.before) / 2
+    assert two_bases.activations[2] < 3.0 < 3.36 < two_bases.before[2]
