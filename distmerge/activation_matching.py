@@ -59,6 +59,40 @@ __all__ = ["Statistics", "statistics", "transforms", "apply_transforms", "activa
 EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
 
+@dataclass(slots=True)
+class Correlation:
+    """Pearson correlations between the columns of A and of B, from sums over their rows."""
+
+    n: int
+    a: torch.Tensor
+    b: torch.Tensor
+    aa: torch.Tensor
+    bb: torch.Tensor
+    ab: torch.Tensor
+
+    @classmethod
+    def zeros(cls, columns: int) -> "Correlation":
+        vector = lambda: torch.zeros(columns, dtype=torch.float64)  # noqa: E731
+        return cls(0, vector(), vector(), vector(), vector(), torch.zeros(columns, columns, dtype=torch.float64))
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Rows of A and the matching rows of B (float64)."""
+        self.n += a.shape[0]
+        self.a += a.sum(0)
+        self.b += b.sum(0)
+        self.aa += a.pow(2).sum(0)
+        self.bb += b.pow(2).sum(0)
+        self.ab += a.T @ b
+
+    def matrix(self) -> torch.Tensor:
+        """[A's column, B's column]."""
+        mean_a, mean_b = self.a / self.n, self.b / self.n
+        std_a = (self.aa / self.n - mean_a.pow(2)).clamp_min(0).sqrt()
+        std_b = (self.bb / self.n - mean_b.pow(2)).clamp_min(0).sqrt()
+        cov = self.ab / self.n - mean_a[:, None] * mean_b[None, :]
+        return cov / (std_a[:, None] * std_b[None, :]).clamp_min(1e-12)
+
+
 @dataclass(kw_only=True, slots=True)
 class Statistics:
     """Sums over the calibration tokens of the products that choose the transforms
@@ -68,8 +102,8 @@ class Statistics:
     """[hidden, hidden]: Σ X̂_modelᵀ X̂_ref over every block boundary."""
     residual_norms: torch.Tensor
     """[2]: ‖X̂_ref‖²_F and ‖X̂_model‖²_F over the same."""
-    mlp: list[dict[str, torch.Tensor]]
-    """Per layer: n, Σa, Σb, Σa², Σb² ([inter]) and Σaᵀb ([inter, inter]) of the SwiGLU activations (a ref, b model)."""
+    mlp: list[Correlation]
+    """Per layer: of the reference's and the model's SwiGLU activations."""
     heads: list[torch.Tensor]
     """Per layer [heads, heads]: the cosine of ref head i's and model head j's attention patterns, Σ⟨P_i, P_j⟩ / (‖P_i‖‖P_j‖)."""
     values: list[torch.Tensor]
@@ -128,12 +162,10 @@ def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
 def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, batch: int = 16) -> Statistics:
     """The sums of ``Statistics`` over ``tokens`` [rows, T], ``batch`` rows at a time (both
     models' activations of a batch are alive together, nothing more)."""
-    d, inter, hd = args.hidden, args.intermediate, args.hidden // args.heads
+    d, hd = args.hidden, args.hidden // args.heads
     residual = torch.zeros(d, d, dtype=torch.float64)
     residual_norms = torch.zeros(2, dtype=torch.float64)
-    mlp = [{k: torch.zeros(inter, dtype=torch.float64) for k in ("a", "b", "aa", "bb")} for _ in range(args.layers)]
-    for s in mlp:
-        s["ab"] = torch.zeros(inter, inter, dtype=torch.float64)
+    mlp = [Correlation.zeros(args.intermediate) for _ in range(args.layers)]
     cross = [torch.zeros(args.heads, args.heads, dtype=torch.float64) for _ in range(args.layers)]
     norms = [torch.zeros(2, args.heads, dtype=torch.float64) for _ in range(args.layers)]
     values = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
@@ -149,12 +181,7 @@ def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, ba
             i = layer[kind]
             layer[kind] += 1
             if kind == "mlp":
-                a, b, s = _flat(a), _flat(b), mlp[i]
-                s["a"] += a.sum(0)
-                s["b"] += b.sum(0)
-                s["aa"] += a.pow(2).sum(0)
-                s["bb"] += b.pow(2).sum(0)
-                s["ab"] += a.T @ b
+                mlp[i].add(_flat(a), _flat(b))
             else:
                 (pa, va, ka), (pb, vb, kb) = a, b
                 pa, pb = pa.transpose(0, 1).flatten(1).double(), pb.transpose(0, 1).flatten(1).double()
@@ -162,11 +189,8 @@ def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, ba
                 norms[i] += torch.stack([pa.pow(2).sum(1), pb.pow(2).sum(1)])
                 values[i] += torch.einsum("bltd,bkte->klde", vb.double(), va.double())
                 keys[i] += torch.einsum("bltd,bkte->klde", kb.double(), ka.double())
-    rows_tokens = tokens.numel()
-    for s in mlp:
-        s["n"] = torch.tensor(float(rows_tokens), dtype=torch.float64)
     heads = [c / (n[0][:, None] * n[1][None, :]).sqrt().clamp_min(1e-300) for c, n in zip(cross, norms)]
-    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, keys=keys, tokens=rows_tokens)
+    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, keys=keys, tokens=tokens.numel())
 
 
 def _procrustes(m: torch.Tensor) -> torch.Tensor:
@@ -185,16 +209,6 @@ def _plane_rotations(m: torch.Tensor) -> torch.Tensor:
     r = torch.zeros(m.shape, dtype=torch.float64)
     r[a, a], r[a, b], r[b, a], r[b, b] = theta.cos(), -theta.sin(), theta.sin(), theta.cos()
     return r.float()
-
-
-def _correlation(s: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Pearson correlation [ref unit, model unit] from the sums of ``Statistics.mlp``."""
-    n = s["n"]
-    mean_a, mean_b = s["a"] / n, s["b"] / n
-    std_a = (s["aa"] / n - mean_a.pow(2)).clamp_min(0).sqrt()
-    std_b = (s["bb"] / n - mean_b.pow(2)).clamp_min(0).sqrt()
-    cov = s["ab"] / n - mean_a[:, None] * mean_b[None, :]
-    return cov / (std_a[:, None] * std_b[None, :]).clamp_min(1e-12)
 
 
 def _group_assignment(similarity: torch.Tensor, group: int) -> torch.Tensor:
@@ -245,8 +259,7 @@ def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transfor
             continue
         i = int(p.name.split(".")[1])
         if p.name.endswith(".mlp"):
-            corr = _correlation(stats.mlp[i])
-            perms[p.name], value = _lap(corr)
+            perms[p.name], value = _lap(stats.mlp[i].matrix())
         else:
             perms[p.name] = _group_assignment(stats.heads[i], p.group)
             value = float(stats.heads[i][torch.arange(p.size), perms[p.name]].sum())

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from distmerge.activation_matching import Transforms, activation_matching, apply_transforms
 from distmerge.align import llama_spec
@@ -174,3 +176,38 @@ def test_queries_and_keys_turn_only_plane_by_plane(tmp_path):
     gen = torch.Generator().manual_seed(2)
     identity.keys = {i: [torch.linalg.qr(torch.randn(16, 16, generator=gen))[0] for _ in range(args.kv_heads)] for i in range(args.layers)}
     assert (forward(apply_transforms(ref, ref, spec, identity, args), args, x) - forward(ref, args, x)).abs().max() > 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(3, 40), cols=st.integers(1, 6), cuts=st.lists(st.integers(1, 39), max_size=4), seed=st.integers(0, 2**16))
+def test_correlation_from_batches_is_pearson_of_all_rows(rows, cols, cuts, seed):
+    from distmerge.activation_matching import Correlation
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    b = 0.5 * a[:, torch.randperm(cols, generator=gen)] + torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    c = Correlation.zeros(cols)
+    bounds = sorted({0, rows, *(x for x in cuts if x < rows)})
+    for lo, hi in zip(bounds, bounds[1:]):
+        c.add(a[lo:hi], b[lo:hi])
+    want = torch.corrcoef(torch.cat([a, b], dim=1).T)[:cols, cols:]
+    torch.testing.assert_close(c.matrix(), want, atol=1e-9, rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(half=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_each_plane_turns_by_the_best_angle_and_procrustes_is_the_best_orthogonal_map(half, seed):
+    from distmerge.activation_matching import _plane_rotations, _procrustes
+
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(2 * half, 2 * half, generator=gen, dtype=torch.float64)
+    value = lambda r: float((r.double() * m).sum())  # tr(Rᵀ m)  # noqa: E731
+    r = _plane_rotations(m)
+    assert torch.allclose(r.T @ r, torch.eye(2 * half), atol=1e-6) and float(torch.linalg.det(r)) > 0
+    for _ in range(20):  # any other turn of the planes does no better
+        assert value(planes(2 * half, gen)) <= value(r) + 1e-6
+    q = _procrustes(m)
+    assert torch.allclose(q.T @ q, torch.eye(2 * half), atol=1e-6)
+    for _ in range(20):
+        other = torch.linalg.qr(torch.randn(2 * half, 2 * half, generator=gen, dtype=torch.float64))[0]
+        assert value(other) <= value(q) + 1e-6
