@@ -23,6 +23,7 @@ measurement run in child processes of this same file (``bench.py _make|_floor|_k
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -326,6 +327,8 @@ class Run:
     method: str
     runner: str
     cmd: list[str]
+    repeat: int = 0
+    """Which of ``--repeat`` rounds (the runners alternate within a round)."""
     rc: int | None = None
     error: str | None = None
     wall: float | None = None
@@ -359,6 +362,25 @@ class Run:
     @property
     def peak(self) -> int | None:
         return max(self.rank_rss) if self.rank_rss else None
+
+
+def representatives(results: list[Run]) -> dict[tuple[str, str], Run]:
+    """Per (method, runner), in the order first run: the round with the median wall time (the
+    lower of the two middle ones for an even count) carrying the highest peak RSS per rank of
+    all its rounds; a failed round makes the runner's figure that failure."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.runner), []).append(r)
+    chosen = {}
+    for key, runs in groups.items():
+        failed = [r for r in runs if not r.ok]
+        if failed:
+            chosen[key] = failed[0]
+            continue
+        median = sorted(runs, key=lambda r: r.wall)[(len(runs) - 1) // 2]
+        peaks = [max(ranks) for ranks in zip(*(r.rank_rss for r in runs))] if all(len(r.rank_rss) == len(median.rank_rss) for r in runs) else median.rank_rss
+        chosen[key] = replace(median, rank_rss=peaks)
+    return chosen
 
 
 def _status_kb(pid: int, key: str) -> int | None:
@@ -606,6 +628,9 @@ def parse_args(argv):
     ap.add_argument("--out-shard-size", type=int, default=0,
                     help="largest output file, bytes, for both tools (default: a third of a checkpoint)")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed (default 1800)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every runner per method, alternating (default 1); the table and targets take "
+                         "each runner's median wall time and its highest peak RSS")  # fmt: skip
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ALL_METHODS]
@@ -619,6 +644,8 @@ def parse_args(argv):
         ap.error("--ranks takes positive numbers, e.g. 1,2")
     if not args.size_gb > 0:
         ap.error("--size-gb must be positive")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     return args
 
 
@@ -709,7 +736,7 @@ def main(argv=None) -> int:
             warm_s = warm(inputs)
             say(f"\n{method}: reads {in_bytes / 1e9:.3f} GB, writes {out_bytes / 1e9:.3f} GB in {len(plan['files'])} files "
                 f"(inputs re-read into the page cache in {warm_s:.1f}s)")  # fmt: skip
-            for runner in runners:
+            for repeat, runner in itertools.product(range(args.repeat), runners):  # the runners alternate
                 dest = outs / f"{method}-{runner}"
                 shutil.rmtree(dest, ignore_errors=True)
                 os.sync()  # no dirty pages of earlier runs left to write back during this one
@@ -729,15 +756,16 @@ def main(argv=None) -> int:
                         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n),
                                "-m", "distmerge.cli", *common]  # fmt: skip
                         per_rank = True
-                r = Run(method, runner, cmd, in_bytes=in_bytes, out_bytes=out_bytes)
-                measure(r, logs / f"{method}-{runner}.log", args.timeout, env=env, per_rank=per_rank)
+                r = Run(method, runner, cmd, repeat=repeat, in_bytes=in_bytes, out_bytes=out_bytes)
+                log_name = f"{method}-{runner}" + (f"-{repeat}" if args.repeat > 1 else "")
+                measure(r, logs / f"{log_name}.log", args.timeout, env=env, per_rank=per_rank)
                 if runner.startswith("distmerge"):
                     r.self_reported = self_reported(Path(r.log).read_text(errors="replace"))
                     if per_rank and len(r.rank_rss) != int(runner.split("×")[1]) and r.ok:
                         r.error = f"saw {len(r.rank_rss)} worker processes, expected {runner.split('×')[1]}"
                 r.out_on_disk = dir_bytes(dest)
                 results.append(r)
-                say(f"  {runner:13s} " + (f"{r.wall:7.1f}s wall, {r.cpu:7.1f}s CPU, peak RSS/rank "
+                say(f"  {runner:13s} " + (f"[{repeat + 1}/{args.repeat}] " if args.repeat > 1 else "") + (f"{r.wall:7.1f}s wall, {r.cpu:7.1f}s CPU, peak RSS/rank "
                     + "/".join(gb(b) for b in r.rank_rss) + " GB" if r.ok else f"FAILED: {r.error}"))  # fmt: skip
                 shutil.rmtree(dest, ignore_errors=True)
             if cuda:
@@ -750,17 +778,19 @@ def main(argv=None) -> int:
     load_after = loadavg()
 
     # ------------------------------------------------------------------ table
-    by = {(r.method, r.runner): r for r in results}
+    by = representatives(results)
     rows = []
     header = ["method", "runner", "wall s", "(merge s)", "CPU s", "peak RSS/rank GB", "GB/s", "×floor", "×mergekit"]
-    for r in results:
+    if args.repeat > 1:
+        header.append("walls, in rounds")
+    for r in by.values():
         fl, mk = by.get((r.method, "io-floor")), by.get((r.method, "mergekit"))
         r_floor = r.wall / fl.wall if r.ok and fl and fl.ok else None
         r_mk = r.wall / mk.wall if r.ok and mk and mk.ok else None
         rows.append([
             r.method, r.runner, fmt(r.wall, ".1f"), fmt(r.self_reported.get("seconds"), ".1f"), fmt(r.cpu, ".1f"),
             "/".join(gb(b) for b in r.rank_rss) if r.ok else "FAILED", fmt(r.gbps), fmt(r_floor), fmt(r_mk),
-        ])  # fmt: skip
+        ] + ([" ".join(fmt(x.wall, ".1f") for x in results if (x.method, x.runner) == (r.method, r.runner))] if args.repeat > 1 else []))  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     say("\n" + "  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
     prev = None
@@ -771,6 +801,8 @@ def main(argv=None) -> int:
         say("  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w) for i, (x, w) in enumerate(zip(row, widths))))
     say("(merge s: distmerge's own time, without interpreter start-up and imports; GB/s = (input + output bytes "
         "of the plan) / wall;\n ×floor and ×mergekit = wall / their wall: < 1 is faster)")
+    if args.repeat > 1:
+        say(f"(each row: the median of {args.repeat} rounds by wall time, with the highest peak RSS of its rounds)")
     if cuda and kernels:
         say("\nGPU kernel (largest layer tensor, inputs already on the GPU, no I/O):")
         peak_bw = cuda.get("theoretical_bw") or cuda["copy_bw"]
@@ -838,12 +870,14 @@ def main(argv=None) -> int:
             "machine": {"cpus": os.cpu_count(), "mem_total": meminfo("MemTotal"), "loadavg_before": load_before, "loadavg_after": load_after},
             "launcher_vmhwm": (_status_kb(os.getpid(), "VmHWM:") or 0) * 1024,
             "cuda": cuda, "plans": plans, "kernels": kernels,
+            "repeat": args.repeat,
             "runs": [
                 {**asdict(r), "cpu": r.cpu, "gbps": r.gbps, "peak_rss": r.peak, "ok": r.ok,
                  "x_floor": (r.wall / by[(r.method, "io-floor")].wall) if r.ok and by.get((r.method, "io-floor")) and by[(r.method, "io-floor")].ok else None,
                  "x_mergekit": (r.wall / by[(r.method, "mergekit")].wall) if r.ok and by.get((r.method, "mergekit")) and by[(r.method, "mergekit")].ok else None}
-                for r in results
+                for r in by.values()
             ],
+            "rounds": [{**asdict(r), "cpu": r.cpu, "peak_rss": r.peak, "ok": r.ok} for r in results] if args.repeat > 1 else None,
             "targets": targets,
         }  # fmt: skip
         print(json.dumps(dump, indent=1))
