@@ -248,12 +248,12 @@ def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transfor
     rotate = not args.tie_embeddings
     perms = {}
     if rotate:
-        q = _procrustes(stats.residual)
+        rot = _procrustes(stats.residual)
     else:  # a permutation: new unit i is old unit perm[i], i.e. Q[perm[i], i] = 1
         perms["residual"], _ = _lap(stats.residual.T)
-        q = torch.zeros(args.hidden, args.hidden)
-        q[perms["residual"], torch.arange(args.hidden)] = 1.0
-    similarity = {"residual": float((stats.residual * q.double()).sum() / stats.residual_norms.prod().sqrt())}
+        rot = torch.zeros(args.hidden, args.hidden)
+        rot[perms["residual"], torch.arange(args.hidden)] = 1.0
+    similarity = {"residual": float((stats.residual * rot.double()).sum() / stats.residual_norms.prod().sqrt())}
     for p in spec:
         if p.name == "residual":
             continue
@@ -269,7 +269,7 @@ def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transfor
         kv = perms[f"layers.{i}.heads"][::group] // group  # model KV head at each position
         values[i] = [_procrustes(stats.values[i][k, int(l)]) for k, l in enumerate(kv)]
         keys[i] = [_plane_rotations(stats.keys[i][k, int(l)]) for k, l in enumerate(kv)]
-    return Transforms(residual=q, rotate_residual=rotate, perms=perms, values=values, keys=keys, similarity=similarity)
+    return Transforms(residual=rot, rotate_residual=rotate, perms=perms, values=values, keys=keys, similarity=similarity)
 
 
 def _readers(layers: int) -> dict[str, list[str]]:

@@ -139,6 +139,14 @@ def test_align_data_errors_say_what_to_give(tmp_path):
     res = run_main("align", tmp_path / "model", "--to", tmp_path / "ref", tmp_path / "out", "--data", short)
     assert res.returncode == 2 and "fewer than one window of 64; give more text or a smaller --length" in res.stderr
     assert "Traceback" not in res.stderr
+    ref = make_llama(tmp_path / "zero", seed=0, num_layers=2, dtype=torch.float32)
+    ref["model.layers.1.post_attention_layernorm.weight"][3] = 0.0
+    save_safetensors(ref, tmp_path / "zero" / "model.safetensors", metadata={"format": "pt"})
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    res = run_main("align", tmp_path / "model", "--to", tmp_path / "zero", tmp_path / "out3", "--data", text)
+    assert res.returncode == 2 and "model.layers.1.post_attention_layernorm.weight has zero entries" in res.stderr
+    assert "align without --data (weight matching)" in res.stderr
     make_llama(tmp_path / "bare", seed=0, num_layers=2, dtype=torch.float32, tokenizer=False)
     res = run_main("align", tmp_path / "model", "--to", tmp_path / "bare", tmp_path / "out2", "--data", short)
     assert res.returncode == 2 and "no tokenizer.json" in res.stderr
@@ -211,3 +219,12 @@ def test_each_plane_turns_by_the_best_angle_and_procrustes_is_the_best_orthogona
     for _ in range(20):
         other = torch.linalg.qr(torch.randn(2 * half, 2 * half, generator=gen, dtype=torch.float64))[0]
         assert value(other) <= value(q) + 1e-6
+
+
+def test_a_head_dim_apart_from_hidden_over_heads_is_refused():
+    from distmerge.activation_matching import check_alignable
+    from distmerge.errors import MergeError
+
+    cfg = llama_config(num_layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, vocab=128)
+    with pytest.raises(MergeError, match="activation matching needs head_dim = hidden_size / heads"):
+        check_alignable(cfg, {})
