@@ -32,8 +32,10 @@ MLP units are permuted by the assignment on the correlation of their SwiGLU acti
 silu(x·W_gateᵀ)·(x·W_upᵀ); attention heads by the assignment on the cosine similarity of their
 attention patterns (the softmax probabilities), a KV head and its query heads as one block,
 as in weight matching. Every statistic is a sum over the calibration rows, gathered in one
-forward pass of both models side by side, batch by batch; every transform is exact, so the
-aligned model computes what it computed before (in float32; a 16-bit checkpoint rounds the
+forward pass of both models side by side, layer by layer: both models' residual streams over
+all the rows are kept between layers, and each layer's sums become its transforms before the
+next layer's are gathered (the residual stream's are summed over all of them). Every
+transform is exact, so the aligned model computes what it computed before (in float32; a 16-bit checkpoint rounds the
 rotated weights once when written).
 
 The activations come from distmerge's own Llama forward (``distmerge.tinyllama``: the default
@@ -46,6 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,7 @@ from distmerge.align import Perm, _lap, apply_permutation
 from distmerge.errors import MergeError
 from distmerge.tinyllama import ModelArgs, apply_rope, rms_norm, rope
 
-__all__ = ["Statistics", "statistics", "transforms", "apply_transforms", "activation_matching", "calibration_tokens"]
+__all__ = ["Correlation", "Residual", "Layer", "layers", "transforms", "apply_transforms", "activation_matching", "calibration_tokens"]
 
 EMBED, HEAD, FINAL_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
 
@@ -93,24 +96,56 @@ class Correlation:
         return cov / (std_a[:, None] * std_b[None, :]).clamp_min(1e-12)
 
 
-@dataclass(kw_only=True, slots=True)
-class Statistics:
-    """Sums over the calibration tokens of the products that choose the transforms
-    (float64; "ref" is the reference model, "model" the one aligned)."""
+@dataclass(slots=True)
+class Residual:
+    """Sums over every block boundary of the RMS-normalised residual activations X̂."""
 
-    residual: torch.Tensor
-    """[hidden, hidden]: Σ X̂_modelᵀ X̂_ref over every block boundary."""
-    residual_norms: torch.Tensor
-    """[2]: ‖X̂_ref‖²_F and ‖X̂_model‖²_F over the same."""
-    mlp: list[Correlation]
-    """Per layer: of the reference's and the model's SwiGLU activations."""
-    heads: list[torch.Tensor]
-    """Per layer [heads, heads]: the cosine of ref head i's and model head j's attention patterns, Σ⟨P_i, P_j⟩ / (‖P_i‖‖P_j‖)."""
-    values: list[torch.Tensor]
-    """Per layer [kv_heads, kv_heads, head_dim, head_dim]: [k, l] = Σ V_model,lᵀ V_ref,k."""
-    keys: list[torch.Tensor]
+    cross: torch.Tensor
+    """[hidden, hidden]: Σ X̂_modelᵀ X̂_ref."""
+    norms: torch.Tensor
+    """[2]: ‖X̂_ref‖²_F and ‖X̂_model‖²_F."""
+    eps: float
+
+    @classmethod
+    def zeros(cls, hidden: int, eps: float) -> "Residual":
+        return cls(torch.zeros(hidden, hidden, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), eps)
+
+    def add(self, ref: torch.Tensor, model: torch.Tensor) -> None:
+        """Activations [..., hidden] at one boundary (RMSNorm without its weight, as every reader sees them)."""
+        a, b = _flat(ref), _flat(model)
+        a, b = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.eps), b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + self.eps)
+        self.cross += b.T @ a
+        self.norms += torch.stack([a.pow(2).sum(), b.pow(2).sum()])
+
+
+@dataclass(kw_only=True, slots=True)
+class Layer:
+    """One layer's sums over the calibration tokens ("ref" the reference, "model" the one aligned)."""
+
+    mlp: Correlation
+    """Of the reference's and the model's SwiGLU activations."""
+    cross: torch.Tensor
+    """[heads, heads]: Σ⟨P_ref,i, P_model,j⟩ of the attention patterns."""
+    pattern_norms: torch.Tensor
+    """[2, heads]: Σ‖P_ref,i‖² and Σ‖P_model,j‖²."""
+    values: torch.Tensor
+    """[kv_heads, kv_heads, head_dim, head_dim]: [k, l] = Σ V_model,lᵀ V_ref,k."""
+    keys: torch.Tensor
     """The same of the keys, before the rotary embedding."""
-    tokens: int
+
+    @classmethod
+    def zeros(cls, args: ModelArgs) -> "Layer":
+        hd = args.hidden // args.heads
+        pairs = lambda: torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64)  # noqa: E731
+        return cls(
+            mlp=Correlation.zeros(args.intermediate), cross=torch.zeros(args.heads, args.heads, dtype=torch.float64),
+            pattern_norms=torch.zeros(2, args.heads, dtype=torch.float64), values=pairs(), keys=pairs(),
+        )  # fmt: skip
+
+    def heads(self) -> torch.Tensor:
+        """[ref head, model head]: the cosine of their attention patterns."""
+        n = self.pattern_norms
+        return self.cross / (n[0][:, None] * n[1][None, :]).sqrt().clamp_min(1e-300)
 
 
 def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,68 +164,48 @@ def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> t
     return probs, v, keys, y @ w[p + "o_proj.weight"].T
 
 
-def _activations(w: dict, args: ModelArgs, tokens: torch.Tensor):
-    """The matched activations in forward order: ("residual", x) at each block boundary,
-    ("heads", (probabilities, values, keys)) and ("mlp", SwiGLU activations) of each layer."""
-    x = w[EMBED][tokens]
-    cos, sin = rope(args, tokens.shape[1])
-    yield "residual", x
-    for i in range(args.layers):
-        p = f"model.layers.{i}."
-        probs, v, k, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
-        yield "heads", (probs, v, k)
-        x = x + y
-        yield "residual", x
-        h = rms_norm(x, w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
-        u = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-        yield "mlp", u
-        x = x + u @ w[p + "mlp.down_proj.weight"].T
-        yield "residual", x
+def _block(w: dict, args: ModelArgs, i: int, x: torch.Tensor, cos, sin, seen: list) -> torch.Tensor:
+    """Layer i on the residual stream x [B, T, hidden]: its output, and in ``seen`` what is
+    matched: the stream after attention, the attention's (probabilities, values, keys), the
+    SwiGLU activations."""
+    p = f"model.layers.{i}."
+    probs, v, k, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
+    x = x + y
+    h = rms_norm(x, w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
+    u = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+    seen += [x, (probs, v, k), u]
+    return x + u @ w[p + "mlp.down_proj.weight"].T
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).double()
 
 
-def _normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Rows of x / RMS(x), flat, float64 (RMSNorm without its weight)."""
-    x = _flat(x)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 @torch.no_grad()
-def statistics(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, batch: int = 16) -> Statistics:
-    """The sums of ``Statistics`` over ``tokens`` [rows, T], ``batch`` rows at a time (both
-    models' activations of a batch are alive together, nothing more)."""
-    d, hd = args.hidden, args.hidden // args.heads
-    residual = torch.zeros(d, d, dtype=torch.float64)
-    residual_norms = torch.zeros(2, dtype=torch.float64)
-    mlp = [Correlation.zeros(args.intermediate) for _ in range(args.layers)]
-    cross = [torch.zeros(args.heads, args.heads, dtype=torch.float64) for _ in range(args.layers)]
-    norms = [torch.zeros(2, args.heads, dtype=torch.float64) for _ in range(args.layers)]
-    values = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
-    keys = [torch.zeros(args.kv_heads, args.kv_heads, hd, hd, dtype=torch.float64) for _ in range(args.layers)]
-    for rows in tokens.split(batch):
-        layer = {"heads": 0, "mlp": 0}
-        for (kind, a), (_, b) in zip(_activations(ref, args, rows), _activations(model, args, rows)):
-            if kind == "residual":  # RMS-normalised, as every reader of the stream sees it
-                a, b = _normalised(a, args.rms_norm_eps), _normalised(b, args.rms_norm_eps)
-                residual += b.T @ a
-                residual_norms += torch.stack([a.pow(2).sum(), b.pow(2).sum()])
-                continue
-            i = layer[kind]
-            layer[kind] += 1
-            if kind == "mlp":
-                mlp[i].add(_flat(a), _flat(b))
-            else:
-                (pa, va, ka), (pb, vb, kb) = a, b
-                pa, pb = pa.transpose(0, 1).flatten(1).double(), pb.transpose(0, 1).flatten(1).double()
-                cross[i] += pa @ pb.T
-                norms[i] += torch.stack([pa.pow(2).sum(1), pb.pow(2).sum(1)])
-                values[i] += torch.einsum("bltd,bkte->klde", vb.double(), va.double())
-                keys[i] += torch.einsum("bltd,bkte->klde", kb.double(), ka.double())
-    heads = [c / (n[0][:, None] * n[1][None, :]).sqrt().clamp_min(1e-300) for c, n in zip(cross, norms)]
-    return Statistics(residual=residual, residual_norms=residual_norms, mlp=mlp, heads=heads, values=values, keys=keys, tokens=tokens.numel())
+def layers(ref: dict, model: dict, args: ModelArgs, tokens: torch.Tensor, residual: Residual, batch: int = 16) -> Iterator[Layer]:
+    """Each layer's sums over ``tokens`` [rows, T] in turn (``batch`` rows at a time), the
+    residual stream's added into ``residual`` as they go. Between layers both models' streams
+    over all the rows are kept (2 × tokens × hidden floats): one layer's sums at a time."""
+    xs = [w[EMBED][tokens] for w in (ref, model)]
+    residual.add(*xs)
+    cos, sin = rope(args, tokens.shape[1])
+    for i in range(args.layers):
+        layer = Layer.zeros(args)
+        for first in range(0, tokens.shape[0], batch):
+            rows = slice(first, first + batch)
+            seen_ref, seen_model = [], []
+            xs[0][rows] = _block(ref, args, i, xs[0][rows], cos, sin, seen_ref)
+            xs[1][rows] = _block(model, args, i, xs[1][rows], cos, sin, seen_model)
+            (mid_a, (pa, va, ka), ua), (mid_b, (pb, vb, kb), ub) = seen_ref, seen_model
+            residual.add(mid_a, mid_b)
+            residual.add(xs[0][rows], xs[1][rows])
+            layer.mlp.add(_flat(ua), _flat(ub))
+            pa, pb = pa.transpose(0, 1).flatten(1).double(), pb.transpose(0, 1).flatten(1).double()
+            layer.cross += pa @ pb.T
+            layer.pattern_norms += torch.stack([pa.pow(2).sum(1), pb.pow(2).sum(1)])
+            layer.values += torch.einsum("bltd,bkte->klde", vb.double(), va.double())
+            layer.keys += torch.einsum("bltd,bkte->klde", kb.double(), ka.double())
+        yield layer
 
 
 def _procrustes(m: torch.Tensor) -> torch.Tensor:
@@ -243,32 +258,31 @@ class Transforms:
     """Mean matched similarity per group (residual: the cosine of X̂_ref and X̂_model·Q, all points)."""
 
 
-def transforms(stats: Statistics, spec: list[Perm], args: ModelArgs) -> Transforms:
-    """The residual map, the permutations and the value and query/key rotations that ``stats`` choose."""
+def transforms(ref: dict, model: dict, spec: list[Perm], args: ModelArgs, tokens: torch.Tensor) -> Transforms:
+    """The residual map, the permutations and the value and query/key rotations that the two
+    models' activations on ``tokens`` choose, each layer's as soon as its sums are in."""
+    residual = Residual.zeros(args.hidden, args.rms_norm_eps)
+    perms, values, keys, similarity = {}, {}, {}, {}
+    group = args.heads // args.kv_heads
+    kinds = {p.name: p for p in spec}
+    for i, layer in enumerate(layers(ref, model, args, tokens, residual)):
+        mlp, heads = kinds[f"layers.{i}.mlp"], kinds[f"layers.{i}.heads"]
+        perms[mlp.name], value = _lap(layer.mlp.matrix())
+        similarity[mlp.name] = value / mlp.size
+        cosines = layer.heads()
+        perms[heads.name] = _group_assignment(cosines, heads.group)
+        similarity[heads.name] = float(cosines[torch.arange(heads.size), perms[heads.name]].mean())
+        kv = perms[heads.name][::group] // group  # the model's KV head at each position
+        values[i] = [_procrustes(layer.values[k, int(l)]) for k, l in enumerate(kv)]
+        keys[i] = [_plane_rotations(layer.keys[k, int(l)]) for k, l in enumerate(kv)]
     rotate = not args.tie_embeddings
-    perms = {}
     if rotate:
-        rot = _procrustes(stats.residual)
+        rot = _procrustes(residual.cross)
     else:  # a permutation: new unit i is old unit perm[i], i.e. Q[perm[i], i] = 1
-        perms["residual"], _ = _lap(stats.residual.T)
+        perms["residual"], _ = _lap(residual.cross.T)
         rot = torch.zeros(args.hidden, args.hidden)
         rot[perms["residual"], torch.arange(args.hidden)] = 1.0
-    similarity = {"residual": float((stats.residual * rot.double()).sum() / stats.residual_norms.prod().sqrt())}
-    for p in spec:
-        if p.name == "residual":
-            continue
-        i = int(p.name.split(".")[1])
-        if p.name.endswith(".mlp"):
-            perms[p.name], value = _lap(stats.mlp[i].matrix())
-        else:
-            perms[p.name] = _group_assignment(stats.heads[i], p.group)
-            value = float(stats.heads[i][torch.arange(p.size), perms[p.name]].sum())
-        similarity[p.name] = value / p.size
-    group, values, keys = args.heads // args.kv_heads, {}, {}
-    for i in range(args.layers):
-        kv = perms[f"layers.{i}.heads"][::group] // group  # model KV head at each position
-        values[i] = [_procrustes(stats.values[i][k, int(l)]) for k, l in enumerate(kv)]
-        keys[i] = [_plane_rotations(stats.keys[i][k, int(l)]) for k, l in enumerate(kv)]
+    similarity["residual"] = float((residual.cross * rot.double()).sum() / residual.norms.prod().sqrt())
     return Transforms(residual=rot, rotate_residual=rotate, perms=perms, values=values, keys=keys, similarity=similarity)
 
 
@@ -338,7 +352,7 @@ def activation_matching(ref: dict, model: dict, config: dict, spec: list[Perm], 
         raise MergeError(f"the calibration tokens reach id {int(tokens.max())} but the model has {ref[EMBED].shape[0]} embeddings: tokenize with the reference's own tokenizer")
     ref32 = {n: x.float() for n, x in ref.items()}
     model32 = {n: x.float() for n, x in model.items()}
-    t = transforms(statistics(ref32, model32, args, tokens), spec, args)
+    t = transforms(ref32, model32, spec, args, tokens)
     return apply_transforms(model32, ref32, spec, t, args), t
 
 

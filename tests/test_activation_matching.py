@@ -228,3 +228,22 @@ def test_a_head_dim_apart_from_hidden_over_heads_is_refused():
     cfg = llama_config(num_layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=32, vocab=128)
     with pytest.raises(MergeError, match="activation matching needs head_dim = hidden_size / heads"):
         check_alignable(cfg, {})
+
+
+def test_layers_are_gathered_one_at_a_time(tmp_path, monkeypatch):
+    """Each layer's sums come before the next layer runs (so only one layer's are ever held),
+    and the residual stream's are summed over all 2 × layers + 1 boundaries."""
+    import distmerge.activation_matching as am
+
+    ref, b = model(tmp_path, 0), model(tmp_path, 1)
+    args = ModelArgs.from_config(config())
+    ran = []
+    block = am._block
+    monkeypatch.setattr(am, "_block", lambda w, a, i, *rest: ran.append(i) or block(w, a, i, *rest))
+    residual = am.Residual.zeros(args.hidden, args.rms_norm_eps)
+    it = am.layers(ref, b, args, tokens(0, rows=40), residual, batch=16)
+    first = next(it)
+    assert ran == [0] * 6 and isinstance(first, am.Layer)  # 3 batches × 2 models, layer 0 only
+    assert first.mlp.n == 40 * 24
+    assert len(list(it)) == 1 and ran == [0] * 6 + [1] * 6
+    assert float(residual.norms[0]) == pytest.approx(5 * 40 * 24 * args.hidden, rel=1e-2)  # x̂: unit RMS (but for eps)
