@@ -45,6 +45,7 @@ whatever they are.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,8 +358,12 @@ def activation_matching(ref: dict, model: dict, config: dict, spec: list[Perm], 
 
 
 def calibration_tokens(model_dir: str | Path, data: str | Path, rows: int, length: int) -> torch.Tensor:
-    """[n, length]: the first n ≤ ``rows`` windows of ``length`` tokens of the text file ``data``
-    (its non-empty lines tokenized one after another by ``model_dir``'s tokenizer.json)."""
+    """[n, length]: the first n ≤ ``rows`` windows of ``length`` tokens (at most the model's
+    max_position_embeddings) of the text file ``data``, its non-empty lines tokenized one
+    after another by ``model_dir``'s tokenizer.json."""
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        length = min(length, json.loads(config.read_text()).get("max_position_embeddings") or length)
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise MergeError(f"{model_dir}: no tokenizer.json to tokenize {data} with; align --data needs the reference's fast tokenizer")

@@ -274,6 +274,10 @@ def align(model_dir: str, ref_dir: str, out: str, seed: int = 0, data: str | Non
     model_dir, ref_dir, out_dir = Path(model_dir), Path(ref_dir), Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise MergeError(f"{out}: the output directory is not empty; give a new directory")
+    if data is not None:  # read first: bad text fails before the models are loaded
+        from distmerge import activation_matching as am
+
+        tokens = am.calibration_tokens(ref_dir, data, rows, length)
     start = time.perf_counter()
     config, model, layout, meta = _load(model_dir)
     ref_config, ref, _, _ = _load(ref_dir)
@@ -287,9 +291,6 @@ def align(model_dir: str, ref_dir: str, out: str, seed: int = 0, data: str | Non
         perms, iterations = weight_matching(ref, model, spec, seed)
         aligned, similarity = apply_permutation(model, spec, perms), {}
     else:
-        from distmerge import activation_matching as am
-
-        tokens = am.calibration_tokens(ref_dir, data, rows, min(length, ref_config.get("max_position_embeddings", length)))
         aligned, t = am.activation_matching(ref, model, config, spec, tokens)
         aligned = {n: aligned[n].to(model[n].dtype) for n in model}
         perms, iterations, similarity = t.perms, 1, t.similarity

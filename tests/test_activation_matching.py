@@ -162,6 +162,10 @@ def test_without_tokenizers_align_data_says_what_to_install(tmp_path, monkeypatc
     text = tmp_path / "t.txt"
     text.write_text("some text\n" * 100)
     assert calibration_tokens(tmp_path / "ref", text, rows=4, length=8).shape == (4, 8)
+    limit = json.loads((tmp_path / "ref" / "config.json").read_text())["max_position_embeddings"]
+    text.write_text("some text\n" * (limit // 2))
+    assert calibration_tokens(tmp_path / "ref", text, rows=10**6, length=1).numel() > limit
+    assert calibration_tokens(tmp_path / "ref", text, rows=1, length=10**6).shape == (1, limit)  # capped at its positions
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(MergeError, match="needs the tokenizers library: pip install tokenizers"):
         calibration_tokens(tmp_path / "ref", text, rows=4, length=8)
