@@ -54,7 +54,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from distmerge.align import Perm, _lap, apply_permutation
+from distmerge.align import Perm, _lap, apply_permutation, group_assignment
 from distmerge.errors import MergeError
 from distmerge.tinyllama import ModelArgs, apply_rope, rms_norm, rope
 
@@ -227,20 +227,6 @@ def _plane_rotations(m: torch.Tensor) -> torch.Tensor:
     return r.float()
 
 
-def _group_assignment(similarity: torch.Tensor, group: int) -> torch.Tensor:
-    """The head permutation maximising Σ similarity[i, perm[i]] with KV groups kept whole: the
-    best query-head assignment inside each (reference group, model group) pair, then the best
-    pairing of groups by those values (weight matching's two levels)."""
-    groups = similarity.shape[0] // group
-    score = torch.zeros(groups, groups, dtype=torch.float64)
-    inner = {}
-    for i in range(groups):
-        for j in range(groups):
-            inner[i, j], score[i, j] = _lap(similarity[i * group:(i + 1) * group, j * group:(j + 1) * group])
-    outer, _ = _lap(score)
-    return torch.cat([int(j) * group + inner[i, int(j)] for i, j in enumerate(outer)])
-
-
 @dataclass(kw_only=True, slots=True)
 class Transforms:
     """What ``apply_transforms`` does to the model."""
@@ -271,7 +257,7 @@ def transforms(ref: dict, model: dict, spec: list[Perm], args: ModelArgs, tokens
         perms[mlp.name], value = _lap(layer.mlp.matrix())
         similarity[mlp.name] = value / mlp.size
         cosines = layer.heads()
-        perms[heads.name] = _group_assignment(cosines, heads.group)
+        perms[heads.name], _ = group_assignment(cosines, heads.group)
         similarity[heads.name] = float(cosines[torch.arange(heads.size), perms[heads.name]].mean())
         kv = perms[heads.name][::group] // group  # the model's KV head at each position
         values[i] = [_procrustes(layer.values[k, int(l)]) for k, l in enumerate(kv)]

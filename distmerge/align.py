@@ -46,7 +46,7 @@ from safetensors import safe_open
 from distmerge.demo import save_safetensors
 from distmerge.errors import MergeError
 
-__all__ = ["Axis", "Perm", "llama_spec", "weight_matching", "apply_permutation", "objective", "align"]
+__all__ = ["Axis", "Perm", "llama_spec", "weight_matching", "group_assignment", "apply_permutation", "objective", "align"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,23 +169,31 @@ def _similarity(ref, model, spec, perms, perm: Perm, kv: bool) -> torch.Tensor:
     return c
 
 
-def _solve(ref, model, spec, perms, perm: Perm) -> tuple[torch.Tensor, float]:
-    """The best ``perm`` with the others fixed. For heads: the best query-head assignment inside
-    each (reference group, model group) pair is a small LAP, its value plus the KV heads'
-    similarity is the pair's score, and a LAP over groups picks the pairs."""
-    c = _similarity(ref, model, spec, perms, perm, kv=False)
-    if not any(a.kv for a in perm.axes):
-        return _lap(c)
-    g = perm.group
-    groups = perm.size // g
-    score = _similarity(ref, model, spec, perms, perm, kv=True)
+def group_assignment(c: torch.Tensor, group: int, score: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The head permutation maximising Σ c[i, perm[i]] + Σ score[reference group, model group]
+    with KV groups kept whole, and that value: the best query-head assignment inside each
+    (reference group, model group) pair is a small LAP, its value plus ``score`` (the KV heads'
+    own similarity; none by default) is the pair's, and a LAP over groups picks the pairs.
+    ``score`` is added to in place."""
+    groups = c.shape[0] // group
+    if score is None:
+        score = torch.zeros(groups, groups, dtype=torch.float64)
     inner = {}
     for i in range(groups):
         for j in range(groups):
-            inner[i, j], value = _lap(c[i * g:(i + 1) * g, j * g:(j + 1) * g])
+            inner[i, j], value = _lap(c[i * group:(i + 1) * group, j * group:(j + 1) * group])
             score[i, j] += value
     outer, value = _lap(score)
-    return torch.cat([j * g + inner[i, int(j)] for i, j in enumerate(outer)]), value
+    return torch.cat([j * group + inner[i, int(j)] for i, j in enumerate(outer)]), value
+
+
+def _solve(ref, model, spec, perms, perm: Perm) -> tuple[torch.Tensor, float]:
+    """The best ``perm`` with the others fixed. For heads: ``group_assignment`` with the KV
+    heads' similarity as each pair of groups' score."""
+    c = _similarity(ref, model, spec, perms, perm, kv=False)
+    if not any(a.kv for a in perm.axes):
+        return _lap(c)
+    return group_assignment(c, perm.group, _similarity(ref, model, spec, perms, perm, kv=True))
 
 
 def weight_matching(
