@@ -52,11 +52,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from distmerge.align import Perm, _lap, apply_permutation, group_assignment
 from distmerge.errors import MergeError
-from distmerge.tinyllama import ModelArgs, apply_rope, rms_norm, rope
+from distmerge.tinyllama import ModelArgs, apply_rope, qkv, rms_norm, rope, swiglu
 
 __all__ = ["Correlation", "Residual", "Layer", "layers", "transforms", "apply_transforms", "activation_matching", "calibration_tokens"]
 
@@ -113,8 +112,7 @@ class Residual:
 
     def add(self, ref: torch.Tensor, model: torch.Tensor) -> None:
         """Activations [..., hidden] at one boundary (RMSNorm without its weight, as every reader sees them)."""
-        a, b = _flat(ref), _flat(model)
-        a, b = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + self.eps), b * torch.rsqrt(b.pow(2).mean(-1, keepdim=True) + self.eps)
+        a, b = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) for x in (_flat(ref), _flat(model)))
         self.cross += b.T @ a
         self.norms += torch.stack([a.pow(2).sum(), b.pow(2).sum()])
 
@@ -154,11 +152,8 @@ def _attention(h: torch.Tensor, w: dict, p: str, args: ModelArgs, cos, sin) -> t
     [B, kv_heads, T, head_dim], output [B, T, hidden])."""
     b, t, _ = h.shape
     hd, rep = args.hidden // args.heads, args.heads // args.kv_heads
-    q = (h @ w[p + "q_proj.weight"].T).view(b, t, args.heads, hd).transpose(1, 2)
-    k = (h @ w[p + "k_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
-    v = (h @ w[p + "v_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
-    keys = k
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, keys, v = qkv(h, w, p, args)
+    q, k = apply_rope(q, cos, sin), apply_rope(keys, cos, sin)
     scores = q @ k.repeat_interleave(rep, dim=1).transpose(-1, -2) / math.sqrt(hd)
     probs = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
     y = (probs @ v.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(b, t, args.hidden)
@@ -173,7 +168,7 @@ def _block(w: dict, args: ModelArgs, i: int, x: torch.Tensor, cos, sin, seen: li
     probs, v, k, y = _attention(rms_norm(x, w[p + "input_layernorm.weight"], args.rms_norm_eps), w, p + "self_attn.", args, cos, sin)
     x = x + y
     h = rms_norm(x, w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
-    u = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+    u = swiglu(h, w, p + "mlp.")
     seen += [x, (probs, v, k), u]
     return x + u @ w[p + "mlp.down_proj.weight"].T
 

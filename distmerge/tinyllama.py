@@ -116,12 +116,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def attention(x, w, p, args, cos, sin):
+def qkv(x, w, p, args):
+    """Queries [B, heads, T, head_dim], keys and values [B, kv_heads, T, head_dim] of x [B, T,
+    hidden], before the rotary embedding."""
     b, t, _ = x.shape
     hd = args.hidden // args.heads
     q = (x @ w[p + "q_proj.weight"].T).view(b, t, args.heads, hd).transpose(1, 2)
     k = (x @ w[p + "k_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
     v = (x @ w[p + "v_proj.weight"].T).view(b, t, args.kv_heads, hd).transpose(1, 2)
+    return q, k, v
+
+
+def attention(x, w, p, args, cos, sin):
+    b, t, _ = x.shape
+    q, k, v = qkv(x, w, p, args)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     rep = args.heads // args.kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -129,8 +137,13 @@ def attention(x, w, p, args, cos, sin):
     return y.transpose(1, 2).reshape(b, t, args.hidden) @ w[p + "o_proj.weight"].T
 
 
+def swiglu(x, w, p):
+    """The MLP's hidden activations silu(x·W_gateᵀ) ⊙ (x·W_upᵀ)."""
+    return F.silu(x @ w[p + "gate_proj.weight"].T) * (x @ w[p + "up_proj.weight"].T)
+
+
 def mlp(x, w, p):
-    return (F.silu(x @ w[p + "gate_proj.weight"].T) * (x @ w[p + "up_proj.weight"].T)) @ w[p + "down_proj.weight"].T
+    return swiglu(x, w, p) @ w[p + "down_proj.weight"].T
 
 
 def forward(w: dict[str, torch.Tensor], args: ModelArgs, tokens: torch.Tensor) -> torch.Tensor:
