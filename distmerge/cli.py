@@ -538,7 +538,7 @@ def extract_lora_command(out, base, model, rank, module_ranks, energy, dtype, sk
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--to", "reference", required=True, help="The reference model whose unit order MODEL is permuted to match.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the order in which the permutations are updated (weight matching).")
-@click.option("--data", type=click.Path(dir_okay=False), help="A text file: match activations on its tokens (residual stream rotated, MLP units and heads permuted, values rotated) instead of weights.")
+@click.option("--data", type=click.Path(dir_okay=False), help="A text file: match activations on its tokens (residual stream rotated, MLP units and heads permuted, values and query/key planes rotated) instead of weights.")
 @click.option("--rows", default=256, show_default=True, type=click.IntRange(min=1), help="With --data: at most this many windows of its tokens.")
 @click.option("--length", default=64, show_default=True, type=click.IntRange(min=2), help="With --data: tokens per window (at most max_position_embeddings).")
 def align_command(model, out, reference, seed, data, rows, length):
