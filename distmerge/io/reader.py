@@ -22,6 +22,12 @@ from distmerge.io.zero import ZeroCheckpoint
 _madvise = ctypes.CDLL(None, use_errno=True).madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
+FAULT_BLOCK = 2 << 20
+"""A read fault in a file mapping maps more than the page touched: the page-cache pages around
+it (Linux's fault-around) and whole large folios, so touching a tensor maps pages of its
+neighbours in the file too (measured here: 256 KB mapped for 40 KB read). It never maps past
+the aligned 2 MiB block of addresses that one page table covers, which bounds it (``release``)."""
+
 
 class TensorReader:
     """Opens each file once and hands out tensors of byte ranges.
@@ -138,11 +144,19 @@ class TensorReader:
         """Unmap the pages of the tensors read (before position ``upto``, or all) from this
         process; they stay in the page cache. Without this, a long run's resident memory
         would grow with the model, since touched file pages count as the process's own
-        while they stay mapped. Call it once those tensors are no longer used."""
+        while they stay mapped. Call it once those tensors are no longer used.
+
+        Each tensor's range is widened to whole ``FAULT_BLOCK`` blocks (within its mapping):
+        touching it mapped its neighbours' pages in those blocks, and a neighbour released
+        before would otherwise keep them mapped to the end of the run (on 5 GB checkpoints of
+        54 layers, breadcrumbs' mapped input pages grew from 128 to 150 MB over the run).
+        A neighbour not yet released loses nothing but those pages' mapping."""
         upto = len(self._touched) if upto is None else upto
-        for m, begin, end in self._touched[:upto]:
-            start = begin - begin % mmap.PAGESIZE
-            m.madvise(mmap.MADV_DONTNEED, start, end - start)
+        for (m, begin, _), (lo, hi) in zip(self._touched[:upto], self._mapped[:upto]):
+            first, last = lo - begin, lo - begin + len(m)  # the mapping's addresses
+            start = max(first, lo - lo % FAULT_BLOCK)
+            stop = min(last, hi + -hi % FAULT_BLOCK)
+            _madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
         del self._touched[:upto]
         del self._mapped[:upto]
 
