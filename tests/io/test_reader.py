@@ -3,7 +3,6 @@
 import sys
 
 import pytest
-import torch
 
 from distmerge.io.reader import TensorReader
 
