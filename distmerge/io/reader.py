@@ -46,9 +46,9 @@ class TensorReader:
         self._maps: dict[str, mmap.mmap] = {}
         self._pickles: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._touched: list[tuple[mmap.mmap, int, int]] = []
-        self._mapped: list[tuple[int, int]] = []
-        """Address ranges of the tensors in ``_touched`` (what ``drop`` may unmap)."""
+        self._mapped: list[tuple[int, int, int, int]] = []
+        """Per tensor read from a mapping, in order: its addresses [lo, hi) (what ``drop`` may
+        unmap) and its mapping's [first, last) (what ``release`` may)."""
 
     def _map(self, path: str) -> mmap.mmap:
         with self._lock:  # the CUDA upload thread reads too (distmerge.io.staging)
@@ -85,8 +85,8 @@ class TensorReader:
             # The mapping is read-only and so is the tensor: we never write to inputs.
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             flat = torch.frombuffer(m, dtype=torch.uint8, count=end - begin, offset=begin)
-        self._touched.append((m, begin, end))
-        self._mapped.append((flat.data_ptr(), flat.data_ptr() + end - begin))
+        lo = flat.data_ptr()
+        self._mapped.append((lo, lo + end - begin, lo - begin, lo - begin + len(m)))
         return flat.view(DTYPES[dtype]).view(shape)
 
     def _pread(self, path: str, begin: int, end: int) -> torch.Tensor:
@@ -126,7 +126,7 @@ class TensorReader:
         would zero pages. The writer drops a passthrough copy's pages behind itself with it."""
         start = view.data_ptr()
         end = start + view.numel() * view.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self._mapped):
+        if not any(lo <= start and end <= hi for lo, hi, _, _ in self._mapped):
             return None
 
         def drop(begin: int, stop: int) -> None:
@@ -138,7 +138,7 @@ class TensorReader:
 
     def mark(self) -> int:
         """A position in the reads so far, for ``release(upto=...)``."""
-        return len(self._touched)
+        return len(self._mapped)
 
     def release(self, upto: int | None = None) -> None:
         """Unmap the pages of the tensors read (before position ``upto``, or all) from this
@@ -151,18 +151,15 @@ class TensorReader:
         before would otherwise keep them mapped to the end of the run (on 5 GB checkpoints of
         54 layers, breadcrumbs' mapped input pages grew from 128 to 150 MB over the run).
         A neighbour not yet released loses nothing but those pages' mapping."""
-        upto = len(self._touched) if upto is None else upto
-        for (m, begin, _), (lo, hi) in zip(self._touched[:upto], self._mapped[:upto]):
-            first, last = lo - begin, lo - begin + len(m)  # the mapping's addresses
+        upto = len(self._mapped) if upto is None else upto
+        for lo, hi, first, last in self._mapped[:upto]:
             start = max(first, lo - lo % FAULT_BLOCK)
             stop = min(last, hi + -hi % FAULT_BLOCK)
             _madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), mmap.MADV_DONTNEED)
-        del self._touched[:upto]
         del self._mapped[:upto]
 
     def close(self) -> None:
         """Forget the mappings (they are unmapped once no tensor refers to them)."""
-        self._touched.clear()
         self._mapped.clear()
         self._maps.clear()
         for fd in self._fds.values():
