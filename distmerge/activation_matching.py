@@ -245,7 +245,6 @@ def transforms(ref: dict, model: dict, spec: list[Perm], args: ModelArgs, tokens
     models' activations on ``tokens`` choose, each layer's as soon as its sums are in."""
     residual = Residual.zeros(args.hidden, args.rms_norm_eps)
     perms, values, keys, similarity = {}, {}, {}, {}
-    group = args.heads // args.kv_heads
     kinds = {p.name: p for p in spec}
     for i, layer in enumerate(layers(ref, model, args, tokens, residual)):
         mlp, heads = kinds[f"layers.{i}.mlp"], kinds[f"layers.{i}.heads"]
@@ -254,7 +253,7 @@ def transforms(ref: dict, model: dict, spec: list[Perm], args: ModelArgs, tokens
         cosines = layer.heads()
         perms[heads.name], _ = group_assignment(cosines, heads.group)
         similarity[heads.name] = float(cosines[torch.arange(heads.size), perms[heads.name]].mean())
-        kv = perms[heads.name][::group] // group  # the model's KV head at each position
+        kv = perms[heads.name][:: heads.group] // heads.group  # the model's KV head at each position
         values[i] = [_procrustes(layer.values[k, int(l)]) for k, l in enumerate(kv)]
         keys[i] = [_plane_rotations(layer.keys[k, int(l)]) for k, l in enumerate(kv)]
     rotate = not args.tie_embeddings
