@@ -193,6 +193,10 @@ class TensorInputs:
         float32 inside their loop (the same values as ``widen``, without a pass of its own)."""
         return x if x.dtype == self.work else widen(x, self.work)
 
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """x as stored where widening it to float32 is exact (``read_range``'s ``stored``)."""
+        return x if self.work in (x.dtype, torch.float32) else widen(x, self.work)
+
     def widened(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Float32 (base, inputs), whole."""
         return self.widen(self.base), [widen(x, self.work) for x in self.inputs]
@@ -204,6 +208,7 @@ class TensorInputs:
         how: Callable | None = None,
         models: tuple[int, ...] | None = None,
         out: list[torch.Tensor] | None = None,
+        stored: bool = False,
     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """(base, inputs) of the flat range [i, j), widened by ``how`` (default: to float32).
         With ``models`` (indices into the inputs), only those inputs, in that order: a pass of
@@ -211,7 +216,9 @@ class TensorInputs:
         (float32 tensors of at least j − i elements, the base's first if there is one, then
         one per input read), the chunks are widened into them and returned as views of them:
         the same values without a fresh float32 chunk per input and call (fresh memory costs
-        its page faults), valid until the caller writes there again.
+        its page faults), valid until the caller writes there again. With ``stored``, each
+        chunk as stored where widening it to float32 is exact (it is in the recipe's dtype, or
+        the recipe computes in float32), else widened: ``x.float()`` is ``widen``'s value.
         Called chunk by chunk in order (a chunked method may go over the tensor more than
         once): pages behind the reads are unmapped every DROP_ELEMENTS, and on a new pass."""
         if i != self.last or self.last - self.dropped >= DROP_ELEMENTS:  # a new pass, or 16 chunks behind us
@@ -228,7 +235,7 @@ class TensorInputs:
             def how(x: torch.Tensor) -> torch.Tensor:
                 return widen_into(x, self.work, next(buffers)[: j - i])
 
-        how = how or self.widen
+        how = self.exact if stored else how or self.widen
         chunks = (how(flat_base[i:j]) if flat_base is not None else None), [how(x[i:j]) for x in flat]
         self.read_seconds += time.perf_counter() - start
         return chunks

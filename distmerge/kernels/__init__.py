@@ -57,7 +57,9 @@ __all__ = [
     "stock_interpolate",
     "task_combine",
     "task_merge",
+    "loops_available",
     "triton_available",
+    "use_loops",
     "use_triton",
 ]
 
@@ -71,7 +73,8 @@ class KernelOptions:
 
     compile: Literal["auto", "always", "never"] = "auto"
     """CPU: run the steps as loops compiled by torch.compile (``compiled``): "always",
-    "never", or "auto": when ``work`` is large enough to repay compiling."""
+    "never", or "auto": when ``work`` is large enough to repay compiling. "never" also keeps
+    the TIES family's chunked passes on torch ops instead of numba's loops (``use_loops``)."""
     triton: bool = True
     """CUDA: run the Triton kernels when triton imports (False: the torch references; a
     debugging switch)."""
@@ -108,6 +111,22 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def loops_available() -> bool:
+    """Whether ``import numba`` works here, for ``kernels.loops`` (checked once per process)."""
+    try:
+        importlib.import_module("numba")
+    except Exception:  # ImportError, or a numba built for another numpy failing at import time
+        return False
+    return True
+
+
+def use_loops(options: KernelOptions | None) -> bool:
+    """Whether the TIES family's chunked passes over bf16 inputs run as ``kernels.loops``: when
+    numba imports, unless compiled code is off (``KernelOptions.compile`` "never")."""
+    return (options or DEFAULT).compile != "never" and loops_available()
+
+
 def use_triton(tensor) -> bool:
     """True for a CUDA tensor when triton is importable."""
     return getattr(tensor, "is_cuda", False) and triton_available()
@@ -123,14 +142,18 @@ def kernel_name(keep: Keep | None) -> str:
 
 def path(kernel: str, device: str, options: KernelOptions | None = None, consensus: bool = False) -> str:
     """Which implementation runs ``kernel`` for a large tensor on ``device`` under ``options``:
-    "triton", "compiled" or "torch" (the references) — what the run report names."""
+    "triton", "compiled" or "torch" (the references), and for the top-k family's chunked passes
+    on CPU numba's ``loops`` where the inputs are bf16 — what the run report names."""
     options = options or DEFAULT
     if device.startswith("cuda"):
         return "triton" if options.triton and triton_available() and kernel not in options.disabled else "torch"
     if kernel == "linear_sum":  # never compiled: see ``compiled``
         return "torch"
     large = torch.empty(compiled.MIN_ELEMENTS, device="meta")
-    return "compiled" if compiled.enabled(large, options, consensus) else "torch"
+    other = "compiled" if compiled.enabled(large, options, consensus) else "torch"
+    if kernel == "task_merge/band" and use_loops(options):  # the top-k family's chunked passes
+        return f"loops for bf16 inputs, else {other}"
+    return other
 
 
 def _impl(tensor, options: KernelOptions | None, consensus: bool = False, kernel: str = ""):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy
 import torch
@@ -72,6 +73,11 @@ def _bucket_lows(bits: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
         for bucket in buckets[1:]:
             chosen |= high == bucket
         picked = bits[chosen]  # one selection over the chunk, however many buckets
+    return _lows_by_bucket(picked, buckets)
+
+
+def _lows_by_bucket(picked: torch.Tensor, buckets: list[int]) -> list[torch.Tensor]:
+    """Per bucket, the low 16 bits of the int32 entries of ``picked`` whose high 16 bits are it."""
     if len(buckets) == 1:
         return [picked & 0xFFFF]  # allocated by torch: see _in_buckets
     return [picked[(picked >> 16) == bucket] & 0xFFFF for bucket in buckets]
@@ -303,8 +309,10 @@ class SharedTopK:
         return top
 
 
-_NONE_KEPT = (1 << 31) - 1
-"""A cut no |δ| bit pattern exceeds (see ``ChunkedTopK.trim``)."""
+NONE_KEPT = (1 << 31) - 1
+"""A cut no |δ| bit pattern exceeds (see ``ChunkedTopK.rule``)."""
+NO_DROP = (NONE_KEPT, -1, 0)
+"""The ``ChunkedTopK.rule`` of a selection that keeps nothing: no entry dropped by it."""
 
 
 def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
@@ -370,13 +378,51 @@ class ChunkedTopK:
             for top in tops:
                 top._hist += hist
             return
+        ChunkedTopK._add_picked(tops, bits.numel(), lambda buckets: _bucket_lows(bits, buckets))
+
+    @staticmethod
+    def gather_stored(tops: list[ChunkedTopK], base: torch.Tensor, x: torch.Tensor, *, low: bool) -> None:
+        """``gather`` for a chunk of the score |θ − θ₀| given as the stored bf16 chunks of θ₀
+        and θ (``kernels.loops.eligible``): the same statistics from one loop over the stored
+        values, without float32 copies (``kernels.loops``). Where a score is not finite, the
+        histogram's NaN buckets may differ from ``gather``'s (which NaN a difference of two
+        NaNs is): see ``nonfinite``."""
+        from distmerge.kernels import loops
+
+        if not low:
+            hist = tops[0]._hist if len(tops) == 1 else torch.zeros(1 << 15, dtype=torch.int64)
+            loops.magnitude_histogram(base, x, hist)
+            for top in tops if len(tops) > 1 else ():
+                top._hist += hist
+            return
+        picked = torch.empty(base.numel(), dtype=torch.int32)
+
+        def lows(buckets: list[int]) -> list[torch.Tensor]:
+            if len(buckets) <= 2:  # one scan for both (a band's two selections)
+                return _lows_by_bucket(loops.magnitude_select(base, x, buckets, picked), buckets)
+            return [loops.magnitude_select(base, x, [bucket], picked) & 0xFFFF for bucket in buckets]
+
+        ChunkedTopK._add_picked(tops, base.numel(), lows)
+
+    @staticmethod
+    def _add_picked(tops: list[ChunkedTopK], size: int, lows: Callable[[list[int]], list[torch.Tensor]]) -> None:
+        """Pass 2 for one chunk of ``size`` entries: ``lows(buckets)`` gives, per bucket, the
+        low 16 bits of the chunk's entries in it, in flat order."""
         for top in tops:
             top._start_low()
         buckets = list(dict.fromkeys(top._high for top in tops))
-        for bucket, lows in zip(buckets, _bucket_lows(bits, buckets)):
+        for bucket, picked in zip(buckets, lows(buckets)):
             for top in tops:
                 if top._high == bucket:
-                    top._add_lows(bits.numel(), lows)
+                    top._add_lows(size, picked)
+
+    def nonfinite(self) -> bool:
+        """After pass 1: some score is NaN or ±Inf (it fell in their high buckets)."""
+        return bool(self._hist[0x7F80:].any())
+
+    def restart(self) -> None:
+        """Forget pass 1 (to run it again another way); only before pass 2."""
+        self._hist.zero_()
 
     def _add_lows(self, size: int, lows: torch.Tensor) -> None:
         """Pass 2 for one chunk of ``size`` entries, given the low bits of those in the bucket.
@@ -408,7 +454,7 @@ class ChunkedTopK:
         if self._high is None:
             if self.shared is not None and self.shared.high is None:
                 self.shared.high = self._hist.clone()
-            self._finite = not bool(self._hist[0x7F80:].any())  # buckets of Inf and NaN
+            self._finite = not self.nonfinite()
             self._high, self._rank = _select_digit(self._hist, self.k)
             self._hist = torch.zeros(1 << 16, dtype=torch.int64, device=self._hist.device)
 
@@ -458,49 +504,67 @@ class ChunkedTopK:
         self._ties_left -= count
         return keep | ties
 
-    def _cut(self, bits: torch.Tensor) -> int | None:
-        """For the next chunk (|δ| as ``_magnitude_bits``; the chunks of the statistics passes,
-        in flat order): c with keep mask = bits > c, or None (the chunk is left to ``mask``)
-        when it keeps only some of its ties or the scores aren't all finite."""
+    def rule(self, size: int, count_ties: Callable[[int], int]) -> tuple[int, int, int] | None:
+        """What this selection keeps of the next chunk of ``size`` entries (the chunks of the
+        statistics passes, in flat order), as (c, t, n): the entries whose |δ| bits
+        (``_magnitude_bits``) exceed c, and the first n in flat order whose bits equal t. None
+        when the scores aren't all finite (the chunk is left to ``mask``). ``count_ties(t)``
+        counts the chunk's entries with bits t (called only when the statistics passes did
+        not keep that count)."""
         if self.trivial:
-            return -1 if self.k > 0 else _NONE_KEPT
+            return (-1 if self.k > 0 else NONE_KEPT), -1, 0
         if not self._finite:
             return None
         if self._ties_left == 0:
-            return self._bits
+            return self._bits, -1, 0
         if self._ties_left < self._ties_unseen:
-            size, count = next(self._chunk_ties, (None, 0))
-            if size != bits.numel():  # not kept: count them
-                count = int((bits == self._bits).sum())
-            if count > self._ties_left:
-                return None
-            self._ties_left -= count
+            recorded, count = next(self._chunk_ties, (None, 0))
+            if recorded != size:  # not kept: count them
+                count = count_ties(self._bits)
             self._ties_unseen -= count
-        return self._bits - 1  # every tie of this chunk is kept
+            if count > self._ties_left:  # the last chunk with ties kept: only its first ones
+                taken, self._ties_left = self._ties_left, 0
+                return self._bits, self._bits, taken
+            self._ties_left -= count
+        return self._bits - 1, -1, 0  # every tie of this chunk is kept
 
     def trim(self, delta: torch.Tensor, drop: ChunkedTopK | None = None) -> torch.Tensor:
         """The next chunk of δ (flat float32, score |δ|; the chunks of the statistics passes)
         with the entries this selection does not keep, or that ``drop`` keeps, set to +0 in
-        place: ``masked(δ, mask(|δ|) & ~drop.mask(|δ|))`` (``kernels.reference``), the same bits.
-
-        Done on the bit patterns: (c − bits) >> 31 is all ones where bits > c, else 0, and
-        δ & that is δ or +0 — four int32 ops instead of float compares and a ``where``.
-        """
+        place: ``masked(δ, mask(|δ|) & ~drop.mask(|δ|))`` (``kernels.reference``), the same bits."""
         bits = _magnitude_bits(delta)
-        keep = self._cut(bits)
-        dropped = _NONE_KEPT if drop is None else drop._cut(bits)
-        if keep is None or dropped is None:  # the general way, for this chunk
+
+        def count_ties(value: int) -> int:
+            return int((bits == value).sum())
+
+        keep = self.rule(bits.numel(), count_ties)
+        dropped = NO_DROP if drop is None else drop.rule(bits.numel(), count_ties)
+        if keep is None or dropped is None or keep[2] or dropped[2]:  # the general way, for this chunk
             score = delta.abs()
-            kept = self.mask(score) if keep is None else bits > keep
+            kept = self.mask(score) if keep is None else _selected(bits, keep)
             if drop is not None:
-                kept &= ~(drop.mask(score) if dropped is None else bits > dropped)
+                kept &= ~(drop.mask(score) if dropped is None else _selected(bits, dropped))
             return delta.masked_fill_(~kept, 0.0)
+        # Plain cuts (no ties to count), on the bit patterns: (c − bits) >> 31 is all ones where
+        # bits > c, else 0, and δ & that is δ or +0 — four int32 ops instead of float compares
+        # and a ``where``.
         out = delta.view(torch.int32)
-        ones = keep - bits  # no overflow: -1 ≤ keep, 0 ≤ bits < 2**31
+        ones = keep[0] - bits  # no overflow: -1 ≤ keep, 0 ≤ bits < 2**31
         ones >>= 31
         out &= ones
-        if dropped != _NONE_KEPT:
-            bits -= dropped + 1
+        if dropped[0] != NONE_KEPT:
+            bits -= dropped[0] + 1
             bits >>= 31  # all ones where bits ≤ dropped
             out &= bits
         return delta
+
+
+def _selected(bits: torch.Tensor, rule: tuple[int, int, int]) -> torch.Tensor:
+    """The bool mask of a ``ChunkedTopK.rule`` (c, t, n) over a chunk's |δ| bits."""
+    above, tie, taken = rule
+    selected = bits > above
+    if taken:
+        ties = bits == tie
+        ties[int(ties.nonzero()[taken - 1]) + 1 :] = False
+        selected |= ties
+    return selected

@@ -121,31 +121,90 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
     """``merge`` with top-k sparsifiers, for a tensor read in flat chunks: the same bits.
 
     ``selections[i]`` is None (τᵢ kept whole) or (keep, drop): τ̂ᵢ keeps the entries of
-    ``keep``'s top-k |τᵢ| that are not in ``drop``'s (None: none dropped). Pass 1 gathers
-    every selection's statistics over all chunks (``sparsify.ChunkedTopK``); pass 2 trims
-    each chunk's task vectors with its masks and combines them, all element-wise.
+    ``keep``'s top-k |τᵢ| that are not in ``drop``'s (None: none dropped). Two statistics
+    passes gather every selection's statistics over all chunks (``sparsify.ChunkedTopK``); a
+    last pass trims each chunk's task vectors with its cuts and combines them, all
+    element-wise. Over bf16 inputs each pass is one loop over the stored values
+    (``kernels.loops``, when ``kernels.use_loops``), unless some |τᵢ| is NaN or Inf: then
+    the tensor's passes are torch ops, whose NaN bits the statistics must match.
     """
     ranges = chunk_ranges(numel, chunk)
     live = [[top for top in pair or () if top is not None and top.needs_passes] for pair in selections]
-    for low in (False, True):
-        passing = [[top for top in tops if low or not top.has_high] for tops in live]
-        if not any(passing):
-            continue
-        for start, end in ranges:
-            base, tensors = read(start, end)
-            for tops, x in zip(passing, tensors):
-                if tops:
-                    sparsify.ChunkedTopK.gather(tops, x - base, low=low)
+    fused = kernels.use_loops(options)  # until a chunk read shows inputs the loops don't take
+    first = [[top for top in tops if not top.has_high] for tops in live]  # pass 1 not shared already
+    if any(first):
+        fused = _statistics_pass(read, ranges, first, False, fused)
+    if fused and any(top.nonfinite() for tops in live for top in tops):
+        fused = False
+        if any(first):
+            for top in (top for tops in first for top in tops):
+                top.restart()
+            _statistics_pass(read, ranges, first, False, False)
+    if any(live):
+        fused = _statistics_pass(read, ranges, live, True, fused)
     for tops in live:
         for top in tops:
             top.finish()
     for start, end in ranges:
-        base, tensors = read(start, end)
-        deltas = task_vectors(base, tensors)
+        base, tensors = read(start, end, stored=True)
+        fused = fused and loops_eligible(base, tensors)
+        if fused:  # every |τᵢ| finite: each selection's rule is known
+            keep, drop = zip(*_rules(selections, base, tensors))
+            out = torch.empty(end - start, dtype=torch.float32)
+            yield start, end, _loops().trim_combine(
+                base, tensors, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out
+            )
+            continue
+        deltas = task_vectors(base.float(), [x.float() for x in tensors])
         trimmed = [delta if pair is None else pair[0].trim(delta, pair[1]) for pair, delta in zip(selections, deltas)]
         yield start, end, combine(
             base, trimmed, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options
         )
+
+
+def _loops():
+    from distmerge.kernels import loops  # imported on first use: it needs numba
+
+    return loops
+
+
+def loops_eligible(base, tensors) -> bool:
+    """Whether chunks read as stored can take ``kernels.loops`` (bf16 on CPU)."""
+    return _loops().eligible(base, tensors)
+
+
+def _statistics_pass(read, ranges, passing, low: bool, fused: bool) -> bool:
+    """One statistics pass (pass 1, or with ``low`` pass 2) of ``passing[i]``'s selections of
+    |τᵢ| over every chunk: from the stored chunks in ``kernels.loops`` when ``fused`` and the
+    chunks are bf16, else from float32 task vectors. Returns whether the loops ran."""
+    for start, end in ranges:
+        base, tensors = read(start, end, stored=True)
+        fused = fused and loops_eligible(base, tensors)
+        for tops, x in zip(passing, tensors):
+            if not tops:
+                continue
+            if fused:
+                sparsify.ChunkedTopK.gather_stored(tops, base, x, low=low)
+            else:
+                sparsify.ChunkedTopK.gather(tops, x.float() - base.float(), low=low)
+    return fused
+
+
+def _rules(selections, base, tensors) -> list[tuple]:
+    """Per model, the next chunk's (keep, drop) rules (``ChunkedTopK.rule``; a model kept
+    whole keeps all and drops nothing), ties counted over the stored chunks."""
+    rules = []
+    for pair, x in zip(selections, tensors):
+        if pair is None:
+            rules.append(((-1, -1, 0), sparsify.NO_DROP))
+            continue
+
+        def count_ties(bits: int, x=x) -> int:
+            return _loops().count_magnitude(base, x, bits)
+
+        keep, drop = pair
+        rules.append((keep.rule(x.numel(), count_ties), sparsify.NO_DROP if drop is None else drop.rule(x.numel(), count_ties)))
+    return rules
 
 
 def _top_k(stats: dict | None, i: int, numel: int, k: int) -> sparsify.ChunkedTopK:

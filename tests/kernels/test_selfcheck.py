@@ -83,6 +83,8 @@ def test_cpu_paths_follow_the_compile_option():
     auto = kernels.KernelOptions()
     assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=True) == "compiled"
     assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=False) == "torch"
+    assert kernels.path("task_merge/band", "cpu", auto, consensus=True) == "loops for bf16 inputs, else torch"
+    assert kernels.path("task_merge/band", "cpu", never, consensus=True) == "torch"
 
 
 class _Plan:

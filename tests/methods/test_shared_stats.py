@@ -22,9 +22,10 @@ def chunked(name: str, base, fine, params: dict, stats: dict | None) -> tuple[to
     """The method's chunked merge of the whole tensor, and how many passes it read."""
     starts = []
 
-    def read(i, j):
+    def read(i, j, stored=False):
         starts.append(i)
-        return base.view(-1)[i:j].float(), [x.view(-1)[i:j].float() for x in fine]
+        how = (lambda x: x) if stored else torch.Tensor.float
+        return how(base.view(-1)[i:j]), [how(x.view(-1)[i:j]) for x in fine]
 
     extra = {} if stats is None else {"stats": stats}
     out = torch.empty(base.numel())

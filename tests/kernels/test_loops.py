@@ -1,0 +1,184 @@
+"""numba's loops for the TIES family's passes over bf16 inputs give the torch ops' bits."""
+
+from __future__ import annotations
+
+import filecmp
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distmerge import kernels
+from distmerge.kernels import loops, reference
+from distmerge.methods import get
+from distmerge.methods.sparsify import NO_DROP, NONE_KEPT
+
+MAGNITUDE = 0x7FFFFFFF
+
+
+def bf16(words: list[int]) -> torch.Tensor:
+    return torch.tensor(words, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def finite_words(n: int):
+    """bf16 bit patterns of finite values (every exponent but all ones), ±0 and subnormals included."""
+    return st.lists(st.integers(0, 0xFFFF).filter(lambda w: (w & 0x7F80) != 0x7F80), min_size=n, max_size=n)
+
+
+def magnitude_bits(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (x.float() - base.float()).view(torch.int32) & MAGNITUDE
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 300))
+def test_histogram_select_and_count_are_torchs(data, n):
+    base, x = (bf16(data.draw(finite_words(n))) for _ in range(2))
+    bits = magnitude_bits(base, x)
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    loops.magnitude_histogram(base, x, hist)
+    assert torch.equal(hist, torch.bincount(bits >> 16, minlength=1 << 15))
+    some = [int(bits[data.draw(st.integers(0, n - 1))]) >> 16, data.draw(st.integers(0, 0x7F7F))]
+    for buckets in (some[:1], some):
+        picked = loops.magnitude_select(base, x, buckets, torch.empty(n, dtype=torch.int32))
+        chosen = torch.zeros(n, dtype=torch.bool)
+        for bucket in buckets:
+            chosen |= (bits >> 16) == bucket
+        assert torch.equal(picked, bits[chosen])
+    assert loops.count_magnitude(base, x, int(bits[0])) == int((bits == bits[0]).sum())
+
+
+def test_histogram_of_nonfinite_differences_counts_them_in_the_nan_and_inf_buckets():
+    """The only place the loops may differ from torch: which NaN a difference of two NaNs is.
+    Every such entry still lands at or above the Inf bucket, which sends the merge to torch."""
+    words = [0x7F8A, 0x7FDD, 0xFF80, 0x7F80, 0x3F80, 0x0000]
+    base, x = bf16(words), bf16(words[::-1])
+    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    loops.magnitude_histogram(base, x, hist)
+    expected = torch.bincount(magnitude_bits(base, x) >> 16, minlength=1 << 15)
+    assert int(hist[0x7F80:].sum()) == int(expected[0x7F80:].sum()) == 6
+    assert torch.equal(hist[:0x7F80], expected[:0x7F80])
+
+
+def rules(data, bits: torch.Tensor):
+    """A ``ChunkedTopK.rule`` over these bits: a plain cut, or a cut with its first n ties."""
+    value = int(bits[data.draw(st.integers(0, bits.numel() - 1))])
+    kind = data.draw(st.sampled_from(["all", "none", "cut", "ties"]))
+    if kind == "all":
+        return (-1, -1, 0)
+    if kind == "none":
+        return (NONE_KEPT, -1, 0)
+    if kind == "cut":
+        return (value, -1, 0)
+    return (value, value, data.draw(st.integers(1, int((bits == value).sum()))))
+
+
+def selected(bits: torch.Tensor, rule) -> torch.Tensor:
+    above, tie, taken = rule
+    keep = bits > above
+    if taken:
+        ties = bits == tie
+        ties[int(ties.nonzero()[taken - 1]) + 1 :] = False
+        keep |= ties
+    return keep
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.integers(1, 3000), st.integers(1, 4), st.booleans(), st.booleans())
+def test_trim_combine_is_the_references_task_combine(data, n, models, consensus, normalize):
+    """Arbitrary finite bf16 values (exact zeros, equal magnitudes, overflow to Inf in the
+    products), keep and drop rules with and without counted ties, any weights and λ: the bits
+    of ``reference.task_combine`` over the trimmed task vectors. n spans blocks (2048)."""
+    words = data.draw(finite_words(n))
+    base = bf16(words)
+    xs = []
+    for _ in range(models):  # near the base (many equal |δ|), or anywhere
+        near = data.draw(st.booleans())
+        other = data.draw(finite_words(n)) if not near else [w ^ data.draw(st.integers(0, 3)) for w in words]
+        xs.append(bf16(other))
+    weight = [data.draw(st.floats(-2, 2, width=32)) for _ in xs]
+    lambda_ = data.draw(st.sampled_from([1.0, 0.7, 1.3]))
+    keep, drop, deltas = [], [], []
+    for x in xs:
+        bits = magnitude_bits(base, x)
+        keep.append(rules(data, bits))
+        drop.append(data.draw(st.sampled_from([NO_DROP, rules(data, bits)])))
+        delta = x.float() - base.float()
+        deltas.append(reference.kept(selected(bits, keep[-1]) & ~selected(bits, drop[-1]), delta))
+    out = torch.empty(n, dtype=torch.float32)
+    loops.trim_combine(base, xs, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
+    expected = reference.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+def test_only_bf16_cpu_chunks_are_eligible():
+    x = torch.zeros(8, dtype=torch.bfloat16)
+    assert loops.eligible(x, [x, x])
+    assert not loops.eligible(None, [x])
+    assert not loops.eligible(x, [x.float()])
+    assert not loops.eligible(x.half(), [x.half()])
+
+
+# ---------------------------------------------------------------- through the chunked merge
+
+
+SHAPE, CHUNK = (300, 1000), 1 << 14
+
+
+def chunked(name: str, base, fine, params: dict, options) -> torch.Tensor:
+    """The method's chunked merge of the whole tensor, read as ``TensorInputs.read_range`` reads."""
+
+    def read(i, j, stored=False):
+        how = (lambda x: x) if stored else torch.Tensor.float
+        return how(base.view(-1)[i:j]), [how(x.view(-1)[i:j]) for x in fine]
+
+    out = torch.empty(base.numel())
+    for i, j, value in get(name).chunked(read, SHAPE, CHUNK, **params, options=options):
+        out[i:j] = value
+    return out
+
+
+@pytest.mark.parametrize("name, extra", [("ties", {}), ("breadcrumbs", {"gamma": [0.01, 0.02]}), ("breadcrumbs_ties", {"gamma": [0.02, 0.01]})])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_chunked_merges_through_the_loops_are_the_torch_ops(name, extra, nonfinite, monkeypatch):
+    """Fine-tunes a few bf16 ulps from the base (many equal |τ|: the chunks where only some
+    ties are kept), with and without NaN and Inf in a model: the bits of the torch path, and
+    the loops ran where the scores are finite (and not where they are not)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(SHAPE, generator=g).bfloat16()
+    fine = [(base.float() * (1 + 0.01 * torch.randn(SHAPE, generator=g))).bfloat16() for _ in range(2)]
+    if nonfinite:
+        fine[1].view(-1)[[5, 70000]] = torch.tensor([float("nan"), float("inf")], dtype=torch.bfloat16)
+    calls = []
+    trim_combine = loops.trim_combine
+    monkeypatch.setattr(loops, "trim_combine", lambda *a, **k: calls.append(1) or trim_combine(*a, **k))
+    params = {"weight": [0.6, 0.5], "density": [0.4, 0.7], "normalize": True, "lambda_": 0.9, **extra}
+    fused = chunked(name, base, fine, params, kernels.KernelOptions())
+    torch_ops = chunked(name, base, fine, params, kernels.KernelOptions(compile="never"))
+    assert torch.equal(fused.view(torch.int32), torch_ops.view(torch.int32))
+    assert (len(calls) > 0) == (not nonfinite)
+
+
+def test_ties_on_bf16_checkpoints_through_the_loops_is_the_whole_tensor_merge(llama_family, tmp_path, monkeypatch):
+    """End to end: bf16 checkpoints merged in chunks of 4099 through the loops give the bytes
+    of the whole-tensor merge (plain torch)."""
+    from distmerge import tensor_merge
+    from tests.test_merge_vs_mergekit import distmerge, models
+
+    f = llama_family
+    recipe = {
+        "merge_method": "ties",
+        "base_model": str(f["base"]),
+        "models": models(f, ("ft1", {"weight": 0.7, "density": 0.3}), ("ft2", {"weight": -0.4, "density": 0.7})),
+        "parameters": {"lambda": 0.9},
+        "dtype": "bfloat16",
+    }
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)
+    whole = distmerge(recipe, tmp_path / "whole")
+    calls = []
+    trim_combine = loops.trim_combine
+    monkeypatch.setattr(loops, "trim_combine", lambda *a, **k: calls.append(1) or trim_combine(*a, **k))
+    monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 4099)
+    chunked_out = distmerge(recipe, tmp_path / "chunked")
+    shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
+    assert calls and shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)
