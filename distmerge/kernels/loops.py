@@ -7,8 +7,8 @@ bf16 inputs to float32 chunks, subtracts, takes the magnitudes' bits and histogr
 every step a pass over memory with a fresh result. Here each pass is one loop that reads
 the stored bf16 values once:
 
-- ``magnitude_histogram``: pass 1, the high 16 bits of |τ|'s float32 bits, τ = θ − θ₀;
-- ``magnitude_select``: pass 2, |τ|'s bits for the entries in the selected high buckets;
+- ``magnitude_histograms``: pass 1, the high 16 bits of |τᵢ|'s float32 bits, τᵢ = θᵢ − θ₀;
+- ``magnitude_selects``: pass 2, |τᵢ|'s bits for the entries in each model's selected high buckets;
 - ``trim_combine``: pass 3, τ̂ᵢ = τᵢ where |τᵢ|'s bits pass the cuts, +0 elsewhere, then
   ``reference.task_combine``: θ₀ + λ·Σᵢ wᵢτ̂ᵢ / D, or the TIES sign election and disjoint mean.
 
@@ -52,20 +52,23 @@ def _magnitude_bits(delta):
 
 
 @numba.njit(**_JIT)
-def _histogram(base, x, hist):
+def _histogram(base, xs, hist):
     for j in range(base.size):
-        hist[_magnitude_bits(_widen(x[j]) - _widen(base[j])) >> 16] += 1
+        b = _widen(base[j])
+        for i in range(len(xs)):  # every model in one loop: independent increments, one read of θ₀
+            hist[i, _magnitude_bits(_widen(xs[i][j]) - b) >> 16] += 1
 
 
 @numba.njit(**_JIT)
-def _select(base, x, first, second, out):
-    kept = 0
+def _select(base, xs, buckets, out, kept):
+    kept[:] = 0
     for j in range(base.size):
-        bits = _magnitude_bits(_widen(x[j]) - _widen(base[j]))
-        if ((bits >> 16) == first) | ((bits >> 16) == second):  # scalars: an array here costs 4x
-            out[kept] = bits
-            kept += 1
-    return kept
+        b = _widen(base[j])
+        for i in range(len(xs)):
+            bits = _magnitude_bits(_widen(xs[i][j]) - b)
+            if ((bits >> 16) == buckets[i, 0]) | ((bits >> 16) == buckets[i, 1]):
+                out[i, kept[i]] = bits
+                kept[i] += 1
 
 
 @numba.njit(**_JIT)
@@ -180,21 +183,19 @@ def eligible(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def magnitude_histogram(base: torch.Tensor, x: torch.Tensor, hist: torch.Tensor) -> None:
-    """hist[h] += how many entries have h = the high 16 bits of |x − base|'s float32 bits
-    (``hist``: int64, 2¹⁵ counters; the chunks bf16)."""
-    _histogram(_bits(base), _bits(x), hist.numpy())
+def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hist: torch.Tensor) -> None:
+    """hist[i, h] += how many entries have h = the high 16 bits of |tensors[i] − base|'s
+    float32 bits (``hist``: int64, one row of 2¹⁵ counters per tensor; the chunks bf16)."""
+    _histogram(_bits(base), tuple(_bits(x) for x in tensors), hist.numpy())
 
 
-def magnitude_select(base: torch.Tensor, x: torch.Tensor, buckets: list[int], out: torch.Tensor) -> torch.Tensor:
-    """|x − base|'s float32 bits (int32) of the entries whose high 16 bits are one of
-    ``buckets`` (one or two), in flat order: a view of ``out`` (int32, at least as long as
-    the chunk)."""
-    first, second = buckets[0], buckets[-1]
-    if len(buckets) > 2:
-        raise ValueError(f"magnitude_select takes one or two buckets, got {len(buckets)}")
-    kept = _select(_bits(base), _bits(x), numpy.int32(first), numpy.int32(second), out.numpy())
-    return out[:kept]
+def magnitude_selects(base: torch.Tensor, tensors: list[torch.Tensor], buckets: list[tuple[int, int]], out: torch.Tensor) -> list[torch.Tensor]:
+    """Per tensor i, |tensors[i] − base|'s float32 bits (int32) of the entries whose high 16
+    bits are buckets[i][0] or buckets[i][1], in flat order: views of the rows of ``out``
+    (int32, one row per tensor at least as long as the chunk)."""
+    kept = numpy.zeros(len(tensors), dtype=numpy.int64)
+    _select(_bits(base), tuple(_bits(x) for x in tensors), numpy.asarray(buckets, dtype=numpy.int32).reshape(-1, 2), out.numpy(), kept)
+    return [row[:count] for row, count in zip(out, kept.tolist())]
 
 
 def count_magnitude(base: torch.Tensor, x: torch.Tensor, bits: int) -> int:

@@ -381,28 +381,37 @@ class ChunkedTopK:
         ChunkedTopK._add_picked(tops, bits.numel(), lambda buckets: _bucket_lows(bits, buckets))
 
     @staticmethod
-    def gather_stored(tops: list[ChunkedTopK], base: torch.Tensor, x: torch.Tensor, *, low: bool) -> None:
-        """``gather`` for a chunk of the score |θ − θ₀| given as the stored bf16 chunks of θ₀
-        and θ (``kernels.loops.eligible``): the same statistics from one loop over the stored
-        values, without float32 copies (``kernels.loops``). Where a score is not finite, the
-        histogram's NaN buckets may differ from ``gather``'s (which NaN a difference of two
-        NaNs is): see ``nonfinite``."""
+    def gather_stored(selections: list[list[ChunkedTopK]], base: torch.Tensor, tensors: list[torch.Tensor], *, low: bool) -> None:
+        """``gather`` of one chunk for every model's selections (``selections[i]``: those of
+        the score |θᵢ − θ₀|, maybe none), given the stored bf16 chunks of θ₀ and the θᵢ
+        (``kernels.loops.eligible``): the same statistics from one loop over the stored values
+        of every model, without float32 copies (``kernels.loops``). Where a score is not
+        finite, the histogram's NaN buckets may differ from ``gather``'s (which NaN a
+        difference of two NaNs is): see ``nonfinite``."""
         from distmerge.kernels import loops
 
+        models = [i for i, tops in enumerate(selections) if tops]
+        xs = [tensors[i] for i in models]
         if not low:
-            hist = tops[0]._hist if len(tops) == 1 else torch.zeros(1 << 15, dtype=torch.int64)
-            loops.magnitude_histogram(base, x, hist)
-            for top in tops if len(tops) > 1 else ():
-                top._hist += hist
+            hist = torch.zeros(len(xs), 1 << 15, dtype=torch.int64)
+            loops.magnitude_histograms(base, xs, hist)
+            for i, row in zip(models, hist):
+                for top in selections[i]:
+                    top._hist += row
             return
-        picked = torch.empty(base.numel(), dtype=torch.int32)
-
-        def lows(buckets: list[int]) -> list[torch.Tensor]:
-            if len(buckets) <= 2:  # one scan for both (a band's two selections)
-                return _lows_by_bucket(loops.magnitude_select(base, x, buckets, picked), buckets)
-            return [loops.magnitude_select(base, x, [bucket], picked) & 0xFFFF for bucket in buckets]
-
-        ChunkedTopK._add_picked(tops, base.numel(), lows)
+        buckets = []
+        for i in models:
+            for top in selections[i]:
+                top._start_low()
+            buckets.append(list(dict.fromkeys(top._high for top in selections[i])))
+        if any(len(b) > 2 for b in buckets):  # a sweep's many densities: one model at a time
+            for i in models:
+                ChunkedTopK.gather(selections[i], tensors[i].float() - base.float(), low=True)
+            return
+        out = torch.empty(len(xs), base.numel(), dtype=torch.int32)
+        picked = loops.magnitude_selects(base, xs, [(b[0], b[-1]) for b in buckets], out)
+        for i, entries in zip(models, picked):
+            ChunkedTopK._add_picked(selections[i], base.numel(), lambda buckets, entries=entries: _lows_by_bucket(entries, buckets))
 
     @staticmethod
     def _add_picked(tops: list[ChunkedTopK], size: int, lows: Callable[[list[int]], list[torch.Tensor]]) -> None:

@@ -180,12 +180,11 @@ def _statistics_pass(read, ranges, passing, low: bool, fused: bool) -> bool:
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
         fused = fused and loops_eligible(base, tensors)
+        if fused:
+            sparsify.ChunkedTopK.gather_stored(passing, base, tensors, low=low)
+            continue
         for tops, x in zip(passing, tensors):
-            if not tops:
-                continue
-            if fused:
-                sparsify.ChunkedTopK.gather_stored(tops, base, x, low=low)
-            else:
+            if tops:
                 sparsify.ChunkedTopK.gather(tops, x.float() - base.float(), low=low)
     return fused
 

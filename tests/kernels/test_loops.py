@@ -31,21 +31,20 @@ def magnitude_bits(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.data(), st.integers(1, 300))
-def test_histogram_select_and_count_are_torchs(data, n):
-    base, x = (bf16(data.draw(finite_words(n))) for _ in range(2))
-    bits = magnitude_bits(base, x)
-    hist = torch.zeros(1 << 15, dtype=torch.int64)
-    loops.magnitude_histogram(base, x, hist)
-    assert torch.equal(hist, torch.bincount(bits >> 16, minlength=1 << 15))
-    some = [int(bits[data.draw(st.integers(0, n - 1))]) >> 16, data.draw(st.integers(0, 0x7F7F))]
-    for buckets in (some[:1], some):
-        picked = loops.magnitude_select(base, x, buckets, torch.empty(n, dtype=torch.int32))
-        chosen = torch.zeros(n, dtype=torch.bool)
-        for bucket in buckets:
-            chosen |= (bits >> 16) == bucket
-        assert torch.equal(picked, bits[chosen])
-    assert loops.count_magnitude(base, x, int(bits[0])) == int((bits == bits[0]).sum())
+@given(st.data(), st.integers(1, 300), st.integers(1, 3))
+def test_histograms_selections_and_counts_are_torchs(data, n, models):
+    base = bf16(data.draw(finite_words(n)))
+    xs = [bf16(data.draw(finite_words(n))) for _ in range(models)]
+    bits = [magnitude_bits(base, x) for x in xs]
+    hist = torch.zeros(models, 1 << 15, dtype=torch.int64)
+    loops.magnitude_histograms(base, xs, hist)
+    assert all(torch.equal(row, torch.bincount(b >> 16, minlength=1 << 15)) for row, b in zip(hist, bits))
+    buckets = [(int(b[data.draw(st.integers(0, n - 1))]) >> 16, data.draw(st.integers(0, 0x7F7F))) for b in bits]
+    buckets = [data.draw(st.sampled_from([pair, pair[:1] * 2])) for pair in buckets]  # two buckets, or one
+    picked = loops.magnitude_selects(base, xs, buckets, torch.empty(models, n, dtype=torch.int32))
+    for entries, b, (first, second) in zip(picked, bits, buckets):
+        assert torch.equal(entries, b[((b >> 16) == first) | ((b >> 16) == second)])
+    assert loops.count_magnitude(base, xs[0], int(bits[0][0])) == int((bits[0] == bits[0][0]).sum())
 
 
 def test_histogram_of_nonfinite_differences_counts_them_in_the_nan_and_inf_buckets():
@@ -53,11 +52,11 @@ def test_histogram_of_nonfinite_differences_counts_them_in_the_nan_and_inf_bucke
     Every such entry still lands at or above the Inf bucket, which sends the merge to torch."""
     words = [0x7F8A, 0x7FDD, 0xFF80, 0x7F80, 0x3F80, 0x0000]
     base, x = bf16(words), bf16(words[::-1])
-    hist = torch.zeros(1 << 15, dtype=torch.int64)
-    loops.magnitude_histogram(base, x, hist)
+    hist = torch.zeros(1, 1 << 15, dtype=torch.int64)
+    loops.magnitude_histograms(base, [x], hist)
     expected = torch.bincount(magnitude_bits(base, x) >> 16, minlength=1 << 15)
-    assert int(hist[0x7F80:].sum()) == int(expected[0x7F80:].sum()) == 6
-    assert torch.equal(hist[:0x7F80], expected[:0x7F80])
+    assert int(hist[0, 0x7F80:].sum()) == int(expected[0x7F80:].sum()) == 6
+    assert torch.equal(hist[0, :0x7F80], expected[:0x7F80])
 
 
 def rules(data, bits: torch.Tensor):
@@ -182,3 +181,27 @@ def test_ties_on_bf16_checkpoints_through_the_loops_is_the_whole_tensor_merge(ll
     chunked_out = distmerge(recipe, tmp_path / "chunked")
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
     assert calls and shards and all(filecmp.cmp(whole / n, chunked_out / n, shallow=False) for n in shards)
+
+
+def test_three_selections_of_one_score_gather_what_torch_gathers():
+    """More than two buckets in one model's selections (beyond what one scan picks): the same
+    statistics as ``ChunkedTopK.gather`` over the float32 task vector."""
+    from distmerge.methods.sparsify import ChunkedTopK
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(5000, generator=g).bfloat16()
+    x = (base.float() + 0.1 * torch.randn(5000, generator=g)).bfloat16()
+    ways = []
+    for stored in (True, False):
+        tops = [ChunkedTopK(5000, k) for k in (100, 2500, 4900)]
+        for low in (False, True):
+            for start in range(0, 5000, 1000):
+                b, y = base[start : start + 1000], x[start : start + 1000]
+                if stored:
+                    ChunkedTopK.gather_stored([tops], b, [y], low=low)
+                else:
+                    ChunkedTopK.gather(tops, y.float() - b.float(), low=low)
+        for top in tops:
+            top.finish()
+        ways.append([(int(top.threshold.view(torch.int32)), top._ties_left) for top in tops])
+    assert ways[0] == ways[1] and len({t for t, _ in ways[0]}) == 3
