@@ -142,8 +142,9 @@ def kernel_name(keep: Keep | None) -> str:
 
 def path(kernel: str, device: str, options: KernelOptions | None = None, consensus: bool = False) -> str:
     """Which implementation runs ``kernel`` for a large tensor on ``device`` under ``options``:
-    "triton", "compiled" or "torch" (the references), and for the top-k family's chunked passes
-    on CPU numba's ``loops`` where the inputs are bf16 — what the run report names."""
+    "triton", "compiled" or "torch" (the references), and on CPU numba's ``loops`` for
+    ``task_merge`` without a keep rule and the top-k family's chunked passes where the inputs
+    are bf16 — what the run report names."""
     options = options or DEFAULT
     if device.startswith("cuda"):
         return "triton" if options.triton and triton_available() and kernel not in options.disabled else "torch"
@@ -151,7 +152,7 @@ def path(kernel: str, device: str, options: KernelOptions | None = None, consens
         return "torch"
     large = torch.empty(compiled.MIN_ELEMENTS, device="meta")
     other = "compiled" if compiled.enabled(large, options, consensus) else "torch"
-    if kernel == "task_merge/band" and use_loops(options):  # the top-k family's chunked passes
+    if kernel in ("task_merge", "task_merge/band") and use_loops(options):  # and the top-k family's chunked passes
         return f"loops for bf16 inputs, else {other}"
     return other
 
@@ -201,6 +202,13 @@ def task_merge(
     options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ·combine(τ̂ᵢ), τ̂ᵢ = θᵢ − θ₀ with only what ``keep`` keeps: the task-arithmetic family."""
+    if keep is None and base is not None and base.device.type == "cpu" and use_loops(options):
+        from distmerge.kernels import loops  # imported on first use: it needs numba
+
+        if loops.eligible(base, tensors):  # bf16 as stored: one loop, no compiling
+            merged = loops.task_merge(base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+            if merged is not None:  # else a NaN task vector: torch's NaN bits below
+                return merged
     impl = _impl(base, options, consensus, kernel_name(keep))
     return impl.task_merge(base, tensors, weight, keep, consensus=consensus, normalize=normalize, lambda_=lambda_)
 

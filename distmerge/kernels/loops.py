@@ -10,7 +10,8 @@ the stored bf16 values once:
 - ``magnitude_histograms``: pass 1, the high 16 bits of |τᵢ|'s float32 bits, τᵢ = θᵢ − θ₀;
 - ``magnitude_selects``: pass 2, |τᵢ|'s bits for the entries in each model's selected high buckets;
 - ``trim_combine``: pass 3, τ̂ᵢ = τᵢ where |τᵢ|'s bits pass the cuts, +0 elsewhere, then
-  ``reference.task_combine``: θ₀ + λ·Σᵢ wᵢτ̂ᵢ / D, or the TIES sign election and disjoint mean.
+  ``reference.task_combine``: θ₀ + λ·Σᵢ wᵢτ̂ᵢ / D, or the TIES sign election and disjoint mean;
+  with every τᵢ kept whole, ``task_merge``: task arithmetic's (and TIES's at density 1) merge.
 
 The arithmetic is ``kernels.reference``'s, operation for operation, in float32 (widening a
 bf16 value is exact: its 16 bits become the high half of a float32; numba compiles without
@@ -87,26 +88,31 @@ loop over the entries with every model inside)."""
 
 @numba.njit(**_JIT)
 def _trim_weigh(base, x, w, keep, drop, taken, out):
-    """out[j] = τ̂[j]·w for the entries of one block; ``taken``: the ties kept and dropped so far."""
+    """out[j] = τ̂[j]·w for the entries of one block; ``taken``: the ties kept and dropped so
+    far. Returns whether some τ[j] is NaN."""
     above, tie, ties = keep
     drop_above, drop_tie, drop_ties = drop
     zero = numpy.float32(0.0)
+    nan = False
     if tie < 0 and drop_tie < 0:  # plain cuts: no ties to count
         for j in range(base.size):
             delta = _widen(x[j]) - _widen(base[j])
             bits = _magnitude_bits(delta)
+            nan |= delta != delta
             out[j] = (delta if (bits > above) & (bits <= drop_above) else zero) * w
-        return
+        return nan
     kept_ties, dropped_ties = taken[0], taken[1]  # in locals: stores to ``out`` may alias ``taken``
     for j in range(base.size):
         delta = _widen(x[j]) - _widen(base[j])
         bits = _magnitude_bits(delta)
+        nan |= delta != delta
         kept = (bits > above) | ((bits == tie) & (kept_ties < ties))
         kept_ties += bits == tie
         dropped = (bits > drop_above) | ((bits == drop_tie) & (dropped_ties < drop_ties))
         dropped_ties += bits == drop_tie
         out[j] = (delta if kept and not dropped else zero) * w
     taken[0], taken[1] = kept_ties, dropped_ties
+    return nan
 
 
 @numba.njit(**_JIT)
@@ -163,13 +169,15 @@ def _trim_combine(base, xs, weight, keep, drop, consensus, normalize, divisor, l
     mixed = numpy.empty(_BLOCK, numpy.float32)
     total_weight = numpy.empty(_BLOCK, numpy.float32)
     taken = numpy.zeros((models, 2), numpy.int64)  # per model: ties kept, ties dropped so far
+    nan = False
     for start in range(0, base.size, _BLOCK):
         end = min(base.size, start + _BLOCK)
         for i in range(models):
             keep_i = (keep[i, 0], keep[i, 1], keep[i, 2])
             drop_i = (drop[i, 0], drop[i, 1], drop[i, 2])
-            _trim_weigh(base[start:end], xs[i][start:end], weight[i], keep_i, drop_i, taken[i], weighted[i])
+            nan |= _trim_weigh(base[start:end], xs[i][start:end], weight[i], keep_i, drop_i, taken[i], weighted[i])
         _combine(base[start:end], weighted, end - start, weight, consensus, normalize, divisor, lam, scale, summed, mixed, total_weight, out[start:end])
+    return nan
 
 
 def _bits(x: torch.Tensor) -> numpy.ndarray:
@@ -214,14 +222,18 @@ def trim_combine(
     normalize: bool,
     lambda_: float,
     out: torch.Tensor,
-) -> torch.Tensor:
+) -> bool:
     """``reference.task_combine(θ₀, [τ̂ᵢ], weight, ...)`` into ``out`` (float32, the chunk's
     size), τ̂ᵢ = τᵢ = θᵢ − θ₀ where |τᵢ| is in keep[i]'s selection and not in drop[i]'s,
     +0 elsewhere. A selection (c, t, n), from ``sparsify.ChunkedTopK.rule``, is the entries
-    whose |τᵢ| bits exceed c, and the first n in flat order whose bits equal t."""
+    whose |τᵢ| bits exceed c, and the first n in flat order whose bits equal t.
+
+    Returns False when some τᵢ is NaN (a NaN input, or ∞ − ∞): then ``out`` holds the right
+    values but maybe not torch's NaN bits (a difference of two NaNs is torch's base's here),
+    and the caller computes the chunk with torch ops instead."""
     w = torch.tensor(weight, dtype=torch.float32)
     divisor = numpy.float32(1.0 if consensus else float(linear_divisor(w)))
-    _trim_combine(
+    nan = _trim_combine(
         _bits(base),
         tuple(_bits(x) for x in tensors),
         w.numpy(),
@@ -234,4 +246,17 @@ def trim_combine(
         lambda_ != 1,
         out.reshape(-1).numpy(),
     )
-    return out
+    return not nan
+
+
+KEEP_ALL, DROP_NONE = (-1, -1, 0), (0x7FFFFFFF, -1, 0)
+"""The selections of ``trim_combine`` that keep every entry, and that drop none."""
+
+
+def task_merge(base: torch.Tensor, tensors: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor | None:
+    """``reference.task_merge`` without a keep rule, of bf16 tensors (``eligible``): every
+    task vector kept whole, in one loop. None where some τᵢ is NaN (``trim_combine``)."""
+    out = torch.empty(base.shape, dtype=torch.float32)
+    n = len(tensors)
+    flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
+    return out if trim_combine(base, tensors, weight, [KEEP_ALL] * n, [DROP_NONE] * n, **flags, out=out) else None

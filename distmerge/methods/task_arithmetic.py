@@ -151,9 +151,10 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
         if fused:  # every |τᵢ| finite: each selection's rule is known
             keep, drop = zip(*_rules(selections, base, tensors))
             out = torch.empty(end - start, dtype=torch.float32)
-            yield start, end, _loops().trim_combine(
-                base, tensors, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out
-            )
+            flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
+            if not _loops().trim_combine(base, tensors, weight, keep, drop, **flags, out=out):
+                raise AssertionError("a NaN task vector after statistics passes that found every |τ| finite")
+            yield start, end, out
             continue
         deltas = task_vectors(base.float(), [x.float() for x in tensors])
         trimmed = [delta if pair is None else pair[0].trim(delta, pair[1]) for pair, delta in zip(selections, deltas)]

@@ -154,7 +154,8 @@ def test_compiled_loops_in_a_chunked_merge_give_mergekits_bits(llama_family_f32,
 @pytest.mark.parametrize("method", ["task_arithmetic", "linear", "passthrough"])
 def test_bf16_chunks_as_stored_through_compiled_loops_are_the_whole_tensor_merge(llama_family, tmp_path, monkeypatch, method):
     """bf16 inputs handed to the element-wise kernels as stored (widened inside the compiled
-    loop) give the bytes of the whole-tensor merge on float32 copies (plain torch)."""
+    loop; task_arithmetic's in numba's, ``kernels.loops``, which come first) give the bytes of
+    the whole-tensor merge on float32 copies (plain torch)."""
     import filecmp
 
     from distmerge import tensor_merge

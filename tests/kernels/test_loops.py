@@ -105,9 +105,33 @@ def test_trim_combine_is_the_references_task_combine(data, n, models, consensus,
         delta = x.float() - base.float()
         deltas.append(reference.kept(selected(bits, keep[-1]) & ~selected(bits, drop[-1]), delta))
     out = torch.empty(n, dtype=torch.float32)
-    loops.trim_combine(base, xs, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
+    assert loops.trim_combine(base, xs, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
     expected = reference.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("consensus", [False, True])
+@pytest.mark.parametrize("nan", [False, True])
+def test_task_merge_of_bf16_tensors_runs_the_loop_with_the_references_bits(consensus, nan, monkeypatch):
+    """``kernels.task_merge`` without a keep rule (task_arithmetic) takes the loop for bf16
+    tensors; a NaN task vector sends it to the reference, whose NaN bits it then has."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(70001, generator=g).bfloat16()
+    xs = [(base.float() + 0.01 * torch.randn(70001, generator=g)).bfloat16() for _ in range(3)]
+    if nan:
+        xs[0][7] = base[7] = float("nan")
+        xs[1][9] = float("inf")
+    calls = []
+    task_merge = loops.task_merge
+    monkeypatch.setattr(loops, "task_merge", lambda *a, **k: calls.append(1) or task_merge(*a, **k))
+    flags = dict(consensus=consensus, normalize=True, lambda_=0.8)
+    merged = kernels.task_merge(base, xs, [0.5, -0.3, 0.9], **flags)
+    expected = reference.task_merge(base, xs, [0.5, -0.3, 0.9], **flags)
+    assert calls == [1] and torch.equal(merged.view(torch.int32), expected.view(torch.int32))
+    assert (task_merge(base, xs, [0.5, -0.3, 0.9], **flags) is None) == nan
+    never = kernels.KernelOptions(compile="never")
+    kernels.task_merge(base, xs, [0.5, -0.3, 0.9], **flags, options=never)
+    assert calls == [1]  # "never": no loop
 
 
 def test_only_bf16_cpu_chunks_are_eligible():
