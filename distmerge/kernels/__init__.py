@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import importlib
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -113,10 +114,14 @@ def triton_available() -> bool:
 
 @functools.cache
 def loops_available() -> bool:
-    """Whether ``import numba`` works here, for ``kernels.loops`` (checked once per process)."""
+    """Whether ``kernels.loops`` imports here (checked once per process): numba installed,
+    built for this numpy, and a place to cache its compiled loops (the package's
+    ``__pycache__`` or numba's cache directory: ``NUMBA_CACHE_DIR``)."""
     try:
-        importlib.import_module("numba")
-    except Exception:  # ImportError, or a numba built for another numpy failing at import time
+        importlib.import_module("distmerge.kernels.loops")
+    except Exception as e:  # ImportError, numba failing at import time, or no cache locator
+        if not isinstance(e, ImportError):
+            warnings.warn(f"distmerge: numba's loops unavailable ({type(e).__name__}: {str(e)[:200]}); merging with torch ops")
         return False
     return True
 

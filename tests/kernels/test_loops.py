@@ -229,3 +229,23 @@ def test_three_selections_of_one_score_gather_what_torch_gathers():
             top.finish()
         ways.append([(int(top.threshold.view(torch.int32)), top._ties_left) for top in tops])
     assert ways[0] == ways[1] and len({t for t, _ in ways[0]}) == 3
+
+
+def test_where_the_loops_do_not_import_the_torch_ops_run(monkeypatch):
+    """No numba (or no place to cache its loops): the same merge on torch ops, said in the report's path."""
+    import sys
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(SHAPE, generator=g).bfloat16()
+    fine = [(base.float() + 0.01 * torch.randn(SHAPE, generator=g)).bfloat16() for _ in range(2)]
+    params = {"weight": [0.6, 0.5], "density": [0.4, 0.7]}
+    with_loops = chunked("ties", base, fine, params, None)
+    monkeypatch.setitem(sys.modules, "distmerge.kernels.loops", None)  # import fails
+    kernels.loops_available.cache_clear()
+    try:
+        assert not kernels.use_loops(None)
+        assert kernels.path("task_merge/band", "cpu", consensus=True) == "torch"
+        without = chunked("ties", base, fine, params, None)
+    finally:
+        kernels.loops_available.cache_clear()
+    assert torch.equal(with_loops.view(torch.int32), without.view(torch.int32))
