@@ -115,6 +115,16 @@ def _trim_weigh(base, x, w, keep, drop, taken, out):
     return nan
 
 
+@numba.njit(inline="always")
+def _total(weighted, n, out):
+    """out[j] = Σᵢ weighted[i, j] for j < n, added in order from the first row (``reference.total``)."""
+    out[:n] = weighted[0, :n]
+    for i in range(1, weighted.shape[0]):
+        row = weighted[i]
+        for j in range(n):
+            out[j] = out[j] + row[j]
+
+
 @numba.njit(**_JIT)
 def _combine(base, weighted, n, weight, consensus, normalize, divisor, lam, scale, summed, mixed, total_weight, out):
     """``reference.task_combine`` of the first n entries of one block's weighted task vectors
@@ -123,15 +133,9 @@ def _combine(base, weighted, n, weight, consensus, normalize, divisor, lam, scal
     zero, one = numpy.float32(0.0), numpy.float32(1.0)
     models = weighted.shape[0]
     if consensus:  # reference.disjoint_sum: γ = sgn Σᵢ wᵢτᵢ, then the agreeing ones
-        first = weighted[0]
-        for j in range(n):
-            summed[j] = first[j]
-            mixed[j] = zero
-            total_weight[j] = zero
-        for i in range(1, models):
-            row = weighted[i]
-            for j in range(n):
-                summed[j] = summed[j] + row[j]
+        _total(weighted, n, summed)
+        mixed[:n] = zero
+        total_weight[:n] = zero
         for i in range(models):
             row, w = weighted[i], weight[i]
             for j in range(n):
@@ -144,14 +148,8 @@ def _combine(base, weighted, n, weight, consensus, normalize, divisor, lam, scal
             if total_weight[j] == zero:
                 total_weight[j] = one
     else:  # reference.total, then the linear divisor given
-        first = weighted[0]
-        for j in range(n):
-            mixed[j] = first[j]
-            total_weight[j] = divisor
-        for i in range(1, models):
-            row = weighted[i]
-            for j in range(n):
-                mixed[j] = mixed[j] + row[j]
+        _total(weighted, n, mixed)
+        total_weight[:n] = divisor
     for j in range(n):
         m = mixed[j]
         if normalize:

@@ -550,9 +550,9 @@ class ChunkedTopK:
         dropped = NO_DROP if drop is None else drop.rule(bits.numel(), count_ties)
         if keep is None or dropped is None or keep[2] or dropped[2]:  # the general way, for this chunk
             score = delta.abs()
-            kept = self.mask(score) if keep is None else _selected(bits, keep)
+            kept = self.mask(score) if keep is None else rule_mask(bits, keep)
             if drop is not None:
-                kept &= ~(drop.mask(score) if dropped is None else _selected(bits, dropped))
+                kept &= ~(drop.mask(score) if dropped is None else rule_mask(bits, dropped))
             return delta.masked_fill_(~kept, 0.0)
         # Plain cuts (no ties to count), on the bit patterns: (c − bits) >> 31 is all ones where
         # bits > c, else 0, and δ & that is δ or +0 — four int32 ops instead of float compares
@@ -568,7 +568,7 @@ class ChunkedTopK:
         return delta
 
 
-def _selected(bits: torch.Tensor, rule: tuple[int, int, int]) -> torch.Tensor:
+def rule_mask(bits: torch.Tensor, rule: tuple[int, int, int]) -> torch.Tensor:
     """The bool mask of a ``ChunkedTopK.rule`` (c, t, n) over a chunk's |δ| bits."""
     above, tie, taken = rule
     selected = bits > above

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from distmerge import kernels
 from distmerge.kernels import loops, reference
 from distmerge.methods import get
-from distmerge.methods.sparsify import NO_DROP, NONE_KEPT
+from distmerge.methods.sparsify import NO_DROP, NONE_KEPT, rule_mask
 
 MAGNITUDE = 0x7FFFFFFF
 
@@ -72,16 +72,6 @@ def rules(data, bits: torch.Tensor):
     return (value, value, data.draw(st.integers(1, int((bits == value).sum()))))
 
 
-def selected(bits: torch.Tensor, rule) -> torch.Tensor:
-    above, tie, taken = rule
-    keep = bits > above
-    if taken:
-        ties = bits == tie
-        ties[int(ties.nonzero()[taken - 1]) + 1 :] = False
-        keep |= ties
-    return keep
-
-
 @settings(max_examples=80, deadline=None)
 @given(st.data(), st.integers(1, 3000), st.integers(1, 4), st.booleans(), st.booleans())
 def test_trim_combine_is_the_references_task_combine(data, n, models, consensus, normalize):
@@ -103,7 +93,7 @@ def test_trim_combine_is_the_references_task_combine(data, n, models, consensus,
         keep.append(rules(data, bits))
         drop.append(data.draw(st.sampled_from([NO_DROP, rules(data, bits)])))
         delta = x.float() - base.float()
-        deltas.append(reference.kept(selected(bits, keep[-1]) & ~selected(bits, drop[-1]), delta))
+        deltas.append(reference.kept(rule_mask(bits, keep[-1]) & ~rule_mask(bits, drop[-1]), delta))
     out = torch.empty(n, dtype=torch.float32)
     assert loops.trim_combine(base, xs, weight, keep, drop, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
     expected = reference.task_combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
