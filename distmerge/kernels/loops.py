@@ -16,13 +16,15 @@ the stored bf16 values once:
 The arithmetic is ``kernels.reference``'s, operation for operation, in float32 (widening a
 bf16 value is exact: its 16 bits become the high half of a float32; numba compiles without
 fast-math, so nothing is reassociated or fused), and the results are its bits:
-tests/kernels/test_loops.py compares them on arbitrary bit patterns, NaN and Inf included.
-Measured here, one thread, 256K-element chunks of two bf16 models: pass 1 about 1.2 ns an
-element against 2.5 for the torch ops (README, "Performance").
+tests/kernels/test_loops.py compares them on arbitrary finite bit patterns. Not which NaN
+a difference of two NaNs is (torch's is the base's here, these loops' the model's): a tensor
+with a NaN or infinite |τᵢ| is left to torch ops (``trim_combine`` reports it). Measured
+here, one thread, 256K-element chunks of two bf16 models: pass 1 about 1.0–1.2 ns an entry a
+model, against about 2.5 for the torch ops in ties' profile (README, "Performance", run 17).
 
 Compiled on first use and cached on disk by numba (``cache=True``: the package's
 ``__pycache__``, or numba's cache directory where that is not writable), so a process
-pays about 0.1 s to load them. Only bf16 inputs take these loops (a chunked merge checks
+pays about 0.5 s to load them (0.1 GB of LLVM). Only bf16 inputs take these loops (a chunked merge checks
 ``eligible``); float16 and float32 inputs, and runs with ``KernelOptions.compile="never"``,
 keep the torch ops. Each function takes 1-D numpy views of the stored bits (uint16) and
 releases the GIL.
