@@ -307,6 +307,9 @@ def _cli_child(argv: list[str], env: dict[str, str], cwd: str, stdin: str, stdou
         os.dup2(opened, fd)
         os.close(opened)
     sys.stdin = open(0, closefd=False)  # multiprocessing gave the child /dev/null
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (numba, torch) leaves its Python stack in stderr
     sys.argv = [str(REPO_ROOT / "distmerge" / "cli.py"), *argv]
     from distmerge.cli import main
 

@@ -105,7 +105,7 @@ def skill_merge(tmp_path_factory):
         path = root / f"{name}.yml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         proc = run_cli("run", path, out, "--quiet", "--device", "cpu", *args, cwd=cwd)
-        assert proc.returncode == 0, f"distmerge run {name} failed:\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, f"distmerge run {name} failed (exit code {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         with lock:
             done[name] = out
         return out

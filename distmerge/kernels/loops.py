@@ -32,6 +32,10 @@ releases the GIL.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+
 import numba
 import numpy
 import torch
@@ -180,6 +184,30 @@ def _trim_combine(base, xs, weight, keep, drop, consensus, normalize, divisor, l
     return nan
 
 
+_LOADED: set[tuple[str, int]] = set()
+"""(loop, number of models) compiled or loaded from the cache by this process: every call
+passes the same array and scalar types but for the number of models."""
+
+
+@contextlib.contextmanager
+def _first_call(loop, models: int):
+    """The first call of ``loop`` for ``models`` models in this process, under an exclusive
+    lock on numba's cache directory. numba's cache is an index file that a process compiling
+    a new signature reads, extends and writes back; two processes doing that at once (ranks,
+    or a test suite's workers, on a cold cache) can give two signatures one data file
+    (``numba.core.caching.IndexDataCacheFile.save``), which a third process then loads as
+    the machine code of the other signature: a crash without a traceback. Under the lock the
+    second process finds the first's entry and loads it."""
+    key = (loop.py_func.__name__, models)
+    if key in _LOADED:
+        yield
+        return
+    with open(os.path.join(loop._cache.cache_path, "distmerge-loops.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
+    _LOADED.add(key)
+
+
 def _bits(x: torch.Tensor) -> numpy.ndarray:
     return x.reshape(-1).view(torch.int16).numpy().view(numpy.uint16)
 
@@ -194,7 +222,8 @@ def eligible(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> bool:
 def magnitude_histograms(base: torch.Tensor, tensors: list[torch.Tensor], hist: torch.Tensor) -> None:
     """hist[i, h] += how many entries have h = the high 16 bits of |tensors[i] − base|'s
     float32 bits (``hist``: int64, one row of 2¹⁵ counters per tensor; the chunks bf16)."""
-    _histogram(_bits(base), tuple(_bits(x) for x in tensors), hist.numpy())
+    with _first_call(_histogram, len(tensors)):
+        _histogram(_bits(base), tuple(_bits(x) for x in tensors), hist.numpy())
 
 
 def magnitude_selects(base: torch.Tensor, tensors: list[torch.Tensor], buckets: list[tuple[int, int]], out: torch.Tensor) -> list[torch.Tensor]:
@@ -202,13 +231,15 @@ def magnitude_selects(base: torch.Tensor, tensors: list[torch.Tensor], buckets: 
     bits are buckets[i][0] or buckets[i][1], in flat order: views of the rows of ``out``
     (int32, one row per tensor at least as long as the chunk)."""
     kept = numpy.zeros(len(tensors), dtype=numpy.int64)
-    _select(_bits(base), tuple(_bits(x) for x in tensors), numpy.asarray(buckets, dtype=numpy.int32).reshape(-1, 2), out.numpy(), kept)
+    with _first_call(_select, len(tensors)):
+        _select(_bits(base), tuple(_bits(x) for x in tensors), numpy.asarray(buckets, dtype=numpy.int32).reshape(-1, 2), out.numpy(), kept)
     return [row[:count] for row, count in zip(out, kept.tolist())]
 
 
 def count_magnitude(base: torch.Tensor, x: torch.Tensor, bits: int) -> int:
     """How many entries have |x − base|'s float32 bits equal to ``bits``."""
-    return int(_count(_bits(base), _bits(x), numpy.int32(bits)))
+    with _first_call(_count, 1):
+        return int(_count(_bits(base), _bits(x), numpy.int32(bits)))
 
 
 def trim_combine(
@@ -233,19 +264,20 @@ def trim_combine(
     and the caller computes the chunk with torch ops instead."""
     w = torch.tensor(weight, dtype=torch.float32)
     divisor = numpy.float32(1.0 if consensus else float(linear_divisor(w)))
-    nan = _trim_combine(
-        _bits(base),
-        tuple(_bits(x) for x in tensors),
-        w.numpy(),
-        numpy.asarray(keep, dtype=numpy.int64).reshape(-1, 3),
-        numpy.asarray(drop, dtype=numpy.int64).reshape(-1, 3),
-        bool(consensus),
-        bool(normalize),
-        divisor,
-        numpy.float32(lambda_),
-        lambda_ != 1,
-        out.reshape(-1).numpy(),
-    )
+    with _first_call(_trim_combine, len(tensors)):
+        nan = _trim_combine(
+            _bits(base),
+            tuple(_bits(x) for x in tensors),
+            w.numpy(),
+            numpy.asarray(keep, dtype=numpy.int64).reshape(-1, 3),
+            numpy.asarray(drop, dtype=numpy.int64).reshape(-1, 3),
+            bool(consensus),
+            bool(normalize),
+            divisor,
+            numpy.float32(lambda_),
+            lambda_ != 1,
+            out.reshape(-1).numpy(),
+        )
     return not nan
 
 

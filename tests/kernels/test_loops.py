@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 
 import pytest
 import torch
@@ -239,3 +240,22 @@ def test_where_the_loops_do_not_import_the_torch_ops_run(monkeypatch):
     finally:
         kernels.loops_available.cache_clear()
     assert torch.equal(with_loops.view(torch.int32), without.view(torch.int32))
+
+
+def test_first_call_of_each_signature_holds_the_cache_lock(monkeypatch):
+    """numba's on-disk cache index is read, extended and written back by whichever process
+    compiles a new signature; the first call for each number of models takes an exclusive
+    lock on the cache directory (two processes at once could otherwise give two signatures
+    one data file), later calls take none."""
+    import fcntl
+
+    locked = []
+    monkeypatch.setattr(loops, "_LOADED", set())
+    monkeypatch.setattr(fcntl, "flock", lambda f, op: locked.append((os.path.basename(f.name), op)))
+    base = torch.zeros(10, dtype=torch.bfloat16)
+    hist = torch.zeros(3, 1 << 15, dtype=torch.int64)
+    loops.magnitude_histograms(base, [base, base], hist[:2])
+    loops.magnitude_histograms(base, [base, base], hist[:2])
+    assert locked == [("distmerge-loops.lock", fcntl.LOCK_EX)]
+    loops.magnitude_histograms(base, [base, base, base], hist)  # a new signature: 3 models
+    assert len(locked) == 2 and int(hist.sum()) == 70
