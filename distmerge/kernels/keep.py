@@ -39,6 +39,11 @@ class Top:
 ALL = Top(-math.inf, CUT_ALL)
 NONE = Top(math.inf, CUT_NONE)
 
+SELECT_ALL, SELECT_NONE = (-1, -1, 0), ((1 << 31) - 1, -1, 0)
+"""Selections of a chunk's entries by the bits of their |τ| as (c, t, n): the entries whose
+bits exceed c, and the first n in flat order whose bits equal t (``sparsify.ChunkedTopK.rule``,
+``loops.trim_combine``). These take every entry, and none (no bit pattern exceeds 2³¹ − 1)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Band:

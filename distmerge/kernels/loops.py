@@ -40,6 +40,7 @@ import numba
 import numpy
 import torch
 
+from distmerge.kernels.keep import SELECT_ALL, SELECT_NONE
 from distmerge.kernels.reference import linear_divisor
 
 _JIT = dict(nogil=True, cache=True, error_model="numpy")
@@ -281,14 +282,10 @@ def trim_combine(
     return not nan
 
 
-KEEP_ALL, DROP_NONE = (-1, -1, 0), (0x7FFFFFFF, -1, 0)
-"""The selections of ``trim_combine`` that keep every entry, and that drop none."""
-
-
 def task_merge(base: torch.Tensor, tensors: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor | None:
     """``reference.task_merge`` without a keep rule, of bf16 tensors (``eligible``): every
     task vector kept whole, in one loop. None where some τᵢ is NaN (``trim_combine``)."""
     out = torch.empty(base.shape, dtype=torch.float32)
     n = len(tensors)
     flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
-    return out if trim_combine(base, tensors, weight, [KEEP_ALL] * n, [DROP_NONE] * n, **flags, out=out) else None
+    return out if trim_combine(base, tensors, weight, [SELECT_ALL] * n, [SELECT_NONE] * n, **flags, out=out) else None

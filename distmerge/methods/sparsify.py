@@ -309,10 +309,10 @@ class SharedTopK:
         return top
 
 
-NONE_KEPT = (1 << 31) - 1
-"""A cut no |δ| bit pattern exceeds (see ``ChunkedTopK.rule``)."""
-NO_DROP = (NONE_KEPT, -1, 0)
+NO_DROP = kernels.keep.SELECT_NONE
 """The ``ChunkedTopK.rule`` of a selection that keeps nothing: no entry dropped by it."""
+NONE_KEPT = NO_DROP[0]
+"""A cut no |δ| bit pattern exceeds."""
 
 
 def _magnitude_bits(values: torch.Tensor) -> torch.Tensor:
@@ -521,7 +521,7 @@ class ChunkedTopK:
         counts the chunk's entries with bits t (called only when the statistics passes did
         not keep that count)."""
         if self.trivial:
-            return (-1 if self.k > 0 else NONE_KEPT), -1, 0
+            return kernels.keep.SELECT_ALL if self.k > 0 else NO_DROP
         if not self._finite:
             return None
         if self._ties_left == 0:

@@ -196,7 +196,7 @@ def _rules(selections, base, tensors) -> list[tuple]:
     rules = []
     for pair, x in zip(selections, tensors):
         if pair is None:
-            rules.append(((-1, -1, 0), sparsify.NO_DROP))
+            rules.append((kernels.keep.SELECT_ALL, sparsify.NO_DROP))
             continue
 
         def count_ties(bits: int, x=x) -> int:
