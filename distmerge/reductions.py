@@ -35,7 +35,7 @@ import functools
 import numpy
 import torch
 
-from distmerge import threads
+from distmerge import kernels, threads
 
 __all__ = ["Buffered", "Sum", "lanes", "total"]
 
@@ -50,35 +50,29 @@ def _ceil_log2(x: int) -> int:
     return 1 if x <= 2 else (x - 1).bit_length()
 
 
-class _Level:
-    """One level of the cascade above level 0: the running sum of its current group of ``size``
-    vectors; ``feed`` passes on each finished group's sum (started from +0, added in order)."""
-
-    def __init__(self, size: int, width: int):
-        self.size = size
-        self.acc = numpy.zeros(width, _F32)
-        self.count = 0
-
-    def feed(self, vectors: numpy.ndarray) -> numpy.ndarray:
-        finished = []
-        if self.count:
-            take = min(self.size - self.count, len(vectors))
-            for row in vectors[:take]:
-                self.acc += row
-            self.count += take
-            vectors = vectors[take:]
-            if self.count < self.size:
-                return vectors[:0]
-            finished.append(self.acc[None].copy())
-            self.acc[:] = 0
-            self.count = 0
-        groups = len(vectors) // self.size
-        if groups:
-            finished.append(_group_sums(vectors[: groups * self.size].reshape(groups, self.size, -1)))
-        for row in vectors[groups * self.size :]:
-            self.acc += row
-            self.count += 1
-        return numpy.concatenate(finished) if finished else vectors[:0]
+def _feed(vectors: numpy.ndarray, size: int, acc: numpy.ndarray, counts: numpy.ndarray, level: int) -> numpy.ndarray:
+    """Vectors into one level of the cascade above level 0: ``acc`` is the running sum of its
+    current group of ``size`` vectors (counts[level] of them so far); returns the sums of the
+    groups these vectors finish (each started from +0, added in order), to pass on."""
+    finished = []
+    if counts[level]:
+        take = min(size - int(counts[level]), len(vectors))
+        for row in vectors[:take]:
+            acc += row
+        counts[level] += take
+        vectors = vectors[take:]
+        if counts[level] < size:
+            return vectors[:0]
+        finished.append(acc[None].copy())
+        acc[:] = 0
+        counts[level] = 0
+    groups = len(vectors) // size
+    if groups:
+        finished.append(_group_sums(vectors[: groups * size].reshape(groups, size, -1)))
+    for row in vectors[groups * size :]:
+        acc += row
+        counts[level] += 1
+    return numpy.concatenate(finished) if finished else vectors[:0]
 
 
 def _group_sums(grouped: numpy.ndarray) -> numpy.ndarray:
@@ -99,8 +93,8 @@ class Sum:
         self.rows = numel // self.row
         self.step = 1 << max(4, _ceil_log2(self.rows) // _LEVELS)  # rows per level-0 block
         self.block = self.step * self.row
-        self.levels = [_Level(self.step, self.row) for _ in range(_LEVELS - 2)]  # levels 1 and 2
-        self.top = numpy.zeros(self.row, _F32)  # level 3: never passed on
+        self.partial = numpy.zeros((_LEVELS - 1, self.row), _F32)  # levels 1, 2 and 3 (which never passes on)
+        self.counts = numpy.zeros(_LEVELS - 2, numpy.int64)  # vectors in the current group of levels 1 and 2
         self.pending = numpy.empty(self.block, _F32)  # the start of a block not yet whole
         self.filled = 0
         self.seen = 0
@@ -128,6 +122,13 @@ class Sum:
         self.filled = rest.size
 
     def _blocks(self, blocks: torch.Tensor) -> None:
+        """Whole blocks (blocks, step, row) through the cascade: numba's loop
+        (``kernels.loops.cascade``), or torch's sums for level 0 and numpy for the others."""
+        if kernels.loops_available():
+            from distmerge.kernels import loops  # imported on first use: it needs numba
+
+            loops.cascade(blocks, self.partial, self.counts)
+            return
         # Level 0: each block's rows added lane by lane in order from +0. torch's own sum over
         # 16 rows does exactly that (its cascade starts after 16: a block is at least 16 rows);
         # the rows past 16 of larger blocks are added one after the other.
@@ -135,10 +136,10 @@ class Sum:
         for i in range(16, self.step):
             sums += blocks[:, i]
         sums = sums.numpy()
-        for level in self.levels:
-            sums = level.feed(sums)
+        for level in range(_LEVELS - 2):
+            sums = _feed(sums, self.step, self.partial[level], self.counts, level)
         for row in sums:
-            self.top += row
+            self.partial[-1] += row
 
     @numpy.errstate(all="ignore")
     def result(self) -> torch.Tensor:
@@ -148,9 +149,8 @@ class Sum:
         tail = self.pending[: self.filled]
         rows = tail.size // self.row  # the rows after the last whole block (fewer than a block's)
         acc = _group_sums(tail[: rows * self.row].reshape(1, rows, self.row))[0]
-        for level in self.levels:
-            acc += level.acc
-        acc += self.top
+        for level in self.partial:
+            acc += level
         w = self.width
         vectors = acc.reshape(_ILP, w)
         first = vectors[0].copy()

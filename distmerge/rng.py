@@ -166,7 +166,7 @@ def _to_uniform(folded: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _below(p: float) -> int:
+def count_below(p: float) -> int:
     """The number of folded words y in [0, 2**31) whose uniform float32(y)·scale is below the
     float32 probability p. That float is non-decreasing in y, so u < p exactly when y < this
     count: a Bernoulli draw with one probability compares integers (found by bisection, once
@@ -237,7 +237,7 @@ def bernoulli_keep(
     else:
         probs = torch.tensor(p, dtype=torch.float32, device=device)
     _check_key(seed)
-    below = _below(float(probs)) if probs.dim() == 0 else None
+    below = count_below(float(probs)) if probs.dim() == 0 else None
     if below is not None and below > _MAX_FOLDED:  # p above every uniform
         return torch.ones(shape, dtype=torch.bool, device=device)
     keep = torch.empty(numel, dtype=torch.bool, device=device)

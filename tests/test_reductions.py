@@ -89,3 +89,20 @@ def test_a_wrong_count_of_elements_is_an_error():
         acc.result()
     with pytest.raises(ValueError, match="more than the 10"):
         acc.add(torch.ones(5))
+
+
+@pytest.mark.parametrize("n", [40_000, (1 << 21) + 12_345])
+def test_the_cascade_is_the_same_with_or_without_numbas_loop(n, monkeypatch):
+    """The cascade as numba's loop and as torch's and numpy's sums: torch's bits both ways
+    (−0s and Inf included, every level on the larger size), so a process without the loops
+    streams the same sums."""
+    x = _spread(n, 5)
+    x[:5000] = -0.0
+    x[-7] = float("inf")
+    cuts = [1000, 30_000, n // 2]
+    fused = _streamed(x, cuts)
+    monkeypatch.setattr(reductions.kernels, "loops_available", lambda: False)
+    assert _same_bits(_streamed(x, cuts), fused) and _same_bits(fused, _torch_sum(x))
+    x[-7] = 1.0
+    assert _same_bits(_streamed(x, cuts), _torch_sum(x))
+    assert _same_bits(_streamed(-torch.zeros(5000), [77]), _torch_sum(-torch.zeros(5000)))

@@ -165,7 +165,7 @@ def test_one_probability_compares_integers_with_the_same_result(p):
     p = float(u[123]) if p == "a draw" else p  # a p that some element equals exactly
     p32 = torch.tensor(p, dtype=torch.float32)
     assert torch.equal(rng.bernoulli_keep(11, (50_000,), p), u < p32)
-    t = rng._below(float(p32))
+    t = rng.count_below(float(p32))
     f = lambda y: torch.tensor(y, dtype=torch.float32) * torch.tensor(rng._UNIFORM_SCALE, dtype=torch.float32)  # noqa: E731
     assert (t == 0 or f(t - 1) < p32) and (t == 2**31 or f(t) >= p32)
 

@@ -127,7 +127,7 @@ def loops_available() -> bool:
 
 
 def use_loops(options: KernelOptions | None) -> bool:
-    """Whether the TIES family's chunked passes over bf16 inputs run as ``kernels.loops``: when
+    """Whether the task-arithmetic family's chunked passes over bf16 inputs run as ``kernels.loops``: when
     numba imports, unless compiled code is off (``KernelOptions.compile`` "never")."""
     return (options or DEFAULT).compile != "never" and loops_available()
 
@@ -148,8 +148,8 @@ def kernel_name(keep: Keep | None) -> str:
 def path(kernel: str, device: str, options: KernelOptions | None = None, consensus: bool = False) -> str:
     """Which implementation runs ``kernel`` for a large tensor on ``device`` under ``options``:
     "triton", "compiled" or "torch" (the references), and on CPU numba's ``loops`` for
-    ``task_merge`` without a keep rule and the top-k family's chunked passes where the inputs
-    are bf16 — what the run report names."""
+    ``task_merge`` without a keep rule and the task-arithmetic family's chunked passes (top-k,
+    DARE's and DELLA's drops) where the inputs are bf16 — what the run report names."""
     options = options or DEFAULT
     if device.startswith("cuda"):
         return "triton" if options.triton and triton_available() and kernel not in options.disabled else "torch"
@@ -157,7 +157,7 @@ def path(kernel: str, device: str, options: KernelOptions | None = None, consens
         return "torch"
     large = torch.empty(compiled.MIN_ELEMENTS, device="meta")
     other = "compiled" if compiled.enabled(large, options, consensus) else "torch"
-    if kernel in ("task_merge", "task_merge/band") and use_loops(options):  # and the top-k family's chunked passes
+    if kernel.startswith("task_merge") and use_loops(options):  # and the family's chunked passes
         return f"loops for bf16 inputs, else {other}"
     return other
 

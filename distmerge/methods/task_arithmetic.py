@@ -270,33 +270,73 @@ class Bits:
         return torch.from_numpy(bits[offset : offset + where.stop - where.start]).view(torch.bool)
 
 
+@dataclass(frozen=True, slots=True)
+class MagPrune:
+    """DELLA's keep mask of chunks of whole rows of ``columns`` entries (``sparsify.magprune``
+    row by row): from a chunk's task vector in torch ops (``mask``), or from its stored bf16
+    chunks in one loop (``loop``, ``kernels.loops.magprune``). The same draws either way."""
+
+    density: float
+    epsilon: float
+    seed: int
+    columns: int
+
+    def mask(self, start: int, delta: torch.Tensor) -> torch.Tensor:
+        if self.density <= 0:
+            return torch.zeros(delta.numel(), dtype=torch.bool)
+        probs = sparsify.della_probabilities(delta.view(-1, self.columns), self.density, self.epsilon)
+        return rng.bernoulli_keep(self.seed, probs.shape, probs, offset=start).view(-1)
+
+    def loop(self, start: int, base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, *sums) -> bool:
+        """``mask`` into ``keep`` (and |τ|, |τ ⊙ m| into ``sums``); False where the loop does not
+        apply (a NaN |τ|, one column, density ≤ 0): then use ``mask``."""
+        if self.density <= 0 or self.columns == 1:
+            return False
+        return _loops().magprune(base, x, self.columns, self.density, self.epsilon, self.seed, start, keep, *sums)
+
+
 def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, normalize, lambda_, options):
     """``merge`` with random-drop sparsifiers (DARE, DELLA), for a tensor read in chunks: the same bits.
 
     ``draws[i]`` is None (τᵢ kept whole), τᵢ's whole keep mask (drawn already: DARE's
-    depends on nothing but the element indices), or ``keep(start, end, τ)``: the keep mask of
-    the chunk [start, end) of τᵢ (DELLA's depends on τᵢ's ranks; a draw depends only on
-    element indices, so a mask does not depend on chunking). Per model, reading only the base
-    and that model, pass 1 draws the masks chunk by chunk and, with ``rescale``, adds up
-    |τᵢ ⊙ mᵢ| and |τᵢ| as it goes (``reductions.total``): ``kernels.reference.masked``'s
-    whole-tensor L1 norms, the same bits. The last pass drops, rescales and combines chunk by
-    chunk. Memory: one keep mask per model, a bit an element (``Bits``).
+    depends on nothing but the element indices), or a ``MagPrune`` (DELLA's depends on τᵢ's
+    ranks; a draw depends only on element indices, so a mask does not depend on chunking).
+    Per model, reading only the base and that model, pass 1 draws the masks chunk by chunk and,
+    with ``rescale``, adds up |τᵢ ⊙ mᵢ| and |τᵢ| as it goes (``reductions.total``):
+    ``kernels.reference.masked``'s whole-tensor L1 norms, the same bits. The last pass drops,
+    rescales and combines chunk by chunk. Over bf16 inputs each pass is one loop over the
+    stored values (``kernels.loops``, when ``kernels.use_loops``), except for chunks where
+    some τᵢ is NaN. Memory: one keep mask per model, a bit an element (``Bits``).
     """
+    fused = kernels.use_loops(options)
+    longest = max((end - start for start, end in ranges), default=0)
     drops = []  # per model: None (τᵢ kept whole) or (keep mask, rescale factor or None)
     for i, draw in enumerate(draws):
         if draw is None:
             drops.append(None)
             continue
         keep = draw if isinstance(draw, Bits) else Bits(numel)
+        sums = (torch.empty(longest), torch.empty(longest)) if rescale and fused else ()
         if rescale:
             after, before = reductions.total(numel), reductions.total(numel)
         if rescale or keep is not draw:
             with threads.every():  # element-wise (and draws that depend only on indices)
                 for start, end in ranges:
-                    base, (x,) = read(start, end, models=(i,))
-                    delta = x - base
+                    base, (x,) = read(start, end, models=(i,), stored=True)
+                    n = end - start
+                    if fused and loops_eligible(base, [x]):
+                        mask = keep[start:end] if keep is draw else torch.empty(n, dtype=torch.bool)
+                        mine = tuple(t[:n] for t in sums)
+                        if draw.loop(start, base, x, mask, *mine) if keep is not draw else _loops().masked_magnitudes(base, x, mask, *mine):
+                            if keep is not draw:
+                                keep[start:end] = mask
+                            if rescale:
+                                before.add(mine[0])
+                                after.add(mine[1])
+                            continue
+                    delta = x.float() - base.float()
                     if keep is not draw:
-                        keep[start:end] = draw(start, end, delta)
+                        keep[start:end] = draw.mask(start, delta)
                     if rescale:
                         after.add(kept(keep[start:end], delta).abs_())  # |τᵢ| where kept, +0 elsewhere
                         before.add(delta.abs_())
@@ -306,32 +346,48 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
             if before >= RESCALE_EPS and after >= RESCALE_EPS:
                 factor = before / after
         drops.append((keep, factor))
+    flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     for start, end in ranges:
         with threads.every():  # element-wise
-            base, tensors = read(start, end)
+            base, tensors = read(start, end, stored=True)
+            if fused and loops_eligible(base, tensors):
+                keeps = [None if drop is None else drop[0][start:end] for drop in drops]
+                factors = [None if drop is None else drop[1] for drop in drops]
+                out = torch.empty(end - start)
+                if _loops().masked_combine(base, tensors, keeps, factors, weight, **flags, out=out):
+                    yield start, end, out
+                    continue
+            base = base.float()
             deltas = []
-            for drop, delta in zip(drops, task_vectors(base, tensors)):
+            for drop, delta in zip(drops, task_vectors(base, [x.float() for x in tensors])):
                 if drop is not None:
                     keep, factor = drop
                     delta = kept(keep[start:end], delta)
                     if factor is not None:
                         delta = delta * factor
                 deltas.append(delta)
-            merged = combine(base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options)
+            merged = combine(base, deltas, weight, **flags, options=options)
         yield start, end, merged
 
 
 def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
     """DARE's drop for a tensor read in flat chunks (``_dropped_chunked``): element i of τᵢ
-    keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``. Each mask is drawn whole first, on every
-    thread the process was given (``rng.bernoulli_keep``), while torch's own threads are idle,
-    DRAW_ELEMENTS at a time."""
+    keeps when ``rng.uniform(seedᵢ)[i] < densityᵢ``. Each mask is drawn whole first,
+    DRAW_ELEMENTS at a time: by ``kernels.loops.bernoulli_keep`` (``kernels.use_loops``), or
+    on every thread the process was given (``rng.bernoulli_keep``), while torch's own
+    threads are idle."""
     numel = math.prod(shape)
+    fused = kernels.use_loops(options)
 
     def drawn(seed: int, d: float) -> Bits:
         keep = Bits(numel)
         for start, end in chunk_ranges(numel, DRAW_ELEMENTS):
-            keep[start:end] = rng.bernoulli_keep(seed, (end - start,), d, offset=start)
+            if fused:
+                mask = torch.empty(end - start, dtype=torch.bool)
+                _loops().bernoulli_keep(seed, start, d, mask)
+            else:
+                mask = rng.bernoulli_keep(seed, (end - start,), d, offset=start)
+            keep[start:end] = mask
         return keep
 
     draws = [None if d >= 1 else drawn(seed, d) for d, seed in zip(density, seeds)]
@@ -351,26 +407,18 @@ def _magprune_chunked(
         return None
     rows, columns = shape
     block = max(1, chunk // columns) * columns
-    numel = rows * columns
 
-    def drop(i: int):
+    def drop(i: int) -> MagPrune | None:
         d, eps = density[i], epsilon[i]
         if d >= 1:
             return None
         if d > 0:
             sparsify.check_della(d, eps)
-
-        def keep(start: int, end: int, delta: torch.Tensor) -> torch.Tensor:
-            if d <= 0:
-                return torch.zeros(end - start, dtype=torch.bool)
-            probs = sparsify.della_probabilities(delta.view(-1, columns), d, eps)
-            return rng.bernoulli_keep(seeds[i], probs.shape, probs, offset=start).view(-1)
-
-        return keep
+        return MagPrune(d, eps, seeds[i], columns)
 
     draws = [drop(i) for i in range(len(density))]
     return _dropped_chunked(
-        read, chunk_ranges(numel, block), numel, draws, weight,
+        read, chunk_ranges(rows * columns, block), rows * columns, draws, weight,
         rescale=rescale, consensus=consensus, normalize=normalize, lambda_=lambda_, options=options,
     )  # fmt: skip
 

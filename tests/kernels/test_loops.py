@@ -142,9 +142,10 @@ SHAPE, CHUNK = (300, 1000), 1 << 14
 def chunked(name: str, base, fine, params: dict, options) -> torch.Tensor:
     """The method's chunked merge of the whole tensor, read as ``TensorInputs.read_range`` reads."""
 
-    def read(i, j, stored=False):
+    def read(i, j, models=None, stored=False):
         how = (lambda x: x) if stored else torch.Tensor.float
-        return how(base.view(-1)[i:j]), [how(x.view(-1)[i:j]) for x in fine]
+        chosen = fine if models is None else [fine[k] for k in models]
+        return how(base.view(-1)[i:j]), [how(x.view(-1)[i:j]) for x in chosen]
 
     out = torch.empty(base.numel())
     for i, j, value in get(name).chunked(read, SHAPE, CHUNK, **params, options=options):

@@ -85,6 +85,7 @@ def test_cpu_paths_follow_the_compile_option():
     assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=False) == "torch"
     assert kernels.path("task_merge/band", "cpu", auto, consensus=True) == "loops for bf16 inputs, else torch"
     assert kernels.path("task_merge/band", "cpu", never, consensus=True) == "torch"
+    assert kernels.path("task_merge/draw", "cpu", auto) == kernels.path("task_merge/mask", "cpu", auto) == "loops for bf16 inputs, else torch"
 
 
 class _Plan:

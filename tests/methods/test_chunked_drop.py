@@ -20,8 +20,8 @@ def run_chunked(name, base, tensors, chunk, **params):
     flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
     passes = []
 
-    def read(i, j, models=None):
-        """``TensorInputs.read_range``: the base and ``models`` (None: all)."""
+    def read(i, j, models=None, stored=False):
+        """``TensorInputs.read_range``: the base and ``models`` (None: all), float32 here."""
         if not passes or i < passes[-1][-1][0]:
             passes.append([])
         passes[-1].append((i, j))
