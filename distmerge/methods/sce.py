@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from distmerge import reductions, threads
+from distmerge import kernels, reductions, threads
 from distmerge.kernels.reference import agrees, elect_sign, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, input_count
 from distmerge.methods.sparsify import ChunkedTopK, top_k_mask
@@ -82,14 +82,14 @@ def erase_and_merge(base: torch.Tensor, deltas: list[torch.Tensor], weights: lis
 
 
 def sce(
-    base: torch.Tensor, tensors: list[torch.Tensor], *, int8_mask: bool = False, select_topk: float = 1.0
+    base: torch.Tensor, tensors: list[torch.Tensor], *, int8_mask: bool = False, select_topk: float = 1.0, options=None
 ) -> torch.Tensor:
     """θ = θ₀ + Σᵢ ηᵢ mᵢ τ̂ᵢ / max(Σᵢ ηᵢ mᵢ, 1e-6), elementwise, where
 
     τ̂ᵢ = τᵢ on the ``select_topk`` fraction of highest-variance entries (0 elsewhere),
     ηᵢ = ``task_vector_weights``, mᵢ = [sgn τ̂ᵢ = sgn Σₖ τ̂ₖ] (TIES sign election, unweighted).
     Wan et al. 2024, "FuseChat" (https://arxiv.org/abs/2408.07990). int8_mask is accepted
-    for mergekit compatibility and has no effect.
+    for mergekit compatibility and has no effect. (``options``: see ``sce_chunked``.)
     """
     if not tensors:
         return base
@@ -103,7 +103,9 @@ def sce(
 # ---------------------------------------------------------------- passes over chunks (CPU)
 
 
-def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0, buffer=torch.empty):
+def sce_chunked(
+    read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = False, select_topk: float = 1.0, buffer=torch.empty, options=None
+):
     """``sce`` for a tensor read in flat chunks: the same bits, without every model's task
     vector (with select_topk < 1, one float32 buffer of the tensor's size and a bool mask).
 
@@ -114,55 +116,77 @@ def sce_chunked(read, shape: tuple[int, ...], chunk: int, *, int8_mask: bool = F
       ``task_vector_weights``'s whole-tensor bits (``reductions.total``).
     - last pass: each chunk's τᵢ ⊙ m, sign election and weighted mean (``erase_and_merge``).
 
-    None (the run then calls ``sce``) when there are no models: ``sce`` returns θ₀.
+    Over bf16 inputs each pass's arithmetic is one loop over the stored values
+    (``kernels.loops``, when ``kernels.use_loops(options)``), except in chunks where some τᵢ
+    is NaN. None (the run then calls ``sce``) when there are no models: ``sce`` returns θ₀.
     """
     numel = math.prod(shape)
     models = input_count(read) if numel else 0
     if not models:
         return None
-    return _sce_passes(read, numel, models, chunk, select_topk, buffer)
+    return _sce_passes(read, numel, models, chunk, select_topk, buffer, kernels.use_loops(options))
 
 
-def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, buffer):
+def _loops(base: torch.Tensor, tensors: list[torch.Tensor], fused: bool):
+    """``kernels.loops`` where these stored chunks take them (``fused`` and bf16), else None."""
+    if not fused:
+        return None
+    from distmerge.kernels import loops  # imported on first use: it needs numba
+
+    return loops if loops.eligible(base, tensors) else None
+
+
+def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, buffer, fused: bool):
     ranges = chunk_ranges(numel, chunk)
-    keep = _keep_by_variance(read, numel, ranges, buffer(numel), select_topk) if select_topk < 1 else None
+    keep = _keep_by_variance(read, numel, ranges, buffer(numel), select_topk, fused) if select_topk < 1 else None
 
     def task_vector(base, x, start, end):
-        delta = x - base
+        delta = x.float() - base.float()
         return delta if keep is None else kept(keep[start:end], delta)
 
     # eᵢ = mean((τᵢ ⊙ m)²): torch's CPU mean is its sum divided by the count, and the sums are
     # reproduced chunk by chunk (``reductions``), all models' in one pass.
     sums = [reductions.total(numel) for _ in range(models)]
+    squares = torch.empty(max((end - start for start, end in ranges), default=0))
     with threads.every():  # element-wise
         for start, end in ranges:
-            base, tensors = read(start, end)
+            base, tensors = read(start, end, stored=True)
+            loops, mask = _loops(base, tensors, fused), None if keep is None else keep[start:end]
             for x, total in zip(tensors, sums):
-                total.add(task_vector(base, x, start, end).square_())
+                if loops and loops.masked_squares(base, x, mask, squares[: end - start]):
+                    total.add(squares[: end - start])
+                else:
+                    total.add(task_vector(base, x, start, end).square_())
     weights = energy_weights([total.result().div_(numel) for total in sums])
     for start, end in ranges:
-        base, tensors = read(start, end)
+        base, tensors = read(start, end, stored=True)
+        loops, out = _loops(base, tensors, fused), torch.empty(end - start)
+        if loops and loops.erase_merge(base, tensors, None if keep is None else keep[start:end], weights, out):
+            yield start, end, out
+            continue
         with threads.every():  # element-wise
-            merged = erase_and_merge(base, [task_vector(base, x, start, end) for x in tensors], weights)
+            merged = erase_and_merge(base.float(), [task_vector(base, x, start, end) for x in tensors], weights)
         yield start, end, merged
 
 
-def _keep_by_variance(read, numel: int, ranges, buffer: torch.Tensor, fraction: float) -> torch.Tensor:
+def _keep_by_variance(read, numel: int, ranges, buffer: torch.Tensor, fraction: float, fused: bool) -> torch.Tensor:
     """``select_by_variance`` (flat), with ``buffer`` as scratch for Var: one pass over the
     inputs. On every thread (``threads.every``): a variance across the models is one element's,
     and the selection counts integers, so no bit depends on the thread count."""
     with threads.every():
-        return _keep_by_variance_on(read, numel, ranges, buffer, fraction)
+        return _keep_by_variance_on(read, numel, ranges, buffer, fraction, fused)
 
 
-def _keep_by_variance_on(read, numel: int, ranges, buffer: torch.Tensor, fraction: float) -> torch.Tensor:
+def _keep_by_variance_on(read, numel: int, ranges, buffer: torch.Tensor, fraction: float, fused: bool) -> torch.Tensor:
     if fraction <= 0:
         return torch.zeros(numel, dtype=torch.bool)
     nonzero = torch.zeros((), dtype=torch.int64)
     for start, end in ranges:
-        base, tensors = read(start, end)
+        base, tensors = read(start, end, stored=True)
         var = buffer[start:end]
-        var[:] = _chunk_variance([x - base for x in tensors], numel)
+        loops = _loops(base, tensors, fused)
+        if not (loops and loops.variances(base, tensors, var)):
+            var[:] = _chunk_variance([x.float() - base.float() for x in tensors], numel)
         nonzero += torch.count_nonzero(var)
     top = ChunkedTopK(numel, selected_count(nonzero, fraction))
     if not top.trivial:
@@ -202,5 +226,6 @@ METHODS = (
         paper="https://arxiv.org/abs/2408.07990",
         chunked=sce_chunked,
         buffer=True,
+        kernel_options=True,
     ),
 )

@@ -131,3 +131,56 @@ def test_chunked_drops_through_the_loops_are_the_torch_ops(name, rescale, nan, m
     assert torch.equal(fused.view(torch.int32), torch_ops.view(torch.int32))
     chunks = -(-base.numel() // (CHUNK // 1000 * 1000 if name.startswith("della") else CHUNK))
     assert len(calls) == chunks and calls.count(False) == int(nan)
+
+
+# ---------------------------------------------------------------- sce
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 3000), st.integers(1, 4))
+def test_sces_variances_squares_and_erase_merge_are_torchs(data, n, models):
+    """Welford's float64 variances, the masked squares the energies sum, and the sign-erased
+    weighted mean, against ``sce``'s own torch functions: the same bits."""
+    from distmerge.methods import sce
+
+    words = data.draw(finite_words(n))
+    base = bf16(words)
+    xs = [bf16(near(data, words)) for _ in range(models)]
+    deltas = [x.float() - base.float() for x in xs]
+    var = torch.empty(n)
+    assert loops.variances(base, xs, var)
+    assert torch.equal(var.view(torch.int32), sce.welford_variance(deltas).view(torch.int32))
+    keep = data.draw(st.sampled_from([None, var > var.median()]))
+    masked = deltas if keep is None else [reference.kept(keep, d) for d in deltas]
+    squares = torch.empty(n)
+    assert loops.masked_squares(base, xs[0], keep, squares)
+    assert torch.equal(squares.view(torch.int32), masked[0].square().view(torch.int32))
+    weights = sce.task_vector_weights(masked) if data.draw(st.booleans()) else [torch.tensor(1.0 / models)] * models
+    out = torch.empty(n)
+    finite = all(bool(w.isfinite()) for w in weights)  # else torch's (an infinite energy: NaN weights)
+    assert loops.erase_merge(base, xs, keep, weights, out) == finite
+    expected = sce.erase_and_merge(base.float(), masked, weights)
+    assert not finite or torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+@pytest.mark.parametrize("nan", [False, True])
+def test_chunked_sce_through_the_loops_is_the_torch_ops(select_topk, nan, monkeypatch):
+    """bf16 fine-tunes near the base (equal variances: the top-k's ties), with and without a
+    NaN: the torch path's bits."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(SHAPE, generator=g).bfloat16()
+    fine = [(base.float() * (1 + 0.01 * torch.randn(SHAPE, generator=g))).bfloat16() for _ in range(3)]
+    if nan:
+        fine[2].view(-1)[123_456] = float("nan")
+    calls = []
+    erase_merge = loops.erase_merge
+    monkeypatch.setattr(loops, "erase_merge", lambda *a, **k: calls.append(erase_merge(*a, **k)) or calls[-1])
+    params = {"select_topk": select_topk}
+    fused = chunked("sce", base, fine, params, kernels.KernelOptions())
+    torch_ops = chunked("sce", base, fine, params, kernels.KernelOptions(compile="never"))
+    assert torch.equal(fused.view(torch.int32), torch_ops.view(torch.int32))
+    # A NaN τ kept whole makes its model's energy NaN, so every weight: each chunk then goes
+    # to torch. Not selected (NaN > threshold is False), only its chunk does.
+    expected = 0 if not nan else len(calls) if select_topk == 1 else 1
+    assert len(calls) == -(-base.numel() // CHUNK) and calls.count(False) == expected

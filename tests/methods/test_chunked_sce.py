@@ -16,7 +16,7 @@ def reader(base: torch.Tensor, tensors: list[torch.Tensor], log: list | None = N
     """``read(start, end)`` over flattened whole tensors, as the run gives it (float32 copies)."""
     flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
 
-    def read(start: int, end: int):
+    def read(start: int, end: int, stored: bool = False):
         if log is not None:
             log.append((start, end))
         return flat_base[start:end].clone(), [x[start:end].clone() for x in flat]
