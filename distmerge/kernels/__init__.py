@@ -59,6 +59,8 @@ __all__ = [
     "task_combine",
     "task_merge",
     "loops_available",
+    "loops_for",
+    "loops_module",
     "triton_available",
     "use_loops",
     "use_triton",
@@ -75,7 +77,7 @@ class KernelOptions:
     compile: Literal["auto", "always", "never"] = "auto"
     """CPU: run the steps as loops compiled by torch.compile (``compiled``): "always",
     "never", or "auto": when ``work`` is large enough to repay compiling. "never" also keeps
-    the TIES family's chunked passes on torch ops instead of numba's loops (``use_loops``)."""
+    the chunked passes over bf16 inputs on torch ops instead of numba's loops (``use_loops``)."""
     triton: bool = True
     """CUDA: run the Triton kernels when triton imports (False: the torch references; a
     debugging switch)."""
@@ -127,9 +129,27 @@ def loops_available() -> bool:
 
 
 def use_loops(options: KernelOptions | None) -> bool:
-    """Whether the task-arithmetic family's chunked passes over bf16 inputs run as ``kernels.loops``: when
-    numba imports, unless compiled code is off (``KernelOptions.compile`` "never")."""
+    """Whether chunked passes over bf16 inputs (the task-arithmetic family, sce, model_stock) run
+    as ``kernels.loops``: when numba imports, unless compiled code is off
+    (``KernelOptions.compile`` "never")."""
     return (options or DEFAULT).compile != "never" and loops_available()
+
+
+def loops_module():
+    """``kernels.loops``, imported on first use (it needs numba: check ``loops_available``)."""
+    from distmerge.kernels import loops
+
+    return loops
+
+
+def loops_for(base, tensors: list) -> object | None:
+    """``kernels.loops`` where these chunks, as stored, take its loops (numba imports, and they
+    are bf16 on CPU: ``loops.eligible``), else None. Whether a run wants them at all is
+    ``use_loops``'s answer, the caller's to ask first."""
+    if not loops_available():
+        return None
+    loops = loops_module()
+    return loops if loops.eligible(base, tensors) else None
 
 
 def use_triton(tensor) -> bool:
@@ -207,13 +227,11 @@ def task_merge(
     options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """θ₀ + λ·combine(τ̂ᵢ), τ̂ᵢ = θᵢ − θ₀ with only what ``keep`` keeps: the task-arithmetic family."""
-    if keep is None and base is not None and base.device.type == "cpu" and use_loops(options):
-        from distmerge.kernels import loops  # imported on first use: it needs numba
-
-        if loops.eligible(base, tensors):  # bf16 as stored: one loop, no compiling
-            merged = loops.task_merge(base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
-            if merged is not None:  # else a NaN task vector: torch's NaN bits below
-                return merged
+    loops = keep is None and use_loops(options) and loops_for(base, tensors)
+    if loops:  # bf16 as stored: one loop, no compiling
+        merged = loops.task_merge(base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_)
+        if merged is not None:  # else a NaN task vector: torch's NaN bits below
+            return merged
     impl = _impl(base, options, consensus, kernel_name(keep))
     return impl.task_merge(base, tensors, weight, keep, consensus=consensus, normalize=normalize, lambda_=lambda_)
 

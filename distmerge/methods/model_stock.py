@@ -86,22 +86,44 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
     Pass j fills the buffer with τⱼ chunk by chunk for ‖τⱼ‖ (reading the base and θⱼ), and
     reads θᵢ for i < j too: each chunk's τᵢ ⊙ τⱼ is added up as it comes (``reductions.total``,
     the bits of torch's whole-tensor sum). torch's norm is a sequential scan that only its own
-    kernel runs fast, hence the buffer. For N = 2 that is 2 + 3 widened inputs per element,
-    then 3 for the interpolation.
+    kernel runs fast, hence the buffer. For N = 2 that is 2 + 3 inputs read per element,
+    then 3 for the interpolation. Over bf16 inputs each pass's arithmetic is one loop over
+    the stored values (``kernels.loops.stock_pass``, ``stock_interpolate``, when
+    ``kernels.use_loops``), except in a chunk that holds a NaN; else the chunks are widened
+    into ``staging``.
     """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
     buffer = new_buffer(numel)  # asked for once the passes start (Method.buffer)
-    staging = list(torch.empty(n + 1, min(numel, chunk)))  # the chunks read, widened in place
+    staging = torch.empty(n + 1, min(numel, chunk))  # the chunks read, widened in place
     norms = torch.empty(n, *vector_shape[:-1])  # the reductions, allocated up front: see below
     dots = torch.empty(math.comb(n, 2), *vector_shape[:-1])
     pair = {p: k for k, p in enumerate(combinations(range(n), 2))}
+    fused = kernels.use_loops(options)
+
+    def read_widened(start: int, end: int, models=None) -> tuple[torch.Tensor, list[torch.Tensor], object]:
+        """The chunks as stored, then (if ``kernels.loops`` take them: bf16) those loops, else
+        None and the chunks widened into ``staging``."""
+        base, xs = read(start, end, models=models, stored=True)
+        loops = fused and kernels.loops_for(base, xs)
+        if loops:
+            return base, xs, loops
+        widened = [row[: end - start].copy_(x) for row, x in zip(staging, (base, *xs))]
+        return widened[0], widened[1:], None
 
     def fill(start: int, end: int, j: int, sums: list) -> None:
         """τⱼ into the buffer, and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the buffer outlives it)."""
-        base, xs = read(start, end, models=(j, *range(j)), out=staging)
-        tau = torch.sub(xs[0], base, out=buffer[start:end])
-        for x, total in zip(xs[1:], sums):
+        base, xs, loops = read_widened(start, end, models=(j, *range(j)))
+        tau = buffer[start:end]
+        if loops:
+            products = staging[:j, : end - start]
+            if loops.stock_pass(base, xs[0], xs[1:], tau, products):
+                for product, total in zip(products, sums):
+                    total.add(product)
+                return
+            base, xs = base.float(), [x.float() for x in xs]  # a NaN τ: torch's NaN bits (bf16 widened: copies)
+        torch.sub(xs[0], base, out=tau)
+        for x, total in zip(xs[1:], sums):  # x is a copy (staging, or widened): overwritten
             total.add(x.sub_(base).mul_(tau))
 
     # Each reduction writes into norms and dots: a small result kept across the passes would
@@ -119,8 +141,12 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
     buffer = None  # released (unless the run keeps it for the next tensor) before the output is allocated
     for start, end in ranges:
         with threads.every():  # element-wise (a yield cannot sit inside the with)
-            base, tensors = read(start, end, out=staging)
-            merged = kernels.stock_interpolate(base, tensors, t, options=options, overwrite=True)
+            base, tensors, loops = read_widened(start, end)
+            merged = torch.empty(end - start) if loops else None
+            if not (loops and loops.stock_interpolate(base, tensors, t, merged)):
+                if loops:  # a NaN input: torch's NaN bits
+                    base, tensors = base.float(), [x.float() for x in tensors]
+                merged = kernels.stock_interpolate(base, tensors, t, options=options, overwrite=True)
         yield start, end, merged
 
 

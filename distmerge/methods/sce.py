@@ -127,15 +127,6 @@ def sce_chunked(
     return _sce_passes(read, numel, models, chunk, select_topk, buffer, kernels.use_loops(options))
 
 
-def _loops(base: torch.Tensor, tensors: list[torch.Tensor], fused: bool):
-    """``kernels.loops`` where these stored chunks take them (``fused`` and bf16), else None."""
-    if not fused:
-        return None
-    from distmerge.kernels import loops  # imported on first use: it needs numba
-
-    return loops if loops.eligible(base, tensors) else None
-
-
 def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, buffer, fused: bool):
     ranges = chunk_ranges(numel, chunk)
     keep = _keep_by_variance(read, numel, ranges, buffer(numel), select_topk, fused) if select_topk < 1 else None
@@ -151,7 +142,7 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, b
     with threads.every():  # element-wise
         for start, end in ranges:
             base, tensors = read(start, end, stored=True)
-            loops, mask = _loops(base, tensors, fused), None if keep is None else keep[start:end]
+            loops, mask = fused and kernels.loops_for(base, tensors), None if keep is None else keep[start:end]
             for x, total in zip(tensors, sums):
                 if loops and loops.masked_squares(base, x, mask, squares[: end - start]):
                     total.add(squares[: end - start])
@@ -160,7 +151,7 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, b
     weights = energy_weights([total.result().div_(numel) for total in sums])
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
-        loops, out = _loops(base, tensors, fused), torch.empty(end - start)
+        loops, out = fused and kernels.loops_for(base, tensors), torch.empty(end - start)
         if loops and loops.erase_merge(base, tensors, None if keep is None else keep[start:end], weights, out):
             yield start, end, out
             continue
@@ -184,7 +175,7 @@ def _keep_by_variance_on(read, numel: int, ranges, buffer: torch.Tensor, fractio
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
         var = buffer[start:end]
-        loops = _loops(base, tensors, fused)
+        loops = fused and kernels.loops_for(base, tensors)
         if not (loops and loops.variances(base, tensors, var)):
             var[:] = _chunk_variance([x.float() - base.float() for x in tensors], numel)
         nonzero += torch.count_nonzero(var)

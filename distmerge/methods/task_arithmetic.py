@@ -147,12 +147,13 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
             top.finish()
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
-        fused = fused and loops_eligible(base, tensors)
-        if fused:  # every |τᵢ| finite: each selection's rule is known
-            keep, drop = zip(*_rules(selections, base, tensors))
+        loops = fused and kernels.loops_for(base, tensors)
+        fused = bool(loops)
+        if loops:  # every |τᵢ| finite: each selection's rule is known
+            keep, drop = zip(*_rules(selections, base, tensors, loops))
             out = torch.empty(end - start, dtype=torch.float32)
             flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
-            if not _loops().trim_combine(base, tensors, weight, keep, drop, **flags, out=out):
+            if not loops.trim_combine(base, tensors, weight, keep, drop, **flags, out=out):
                 raise AssertionError("a NaN task vector after statistics passes that found every |τ| finite")
             yield start, end, out
             continue
@@ -163,24 +164,13 @@ def _chunked(read, numel: int, chunk: int, weight, selections, *, consensus, nor
         )
 
 
-def _loops():
-    from distmerge.kernels import loops  # imported on first use: it needs numba
-
-    return loops
-
-
-def loops_eligible(base, tensors) -> bool:
-    """Whether chunks read as stored can take ``kernels.loops`` (bf16 on CPU)."""
-    return _loops().eligible(base, tensors)
-
-
 def _statistics_pass(read, ranges, passing, low: bool, fused: bool) -> bool:
     """One statistics pass (pass 1, or with ``low`` pass 2) of ``passing[i]``'s selections of
     |τᵢ| over every chunk: from the stored chunks in ``kernels.loops`` when ``fused`` and the
     chunks are bf16, else from float32 task vectors. Returns whether the loops ran."""
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
-        fused = fused and loops_eligible(base, tensors)
+        fused = fused and kernels.loops_for(base, tensors) is not None
         if fused:
             sparsify.ChunkedTopK.gather_stored(passing, base, tensors, low=low)
             continue
@@ -190,7 +180,7 @@ def _statistics_pass(read, ranges, passing, low: bool, fused: bool) -> bool:
     return fused
 
 
-def _rules(selections, base, tensors) -> list[tuple]:
+def _rules(selections, base, tensors, loops) -> list[tuple]:
     """Per model, the next chunk's (keep, drop) rules (``ChunkedTopK.rule``; a model kept
     whole keeps all and drops nothing), ties counted over the stored chunks."""
     rules = []
@@ -200,7 +190,7 @@ def _rules(selections, base, tensors) -> list[tuple]:
             continue
 
         def count_ties(bits: int, x=x) -> int:
-            return _loops().count_magnitude(base, x, bits)
+            return loops.count_magnitude(base, x, bits)
 
         keep, drop = pair
         rules.append((keep.rule(x.numel(), count_ties), sparsify.NO_DROP if drop is None else drop.rule(x.numel(), count_ties)))
@@ -287,12 +277,12 @@ class MagPrune:
         probs = sparsify.della_probabilities(delta.view(-1, self.columns), self.density, self.epsilon)
         return rng.bernoulli_keep(self.seed, probs.shape, probs, offset=start).view(-1)
 
-    def loop(self, start: int, base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, *sums) -> bool:
-        """``mask`` into ``keep`` (and |τ|, |τ ⊙ m| into ``sums``); False where the loop does not
-        apply (a NaN |τ|, one column, density ≤ 0): then use ``mask``."""
+    def loop(self, loops, start: int, base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, *sums) -> bool:
+        """``mask`` into ``keep`` (and |τ|, |τ ⊙ m| into ``sums``) by ``loops.magprune``; False
+        where that does not apply (a NaN |τ|, one column, density ≤ 0): then use ``mask``."""
         if self.density <= 0 or self.columns == 1:
             return False
-        return _loops().magprune(base, x, self.columns, self.density, self.epsilon, self.seed, start, keep, *sums)
+        return loops.magprune(base, x, self.columns, self.density, self.epsilon, self.seed, start, keep, *sums)
 
 
 def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, normalize, lambda_, options):
@@ -324,10 +314,11 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
                 for start, end in ranges:
                     base, (x,) = read(start, end, models=(i,), stored=True)
                     n = end - start
-                    if fused and loops_eligible(base, [x]):
+                    loops = fused and kernels.loops_for(base, [x])
+                    if loops:
                         mask = keep[start:end] if keep is draw else torch.empty(n, dtype=torch.bool)
                         mine = tuple(t[:n] for t in sums)
-                        if draw.loop(start, base, x, mask, *mine) if keep is not draw else _loops().masked_magnitudes(base, x, mask, *mine):
+                        if draw.loop(loops, start, base, x, mask, *mine) if keep is not draw else loops.masked_magnitudes(base, x, mask, *mine):
                             if keep is not draw:
                                 keep[start:end] = mask
                             if rescale:
@@ -350,11 +341,12 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
     for start, end in ranges:
         with threads.every():  # element-wise
             base, tensors = read(start, end, stored=True)
-            if fused and loops_eligible(base, tensors):
+            loops = fused and kernels.loops_for(base, tensors)
+            if loops:
                 keeps = [None if drop is None else drop[0][start:end] for drop in drops]
                 factors = [None if drop is None else drop[1] for drop in drops]
                 out = torch.empty(end - start)
-                if _loops().masked_combine(base, tensors, keeps, factors, weight, **flags, out=out):
+                if loops.masked_combine(base, tensors, keeps, factors, weight, **flags, out=out):
                     yield start, end, out
                     continue
             base = base.float()
@@ -384,7 +376,7 @@ def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, resc
         for start, end in chunk_ranges(numel, DRAW_ELEMENTS):
             if fused:
                 mask = torch.empty(end - start, dtype=torch.bool)
-                _loops().bernoulli_keep(seed, start, d, mask)
+                kernels.loops_module().bernoulli_keep(seed, start, d, mask)
             else:
                 mask = rng.bernoulli_keep(seed, (end - start,), d, offset=start)
             keep[start:end] = mask

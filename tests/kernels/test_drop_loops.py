@@ -184,3 +184,41 @@ def test_chunked_sce_through_the_loops_is_the_torch_ops(select_topk, nan, monkey
     # to torch. Not selected (NaN > threshold is False), only its chunk does.
     expected = 0 if not nan else len(calls) if select_topk == 1 else 1
     assert len(calls) == -(-base.numel() // CHUNK) and calls.count(False) == expected
+
+
+# ---------------------------------------------------------------- model_stock
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 3000), st.integers(2, 4), st.floats(-2, 2, width=32))
+def test_model_stocks_pass_and_interpolation_are_torchs(data, n, models, ratio):
+    """τⱼ and the products τᵢ ⊙ τⱼ its norms and dot products sum, and t·θ̄ + (1 − t)·θ₀."""
+    words = data.draw(finite_words(n))
+    base = bf16(words)
+    xs = [bf16(near(data, words)) for _ in range(models)]
+    tau, products = torch.empty(n), torch.empty(models - 1, n)
+    assert loops.stock_pass(base, xs[-1], xs[:-1], tau, products)
+    deltas = [x.float() - base.float() for x in xs]
+    assert torch.equal(tau.view(torch.int32), deltas[-1].view(torch.int32))
+    for product, delta in zip(products, deltas):
+        assert torch.equal(product.view(torch.int32), (delta * deltas[-1]).view(torch.int32))
+    t, out = torch.tensor([ratio]), torch.empty(n)
+    assert loops.stock_interpolate(base, xs, t, out)
+    expected = reference.stock_interpolate(base.float(), [x.float() for x in xs], t, overwrite=True)
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_chunked_model_stock_through_the_loops_is_the_torch_ops(nan, monkeypatch):
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(SHAPE, generator=g).bfloat16()
+    fine = [(base.float() * (1 + 0.01 * torch.randn(SHAPE, generator=g))).bfloat16() for _ in range(3)]
+    if nan:
+        fine[1].view(-1)[200_000] = float("nan")
+    calls = []
+    interpolate = loops.stock_interpolate
+    monkeypatch.setattr(loops, "stock_interpolate", lambda *a, **k: calls.append(interpolate(*a, **k)) or calls[-1])
+    fused = chunked("model_stock", base, fine, {}, kernels.KernelOptions())
+    torch_ops = chunked("model_stock", base, fine, {}, kernels.KernelOptions(compile="never"))
+    assert torch.equal(fused.view(torch.int32), torch_ops.view(torch.int32))
+    assert len(calls) == -(-base.numel() // CHUNK) and calls.count(False) == int(nan)

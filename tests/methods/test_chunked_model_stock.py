@@ -28,9 +28,9 @@ def run_chunked(base, tensors, chunk, filter_wise, models_read=None, buffer=torc
     flat_base, flat = base.reshape(-1), [x.reshape(-1) for x in tensors]
     passes, models_read = [], [] if models_read is None else models_read
 
-    def read(i, j, models=None, out=None):
+    def read(i, j, models=None, out=None, stored=False):
         """``TensorInputs.read_range``: the base and ``models`` (None: all), copied into
-        ``out`` if given, each chunk into a buffer of its own."""
+        ``out`` if given, each chunk into a buffer of its own (float32 here, stored or not)."""
         chosen = [flat_base[i:j]] + [x[i:j] for x in (flat if models is None else [flat[k] for k in models])]
         if i < j:  # not the empty read by which the form asks how many models there are
             if not passes or i != passes[-1][-1][1]:
