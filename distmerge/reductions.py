@@ -15,8 +15,10 @@ level 1, which passes its sum on to level 2 every S blocks, and level 2 to level
 blocks. The rows after the last whole block go into level 0; levels 1, 2 and 3 are added to it;
 the 0–3 vectors after the last row go into its first vector, then its other three vectors are
 added to that one; the elements after the last vector are summed one by one from +0, and the
-L lanes added to that in order. Every accumulator starts at +0, as in the C++ code, so even the
-sign of a zero sum is the same (``Sum``).
+L lanes added to that in order. Every accumulator starts at +0, as in the C++ code, so even
+the sign of a zero sum is the same (``Sum``). Fewer than L elements in all take torch's scalar
+loop, whose order is not that (it differs from adding one by one at 5, 6 and 7 elements, and
+from 4 accumulators in turn at 6 and 7): those few are kept and summed by torch itself.
 
 L is found once per process by comparing with torch itself (``lanes``): 8 on this project's
 machines, whose torch reports AVX-512. Where no width reproduces torch, ``total`` returns a
@@ -147,6 +149,9 @@ class Sum:
         if self.seen != self.numel:
             raise ValueError(f"{self.seen} of {self.numel} elements added")
         tail = self.pending[: self.filled]
+        if self.numel < self.width:  # not one whole vector: torch's scalar loop sums these few itself
+            with threads.one():
+                return torch.from_numpy(tail.copy()).sum()
         rows = tail.size // self.row  # the rows after the last whole block (fewer than a block's)
         acc = _group_sums(tail[: rows * self.row].reshape(1, rows, self.row))[0]
         for level in self.partial:
@@ -194,7 +199,7 @@ def total(numel: int, streamed: bool = True) -> Sum | Buffered:
     return Sum(numel, width) if width else Buffered(numel)
 
 
-PROBE_SIZES = (1, 7, 8, 31, 33, 100, 4099, 65_571, 300_001, (1 << 21) + 12_345)
+PROBE_SIZES = (1, 6, 7, 8, 31, 33, 100, 4099, 65_571, 300_001, (1 << 21) + 12_345)
 """Sizes compared with torch by ``lanes``: every tail case, and all four cascade levels."""
 
 
