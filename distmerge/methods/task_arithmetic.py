@@ -313,18 +313,13 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
             with threads.every():  # element-wise (and draws that depend only on indices)
                 for start, end in ranges:
                     base, (x,) = read(start, end, models=(i,), stored=True)
-                    n = end - start
+                    mine = tuple(t[: end - start] for t in sums)
                     loops = fused and kernels.loops_for(base, [x])
-                    if loops:
-                        mask = keep[start:end] if keep is draw else torch.empty(n, dtype=torch.bool)
-                        mine = tuple(t[:n] for t in sums)
-                        if draw.loop(loops, start, base, x, mask, *mine) if keep is not draw else loops.masked_magnitudes(base, x, mask, *mine):
-                            if keep is not draw:
-                                keep[start:end] = mask
-                            if rescale:
-                                before.add(mine[0])
-                                after.add(mine[1])
-                            continue
+                    if loops and _looped_pass(loops, draw, keep, start, base, x, mine):
+                        if rescale:
+                            before.add(mine[0])
+                            after.add(mine[1])
+                        continue
                     delta = x.float() - base.float()
                     if keep is not draw:
                         keep[start:end] = draw.mask(start, delta)
@@ -360,6 +355,20 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
                 deltas.append(delta)
             merged = combine(base, deltas, weight, **flags, options=options)
         yield start, end, merged
+
+
+def _looped_pass(loops, draw: Bits | MagPrune, keep: Bits, start: int, base, x, sums: tuple) -> bool:
+    """Pass 1 of ``_dropped_chunked`` for the chunk of τ = x − base at ``start``, by ``kernels.loops``:
+    DELLA's keep mask into ``keep`` (DARE's is drawn already), and given ``sums``, |τ| and |τ ⊙ m|
+    into them. False where the loops do not apply (a NaN τ): then the chunk takes torch ops."""
+    n = x.numel()
+    if isinstance(draw, Bits):
+        return loops.masked_magnitudes(base, x, keep[start : start + n], *sums)
+    mask = torch.empty(n, dtype=torch.bool)
+    if not draw.loop(loops, start, base, x, mask, *sums):
+        return False
+    keep[start : start + n] = mask
+    return True
 
 
 def _drop_chunked(read, shape, chunk, *, weight, density, seeds, normalize, rescale, lambda_=1.0, options=None, consensus, **_):
