@@ -195,7 +195,7 @@ def _combine(base, weighted, n, weight, consensus, normalize, divisor, lam, scal
 
 
 @numba.njit(**_JIT)
-def _trim_combine(base, xs, weight, keep, drop, consensus, normalize, divisor, lam, scale, out):
+def _trim_combine(base, xs, keep, drop, weight, consensus, normalize, divisor, lam, scale, out):
     models = len(xs)
     weighted = numpy.empty((models, _BLOCK), numpy.float32)
     summed = numpy.empty(_BLOCK, numpy.float32)
@@ -640,6 +640,15 @@ def count_magnitude(base: torch.Tensor, x: torch.Tensor, bits: int) -> int:
         return int(_count(_bits(base), _bits(x), numpy.int32(bits)))
 
 
+def _combine_args(weight: list[float], consensus: bool, normalize: bool, lambda_: float) -> tuple:
+    """``_combine``'s arguments after the per-model ones: the float32 weights, the flags, the
+    linear divisor (``reference.linear_divisor``; 1 with consensus, whose divisor is per entry),
+    λ and whether to multiply by it."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    divisor = numpy.float32(1.0 if consensus else float(linear_divisor(w)))
+    return w.numpy(), bool(consensus), bool(normalize), divisor, numpy.float32(lambda_), lambda_ != 1
+
+
 def trim_combine(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -660,20 +669,13 @@ def trim_combine(
     Returns False when some τᵢ is NaN (a NaN input, or ∞ − ∞): then ``out`` holds the right
     values but maybe not torch's NaN bits (a difference of two NaNs is torch's base's here),
     and the caller computes the chunk with torch ops instead."""
-    w = torch.tensor(weight, dtype=torch.float32)
-    divisor = numpy.float32(1.0 if consensus else float(linear_divisor(w)))
     with _first_call(_trim_combine, len(tensors)):
         nan = _trim_combine(
             _bits(base),
             tuple(_bits(x) for x in tensors),
-            w.numpy(),
             numpy.asarray(keep, dtype=numpy.int64).reshape(-1, 3),
             numpy.asarray(drop, dtype=numpy.int64).reshape(-1, 3),
-            bool(consensus),
-            bool(normalize),
-            divisor,
-            numpy.float32(lambda_),
-            lambda_ != 1,
+            *_combine_args(weight, consensus, normalize, lambda_),
             out.reshape(-1).numpy(),
         )
     return not nan
@@ -759,20 +761,13 @@ def masked_combine(
     of τᵢ. False when some τᵢ is NaN (``trim_combine``)."""
     n = base.numel()
     every = numpy.ones(n, dtype=numpy.bool_) if any(k is None for k in keeps) else None
-    w = torch.tensor(weight, dtype=torch.float32)
-    divisor = numpy.float32(1.0 if consensus else float(linear_divisor(w)))
     with _first_call(_masked_combine, len(tensors)):
         nan = _masked_combine(
             _bits(base),
             tuple(_bits(x) for x in tensors),
             tuple(every if k is None else k.reshape(-1).numpy() for k in keeps),
             numpy.array([1.0 if f is None else float(f) for f in factors], dtype=numpy.float32),
-            w.numpy(),
-            bool(consensus),
-            bool(normalize),
-            divisor,
-            numpy.float32(lambda_),
-            lambda_ != 1,
+            *_combine_args(weight, consensus, normalize, lambda_),
             out.reshape(-1).numpy(),
         )
     return not nan

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from distmerge import kernels, rng, threads
 from distmerge.kernels import loops, reference
-from distmerge.methods import get, sparsify
-from tests.kernels.test_loops import bf16, finite_words
+from distmerge.methods import sparsify
+from tests.kernels.test_loops import CHUNK, SHAPE, bf16, chunked, finite_words
 
 SEEDS = st.integers(0, (1 << 64) - 1)
 
@@ -91,21 +91,6 @@ def test_masked_combine_is_the_references_task_combine(data, n, models, consensu
     assert loops.masked_combine(base, xs, keeps, factors, weight, **flags, out=out)
     expected = reference.task_combine(base, deltas, weight, **flags)
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
-
-
-SHAPE, CHUNK = (300, 1000), 1 << 14
-
-
-def chunked(name: str, base, fine, params: dict, options) -> torch.Tensor:
-    def read(i, j, models=None, stored=False):
-        how = (lambda x: x) if stored else torch.Tensor.float
-        chosen = fine if models is None else [fine[k] for k in models]
-        return how(base.view(-1)[i:j]), [how(x.view(-1)[i:j]) for x in chosen]
-
-    out = torch.empty(base.numel())
-    for i, j, value in get(name).chunked(read, SHAPE, CHUNK, **params, options=options):
-        out[i:j] = value
-    return out
 
 
 @pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear"])
