@@ -372,16 +372,18 @@ def _magprune(base, x, columns, low, divisor, epsilon, seed, start, keep, magnit
 
 @numba.njit(**_JIT)
 def _masked_magnitudes(base, x, keep, magnitudes, kept):
-    """|τ| and |τ| ⊙ keep (+0 where dropped) into ``magnitudes`` and ``kept``; False at a NaN τ."""
+    """|τ| and |τ| ⊙ keep (+0 where dropped) into ``magnitudes`` and ``kept``; False at a NaN τ
+    (found by a flag, not a return inside the loop, which kept it from vectorizing: 1.3 against
+    0.6 ns an entry)."""
     zero = numpy.float32(0.0)
+    nan = False
     for j in range(base.size):
         bits = _magnitude_bits(_widen(x[j]) - _widen(base[j]))
-        if bits > _NAN_ABOVE:
-            return False
+        nan |= bits > _NAN_ABOVE
         m = numpy.int32(bits).view(numpy.float32)
         magnitudes[j] = m
         kept[j] = m if keep[j] else zero
-    return True
+    return not nan
 
 
 @numba.njit(**_JIT)
@@ -743,6 +745,11 @@ def masked_magnitudes(base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, m
         return bool(_masked_magnitudes(_bits(base), _bits(x), keep.numpy(), magnitudes.numpy(), kept.numpy()))
 
 
+def _everywhere(keep: torch.Tensor | None, n: int) -> numpy.ndarray:
+    """A keep mask as the loops take it: bool, flat; None (keep all of τ) as all True."""
+    return numpy.ones(n, dtype=numpy.bool_) if keep is None else keep.reshape(-1).numpy()
+
+
 def masked_combine(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
@@ -759,13 +766,11 @@ def masked_combine(
     size), τ̂ᵢ = (τᵢ where keeps[i], +0 elsewhere) · factors[i] (a 0-d float32 tensor, the L1
     rescale; None: no product, as a product by 1 is for any τ not NaN), keeps[i] None: all
     of τᵢ. False when some τᵢ is NaN (``trim_combine``)."""
-    n = base.numel()
-    every = numpy.ones(n, dtype=numpy.bool_) if any(k is None for k in keeps) else None
     with _first_call(_masked_combine, len(tensors)):
         nan = _masked_combine(
             _bits(base),
             tuple(_bits(x) for x in tensors),
-            tuple(every if k is None else k.reshape(-1).numpy() for k in keeps),
+            tuple(_everywhere(k, base.numel()) for k in keeps),
             numpy.array([1.0 if f is None else float(f) for f in factors], dtype=numpy.float32),
             *_combine_args(weight, consensus, normalize, lambda_),
             out.reshape(-1).numpy(),
@@ -786,10 +791,6 @@ def variances(base: torch.Tensor, tensors: list[torch.Tensor], out: torch.Tensor
     ``out`` (float32). False when some τᵢ is NaN (the caller uses torch)."""
     with _first_call(_variances, len(tensors)):
         return not _variances(_bits(base), tuple(_bits(x) for x in tensors), out.numpy())
-
-
-def _everywhere(keep: torch.Tensor | None, n: int) -> numpy.ndarray:
-    return numpy.ones(n, dtype=numpy.bool_) if keep is None else keep.reshape(-1).numpy()
 
 
 def masked_squares(base: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor) -> bool:

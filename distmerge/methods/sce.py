@@ -151,10 +151,12 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, b
     weights = energy_weights([total.result().div_(numel) for total in sums])
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
-        loops, out = fused and kernels.loops_for(base, tensors), torch.empty(end - start)
-        if loops and loops.erase_merge(base, tensors, None if keep is None else keep[start:end], weights, out):
-            yield start, end, out
-            continue
+        loops = fused and kernels.loops_for(base, tensors)
+        if loops:
+            out = torch.empty(end - start)
+            if loops.erase_merge(base, tensors, None if keep is None else keep[start:end], weights, out):
+                yield start, end, out
+                continue
         with threads.every():  # element-wise
             merged = erase_and_merge(base.float(), [task_vector(base, x, start, end) for x in tensors], weights)
         yield start, end, merged
