@@ -446,24 +446,35 @@ def _merge_elementwise(src: TensorInputs, jobs: list[tuple[OutputTensor, methods
     """Element-wise merges of ``src``'s (loaded) inputs, ``(t, method, kwargs)`` each, over
     zero-copy chunks of the inputs: a few cache-sized temporaries instead of a float32 copy
     of every input; each chunk is read once for every job, and checked for NaN and Inf
-    while it is still in cache."""
+    while it is still in cache. A method with an ``into`` loop merged alone writes the
+    output directly, DROP_ELEMENTS at a time (a range it declines goes chunk by chunk)."""
     numel = src.inputs[0].numel()
     outs = [torch.empty(numel, dtype=DTYPES[t.dtype], device=ctx.device) for t, _, _ in jobs]
     how = src.as_stored if len(jobs) == 1 else src.widen  # several jobs: each chunk widened to float32 once, for all
+    (_, method, kwargs), out = jobs[0], outs[0]
+    stored = [x for x in (src.base, *src.inputs) if x is not None]
+    into = method.into if len(jobs) == 1 and all(x.dtype == src.work for x in (out, *stored)) else None
     start = time.perf_counter()
-    for i, j in methods.chunk_ranges(numel, CHUNK_ELEMENTS):
-        chunks = src.read_range(i, j, how)
-        for (t, method, kwargs), out in zip(jobs, outs):
-            merged = method.merge(*chunks, **kwargs)
-            if out.dtype == src.work:  # rounded once, into its place
-                out[i:j].copy_(merged)
-            else:  # to the compute dtype, as mergekit returns it, then to the output dtype
-                out[i:j] = merged.to(src.work)
-            if not ctx.allow_nonfinite:
-                check_finite(t, out[i:j])
+    for i, j in methods.chunk_ranges(numel, DROP_ELEMENTS if into else CHUNK_ELEMENTS):
+        if into is None or not into(*src.read_range(i, j, how), out=out[i:j], **kwargs):
+            for a, b in methods.chunk_ranges(j - i, CHUNK_ELEMENTS):
+                _merge_chunk(src, jobs, outs, i + a, i + b, how, ctx)
     src.drop_read()
     _count_reads(ctx.progress, src, start)
     return [out.view(t.shape) for (t, _, _), out in zip(jobs, outs)]
+
+
+def _merge_chunk(src: TensorInputs, jobs: list[tuple[OutputTensor, methods.Method, dict]], outs: list[torch.Tensor], i: int, j: int, how, ctx: MergeContext) -> None:
+    """The chunk [i, j) of each job's output: merged, rounded into its place, checked."""
+    chunks = src.read_range(i, j, how)
+    for (t, method, kwargs), out in zip(jobs, outs):
+        merged = method.merge(*chunks, **kwargs)
+        if out.dtype == src.work:  # rounded once, into its place
+            out[i:j].copy_(merged)
+        else:  # to the compute dtype, as mergekit returns it, then to the output dtype
+            out[i:j] = merged.to(src.work)
+        if not ctx.allow_nonfinite:
+            check_finite(t, out[i:j])
 
 
 def _count_reads(progress: Progress | None, src: TensorInputs, start: float) -> None:

@@ -17,6 +17,7 @@ and is not bitwise). Inputs may be stored in float32, float16 or bfloat16; resul
 function            computes                                                      used by
 ==================  ============================================================  ==============
 linear_sum          Σᵢ wᵢθᵢ (/ Σᵢ wᵢ), FMA-accumulated like ``addcmul_``             linear
+                    (``linear_sum_into``: rounded into the output, numba's loop)
 task_combine        θ₀ + λ·Σᵢ wᵢτᵢ / D, or TIES: sign election + disjoint mean     chunked merges
 task_merge          the same from the models: τᵢ = θᵢ − θ₀, sparsified inside the    task-arithmetic
                     kernel by a ``Keep`` (magnitude band, DARE draw, mask) with     family
@@ -52,6 +53,7 @@ __all__ = [
     "Top",
     "kernel_name",
     "linear_sum",
+    "linear_sum_into",
     "path",
     "scale",
     "slerp_combine",
@@ -129,8 +131,8 @@ def loops_available() -> bool:
 
 
 def use_loops(options: KernelOptions | None) -> bool:
-    """Whether chunked passes over bf16 inputs (the task-arithmetic family, sce, model_stock) run
-    as ``kernels.loops``: when numba imports, unless compiled code is off
+    """Whether chunked passes over bf16 inputs (linear, the task-arithmetic family, sce,
+    model_stock) run as ``kernels.loops``: when numba imports, unless compiled code is off
     (``KernelOptions.compile`` "never")."""
     return (options or DEFAULT).compile != "never" and loops_available()
 
@@ -169,12 +171,12 @@ def path(kernel: str, device: str, options: KernelOptions | None = None, consens
     """Which implementation runs ``kernel`` for a large tensor on ``device`` under ``options``:
     "triton", "compiled" or "torch" (the references), and on CPU numba's ``loops`` for
     ``task_merge`` without a keep rule and the task-arithmetic family's chunked passes (top-k,
-    DARE's and DELLA's drops) where the inputs are bf16 — what the run report names."""
+    DARE's and DELLA's drops) and ``linear_sum`` where the inputs are bf16 — what the run report names."""
     options = options or DEFAULT
     if device.startswith("cuda"):
         return "triton" if options.triton and triton_available() and kernel not in options.disabled else "torch"
     if kernel == "linear_sum":  # never compiled: see ``compiled``
-        return "torch"
+        return "loops for bf16 inputs, else torch" if use_loops(options) else "torch"
     large = torch.empty(compiled.MIN_ELEMENTS, device="meta")
     other = "compiled" if compiled.enabled(large, options, consensus) else "torch"
     if kernel.startswith("task_merge") and use_loops(options):  # and the family's chunked passes
@@ -198,6 +200,16 @@ def linear_sum(
 ) -> torch.Tensor:
     """Σᵢ wᵢθᵢ, divided by Σᵢ wᵢ when ``normalize`` (model soups)."""
     return _impl(tensors[0], options, kernel="linear_sum").linear_sum(tensors, weight, normalize=normalize)
+
+
+def linear_sum_into(
+    tensors: list[torch.Tensor], weight: list[float], *, normalize: bool, out: torch.Tensor, options: KernelOptions | None = None
+) -> bool:
+    """``out`` = ``linear_sum(tensors, ...)`` rounded to ``out``'s dtype, in one loop where one
+    can (bf16 tensors and ``out`` on CPU: numba's ``loops``). True when it did and every value
+    is finite; False leaves ``out`` to the caller (``linear_sum``, then its own rounding)."""
+    loops = use_loops(options) and loops_for(out, tensors)
+    return bool(loops) and loops.linear_into(tensors, weight, normalize=normalize, out=out)
 
 
 def task_combine(

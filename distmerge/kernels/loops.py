@@ -1,4 +1,4 @@
-"""The task-arithmetic family's passes over bfloat16 inputs as single loops on CPU, compiled by numba.
+"""The merge methods' passes over bfloat16 inputs as single loops on CPU, compiled by numba.
 
 A chunked top-k merge (ties, breadcrumbs: ``methods.task_arithmetic``) goes over each large
 tensor three times: two statistics passes find every model's top-k threshold
@@ -29,6 +29,12 @@ sce (``methods.sce``) goes over it three times: ``variances`` (Welford's float64
 ns an entry of two models against 3.5 for its torch ops), ``masked_squares`` (the energies'
 terms) and ``erase_merge`` (the sign-erased weighted mean, 2.2 ns against ~8).
 
+linear (``linear_into``): Σᵢ wᵢθᵢ (/ Σᵢ wᵢ) with ``addcmul_``'s one rounding per model (an
+explicit fused multiply-add, ``_fma``), rounded to bf16 straight into the output tensor
+(``Method.into``): 0.3 ns an entry of three models in cache, against 6.8 for the torch ops
+(widening copies, ``addcmul_``, ``div_``) and the copy into bf16, measured on 256K-element
+chunks.
+
 model_stock (``methods.model_stock``, one ratio per tensor): ``stock_pass`` (τⱼ, and the
 products τᵢ ⊙ τⱼ its dot products sum) and ``stock_interpolate`` (t·θ̄ + (1 − t)·θ₀).
 
@@ -38,7 +44,7 @@ A loop over a block reads the block through views sliced before it (``x[start:en
 
 The arithmetic is ``kernels.reference``'s, operation for operation, in float32 (widening a
 bf16 value is exact: its 16 bits become the high half of a float32; numba compiles without
-fast-math, so nothing is reassociated or fused), and the results are its bits:
+fast-math, so nothing is reassociated or fused but the one ``_fma`` asked for), and the results are its bits:
 tests/kernels/test_loops.py and test_drop_loops.py compare them on arbitrary finite bit
 patterns. Not which NaN a difference of two NaNs is (torch's is the base's here, these
 loops' the model's): a tensor with a NaN or infinite |τᵢ| is left to torch ops (the TIES
@@ -63,9 +69,12 @@ import contextlib
 import fcntl
 import os
 
+import llvmlite.ir
 import numba
 import numpy
 import torch
+from numba.core import types
+from numba.extending import intrinsic
 
 from distmerge import rng, threads
 from distmerge.kernels.keep import SELECT_ALL, SELECT_NONE
@@ -79,6 +88,20 @@ _MAGNITUDE = numpy.uint32(0x7FFFFFFF)
 def _widen(stored):
     """A bf16 value's bits (uint16) as the float32 it is exactly."""
     return numpy.uint32(numpy.uint32(stored) << 16).view(numpy.float32)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (LLVM's ``llvm.fma``: the CPU's FMA instruction, vectorized), for
+    float32 a, b, c: what torch's ``addcmul_`` computes on CPU."""
+    signature = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        f32 = llvmlite.ir.FloatType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [f32], llvmlite.ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fma, args)
+
+    return signature, codegen
 
 
 @numba.njit(inline="always")
@@ -498,6 +521,43 @@ def _erase_merge(base, xs, keep, eta, out):
     return nan
 
 
+# ---------------------------------------------------------------- linear
+
+
+@numba.njit(inline="always")
+def _narrow(value):
+    """A float32's bf16 bits (uint16), rounded to nearest even as torch rounds it (not for NaN)."""
+    u = numpy.float32(value).view(numpy.uint32)
+    return numpy.uint16((u + numpy.uint32(0x7FFF) + ((u >> numpy.uint32(16)) & numpy.uint32(1))) >> numpy.uint32(16))
+
+
+@numba.njit(**_JIT)
+def _linear_into(xs, weight, normalize, total, out):
+    """``reference.linear_sum`` rounded to bf16 into ``out``: acc = fma(θ₁, w₁, +0), then
+    acc = fma(θᵢ, wᵢ, acc) model by model (``addcmul_``'s one rounding), divided by ``total``
+    when ``normalize``, then rounded; in blocks of entries. Returns whether some result
+    (before or after the rounding) is NaN or infinite."""
+    zero = numpy.float32(0.0)
+    acc = numpy.empty(_BLOCK, numpy.float32)
+    nonfinite = False
+    for start in range(0, out.size, _BLOCK):
+        end = min(out.size, start + _BLOCK)
+        n, first, w = end - start, xs[0][start:end], weight[0]
+        for j in range(n):
+            acc[j] = _fma(_widen(first[j]), w, zero)
+        for i in range(1, len(xs)):
+            x, w = xs[i][start:end], weight[i]
+            for j in range(n):
+                acc[j] = _fma(_widen(x[j]), w, acc[j])
+        o = out[start:end]
+        for j in range(n):
+            v = acc[j] / total if normalize else acc[j]
+            r = _narrow(v)
+            nonfinite |= ((v - v) != zero) | ((r & numpy.uint16(0x7F80)) == numpy.uint16(0x7F80))
+            o[j] = r
+    return nonfinite
+
+
 # ---------------------------------------------------------------- model_stock
 
 
@@ -826,3 +886,14 @@ def stock_interpolate(base: torch.Tensor, tensors: list[torch.Tensor], t: torch.
     one element) into ``out`` (float32). False when some input is NaN."""
     with _first_call(_stock_interpolate, len(tensors)):
         return not _stock_interpolate(_bits(base), tuple(_bits(x) for x in tensors), t.reshape(-1).numpy()[0], out.numpy())
+
+
+
+def linear_into(tensors: list[torch.Tensor], weight: list[float], *, normalize: bool, out: torch.Tensor) -> bool:
+    """``out`` (bf16, the tensors' size) = ``reference.linear_sum(tensors, weight, normalize)``
+    rounded to bf16 as torch rounds it, of bf16 tensors (``eligible``), in one loop. False
+    when some result is NaN or infinite: then ``out`` is not torch's (its NaN bits), and the
+    caller merges these tensors with torch ops instead (and reports what is not finite)."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    with _first_call(_linear_into, len(tensors)):
+        return not _linear_into(tuple(_bits(x) for x in tensors), w.numpy(), bool(normalize), w.sum().numpy()[()], _bits(out))

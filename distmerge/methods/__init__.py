@@ -117,6 +117,18 @@ class Method:
     read whole rows at a time; it may also read only some models, or into buffers of its own
     (``TensorInputs.read_range``'s ``models`` and ``out``). None means "not for these
     parameters": the run then calls ``merge``."""
+    into: Callable[..., bool] | None = None
+    """Optional for an element-wise method: its merge rounded straight into the output, where
+    a fused loop can (bf16 on CPU), for a large tensor whose inputs and output are all in the
+    compute dtype::
+
+        into(base, tensors, out=..., **params) -> bool
+
+    ``base`` and ``tensors`` are flat ranges of the inputs as stored, ``out`` the same range of
+    the output. False means "not done": no loop for these tensors, or a value that is not
+    finite (its NaN bits are torch's to give); the run then merges the range with ``merge``
+    and rounds and checks it itself. True: ``out`` holds ``merge``'s values rounded as the run
+    rounds them, all finite."""
     shares_statistics: bool = False
     """``chunked`` takes ``stats``: a dict that the run shares between the merges of one unit
     of work that read the same inputs (a sweep's variants), for statistics that do not depend

@@ -20,6 +20,11 @@ def linear(
     return kernels.linear_sum(tensors, weight, normalize=normalize, options=options)
 
 
+def linear_into(base: None, tensors: list[torch.Tensor], *, out: torch.Tensor, weight: list[float], normalize: bool = True, options=None) -> bool:
+    """``linear`` rounded straight into ``out`` where one loop can (``kernels.linear_sum_into``)."""
+    return kernels.linear_sum_into(tensors, weight, normalize=normalize, out=out, options=options)
+
+
 METHODS = (
     Method(
         name="linear",
@@ -30,6 +35,7 @@ METHODS = (
         ),
         base="ignored",
         elementwise=True,
+        into=linear_into,
         kernel_options=True,
         divides_by_weight_sum="normalize",
         summary="Weighted average of the models (model soups).",

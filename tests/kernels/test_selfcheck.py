@@ -79,7 +79,8 @@ def test_cpu_paths_follow_the_compile_option():
     always, never = kernels.KernelOptions(compile="always"), kernels.KernelOptions(compile="never")
     assert kernels.path("scale", "cpu", always) == "compiled"
     assert kernels.path("scale", "cpu", never) == "torch"
-    assert kernels.path("linear_sum", "cpu", always) == "torch"  # addcmul_ is never compiled
+    assert kernels.path("linear_sum", "cpu", always) == "loops for bf16 inputs, else torch"  # addcmul_ is never compiled
+    assert kernels.path("linear_sum", "cpu", never) == "torch"
     auto = kernels.KernelOptions()
     assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=True) == "compiled"
     assert kernels.path("task_combine", "cpu", auto.for_work(1 << 29), consensus=False) == "torch"
@@ -143,8 +144,8 @@ def test_a_cpu_run_never_runs_the_self_check_and_reports_its_paths(llama_family,
     recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "float32"}))
     report = tmp_path / "report.json"
     result = run_job(str(recipe), str(tmp_path / "out"), JobOptions(device="cpu", quiet=True, report_json=str(report)))
-    assert result.report["kernels"] == {"linear": "torch"}
-    assert json.loads(report.read_text())["kernels"] == {"linear": "torch"}
+    assert result.report["kernels"] == {"linear": "loops for bf16 inputs, else torch"}
+    assert json.loads(report.read_text())["kernels"] == {"linear": "loops for bf16 inputs, else torch"}
 
 
 # ---------------------------------------------------------------- benchmarks/gpu_kernels.py, without a GPU
