@@ -287,8 +287,9 @@ def merge_tensor(plan: Plan, t: OutputTensor, ctx: MergeContext, stream: bool = 
 
 def plan_method(plan: Plan, t: OutputTensor) -> methods.Method:
     """The plan's method for ``t``; with LiNeS (``plan.lines``), one whose merge scales the
-    update from the base by t's layer scale (and that has no ``chunked`` form: the scale needs
-    each chunk's base, which the element-wise path hands it and the two-pass forms do not)."""
+    update from the base by t's layer scale (and that has no ``chunked`` form or ``into``
+    loop: the scale needs each chunk's base and float32 update, which the element-wise path
+    hands it and the two-pass forms and fused loops do not)."""
     method = methods.get(plan.method)
     if plan.lines is None or t.base is None:
         return method
@@ -298,7 +299,7 @@ def plan_method(plan: Plan, t: OutputTensor) -> methods.Method:
     def scaled(base, tensors, **kwargs):
         return lines.scale_update(base, merge(base, tensors, **kwargs), scale)
 
-    return dataclasses.replace(method, merge=scaled, chunked=None)
+    return dataclasses.replace(method, merge=scaled, chunked=None, into=None)
 
 
 _KERNELS = {"linear": "linear_sum", "slerp": "slerp_combine", "passthrough": "scale", "model_stock": "stock_interpolate"}

@@ -60,6 +60,7 @@ __all__ = [
     "stock_interpolate",
     "task_combine",
     "task_merge",
+    "task_merge_into",
     "loops_available",
     "loops_for",
     "loops_module",
@@ -246,6 +247,24 @@ def task_merge(
             return merged
     impl = _impl(base, options, consensus, kernel_name(keep))
     return impl.task_merge(base, tensors, weight, keep, consensus=consensus, normalize=normalize, lambda_=lambda_)
+
+
+def task_merge_into(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    weight: list[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    out: torch.Tensor,
+    options: KernelOptions | None = None,
+) -> bool:
+    """``out`` = ``task_merge(base, tensors, ...)`` without a keep rule, rounded to ``out``'s
+    dtype, in one loop where one can (bf16 on CPU: numba's ``loops``). True when it did and
+    every value is finite; False leaves ``out`` to the caller."""
+    loops = use_loops(options) and loops_for(base, [*tensors, out])
+    return bool(loops) and loops.task_merge_into(base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out)
 
 
 def slerp_combine(c0, c1, a: torch.Tensor, b: torch.Tensor, *, options: KernelOptions | None = None) -> torch.Tensor:

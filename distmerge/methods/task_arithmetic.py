@@ -503,6 +503,27 @@ def _params(m: Member) -> tuple[Param, ...]:
     ) + (m.sparsifier.params if m.sparsifier else ())  # fmt: skip
 
 
+def merge_into(
+    base: torch.Tensor,
+    tensors: list[torch.Tensor],
+    *,
+    out: torch.Tensor,
+    weight: list[float],
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    density: list[float] | None = None,
+    int8_mask: bool = False,
+    options: kernels.KernelOptions | None = None,
+    consensus: bool = False,
+) -> bool:
+    """``merge`` of a member without a sparsifier (every τᵢ whole: ``density`` and ``rescale``
+    change nothing), rounded straight into ``out`` where one loop can (``kernels.task_merge_into``)."""
+    return bool(tensors) and kernels.task_merge_into(
+        base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out, options=options
+    )
+
+
 def _method(m: Member) -> Method:
     s = m.sparsifier
     defaults = dict(consensus=m.consensus, normalize=m.normalize, rescale=m.rescale)
@@ -510,6 +531,7 @@ def _method(m: Member) -> Method:
         name=m.name,
         merge=functools.partial(merge, sparsifier=s, **defaults),
         chunked=functools.partial(s.chunked, **defaults) if s else None,
+        into=None if s else functools.partial(merge_into, **defaults),
         params=_params(m),
         base="required",
         min_inputs=0,

@@ -1,4 +1,5 @@
-"""linear's loop rounds Σᵢ wᵢθᵢ into the bf16 output with the bits of the torch ops and the run's copy."""
+"""The loops that round a merge straight into the bf16 output (``Method.into``: linear,
+task_arithmetic) give the bits of the torch ops and the run's copy into bf16."""
 
 from __future__ import annotations
 
@@ -39,6 +40,26 @@ def test_linear_into_is_the_references_sum_rounded_as_torch_rounds(data, n, mode
         assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.integers(1, 5000), st.integers(1, 3), st.booleans(), st.booleans())
+def test_task_merge_into_is_the_references_merge_rounded_as_torch_rounds(data, n, models, consensus, normalize):
+    """task_arithmetic (and TIES without trimming): θ₀ + λ·Σᵢ wᵢτᵢ / D or the disjoint mean,
+    rounded into bf16; False exactly where a result is not finite."""
+    words = data.draw(finite_words(n))
+    base = bf16(words)
+    near = [[w ^ data.draw(st.integers(0, 3)) for w in words] for _ in range(models)]
+    tensors = [bf16(data.draw(st.sampled_from([near[i], data.draw(finite_words(n))]))) for i in range(models)]
+    weight = [data.draw(st.floats(-2, 2, width=32)) for _ in range(models)]
+    lambda_ = data.draw(st.sampled_from([1.0, 0.7, 1.3]))
+    flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
+    out = torch.empty(n, dtype=torch.bfloat16)
+    done = loops.task_merge_into(base, tensors, weight, **flags, out=out)
+    expected = torch.empty(n, dtype=torch.bfloat16).copy_(reference.task_merge(base, tensors, weight, **flags))
+    assert done == bool(expected.isfinite().all())
+    if done:
+        assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.7e38])
 def test_a_result_that_is_not_finite_is_left_to_torch(value):
     """A NaN or Inf input, or a float32 sum (3.4e38) that is finite but rounds to Inf in bf16: False."""
@@ -60,14 +81,21 @@ def test_only_bf16_cpu_tensors_take_the_loop():
     assert not kernels.linear_sum_into([x, x], [0.5, 0.5], normalize=True, out=torch.empty(10, dtype=torch.bfloat16), options=never)
 
 
-def _linear(family, tmp_path, name: str, *args: str):
+RECIPES = {
+    "linear": lambda f: {"models": [("base", {"weight": 0.4}), ("ft1", {"weight": 0.35}), ("ft2", {"weight": -0.25})]},
+    "task_arithmetic": lambda f: {
+        "base_model": str(f["base"]),
+        "models": [("ft1", {"weight": 0.7}), ("ft2", {"weight": -0.4})],
+        "parameters": {"lambda": 0.9, "normalize": True},
+    },
+}
+
+
+def _merge(method: str, family, tmp_path, name: str, *args: str):
     from tests.test_merge_vs_mergekit import distmerge, models
 
-    recipe = {
-        "merge_method": "linear",
-        "models": models(family, ("base", {"weight": 0.4}), ("ft1", {"weight": 0.35}), ("ft2", {"weight": -0.25})),
-        "dtype": "bfloat16",
-    }
+    recipe = {"merge_method": method, **RECIPES[method](family), "dtype": "bfloat16"}
+    recipe["models"] = models(family, *recipe["models"])
     return distmerge(recipe, tmp_path / name, *args)
 
 
@@ -81,22 +109,24 @@ def _same(a, b) -> bool:
     return bool(shards) and all(filecmp.cmp(a / n, b / n, shallow=False) for n in shards)
 
 
-def test_a_linear_merge_through_the_loop_writes_the_torch_ops_bytes(llama_family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method, loop", [("linear", "linear_into"), ("task_arithmetic", "task_merge_into")])
+def test_a_merge_through_the_loop_writes_the_torch_ops_bytes(llama_family, tmp_path, monkeypatch, method, loop):
     """End to end on bf16 checkpoints: tensors merged in ranges by the loop (chunks of 1031
     elements, ranges of five) give the bytes of the torch ops (DISTMERGE_COMPILE=0)."""
     _small_chunks(monkeypatch)
     calls = []
-    linear_into = loops.linear_into
-    monkeypatch.setattr(loops, "linear_into", lambda *a, **k: calls.append(1) or linear_into(*a, **k))
+    into = getattr(loops, loop)
+    monkeypatch.setattr(loops, loop, lambda *a, **k: calls.append(1) or into(*a, **k))
     monkeypatch.setenv("DISTMERGE_COMPILE", "0")
-    torch_ops = _linear(llama_family, tmp_path, "torch")
+    torch_ops = _merge(method, llama_family, tmp_path, "torch")
     assert not calls
     monkeypatch.delenv("DISTMERGE_COMPILE")
-    fused = _linear(llama_family, tmp_path, "loop")
+    fused = _merge(method, llama_family, tmp_path, "loop")
     assert calls and _same(fused, torch_ops)
 
 
-def test_a_range_with_a_nan_is_merged_by_torch_and_reported(llama_family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_a_range_with_a_nan_is_merged_by_torch_and_reported(llama_family, tmp_path, monkeypatch, method):
     """A NaN in one model: the loop declines its range, which the torch ops merge and the run's
     check reports (one line, no output); with --allow-nonfinite, the torch ops' bytes."""
     import shutil
@@ -113,9 +143,9 @@ def test_a_range_with_a_nan_is_merged_by_torch_and_reported(llama_family, tmp_pa
     save_file(state, shard, metadata={"format": "pt"})
     _small_chunks(monkeypatch)
     with pytest.raises((MergeError, SystemExit)):
-        _linear(family, tmp_path, "refused")
+        _merge(method, family, tmp_path, "refused")
     monkeypatch.setenv("DISTMERGE_COMPILE", "0")
-    torch_ops = _linear(family, tmp_path, "torch", "--allow-nonfinite")
+    torch_ops = _merge(method, family, tmp_path, "torch", "--allow-nonfinite")
     monkeypatch.delenv("DISTMERGE_COMPILE")
-    fused = _linear(family, tmp_path, "loop", "--allow-nonfinite")
+    fused = _merge(method, family, tmp_path, "loop", "--allow-nonfinite")
     assert _same(fused, torch_ops)
