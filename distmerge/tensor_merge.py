@@ -454,12 +454,15 @@ def _merge_elementwise(src: TensorInputs, jobs: list[tuple[OutputTensor, methods
     how = src.as_stored if len(jobs) == 1 else src.widen  # several jobs: each chunk widened to float32 once, for all
     (_, method, kwargs), out = jobs[0], outs[0]
     stored = [x for x in (src.base, *src.inputs) if x is not None]
-    into = method.into if len(jobs) == 1 and all(x.dtype == src.work for x in (out, *stored)) else None
+    cpu = out.device.type == "cpu"
+    into = method.into if cpu and len(jobs) == 1 and all(x.dtype == src.work for x in (out, *stored)) else None
     start = time.perf_counter()
     for i, j in methods.chunk_ranges(numel, DROP_ELEMENTS if into else CHUNK_ELEMENTS):
-        if into is None or not into(*src.read_range(i, j, how), out=out[i:j], **kwargs):
-            for a, b in methods.chunk_ranges(j - i, CHUNK_ELEMENTS):
-                _merge_chunk(src, jobs, outs, i + a, i + b, how, ctx)
+        if into is not None and into(*src.read_range(i, j, how), out=out[i:j], **kwargs):
+            src.drop_read()  # one range's input pages mapped at a time, as chunk by chunk
+            continue
+        for a, b in methods.chunk_ranges(j - i, CHUNK_ELEMENTS):
+            _merge_chunk(src, jobs, outs, i + a, i + b, how, ctx)
     src.drop_read()
     _count_reads(ctx.progress, src, start)
     return [out.view(t.shape) for (t, _, _), out in zip(jobs, outs)]

@@ -24,15 +24,15 @@ def output(*writes: tuple[str, int, int, bool]) -> tuple[run._RankOutput, list[s
 
 
 def test_small_tensors_merge_while_earlier_writes_are_in_flight():
-    """A layer's attention matrices and norms (17 MB) and the next small tensor: no wait."""
-    out, settled = output(("norm", 0, 0, False), ("k", 1, 1, False), ("o", 8, 2, False), ("q", 8, 3, False))
+    """An MLP matrix, a norm and two attention matrices (31 MB) and the next small tensor: no wait."""
+    out, settled = output(("up", 22, 0, False), ("norm", 0, 1, False), ("k", 1, 2, False), ("o", 8, 3, False))
     out.make_room(1 * MB)
     assert settled == [] and len(out.writing) == 4
 
 
 def test_the_oldest_writes_are_waited_for_beyond_the_budget():
-    out, settled = output(("up", 40, 0, False), ("gate", 20, 1, False))
-    out.make_room(5 * MB)  # 65 MB > WRITE_AHEAD (64): the oldest goes
+    out, settled = output(("up", 20, 0, False), ("gate", 10, 1, False))
+    out.make_room(5 * MB)  # 35 MB > WRITE_AHEAD (32): the oldest goes
     assert settled == ["up"] and [w[0].name for w in out.writing] == ["gate"]
 
 
