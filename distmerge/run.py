@@ -95,8 +95,9 @@ to merge, before the merge waits for the oldest. Waiting for all but the newest 
 ahead) left the merge idle after every small tensor that followed a large one (a norm after
 an MLP matrix) until the large one was hashed: 0.75 s of a 4 s linear merge of the 2.5 GB
 set (32 MB covers a layer's MLP matrix and the tensors after it up to the next, here; 64 MB
-measured no faster and added to the peak memory). The newest write is always left in flight, so the peak memory stays what one tensor
-ahead gave wherever a tensor and the one before it hold more than this."""
+measured no faster and added to the peak memory). The newest write is always left in flight,
+so the peak memory stays what one tensor ahead gave wherever a tensor and the one before it
+hold more than this."""
 
 _SYNC = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sync")
 """fsyncs of written files, and the journal lines that wait for them, while the merge goes on."""

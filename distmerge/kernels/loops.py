@@ -676,8 +676,8 @@ def _cascade(x, rows, width, partial, counts):
 
 
 _LOADED: set[tuple] = set()
-"""(loop, number of models) compiled or loaded from the cache by this process: every call
-passes the same array and scalar types but for the number of models."""
+"""(loop, number of models, output dtype where it takes either) compiled or loaded from the
+cache by this process: every call passes the same array and scalar types but for these."""
 
 
 @contextlib.contextmanager
@@ -779,20 +779,18 @@ def trim_combine(
 def task_merge_into(
     base: torch.Tensor, tensors: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float, out: torch.Tensor
 ) -> bool:
-    """``task_merge`` rounded to bf16 into ``out`` (bf16, the base's size) as torch rounds it,
-    in one loop. False when some τᵢ or result is NaN or infinite (``linear_into``)."""
+    """``reference.task_merge`` without a keep rule, of bf16 tensors (``eligible``), into ``out``
+    (the base's size: float32, or bf16 rounded as torch rounds it), in one loop. False when some
+    τᵢ, or into bf16 some result, is NaN or infinite (``trim_combine``)."""
     n = len(tensors)
     flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     return trim_combine(base, tensors, weight, [SELECT_ALL] * n, [SELECT_NONE] * n, **flags, out=out)
 
 
 def task_merge(base: torch.Tensor, tensors: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor | None:
-    """``reference.task_merge`` without a keep rule, of bf16 tensors (``eligible``): every
-    task vector kept whole, in one loop. None where some τᵢ is NaN (``trim_combine``)."""
+    """``task_merge_into`` a fresh float32 tensor; None where some τᵢ is NaN."""
     out = torch.empty(base.shape, dtype=torch.float32)
-    n = len(tensors)
-    flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
-    return out if trim_combine(base, tensors, weight, [SELECT_ALL] * n, [SELECT_NONE] * n, **flags, out=out) else None
+    return out if task_merge_into(base, tensors, weight, consensus=consensus, normalize=normalize, lambda_=lambda_, out=out) else None
 
 
 def bernoulli_keep(seed: int, start: int, p: float, keep: torch.Tensor) -> None:
