@@ -17,7 +17,9 @@ ENV = "DISTMERGE_FAULT"
 def fault_point(rank: int, where: int | str) -> None:
     """Test hook: DISTMERGE_FAULT="RANK:WHERE:ACTION" makes rank RANK, at WHERE (after
     writing that many tensors, or at a named step: "setup-mkdir" ... "setup-done" in
-    output.prepare, "prepared" once every rank has it, "publish", "index", "manifest"),
+    output.prepare, "prepared" once every rank has it, "journaled" each time its journal lines
+    reach the disk (on the sync thread: a kill that surely leaves something to resume),
+    "publish", "index", "manifest"),
     "raise" an error, "kill" itself with SIGKILL, or "sleep:S" (after every tensor from then
     on, to give a test time to kill the job; once at a named step, to let the other ranks
     run ahead). Unset in normal use."""

@@ -238,7 +238,7 @@ class Journal:
     def __init__(self, out_dir: str, rank: int):
         self.dir = journal_dir(out_dir)
         os.makedirs(self.dir, exist_ok=True)
-        self.path = os.path.join(self.dir, f"rank-{rank:05d}.jsonl")
+        self.rank, self.path = rank, os.path.join(self.dir, f"rank-{rank:05d}.jsonl")
         self.pending: list[dict] = []
         self.pending_bytes = 0
         self.last_commit = time.monotonic()
@@ -265,6 +265,7 @@ class Journal:
                 f.write("".join(json.dumps(e) + "\n" for e in lines))
                 f.flush()
                 os.fsync(f.fileno())
+            fault_point(self.rank, "journaled")
 
 
 def read_journal(out_dir: str) -> dict[str, dict]:

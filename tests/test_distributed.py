@@ -344,7 +344,9 @@ def test_dare_ties_randomness_is_applied_and_follows_the_seed(one_process):
 def test_killed_rank_stops_the_job_and_a_rerun_resumes_to_identical_bytes(k, rerun_k, recipes, one_process, tmp_path):
     ref = one_process("linear")
     out = tmp_path / "out"
-    r = torchrun(k, recipes["linear"], out, env={"DISTMERGE_FAULT": "1:6:kill"})
+    # Rank 1 kills itself (SIGKILL) as soon as its first journal lines are on disk: whatever
+    # the other ranks managed meanwhile, the rerun has something to resume.
+    r = torchrun(k, recipes["linear"], out, env={"DISTMERGE_FAULT": "1:journaled:kill"})
     assert r.rc != 0, r.tail()
     # From the last byte written (about when rank 1 died) to the end of the job: torchrun
     # notices the dead worker and ends the others (SIGTERM, SIGKILL 30 s later at worst).

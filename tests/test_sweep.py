@@ -519,8 +519,8 @@ def journaled(out: Path) -> int:
 def test_a_killed_sweep_resumes_to_the_bytes_of_a_clean_run(recipes, one_process, tmp_path):
     ref = one_process("dare_ties")
     out = tmp_path / "out"
-    # Rank 1 kills itself (SIGKILL) after writing 10 of its tensors; torchrun ends rank 0.
-    r = torchrun(2, [(recipes["dare_ties"], out, [])], tmp_path / "killed", env={"DISTMERGE_FAULT": "1:10:kill"})
+    # Rank 1 kills itself (SIGKILL) once its first journal lines are on disk; torchrun ends rank 0.
+    r = torchrun(2, [(recipes["dare_ties"], out, [])], tmp_path / "killed", env={"DISTMERGE_FAULT": "1:journaled:kill"})
     assert r.rc != 0, r.tail()
     assert sorted(p.name for p in out.iterdir()) == sorted(VARIANTS["dare_ties"])
     for v in VARIANTS["dare_ties"]:
