@@ -13,6 +13,7 @@ from distmerge.demo import make_llama
 from distmerge.errors import MergeError
 from distmerge.plan import Plan, assign_tensors, build_plan, imbalance
 from distmerge.recipe import parse_recipe
+from distmerge.run import WRITE_AHEAD
 from tests.helpers import run_cli
 
 
@@ -275,5 +276,8 @@ def test_peak_rss_stays_flat_when_the_model_doubles_in_depth(tmp_path):
         recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(d / "base"), "models": [{"model": str(d / "ft"), "parameters": {"weight": 0.5}}]}))
         rss[layers] = _peak_rss(recipe, d / "out")
     # The 16 extra layers add 160 MB to each input (10 MB a layer); a streaming run's peak
-    # moves by a few MB at most (the plan and its bookkeeping grow a little).
-    assert rss[32] - rss[16] < 20e6, rss
+    # moves by a few MB (the plan and its bookkeeping grow a little), and by up to
+    # WRITE_AHEAD, the merged bytes whose writes may be in flight: whether they fill it
+    # depends on how far the writer falls behind (the page cache's throttling), not on depth
+    # (measured 16 -> 32 layers: +0 to +35 MB with it, -3 to +1 MB with no write-ahead).
+    assert rss[32] - rss[16] < 20e6 + WRITE_AHEAD, rss
