@@ -334,27 +334,31 @@ def _dropped_chunked(read, ranges, numel, draws, weight, *, rescale, consensus, 
         drops.append((keep, factor))
     flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
     for start, end in ranges:
-        with threads.every():  # element-wise
-            base, tensors = read(start, end, stored=True)
-            loops = fused and kernels.loops_for(base, tensors)
-            if loops:
-                keeps = [None if drop is None else drop[0][start:end] for drop in drops]
-                factors = [None if drop is None else drop[1] for drop in drops]
-                out = torch.empty(end - start)
-                if loops.masked_combine(base, tensors, keeps, factors, weight, **flags, out=out):
-                    yield start, end, out
-                    continue
-            base = base.float()
-            deltas = []
-            for drop, delta in zip(drops, task_vectors(base, [x.float() for x in tensors])):
-                if drop is not None:
-                    keep, factor = drop
-                    delta = kept(keep[start:end], delta)
-                    if factor is not None:
-                        delta = delta * factor
-                deltas.append(delta)
-            merged = combine(base, deltas, weight, **flags, options=options)
+        with threads.every():  # element-wise; the yield stays outside, where the caller rounds the chunk on one thread
+            merged = _dropped_chunk(read, start, end, drops, weight, fused, flags, options)
         yield start, end, merged
+
+
+def _dropped_chunk(read, start: int, end: int, drops, weight, fused: bool, flags: dict, options) -> torch.Tensor:
+    """The last pass of ``_dropped_chunked`` for one chunk: τ̂ᵢ = (τᵢ ⊙ mᵢ)·fᵢ, combined."""
+    base, tensors = read(start, end, stored=True)
+    loops = fused and kernels.loops_for(base, tensors)
+    if loops:
+        keeps = [None if drop is None else drop[0][start:end] for drop in drops]
+        factors = [None if drop is None else drop[1] for drop in drops]
+        out = torch.empty(end - start)
+        if loops.masked_combine(base, tensors, keeps, factors, weight, **flags, out=out):
+            return out
+    base = base.float()
+    deltas = []
+    for drop, delta in zip(drops, task_vectors(base, [x.float() for x in tensors])):
+        if drop is not None:
+            keep, factor = drop
+            delta = kept(keep[start:end], delta)
+            if factor is not None:
+                delta = delta * factor
+        deltas.append(delta)
+    return combine(base, deltas, weight, **flags, options=options)
 
 
 def _looped_pass(loops, draw: Bits | MagPrune, keep: Bits, start: int, base, x, sums: tuple) -> bool:
