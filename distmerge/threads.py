@@ -11,7 +11,11 @@ A step whose bits cannot depend on the thread count may use every thread the ran
 (``every``). These are DELLA's ranking of |δ| within each row (a sort along rows, each row
 sorted whole by one thread) and the element-wise passes of DARE, DELLA, sce and
 model_stock (the task vectors and products its reductions read, and the interpolation).
-sce's variance of an element across the models counts as element-wise here.
+Not what runs between a chunked form's yields: a ``with every()`` around a ``yield`` stays
+entered while the generator waits, and its caller's small torch ops on each chunk become
+OpenMP regions that wait for a core the writer's threads hold (README, "Performance", run
+20). Nor sce's selection by variance: torch ops on 256K-element chunks, where a second
+thread's waits cost more CPU than it saves (the same wall time, 22-25 against 15.5-19 s of CPU).
 """
 
 from __future__ import annotations

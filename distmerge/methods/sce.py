@@ -164,13 +164,7 @@ def _sce_passes(read, numel: int, models: int, chunk: int, select_topk: float, b
 
 def _keep_by_variance(read, numel: int, ranges, buffer: torch.Tensor, fraction: float, fused: bool) -> torch.Tensor:
     """``select_by_variance`` (flat), with ``buffer`` as scratch for Var: one pass over the
-    inputs. On every thread (``threads.every``): a variance across the models is one element's,
-    and the selection counts integers, so no bit depends on the thread count."""
-    with threads.every():
-        return _keep_by_variance_on(read, numel, ranges, buffer, fraction, fused)
-
-
-def _keep_by_variance_on(read, numel: int, ranges, buffer: torch.Tensor, fraction: float, fused: bool) -> torch.Tensor:
+    inputs."""
     if fraction <= 0:
         return torch.zeros(numel, dtype=torch.bool)
     nonzero = torch.zeros((), dtype=torch.int64)
