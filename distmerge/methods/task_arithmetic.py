@@ -168,15 +168,18 @@ def _statistics_pass(read, ranges, passing, low: bool, fused: bool) -> bool:
     """One statistics pass (pass 1, or with ``low`` pass 2) of ``passing[i]``'s selections of
     |τᵢ| over every chunk: from the stored chunks in ``kernels.loops`` when ``fused`` and the
     chunks are bf16, else from float32 task vectors. Returns whether the loops ran."""
+    counts = None  # pass 1 in the loops: every chunk's histograms, given to the selections at the end
     for start, end in ranges:
         base, tensors = read(start, end, stored=True)
         fused = fused and kernels.loops_for(base, tensors) is not None
         if fused:
-            sparsify.ChunkedTopK.gather_stored(passing, base, tensors, low=low)
+            counts = sparsify.ChunkedTopK.gather_stored(passing, base, tensors, low=low, counts=counts)
             continue
         for tops, x in zip(passing, tensors):
             if tops:
                 sparsify.ChunkedTopK.gather(tops, x.float() - base.float(), low=low)
+    if counts is not None:
+        sparsify.ChunkedTopK.add_counts(passing, counts)
     return fused
 
 

@@ -211,12 +211,15 @@ def test_three_selections_of_one_score_gather_what_torch_gathers():
     for stored in (True, False):
         tops = [ChunkedTopK(5000, k) for k in (100, 2500, 4900)]
         for low in (False, True):
+            counts = None  # pass 1's histograms, given to the selections after its last chunk
             for start in range(0, 5000, 1000):
                 b, y = base[start : start + 1000], x[start : start + 1000]
                 if stored:
-                    ChunkedTopK.gather_stored([tops], b, [y], low=low)
+                    counts = ChunkedTopK.gather_stored([tops], b, [y], low=low, counts=counts)
                 else:
                     ChunkedTopK.gather(tops, y.float() - b.float(), low=low)
+            if counts is not None:
+                ChunkedTopK.add_counts([tops], counts)
         for top in tops:
             top.finish()
         ways.append([(int(top.threshold.view(torch.int32)), top._ties_left) for top in tops])
