@@ -148,6 +148,13 @@ def _magnitude_bits(delta):
     return numpy.int32(numpy.float32(delta).view(numpy.uint32) & _MAGNITUDE)
 
 
+_BLOCK = 2048
+"""Entries of the task vectors trimmed and weighted (or, in pass 2, tested against the
+buckets) at a time, model by model, before they are combined (or copied out): a model's loop
+then has scalar parameters and vectorizes (1/10 of the time of one loop over the entries with
+every model inside)."""
+
+
 @numba.njit(**_JIT)
 def _histogram(base, xs, hist):
     for j in range(base.size):
@@ -158,14 +165,34 @@ def _histogram(base, xs, hist):
 
 @numba.njit(**_JIT)
 def _select(base, xs, buckets, out, kept):
+    """Per model, block by block: every entry's |τ| bits and whether they are in one of its two
+    buckets (a loop that vectorizes), then the few that are, copied out in order, found eight
+    flags at a time. 0.57 ns a position of two models against 1.6 for one loop testing entry
+    by entry (a 256K chunk in cache); on the benchmark's second data set, ties' pass 2 took
+    1.5–1.8 s against 2.5–3.6 s (alternating runs)."""
     kept[:] = 0
-    for j in range(base.size):
-        b = _widen(base[j])
+    bits = numpy.empty(_BLOCK, numpy.int32)
+    hit = numpy.zeros(_BLOCK, numpy.uint8)
+    words = hit.view(numpy.uint64)
+    for start in range(0, base.size, _BLOCK):
+        end = min(base.size, start + _BLOCK)
+        n = end - start
+        b = base[start:end]
         for i in range(len(xs)):
-            bits = _magnitude_bits(_widen(xs[i][j]) - b)
-            if ((bits >> 16) == buckets[i, 0]) | ((bits >> 16) == buckets[i, 1]):
-                out[i, kept[i]] = bits
-                kept[i] += 1
+            x = xs[i][start:end]
+            first, second = buckets[i, 0], buckets[i, 1]
+            for j in range(n):
+                value = _magnitude_bits(_widen(x[j]) - _widen(b[j]))
+                bits[j] = value
+                hit[j] = numpy.uint8(((value >> 16) == first) | ((value >> 16) == second))
+            k = kept[i]
+            for w in range((n + 7) >> 3):
+                if words[w]:
+                    for j in range(w << 3, min(n, (w << 3) + 8)):
+                        if hit[j]:
+                            out[i, k] = bits[j]
+                            k += 1
+            kept[i] = k
 
 
 @numba.njit(**_JIT)
@@ -174,12 +201,6 @@ def _count(base, x, bits):
     for j in range(base.size):
         count += _magnitude_bits(_widen(x[j]) - _widen(base[j])) == bits
     return count
-
-
-_BLOCK = 2048
-"""Entries of the task vectors trimmed and weighted at a time, model by model, before they are
-combined: a model's loop then has scalar parameters and vectorizes (1/10 of the time of one
-loop over the entries with every model inside)."""
 
 
 @numba.njit(**_JIT)

@@ -48,6 +48,26 @@ def test_histograms_selections_and_counts_are_torchs(data, n, models):
     assert loops.count_magnitude(base, xs[0], int(bits[0][0])) == int((bits[0] == bits[0][0]).sum())
 
 
+@pytest.mark.parametrize("n", [2048, 3 * 2048 + 5])
+def test_selections_across_blocks_are_torchs(n):
+    """The selection loop works block by block and finds its entries eight flags at a time:
+    entries at the edges of blocks and of those groups, and buckets holding many entries,
+    are picked in flat order as torch picks them."""
+    g = torch.Generator().manual_seed(n)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    xs = [(base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16() for _ in range(2)]
+    bits = [magnitude_bits(base, x) for x in xs]
+    common = int(torch.bincount(bits[0] >> 16).argmax())  # the fullest bucket
+    # Model 1's buckets hold its entries at the positions of a partial last block's unused
+    # flags (5 and 6 of the block before): stale flags there must not be read for model 0.
+    edge = max(0, n - 2048)  # position 5 of the block before the last, where the last has 5 entries
+    buckets = [(common, int(bits[0][-1]) >> 16), (int(bits[1][edge]) >> 16, int(bits[1][edge + 1]) >> 16)]
+    picked = loops.magnitude_selects(base, xs, buckets, torch.empty(2, n, dtype=torch.int32))
+    for entries, b, (first, second) in zip(picked, bits, buckets):
+        want = b[((b >> 16) == first) | ((b >> 16) == second)]
+        assert want.numel() > 1 and torch.equal(entries, want)
+
+
 def test_histogram_of_nonfinite_differences_counts_them_in_the_nan_and_inf_buckets():
     """The only place the loops may differ from torch: which NaN a difference of two NaNs is.
     Every such entry still lands at or above the Inf bucket, which sends the merge to torch."""
