@@ -297,6 +297,39 @@ def _trim_combine(base, xs, keep, drop, weight, consensus, normalize, divisor, l
     return nan
 
 
+@numba.njit(**_JIT)
+def _task_sum(base, xs, weight, normalize, divisor, lam, scale, out):
+    """``_trim_combine`` with every τᵢ kept and no consensus (task arithmetic): the weighted
+    τᵢ added into one block as they are computed, in the reference's order, instead of a
+    block per model added up afterwards. task_arithmetic on the benchmark's second data set,
+    one rank, alternating: 5.3–5.6 s (one 6.6) against 5.8–6.2 s, the same bytes."""
+    acc = numpy.empty(_BLOCK, numpy.float32)
+    nan = False
+    for start in range(0, base.size, _BLOCK):
+        end = min(base.size, start + _BLOCK)
+        n, b = end - start, base[start:end]
+        x, w = xs[0][start:end], weight[0]
+        for j in range(n):
+            delta = _widen(x[j]) - _widen(b[j])
+            nan |= delta != delta
+            acc[j] = delta * w
+        for i in range(1, len(xs)):
+            x, w = xs[i][start:end], weight[i]
+            for j in range(n):
+                delta = _widen(x[j]) - _widen(b[j])
+                nan |= delta != delta
+                acc[j] = acc[j] + delta * w
+        for j in range(n):
+            m = acc[j]
+            if normalize:
+                m = m / divisor
+            if scale:
+                m = m * lam
+            acc[j] = _widen(b[j]) + m
+        nan |= _round_into(acc, n, out[start:end])
+    return nan
+
+
 # ---------------------------------------------------------------- random drops (DARE, DELLA)
 
 _WORD, _HALF = numpy.uint64(0xFFFFFFFF), numpy.uint64(0x80000000)
@@ -804,8 +837,16 @@ def task_merge_into(
     (the base's size: float32, or bf16 rounded as torch rounds it), in one loop. False when some
     τᵢ, or into bf16 some result, is NaN or infinite (``trim_combine``)."""
     n = len(tensors)
-    flags = dict(consensus=consensus, normalize=normalize, lambda_=lambda_)
-    return trim_combine(base, tensors, weight, [SELECT_ALL] * n, [SELECT_NONE] * n, **flags, out=out)
+    if consensus:  # the election reads every model's weighted block: the general loop
+        flags = dict(consensus=True, normalize=normalize, lambda_=lambda_)
+        return trim_combine(base, tensors, weight, [SELECT_ALL] * n, [SELECT_NONE] * n, **flags, out=out)
+    w, _, normalize, divisor, lam, scale = _combine_args(weight, consensus, normalize, lambda_)
+    with _first_call(_task_sum, n, out.dtype):
+        nan = _task_sum(
+            _bits(base), tuple(_bits(x) for x in tensors), w, normalize, divisor, lam, scale,
+            _bits(out) if out.dtype == torch.bfloat16 else out.reshape(-1).numpy(),
+        )  # fmt: skip
+    return not nan
 
 
 def task_merge(base: torch.Tensor, tensors: list[torch.Tensor], weight: list[float], *, consensus: bool, normalize: bool, lambda_: float) -> torch.Tensor | None:
