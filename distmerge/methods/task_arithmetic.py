@@ -28,12 +28,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy
 import torch
 
 from distmerge import kernels, reductions, rng, threads
 from distmerge.kernels.reference import RESCALE_EPS, kept
 from distmerge.methods import Method, Param, chunk_ranges, in_unit_interval, non_negative, sparsify
+from distmerge.methods.sparsify import Bits
 
 
 def task_vectors(base: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -238,29 +238,6 @@ def _band_chunked(read, shape, chunk, *, weight, density, gamma, normalize, resc
 
 DRAW_ELEMENTS = 1 << 24
 """Elements of a DARE mask drawn at once (a byte each, before they are packed into ``Bits``)."""
-
-
-class Bits:
-    """A boolean mask of ``numel`` elements kept as one bit each (numpy's packbits, little
-    bit order): a 70B model's lm_head needs 131 MB per model instead of 1 GB. Written in flat
-    order by ranges, ``bits[start:end] = keep``, and read by ranges, ``bits[start:end]``."""
-
-    def __init__(self, numel: int):
-        self.numel = numel
-        self.packed = numpy.zeros((numel + 7) // 8, dtype=numpy.uint8)
-
-    def __setitem__(self, where: slice, keep: torch.Tensor) -> None:
-        first, offset = divmod(where.start, 8)
-        values = keep.reshape(-1).numpy().view(numpy.uint8)
-        if offset:  # the first byte's bits before start, as they were
-            values = numpy.concatenate([numpy.unpackbits(self.packed[first : first + 1], bitorder="little")[:offset], values])
-        packed = numpy.packbits(values, bitorder="little")  # a partial last byte padded with 0s: set by the next range
-        self.packed[first : first + packed.size] = packed
-
-    def __getitem__(self, where: slice) -> torch.Tensor:
-        first, offset = divmod(where.start, 8)
-        bits = numpy.unpackbits(self.packed[first : (where.stop + 7) // 8], bitorder="little")
-        return torch.from_numpy(bits[offset : offset + where.stop - where.start]).view(torch.bool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,7 +93,7 @@ def test_della_chunked_refuses_bad_epsilon_like_the_whole_merge():
 
 
 def test_bits_written_in_flat_order_read_back_any_range():
-    from distmerge.methods.task_arithmetic import Bits
+    from distmerge.methods.sparsify import Bits
 
     g = torch.Generator().manual_seed(3)
     for numel in (1, 8, 13, 1000):
