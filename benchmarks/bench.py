@@ -601,6 +601,19 @@ def warm(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def compile_loops(cmd: list[str], dest: Path, timeout: float) -> float:
+    """One untimed ``distmerge run`` of a method before its timed ones: a process's first call
+    of each of numba's loops (``distmerge.kernels.loops``) compiles it and caches it on disk
+    (4.6–8.7 s a method on this machine, see the README's quick start), which only a fresh
+    install's first run pays. Without it, a benchmark from a new checkout or environment
+    measured compiling: task_arithmetic 10.7 s and 0.81 GB against 5.9 s and 0.63 GB with the
+    cache filled (2026-12-04)."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=RUN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+    shutil.rmtree(dest, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
 def self_reported(log: str) -> dict:
     m = re.search(r"in ([\d.]+)s, peak RSS ([\d.]+) (B|KB|MB|GB|TB) \(rank 0\)", log)
     if not m:
@@ -619,6 +632,8 @@ def parse_args(argv):
                     help="the fine-tunes' deltas: noise on every element (default), or lowrank-sparse (low-rank plus sparse, as real fine-tunes)")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help="comma-separated (default: all ten)")
     ap.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit-yaml")
+    ap.add_argument("--no-compile-run", action="store_true",
+                    help="skip the untimed distmerge run before each method's timed ones (which fills numba's cache)")  # fmt: skip
     ap.add_argument("--ranks", default="1,2", help="distmerge rank counts to run (default 1,2)")
     ap.add_argument("--json", action="store_true", help="JSON dump on stdout (the table goes to stderr)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -736,6 +751,10 @@ def main(argv=None) -> int:
             warm_s = warm(inputs)
             say(f"\n{method}: reads {in_bytes / 1e9:.3f} GB, writes {out_bytes / 1e9:.3f} GB in {len(plan['files'])} files "
                 f"(inputs re-read into the page cache in {warm_s:.1f}s)")  # fmt: skip
+            if any(r.startswith("distmerge") for r in runners) and not args.no_compile_run:
+                dest = outs / f"{method}-compile"
+                first = [*distmerge_cmd, "run", str(recipe), str(dest), "--out-shard-size", str(shard), "--random-seed", "0", *dev]
+                say(f"  (one untimed distmerge run first, {compile_loops(first, dest, args.timeout):.1f}s: numba's loops compiled or loaded into its cache)")
             for repeat, runner in itertools.product(range(args.repeat), runners):  # the runners alternate
                 dest = outs / f"{method}-{runner}"
                 shutil.rmtree(dest, ignore_errors=True)
