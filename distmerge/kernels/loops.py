@@ -234,6 +234,15 @@ def _trim_weigh(base, x, w, keep, drop, taken, out):
 
 
 @numba.njit(inline="always")
+def _agrees(v, total):
+    """Whether v's sign is the one elected by ``total`` (γ = +1 where total ≥ 0; NaN elects −1),
+    as ``reference.agrees``: +0, −0 and NaN agree with neither."""
+    zero = numpy.float32(0.0)
+    positive = total >= zero
+    return ((v > zero) & positive) | ((v < zero) & ~positive)
+
+
+@numba.njit(inline="always")
 def _total(weighted, n, out):
     """out[j] = Σᵢ weighted[i, j] for j < n, added in order from the first row (``reference.total``)."""
     if weighted.shape[0] == 1:
@@ -264,16 +273,14 @@ def _combine(base, weighted, n, weight, consensus, normalize, divisor, lam, scal
         row, w = weighted[0], weight[0]
         for j in range(n):  # the first model's terms added to the sums' +0 here, not to +0s stored first
             v = row[j]
-            positive = summed[j] >= zero  # γ = +1 (NaN elects −1)
-            agree = ((v > zero) & positive) | ((v < zero) & ~positive)
+            agree = _agrees(v, summed[j])
             mixed[j] = zero + (v if agree else zero)
             total_weight[j] = zero + (one if agree else zero) * w
         for i in range(1, models):
             row, w = weighted[i], weight[i]
             for j in range(n):
                 v = row[j]
-                positive = summed[j] >= zero
-                agree = ((v > zero) & positive) | ((v < zero) & ~positive)
+                agree = _agrees(v, summed[j])
                 mixed[j] = mixed[j] + (v if agree else zero)
                 total_weight[j] = total_weight[j] + (one if agree else zero) * w
     else:  # reference.total, then the linear divisor given
@@ -618,8 +625,7 @@ def _erase_merge(base, xs, keep, eta, out):
             row, weight = deltas[i], eta[i]
             for j in range(n):
                 d = row[j]
-                positive = summed[j] >= zero
-                erased = (one if ((d > zero) & positive) | ((d < zero) & ~positive) else zero) * weight
+                erased = (one if _agrees(d, summed[j]) else zero) * weight
                 merged[j] = merged[j] + d * erased
                 total[j] = total[j] + erased
         o = out[start : start + n]
