@@ -601,6 +601,11 @@ def warm(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def run_args(recipe: Path, dest: Path, shard: int, dev: list[str]) -> list[str]:
+    """``distmerge run``'s arguments, the same on every rank count and for the untimed first run."""
+    return ["run", str(recipe), str(dest), "--out-shard-size", str(shard), "--random-seed", "0", *dev]
+
+
 def compile_loops(cmd: list[str], dest: Path, timeout: float) -> float:
     """One untimed ``distmerge run`` of a method before its timed ones: a process's first call
     of each of numba's loops (``distmerge.kernels.loops``) compiles it and caches it on disk
@@ -753,7 +758,7 @@ def main(argv=None) -> int:
                 f"(inputs re-read into the page cache in {warm_s:.1f}s)")  # fmt: skip
             if any(r.startswith("distmerge") for r in runners) and not args.no_compile_run:
                 dest = outs / f"{method}-compile"
-                first = [*distmerge_cmd, "run", str(recipe), str(dest), "--out-shard-size", str(shard), "--random-seed", "0", *dev]
+                first = [*distmerge_cmd, *run_args(recipe, dest, shard, dev)]
                 say(f"  (one untimed distmerge run first, {compile_loops(first, dest, args.timeout):.1f}s: numba's loops compiled or loaded into its cache)")
             for repeat, runner in itertools.product(range(args.repeat), runners):  # the runners alternate
                 dest = outs / f"{method}-{runner}"
@@ -768,7 +773,7 @@ def main(argv=None) -> int:
                         cmd.append("--cuda")
                 else:
                     n = int(runner.split("×")[1])
-                    common = ["run", str(recipe), str(dest), "--out-shard-size", str(shard), "--random-seed", "0", *dev]
+                    common = run_args(recipe, dest, shard, dev)
                     if n == 1:
                         cmd = [*distmerge_cmd, *common]
                     else:
