@@ -32,7 +32,6 @@ import functools
 import hashlib
 
 import numpy
-import randomgen
 import torch
 
 from distmerge import threads
@@ -129,6 +128,8 @@ def _c_words(seed: int, start: int, count: int) -> numpy.ndarray:
     word against the tensor ops' 14 (measured side by side, one thread). randomgen adds one to
     its counter *before* each block, so it starts one below the first block; ``integers``
     over the full uint32 range returns its 32-bit words one by one, in block order."""
+    import randomgen  # here, not at the top: 0.08 s of every command's start-up, for DARE's draws only
+
     first = start >> 2
     philox = randomgen.Philox(counter=(first - 1) % (1 << 128), key=seed, number=4, width=32)
     skip = start & 3
