@@ -8,7 +8,8 @@ For each merge method it runs, on the same checkpoints and with the inputs in th
 
 * ``io-floor``     one Python process (torch and safetensors imported) that reads exactly the
                    input bytes the merge plan reads and writes as many bytes as the merge's
-                   output files hold, fsynced, like distmerge;
+                   output files hold, fsynced, like distmerge, and exits as distmerge does
+                   (``gc.freeze()`` first: no last collections of torch's objects);
 * ``mergekit``     ``mergekit-yaml RECIPE OUT`` (skipped with --skip-mergekit);
 * ``distmerge×N``  ``distmerge run`` for N = 1, torchrun with N processes otherwise.
 
@@ -23,6 +24,7 @@ measurement run in child processes of this same file (``bench.py _make|_floor|_k
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -247,6 +249,7 @@ def cmd_floor(argv: list[str]) -> int:
     os.fsync(dfd)
     os.close(dfd)
     print(json.dumps({"read": read, "written": written, "written_direct": direct_bytes}))
+    gc.freeze()  # the exit distmerge's command has (cli.entry): without torch's 0.4-0.6 s of last collections
     return 0
 
 

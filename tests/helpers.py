@@ -232,7 +232,7 @@ def run_cli(
     input: str | None = None,
     fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run the ``distmerge`` command (``distmerge.cli.main``) in a process of its own.
+    """Run the ``distmerge`` command (``distmerge.cli.entry``) in a process of its own.
 
     Returns the CompletedProcess (text stdout/stderr, the exit code not checked, -N for a
     signal); raises ``subprocess.TimeoutExpired`` after ``timeout`` s, the process killed.
@@ -311,9 +311,9 @@ def _cli_child(argv: list[str], env: dict[str, str], cwd: str, stdin: str, stdou
 
     faulthandler.enable()  # a crash in native code (numba, torch) leaves its Python stack in stderr
     sys.argv = [str(REPO_ROOT / "distmerge" / "cli.py"), *argv]
-    from distmerge.cli import main
+    from distmerge.cli import entry
 
-    main(argv)
+    entry(argv)
 
 
 def run_main(*args: object, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
