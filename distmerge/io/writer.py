@@ -105,7 +105,7 @@ class PartialFile:
         spare: list[torch.Tensor] = []  # segments whose jobs are done: at most three exist
 
         def take() -> torch.Tensor:
-            return spare.pop() if spare else torch.empty(SEGMENT, dtype=torch.uint8)
+            return spare.pop() if spare else _segment_for(offset)
 
         def submit(segment: torch.Tensor, nbytes: int, at: int) -> None:
             data = raw_bytes(segment)[:nbytes]  # in_flight holds the segment until its job is done
@@ -247,10 +247,27 @@ def _align_down(n: int) -> int:
     return n // DIRECT_ALIGN * DIRECT_ALIGN
 
 
+def _segment_for(offset: int) -> torch.Tensor:
+    """SEGMENT bytes whose address is ``offset`` modulo DIRECT_ALIGN: a segment written at
+    ``offset`` plus any multiple of SEGMENT then has the aligned middle of its bytes at an
+    aligned address, which ``_pwrite_direct`` writes from where it is, with no copy."""
+    buf = torch.empty(SEGMENT + DIRECT_ALIGN, dtype=torch.uint8)
+    skip = (offset - buf.data_ptr()) % DIRECT_ALIGN
+    return buf[skip : skip + SEGMENT]
+
+
 def _pwrite_direct(fd: int, address: int, nbytes: int, offset: int) -> None:
     """Write ``nbytes`` from memory ``address`` at file ``offset`` (both multiples of
-    DIRECT_ALIGN; the address need not be) on an ``O_DIRECT`` descriptor, copying through
-    a page-aligned buffer (a tensor's bytes are only 64-byte aligned)."""
+    DIRECT_ALIGN) on an ``O_DIRECT`` descriptor: from ``address`` itself where it is aligned
+    (a streamed tensor's segments, ``_segment_for``), else copied through a page-aligned
+    buffer (a tensor's bytes are only 64-byte aligned). The copy is 2.5 GB of memory moved
+    per 2.5 GB written, on a core the merge would use."""
+    if address % DIRECT_ALIGN == 0:
+        view = memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+        done = 0
+        while done < nbytes:  # a short direct write ends on a block boundary
+            done += os.pwrite(fd, view[done:], offset + done)
+        return
     buf = getattr(_staging, "buf", None)
     if buf is None:
         buf = _staging.buf = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous maps are page-aligned

@@ -244,6 +244,27 @@ def test_a_tensor_written_as_a_stream_of_pieces_is_the_same_bytes_and_sha256(tmp
     assert (tmp_path / "f.partial").read_bytes() == expected(tensors)
 
 
+def test_streamed_segments_are_written_directly_from_where_they_are(tmp_path, monkeypatch):
+    """A streamed tensor's segments sit at addresses aligned as their file offsets are
+    (``_segment_for``), so their aligned middles go to disk from the segment itself, not
+    copied through the staging buffer, at every offset a tensor can start at: same bytes and
+    digests as ``write_at``."""
+    monkeypatch.setattr(writer, "SEGMENT", 16 * DIRECT_ALIGN)
+    monkeypatch.setattr(writer, "DIRECT_MIN", 2 * DIRECT_ALIGN)
+    addresses = []
+    spy = writer._pwrite_direct
+    monkeypatch.setattr(writer, "_pwrite_direct", lambda fd, address, n, at: addresses.append(address) or spy(fd, address, n, at))
+    sizes = [16 * DIRECT_ALIGN * 3 + 5, 7 * DIRECT_ALIGN + 1, 100003, 16 * DIRECT_ALIGN]
+    tensors = layout(sizes)
+    part = PartialFile(str(tmp_path / "f"), HEADER, len(expected(tensors)))
+    digests = [part.write_stream(offset, iter([t.view(-1)[:777], t.view(-1)[777:]])) for offset, t in tensors]
+    assert [d.result() for d in digests] == [writer._sha256(writer.raw_bytes(t)) for _, t in tensors]
+    part.flush_job()()
+    part.close()
+    assert (tmp_path / "f.partial").read_bytes() == expected(tensors)
+    assert len(addresses) == 7 and all(a % DIRECT_ALIGN == 0 for a in addresses)  # 3 + 1 + 2 + 1 segments go direct
+
+
 def test_a_disk_error_while_streaming_reaches_the_caller(tmp_path, monkeypatch):
     monkeypatch.setattr(writer, "SEGMENT", 16 * DIRECT_ALIGN)
     (offset, t), *_ = layout(SIZES)
