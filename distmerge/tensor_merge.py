@@ -267,8 +267,9 @@ def merge_tensor(plan: Plan, t: OutputTensor, ctx: MergeContext, stream: bool = 
     naming the tensor if the result has NaN or Inf, unless ``ctx.allow_nonfinite``.
     Merged once per unit of work (``ctx.memo``), however many outputs or stages read it.
     With ``stream`` (the caller is the only reader: it writes the tensor and nothing else
-    asks for it), a tensor merged by a method's chunked form comes as ``Pieces``, its
-    output never allocated whole (a 70B model's lm_head is 2.1 GB in bf16).
+    asks for it), a large tensor merged by a method's chunked form or element-wise on CPU
+    comes as ``Pieces``, its output never allocated whole (a 70B model's lm_head is 2.1 GB
+    in bf16).
 
     Element-wise methods on large tensors run chunk by chunk over zero-copy slices of the
     inputs: the same result with a few cache-sized temporaries instead of a float32 copy of
@@ -360,6 +361,9 @@ def _merge(plan: Plan, t: OutputTensor, ctx: MergeContext, stream: bool = False)
     kwargs = method_kwargs(method, t, ctx.kernel_options)
     numel = src.inputs[0].numel()
     if numel > CHUNK_ELEMENTS and method.elementwise:
+        if stream:  # range by range into buffers of their own: the output never whole
+            ranges = _fill_elementwise(src, [(t, method, kwargs)], ctx, lambda i, j: [torch.empty(j - i, dtype=out_dtype, device=device)])
+            return Pieces(piece for piece, in ranges)
         return _merge_elementwise(src, [(t, method, kwargs)], ctx)[0]
     pieces = _chunked(method, src, kwargs) if numel > CHUNK_ELEMENTS else None
     if pieces is None:
@@ -451,34 +455,48 @@ def _merge_elementwise(src: TensorInputs, jobs: list[tuple[OutputTensor, methods
     output directly, DROP_ELEMENTS at a time (a range it declines goes chunk by chunk)."""
     numel = src.inputs[0].numel()
     outs = [torch.empty(numel, dtype=DTYPES[t.dtype], device=ctx.device) for t, _, _ in jobs]
-    how = src.as_stored if len(jobs) == 1 else src.widen  # several jobs: each chunk widened to float32 once, for all
-    (_, method, kwargs), out = jobs[0], outs[0]
-    stored = [x for x in (src.base, *src.inputs) if x is not None]
-    cpu = out.device.type == "cpu"
-    into = method.into if cpu and len(jobs) == 1 and all(x.dtype == src.work for x in (out, *stored)) else None
-    start = time.perf_counter()
-    for i, j in methods.chunk_ranges(numel, DROP_ELEMENTS if into else CHUNK_ELEMENTS):
-        if into is not None and into(*src.read_range(i, j, how), out=out[i:j], **kwargs):
-            src.drop_read()  # one range's input pages mapped at a time, as chunk by chunk
-            continue
-        for a, b in methods.chunk_ranges(j - i, CHUNK_ELEMENTS):
-            _merge_chunk(src, jobs, outs, i + a, i + b, how, ctx)
-    src.drop_read()
-    _count_reads(ctx.progress, src, start)
+    for _ in _fill_elementwise(src, jobs, ctx, lambda i, j: [out[i:j] for out in outs]):
+        pass
     return [out.view(t.shape) for (t, _, _), out in zip(jobs, outs)]
 
 
+def _fill_elementwise(
+    src: TensorInputs, jobs: list[tuple[OutputTensor, methods.Method, dict]], ctx: MergeContext, targets: Callable[[int, int], list[torch.Tensor]]
+) -> Iterator[list[torch.Tensor]]:
+    """``_merge_elementwise``'s work range by range: each job's output over [i, j) merged into
+    ``targets(i, j)`` (slices of whole outputs, or a streamed tensor's buffers), which it
+    then yields, in order."""
+    numel = src.inputs[0].numel()
+    how = src.as_stored if len(jobs) == 1 else src.widen  # several jobs: each chunk widened to float32 once, for all
+    _, method, kwargs = jobs[0]
+    stored = [x for x in (src.base, *src.inputs) if x is not None]
+    cpu = torch.device(ctx.device).type == "cpu"
+    into = method.into if cpu and len(jobs) == 1 and all(d == src.work for d in (DTYPES[jobs[0][0].dtype], *(x.dtype for x in stored))) else None
+    start = time.perf_counter()
+    for i, j in methods.chunk_ranges(numel, DROP_ELEMENTS if into else CHUNK_ELEMENTS):
+        outs = targets(i, j)
+        if into is not None and into(*src.read_range(i, j, how), out=outs[0], **kwargs):
+            src.drop_read()  # one range's input pages mapped at a time, as chunk by chunk
+        else:
+            for a, b in methods.chunk_ranges(j - i, CHUNK_ELEMENTS):
+                _merge_chunk(src, jobs, [out[a:b] for out in outs], i + a, i + b, how, ctx)
+        yield outs
+    src.drop_read()
+    _count_reads(ctx.progress, src, start)
+
+
 def _merge_chunk(src: TensorInputs, jobs: list[tuple[OutputTensor, methods.Method, dict]], outs: list[torch.Tensor], i: int, j: int, how, ctx: MergeContext) -> None:
-    """The chunk [i, j) of each job's output: merged, rounded into its place, checked."""
+    """The chunk [i, j) of each job's output: merged, rounded into ``outs`` (each job's place
+    for it), checked."""
     chunks = src.read_range(i, j, how)
     for (t, method, kwargs), out in zip(jobs, outs):
         merged = method.merge(*chunks, **kwargs)
         if out.dtype == src.work:  # rounded once, into its place
-            out[i:j].copy_(merged)
+            out.copy_(merged)
         else:  # to the compute dtype, as mergekit returns it, then to the output dtype
-            out[i:j] = merged.to(src.work)
+            out[:] = merged.to(src.work)
         if not ctx.allow_nonfinite:
-            check_finite(t, out[i:j])
+            check_finite(t, out)
 
 
 def _count_reads(progress: Progress | None, src: TensorInputs, start: float) -> None:

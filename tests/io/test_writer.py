@@ -280,11 +280,20 @@ def test_a_disk_error_while_streaming_reaches_the_caller(tmp_path, monkeypatch):
     part.close()
 
 
-def test_a_chunked_merge_is_written_as_it_is_merged_with_the_bytes_of_a_whole_one(llama_family, tmp_path, monkeypatch):
-    """A tensor merged by a method's chunked form, alone in its unit of work, goes to the file
-    piece by piece (``tensor_merge.Pieces``, ``PartialFile.write_stream``: its output never
-    allocated whole); the files, and the journal's digests the manifest is checked with, are
-    those of the merge with every tensor whole."""
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("ties", ({"weight": 0.5, "density": 0.4}, {"weight": 0.5, "density": 0.6})),  # a chunked form: statistics first
+        ("task_arithmetic", ({"weight": 0.7}, {"weight": -0.3})),  # element-wise: range by range
+        ("linear", ({"weight": 0.7}, {"weight": 0.3})),
+    ],
+)
+def test_a_chunked_merge_is_written_as_it_is_merged_with_the_bytes_of_a_whole_one(llama_family, tmp_path, monkeypatch, method, params):
+    """A large tensor alone in its unit of work, merged by a method's chunked form or
+    element-wise, goes to the file piece by piece (``tensor_merge.Pieces``,
+    ``PartialFile.write_stream``: its output never allocated whole); the files, and the
+    journal's digests the manifest is checked with, are those of the merge with every tensor
+    whole."""
     import filecmp
 
     from distmerge import tensor_merge
@@ -292,20 +301,23 @@ def test_a_chunked_merge_is_written_as_it_is_merged_with_the_bytes_of_a_whole_on
     from tests.test_merge_vs_mergekit import distmerge, models
 
     f = llama_family
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(f["base"]),
-        "models": models(f, ("ft1", {"weight": 0.5, "density": 0.4}), ("ft2", {"weight": 0.5, "density": 0.6})),
-        "dtype": "bfloat16",
-    }
+    recipe = {"merge_method": method, "models": models(f, ("ft1", params[0]), ("ft2", params[1])), "dtype": "bfloat16"}
+    if method != "linear":
+        recipe["base_model"] = str(f["base"])
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 1 << 40)  # every tensor whole
     whole = distmerge(recipe, tmp_path / "whole")
-    streamed = []
+    streamed, pieces = [], []
     real = PartialFile.write_stream
-    monkeypatch.setattr(PartialFile, "write_stream", lambda self, offset, pieces: streamed.append(offset) or real(self, offset, pieces))
+
+    def spy(self, offset, parts):
+        streamed.append(offset)
+        return real(self, offset, (pieces.append(p.numel()) or p for p in parts))
+
+    monkeypatch.setattr(PartialFile, "write_stream", spy)
     monkeypatch.setattr(tensor_merge, "CHUNK_ELEMENTS", 999)
+    monkeypatch.setattr(tensor_merge, "DROP_ELEMENTS", 2500)  # an element-wise loop's range: several a tensor
     chunked = distmerge(recipe, tmp_path / "chunked")
-    assert len(streamed) > 10
+    assert len(streamed) > 10 and len(pieces) > 2 * len(streamed) and max(pieces) <= 2500
     shards = sorted(p.name for p in whole.glob("model-*.safetensors"))
     assert shards and all(filecmp.cmp(whole / n, chunked / n, shallow=False) for n in shards)
     verified = run_main("verify", chunked, "--full")
