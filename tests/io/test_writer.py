@@ -83,6 +83,17 @@ def test_aligned_middles_go_direct_and_the_file_holds_every_byte(tmp_path, direc
         assert o <= offset < o + DIRECT_ALIGN and o + n - DIRECT_ALIGN < offset + nbytes <= o + n
 
 
+def test_a_direct_write_through_many_staging_chunks_holds_every_byte(tmp_path, monkeypatch):
+    """A tensor's aligned middle larger than the staging buffer goes to disk chunk by chunk
+    through it: every chunk lands at its offset (several chunks, a short last one)."""
+    needs_direct_io(tmp_path)
+    monkeypatch.setattr(writer, "DIRECT_CHUNK", 3 * DIRECT_ALIGN)
+    monkeypatch.setattr(writer, "_staging", writer.threading.local())  # buffers of that size
+    tensors = layout([DIRECT_MIN + 4097, DIRECT_MIN + 7 * DIRECT_ALIGN + 3, DIRECT_MIN])
+    data, _ = write(tmp_path / "f", tensors)
+    assert data == expected(tensors)
+
+
 def test_a_file_system_without_direct_io_gets_every_byte_through_the_page_cache(tmp_path, direct_calls, monkeypatch):
     monkeypatch.setattr(writer, "_open_direct", lambda path: None)
     tensors = layout(SIZES)
