@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh [RESULTS_DIR]      # default: $OUT if set (the device tool's), else a new temp dir
 #
 # 1. the GPU (nvidia-smi) and the torch / triton versions;
-# 2. the CUDA tests: every test file with a "needs a CUDA GPU" skip (tests/test_cuda.py, ...), listed;
+# 2. the CUDA tests: the tests marked ``cuda`` (tests/test_cuda.py, ...), listed;
 # 3. every Triton kernel against its torch reference at real sizes (8192x28672, a bf16 base and
 #    three models), bitwise or the largest difference, and its GB/s against the GPU's peak
 #    memory bandwidth (benchmarks/gpu_kernels.py);
@@ -47,10 +47,10 @@ step gpu 30 bash -c '
     "$0" -c "import torch, triton; p = torch.cuda.get_device_properties(0); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"|\", p.name, f\"sm_{p.major}{p.minor}\", p.multi_processor_count, \"SMs\")"
 ' "$PY"
 
-mapfile -t cuda_tests < <(grep -rl --include='test_*.py' "needs a CUDA GPU" tests | sort)
+mapfile -t cuda_tests < <(grep -rlE --include='test_*.py' "pytest.mark.cuda\b" tests | sort)
 echo
-echo "CUDA tests (files with a 'needs a CUDA GPU' skip): ${cuda_tests[*]}"
-step cuda-tests 150 "$PY" -m pytest -q -ra -p no:cacheprovider "${cuda_tests[@]}"
+echo "CUDA tests (the tests marked cuda, in): ${cuda_tests[*]}"
+step cuda-tests 150 "$PY" -m pytest -q -ra -p no:cacheprovider -m cuda "${cuda_tests[@]}"
 
 step kernels 150 "$PY" benchmarks/gpu_kernels.py --json "$RESULTS/gpu_kernels.json"
 

@@ -65,8 +65,12 @@ HUB_REPO_ID = "distmerge-test/tiny-llama"
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``@pytest.mark.needs("mergekit", ...)``: the test is skipped, saying which, where an
-    optional package of the test extra is not installed (looked up without importing it)."""
+    optional package of the test extra is not installed (looked up without importing it);
+    ``@pytest.mark.cuda``: skipped where torch sees no CUDA GPU."""
+    no_gpu = not torch.cuda.is_available()
     for item in items:
+        if no_gpu and item.get_closest_marker("cuda"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         for mark in item.iter_markers("needs"):
             missing = [m for m in mark.args if importlib.util.find_spec(m) is None]
             if missing:

@@ -14,7 +14,7 @@ import torch
 from distmerge.io.reader import TensorReader
 from tests.test_merge_vs_mergekit import distmerge, models
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.cuda
 
 
 @pytest.mark.parametrize("io", ["mmap", "pread"])

@@ -582,7 +582,7 @@ def test_fused_run_on_two_ranks_is_byte_identical_to_the_staged_run(staged, tmp_
 # ---------------------------------------------------------------- CUDA
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("chain", ["linear-ties-passthrough-f32", "dare_ties-dare_ties-bf16", "union-tokenizer-bf16"])
 def test_fused_run_on_cuda_is_byte_identical_to_the_staged_run_on_cuda(staged, chain, tmp_path):
     """On the GPU, the stages' tensors stay on the device between the stages of the

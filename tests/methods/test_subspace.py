@@ -444,7 +444,7 @@ def test_lines_without_a_base_model_is_refused_by_the_plan(llama_family_f32, tmp
 # ---------------------------------------------------------------- on the GPU
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the SVDs' GPU tolerance is checked where there is one")
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 def test_svd_methods_on_cuda_agree_with_cpu(method):
     """cuSOLVER and LAPACK round differently: agreement to 1e-4 of the update's size (the
