@@ -306,6 +306,9 @@ def cmd_kernel(argv: list[str]) -> int:
                 self.cache[key] = self.files.read(path, dtype, shape, begin, end).to(device).clone()
             return self.cache[key]
 
+        def drop(self, view):  # (nothing is mapped from a file here: the inputs stay for the next call)
+            pass
+
     reader = Preloaded()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     merge_tensor(plan, t, MergeContext(reader, device))  # warm-up (and loads the inputs)

@@ -3,8 +3,10 @@
     python benchmarks/gpu_kernels.py                       # 8192x28672, 3 models, every kernel
     python benchmarks/gpu_kernels.py --shape 4096x14336 --kernels scale,task_merge/band --json out.json
 
-For each case of each kernel (``distmerge.kernels.selfcheck.cases``: the same calls the run's
-start-up self-check makes, here on tensors of ``--shape``; a bf16 base and bf16, fp16 and fp32
+First the run's start-up self-check of every kernel (``selfcheck.check``: a 17x241 tensor, the
+kernel on the GPU against its reference on the CPU, the truth every test holds distmerge to).
+Then for each case of each kernel (``distmerge.kernels.selfcheck.cases``: the same calls the
+self-check makes, here on tensors of ``--shape``; a bf16 base and bf16, fp16 and fp32
 models), prints whether the kernel's result equals the reference's computed on the same GPU
 (bitwise, or the largest difference; rescaled cases are compared within rtol = atol = 1e-6),
 the kernel's median time over ``--repeat`` timed calls after ``--warmup`` (CUDA events), its
@@ -19,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
+import time
 
 NO_GPU = "no CUDA device: run this on a GPU machine"
 
@@ -98,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
+    # The self-check's time from cold (a run's first start-up on a machine): compiled kernels
+    # go to a cache of this process's own, read by Triton when it compiles.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="distmerge-triton-cache-")
     import torch
 
     if not torch.cuda.is_available():
@@ -121,9 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     peak_text = f"{peak / 1e9:.0f} GB/s ({source})" if peak else "unknown (name not in PEAK_BANDWIDTH)"
     print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB; peak memory bandwidth {peak_text}")
     print(f"shape {'x'.join(map(str, args.shape))}, base bf16, models fp16/fp32/bf16, median of {args.repeat} after {args.warmup} warm-up calls")
+    from distmerge.kernels import KernelOptions
+
+    shape_text = "x".join(map(str, selfcheck.SHAPE))
+    print(f"the run's start-up self-check ({shape_text}: each kernel on the GPU against its torch reference on the CPU):")
+    start = time.perf_counter()
+    _, findings = selfcheck.check(names, device, KernelOptions())
+    torch.cuda.synchronize(device)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    selfcheck.check(names, device, KernelOptions())
+    torch.cuda.synchronize(device)
+    warm = time.perf_counter() - start
+    print(f"  ({cold:.2f} s with an empty Triton cache: compiling every kernel for these inputs; {warm:.2f} s again)")
+    failed = sum(not f.ok for f in findings)
+    for f in findings:
+        print(f"  {f.kernel:<20} {'matches' if f.ok else 'DIFFERS'}: {f.detail}", flush=True)
+    checks = [dict(kernel=f.kernel, ok=f.ok, result=f.detail) for f in findings]
+    print(f"\n{'x'.join(map(str, args.shape))}: each kernel against its torch reference on the GPU (what a kernel switched off runs)")
     data = selfcheck.inputs(args.shape, device)
-    rows, failed = [], 0
-    header = f"{'case':<44} {'vs reference':<34} {'triton ms':>9} {'GB/s':>7} {'of peak':>7} {'torch ms':>9}"
+    rows = []
+    header = f"{'case':<44} {'vs torch on the GPU':<34} {'triton ms':>9} {'GB/s':>7} {'of peak':>7} {'torch ms':>9}"
     print(header)
     for kernel in names:
         try:
@@ -157,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=props.name, peak_bandwidth=peak, peak_source=source, shape=args.shape, cases=rows), f, indent=1)
-    print(f"{len(rows) - failed} of {len(rows)} cases match their reference" + (f"; {failed} DIFFER or fail" if failed else ""))
+            json.dump(dict(device=props.name, peak_bandwidth=peak, peak_source=source, shape=args.shape, self_check=checks,
+                           self_check_seconds=dict(empty_cache=cold, again=warm),
+                           cases=rows), f, indent=1)  # fmt: skip
+    n = len(rows) + len(checks)
+    print(f"{n - failed} of {n} self-checks and cases match their reference" + (f"; {failed} DIFFER or fail" if failed else ""))
     return 1 if failed else 0
 
 

@@ -3,11 +3,17 @@
 The kernels are tested under the Triton interpreter on CPU (tests/kernels/test_kernels.py),
 which is not the GPU a run gets: its compiler, its rounding, its driver. So before a run
 merges on CUDA, each kernel it will use is run once on a small tensor on that device (an odd
-number of elements, so the last block is partial) and compared with its reference there,
-as exactly as the tests compare them: bitwise, or within ``TOL`` where a rescale's L1 sums
-are reduced in another order (``triton_kernels``). A kernel that differs or raises is
-switched to its torch reference for the run (``KernelOptions.disabled``), with one warning
-naming it and what differed; the findings go into the run report.
+number of elements, so the last block is partial) and compared with its reference computed
+on the CPU, the path every other test compares with mergekit: bitwise, or within ``TOL``
+where a rescale's L1 sums are reduced in another order (``triton_kernels``). A kernel that
+differs or raises is switched to its torch reference for the run (``KernelOptions.disabled``),
+with one warning naming it and what differed; the findings go into the run report.
+
+Not the reference on the GPU: torch's CUDA ops are not the CPU's bit for bit (a division by
+a number is a multiplication by its reciprocal there; a sum of the weights is added in
+another order). On the first GPU this project was lent (an H200, 2026-12-04), a check against
+the references on the GPU switched off linear_sum and stock_interpolate, whose Triton
+kernels gave the CPU's bits, for a torch path that did not.
 
 Under TRITON_INTERPRET=1 the same function checks the interpreted kernels on CPU tensors
 (tests/kernels/test_selfcheck.py).
@@ -75,12 +81,13 @@ def check(
     except Exception as e:  # triton broken at import: every kernel fails alike
         findings = [Finding(k, False, _first_line(e)) for k in names]
     else:
-        data = inputs(shape, device)
-        findings = [_check_one(k, triton_kernels, data) for k in names]
+        on_cpu = inputs(shape, "cpu")
+        data = moved(on_cpu, device)
+        findings = [_check_one(k, triton_kernels, data, on_cpu) for k in names]
     for f in findings:
         if not f.ok:
             warnings.warn(
-                f"distmerge: the {f.kernel} Triton kernel does not match its torch reference on {device} ({f.detail}); "
+                f"distmerge: the {f.kernel} Triton kernel on {device} does not match its torch reference on the CPU ({f.detail}); "
                 "this run uses the torch reference for it",
                 stacklevel=2,
             )
@@ -91,6 +98,11 @@ def check(
 def _first_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}"
     return text.strip().splitlines()[0][:300]
+
+
+def moved(data: dict, device: str | torch.device) -> dict:
+    """``inputs``' tensors, copied to ``device`` (the same values)."""
+    return {key: [x.to(device) for x in v] if isinstance(v, list) else v.to(device) for key, v in data.items()}
 
 
 def inputs(shape: tuple[int, ...], device: str | torch.device, seed: int = 20) -> dict:
@@ -133,18 +145,19 @@ def _keep(kind: str, base, models, masks, rescale: bool) -> Keep:
     return Keep((*rules, None), rescale)
 
 
-def _check_one(kernel: str, tk, inputs: dict) -> Finding:
-    """Run ``kernel``'s cases; the first that differs or raises is the finding. Where the
+def _check_one(kernel: str, tk, inputs: dict, on_cpu: dict) -> Finding:
+    """Run ``kernel``'s cases on ``inputs`` and their references on the same values on the
+    CPU (``on_cpu``); the first case that differs or raises is the finding. Where the
     reference itself raises, the kernel stays on (the reference path would fail the run)
     and the finding says it was not checked."""
     try:
-        for case in cases(kernel, tk, inputs):
+        for case, truth in zip(cases(kernel, tk, inputs), cases(kernel, tk, on_cpu)):
             try:
-                want = case.reference()
+                want = truth.reference()
             except Exception as e:
                 warnings.warn(f"distmerge: the {kernel} Triton kernel was not checked: its torch reference raised {_first_line(e)}")
                 return Finding(kernel, True, "not checked: the torch reference raised " + _first_line(e))
-            problem = compare(case.run(), want, case.exact)
+            problem = compare(case.run().cpu(), want, case.exact)
             if problem:
                 return Finding(kernel, False, problem)
     except Exception as e:

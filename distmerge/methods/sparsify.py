@@ -36,7 +36,7 @@ import torch
 
 from distmerge import kernels, rng, threads
 from distmerge.errors import MergeError
-from distmerge.kernels.reference import sparsified
+from distmerge.kernels.reference import on_device_of, sparsified
 
 _CHUNK = 1 << 22
 """Elements per pass in the selection scans: bounds their scratch memory."""
@@ -250,7 +250,7 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     columns = x.shape[-1]
     if columns == 1:
         return torch.full_like(delta, density, dtype=torch.float32)
-    rank_norm = _row_ranks(x.abs()) / (columns - 1)
+    rank_norm = _row_ranks(x.abs()) / on_device_of(x, columns - 1)  # (a true division on CUDA too)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     return probs.movedim(-1, 1).reshape(delta.shape)
 

@@ -21,7 +21,7 @@ import yaml
 
 from distmerge import kernels, run
 from distmerge.job import kernel_report
-from distmerge.kernels import selfcheck
+from distmerge.kernels import reference, selfcheck
 from distmerge.methods import METHODS
 from distmerge.methods.task_arithmetic import FAMILY
 from distmerge.tensor_merge import method_kernels, plan_methods
@@ -219,5 +219,29 @@ def test_a_kernel_whose_reference_raises_stays_on_unchecked(monkeypatch):
     data = selfcheck.inputs((4, 33), "cpu")
     monkeypatch.setattr(selfcheck.reference, "scale", broken)
     with pytest.warns(UserWarning, match="scale Triton kernel was not checked"):
-        finding = selfcheck._check_one("scale", types.SimpleNamespace(scale=lambda x, s: x.float() * s), data)
+        finding = selfcheck._check_one("scale", types.SimpleNamespace(scale=lambda x, s: x.float() * s), data, data)
     assert finding == selfcheck.Finding("scale", True, "not checked: the torch reference raised RuntimeError: no kernel image is available")
+
+
+def test_the_kernel_on_the_device_is_compared_with_the_reference_on_the_cpu(monkeypatch):
+    """torch's CUDA ops are not the CPU's bit for bit (a division by a number is a product with
+    its reciprocal there): the truth is the reference on the CPU. Here the "device" is meta
+    (tensors without values): the check passes only if the reference ran on CPU copies."""
+    from distmerge.kernels import triton_kernels
+
+    want = reference.scale(selfcheck.inputs(selfcheck.SHAPE, "cpu")["models"][2], 0.37)
+    ran_on = []
+
+    def kernel(x, s):
+        ran_on.append(x.device.type)
+        return want.clone()
+
+    monkeypatch.setattr(triton_kernels, "scale", kernel)
+    options, findings = selfcheck.check(["scale"], "meta", kernels.KernelOptions())
+    assert ran_on == ["meta"] and findings == [selfcheck.Finding("scale", True, "bitwise equal")]
+    assert options.disabled == frozenset()
+
+    monkeypatch.setattr(triton_kernels, "scale", lambda x, s: torch.nextafter(want, torch.full_like(want, 9.0)))
+    with pytest.warns(UserWarning, match="scale Triton kernel on meta does not match its torch reference on the CPU"):
+        options, findings = selfcheck.check(["scale"], "meta", kernels.KernelOptions())
+    assert options.disabled == {"scale"} and findings[0].detail.startswith("4097 of 4097 entries differ (bitwise)")

@@ -448,10 +448,33 @@ def test_lines_without_a_base_model_is_refused_by_the_plan(llama_family_f32, tmp
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 def test_svd_methods_on_cuda_agree_with_cpu(method):
     """cuSOLVER and LAPACK round differently: agreement to 1e-4 of the update's size (the
-    tolerance the README states), not bits."""
-    base, tensors = models((256, 96), 3, seed=7)
+    tolerance the README states), not bits, where the methods' truncations cut the spectra
+    between separated singular values. At a near-tie the kept subspace is ill-defined: on seed
+    7 (relative gap 2.5e-5 at Iso-CTS's common cut) an H200 and the CPU kept directions 0.7%
+    of the update apart."""
+    base, tensors = models((256, 96), 3, seed=22)
+    assert _smallest_gap_at_the_cuts(base, tensors) > 5e-3  # (seed 7: 2.5e-5)
     merge = METHODS[method].merge
     cpu = merge(base, tensors)
     gpu = merge(base.cuda(), [x.cuda() for x in tensors]).cpu()
     scale = float((cpu - base).abs().max())
     torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-4 * scale)
+
+
+def _smallest_gap_at_the_cuts(base: torch.Tensor, tensors: list[torch.Tensor]) -> float:
+    """min over the truncations of iso_cts (its common cut; each task's cut outside the common
+    subspace) and tsv (each task's cut) of (σ_last kept − σ_first dropped) / σ_max, in float64."""
+    deltas = [(x - base).double() for x in tensors]
+    k, tasks = min(base.shape), len(deltas)
+    specific = round((k - int(k * 0.8)) / tasks) * tasks
+    common, per_task = k - specific, specific // tasks
+
+    def gap(s: torch.Tensor, keep: int) -> float:
+        return float((s[keep - 1] - s[keep]) / s[0])
+
+    u, s, _ = torch.linalg.svd(sum(deltas), full_matrices=False)
+    u_c = u[:, :common]
+    gaps = [gap(s, common)]
+    gaps += [gap(torch.linalg.svdvals(d - u_c @ (u_c.T @ d)), per_task) for d in deltas]
+    gaps += [gap(torch.linalg.svdvals(d), k // tasks) for d in deltas]
+    return min(gaps)
