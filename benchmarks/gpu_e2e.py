@@ -16,7 +16,8 @@ What must be byte-identical: the cases in ``EXACT`` (element-wise math: the Trit
 and the torch references compute the CPU's float32 operations). The others reduce whole
 tensors (norms, dot products, L1 rescales, iterations), which a GPU orders differently: they
 must agree within ``RTOL`` of each tensor's largest entry, or differ only where a selection
-(a mask, a draw) flipped at a value its reduction moved, in at most ``FLIPS`` of the entries.
+(arcee_fusion's top entries by KL divergence) flipped at a value its reduction moved, in at
+most ``FLIPS`` of the entries (measured: 0.04%).
 
 Called by benchmarks/gpu_check.sh; exits 1 when a case fails, 2 without the device.
 """
@@ -30,8 +31,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-RTOL = 1e-5
-"""Agreement of a reduced method: |cuda − cpu| ≤ RTOL · max |cpu| per tensor."""
+RTOL = 1e-4
+"""Agreement of a reduced method: |cuda − cpu| ≤ RTOL · max |cpu| per tensor. Measured on an
+H200 (2026-12-04): at most 2.9e-5 (multislerp, whose whole-tensor norms feed its angles),
+3.7e-6 (slerp), 3e-6 (karcher), 2.6e-7 (della), 2e-7 (ties with a rescale)."""
 FLIPS = 1e-3
 """Of a tensor's entries, at most this fraction beyond RTOL (a selection that flipped)."""
 

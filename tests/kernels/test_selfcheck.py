@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,59 @@ def test_the_kernel_on_the_device_is_compared_with_the_reference_on_the_cpu(monk
     with pytest.warns(UserWarning, match="scale Triton kernel on meta does not match its torch reference on the CPU"):
         options, findings = selfcheck.check(["scale"], "meta", kernels.KernelOptions())
     assert options.disabled == {"scale"} and findings[0].detail.startswith("4097 of 4097 entries differ (bitwise)")
+
+
+# ---------------------------------------------------------------- benchmarks/gpu_e2e.py, without a GPU
+
+
+def _gpu_e2e():
+    import importlib.util
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO_ROOT / "benchmarks" / "gpu_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_e2e_says_it_needs_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _gpu_e2e().main([str(tmp_path / "w"), str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "w").exists()
+
+
+def test_gpu_e2e_compares_bytes_then_closeness(tmp_path):
+    """Byte-identical; an ulp off (close); a few entries far off (a flipped selection, within
+    FLIPS); many far off (not close); a different dtype (not close)."""
+    from safetensors.torch import save_file
+
+    e2e = _gpu_e2e()
+    x = torch.linspace(-1, 1, 10_000).reshape(100, 100)
+
+    def out(name: str, y: torch.Tensor) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        save_file({"w": y, "n": torch.ones(3)}, str(d / "model.safetensors"))
+        return d
+
+    cpu = out("cpu", x)
+    assert e2e.compare(cpu, out("same", x.clone())) == (True, "byte-identical to CPU", True)
+    same, what, close = e2e.compare(cpu, out("ulp", torch.nextafter(x, torch.full_like(x, 2.0))))
+    assert (same, close) == (False, True) and what.startswith("1 tensors differ, max |diff| 1.2e-07")
+    few = x.clone()
+    few.view(-1)[:5] += 0.5
+    assert e2e.compare(cpu, out("few", few))[1:] == ("1 tensors differ, max |diff| 0.5 of the tensor's largest entry, 0.05% of a tensor's entries beyond 0.0001", True)
+    many = x.clone()
+    many.view(-1)[:100] += 0.5
+    assert e2e.compare(cpu, out("many", many))[2] is False
+    assert e2e.compare(cpu, out("half", x.half()))[2] is False
+
+
+def test_gpu_e2e_has_a_case_for_every_float32_case_and_randomized_method():
+    from tests.methods.test_methods_e2e import FLOAT32_CASES, RANDOMIZED
+
+    fams = {dt: {m: Path("/m") / dt / m for m in ("base", "ft1", "ft2", "ft3")} for dt in ("bfloat16", "float32")}
+    cases = dict(_gpu_e2e().cases(fams))
+    assert {c.id for c in FLOAT32_CASES} <= set(cases) and RANDOMIZED <= {r["merge_method"] for r in cases.values()}
+    assert all(label in cases for label in _gpu_e2e().EXACT)
