@@ -25,9 +25,14 @@ machines, whose torch reports AVX-512. Where no width reproduces torch, ``total`
 ``Buffered`` sum: the chunks copied into one float32 tensor that torch sums at the end, the
 memory this module otherwise saves.
 
-(``torch.linalg.vector_norm`` is simpler, x·x added in one accumulator of L lanes, row after
-row, but that is a sequential scan: in numpy it costs 2.3 ns an element here against 0.15 for
-torch over a buffer, so model_stock keeps its buffer.)
+``torch.linalg.vector_norm`` (``Norm``) is simpler: x·x added into one vector of L lanes from
++0, vector after vector (each product and each sum rounded: no fused multiply-add), the lanes
+added in order from +0, then the squares of the last numel mod L elements one by one, and the
+square root. A sequential scan: in numpy it cost 2.3 ns an element against 0.15 for torch
+over a buffer; numba's loop (``kernels.loops.squares``) takes 0.17, so model_stock streams
+its norms too, without the float32 copy of each task vector it kept for torch's norm. The
+width is found by comparing with torch (``norm_lanes``); where none reproduces it,
+model_stock keeps the copy.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from distmerge import kernels, threads
 
-__all__ = ["Buffered", "Sum", "lanes", "total"]
+__all__ = ["Buffered", "Norm", "Sum", "lanes", "norm_lanes", "total"]
 
 _F32 = numpy.float32
 _LEVELS = 4
@@ -229,3 +234,83 @@ def _streamed(x: torch.Tensor, width: int) -> torch.Tensor:
 
 def _bits(x: torch.Tensor) -> int:
     return int(x.reshape(1).view(torch.int32)[0])
+
+
+class Norm:
+    """``torch.linalg.vector_norm`` (2-norm, one thread) of a flat float32 tensor of ``numel``
+    elements, added chunk by chunk in flat order (``add``), for vectors of ``width`` lanes
+    (``norm_lanes``). Needs numba (``kernels.loops``)."""
+
+    def __init__(self, numel: int, width: int):
+        self.numel, self.width = numel, width
+        self.lanes = numpy.zeros(width, _F32)
+        self.pending = numpy.empty(width, _F32)  # the start of a vector not yet whole
+        self.filled = 0
+        self.seen = 0
+
+    @numpy.errstate(all="ignore")
+    def add(self, chunk: torch.Tensor) -> None:
+        from distmerge.kernels import loops  # imported on first use: it needs numba
+
+        x = chunk.detach().reshape(-1).to(torch.float32).numpy()
+        self.seen += x.size
+        if self.seen > self.numel:
+            raise ValueError(f"more than the {self.numel} elements announced")
+        if self.filled:
+            take = min(self.width - self.filled, x.size)
+            self.pending[self.filled : self.filled + take] = x[:take]
+            self.filled += take
+            x = x[take:]
+            if self.filled < self.width:
+                return
+            loops.squares(self.pending, self.lanes)
+            self.filled = 0
+        whole = x.size // self.width * self.width
+        if whole:
+            loops.squares(x[:whole], self.lanes)
+        self.pending[: x.size - whole] = x[whole:]
+        self.filled = x.size - whole
+
+    @numpy.errstate(all="ignore")
+    def result(self) -> torch.Tensor:
+        """The norm (a 0-d float32 tensor), once every element was added."""
+        if self.seen != self.numel:
+            raise ValueError(f"{self.seen} of {self.numel} elements added")
+        tail = self.pending[: self.filled]
+        if self.numel < self.width:  # not one whole vector: torch's scalar loop, whose order is its own
+            with threads.one():
+                return torch.linalg.vector_norm(torch.from_numpy(tail.copy()))
+        value = _F32(0)
+        for lane in self.lanes:
+            value = _F32(value + lane)
+        for x in tail:
+            value = _F32(value + _F32(x * x))
+        return torch.tensor(numpy.sqrt(value, dtype=_F32), dtype=torch.float32)
+
+
+NORM_PROBE_SIZES = (1, 7, 8, 9, 31, 33, 100, 4099, 65_571, 300_001, (1 << 21) + 12_345)
+
+
+@functools.cache
+def norm_lanes() -> int | None:
+    """The vector width (floats) with which ``Norm`` gives torch's bits for
+    ``torch.linalg.vector_norm(x)`` on one thread here, checked once per process (as ``lanes``);
+    None where none does, or where numba's loops are not available."""
+    if not kernels.loops_available():
+        return None
+    generator = torch.Generator().manual_seed(1)
+    probes = [torch.randn(n, generator=generator) * torch.exp(2 * torch.randn(n, generator=generator)) for n in NORM_PROBE_SIZES]
+    probes.append(torch.zeros(40))
+    with threads.one():
+        expected = [_bits(torch.linalg.vector_norm(x)) for x in probes]
+    for width in (8, 16, 4):
+        if all(_bits(_streamed_norm(x, width)) == e for x, e in zip(probes, expected)):
+            return width
+    return None
+
+
+def _streamed_norm(x: torch.Tensor, width: int) -> torch.Tensor:
+    acc = Norm(x.numel(), width)
+    for part in x.split(65_536 + 3):  # chunks that cut vectors anywhere
+        acc.add(part)
+    return acc.result()

@@ -115,3 +115,57 @@ def test_sums_of_a_few_elements_have_torchs_bits(n):
     for seed in range(40):
         x = _spread(n, seed)
         assert _same_bits(_streamed(x, [n // 2]), _torch_sum(x)), seed
+
+
+# ---------------------------------------------------------------- norms
+
+
+def _torch_norm(x: torch.Tensor) -> torch.Tensor:
+    with threads.one():
+        return torch.linalg.vector_norm(x)
+
+
+def _streamed_norm(x: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+    acc = reductions.Norm(x.numel(), reductions.norm_lanes())
+    start = 0
+    for end in [*sorted(cuts), x.numel()]:
+        acc.add(x[start:end])
+        start = end
+    return acc.result()
+
+
+def test_this_machines_torch_norm_is_reproduced():
+    """model_stock's memory figures assume the streamed norm; CI runs here."""
+    assert reductions.norm_lanes() == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 100_000), seed=st.integers(0, 2**16), data=st.data())
+def test_a_norm_streamed_in_any_chunks_has_torchs_bits(n, seed, data):
+    x = _spread(n, seed) * 1e-3  # (x² of _spread's largest values would overflow)
+    cuts = data.draw(st.lists(st.integers(0, n), max_size=6))
+    assert _same_bits(_streamed_norm(x, cuts), _torch_norm(x))
+
+
+def test_a_large_norm_has_torchs_bits():
+    """16.8M elements (the 2.5 GB set's embedding has 65.5M): one scan, no splits in torch."""
+    x = torch.randn((1 << 24) + 37, generator=torch.Generator().manual_seed(4))
+    assert _same_bits(_streamed_norm(x, [262_147 * k for k in range(1, 64)]), _torch_norm(x))
+
+
+def test_norms_of_zeros_infinities_and_nan():
+    assert _same_bits(_streamed_norm(torch.zeros(100), [33]), _torch_norm(torch.zeros(100)))
+    x = torch.ones(50)
+    x[17] = float("inf")
+    assert _streamed_norm(x, [20]).item() == float("inf") == _torch_norm(x).item()
+    x[17] = float("nan")
+    assert _streamed_norm(x, [20]).isnan() and _torch_norm(x).isnan()
+
+
+def test_a_wrong_count_of_elements_in_a_norm_is_an_error():
+    acc = reductions.Norm(10, 8)
+    acc.add(torch.ones(6))
+    with pytest.raises(ValueError, match="6 of 10 elements added"):
+        acc.result()
+    with pytest.raises(ValueError, match="more than the 10 elements"):
+        acc.add(torch.ones(5))

@@ -64,9 +64,8 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
     """``model_stock`` for a tensor read in flat chunks: the same bits in bounded memory.
 
     One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
-    product τᵢ·τⱼ is a whole-tensor reduction: a norm is reduced from one float32 buffer
-    holding τᵢ, filled chunk by chunk, and the dot products are summed chunk by chunk in the
-    same passes, N passes in all (``_vector_chunked``). Rows (``filter_wise``): one
+    product τᵢ·τⱼ is a whole-tensor reduction, each added up chunk by chunk with torch's bits
+    (``reductions.Norm``, ``reductions.total``), N passes in all (``_vector_chunked``). Rows (``filter_wise``): one
     pass over batches of whole rows gathers every row's pairwise cosines. A last pass
     interpolates chunk by chunk. ``buffer(n)`` gives the float32 buffer (``Method.buffer``).
     """
@@ -83,10 +82,12 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
 def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options, new_buffer):
     """``model_stock_chunked`` of one vector (a whole tensor, or one row).
 
-    Pass j fills the buffer with τⱼ chunk by chunk for ‖τⱼ‖ (reading the base and θⱼ), and
-    reads θᵢ for i < j too: each chunk's τᵢ ⊙ τⱼ is added up as it comes (``reductions.total``,
-    the bits of torch's whole-tensor sum). torch's norm is a sequential scan that only its own
-    kernel runs fast, hence the buffer. For N = 2 that is 2 + 3 inputs read per element,
+    Pass j computes τⱼ chunk by chunk and adds up ‖τⱼ‖ (``reductions.Norm``, the bits of torch's
+    ``vector_norm``), reading the base and θⱼ, and reads θᵢ for i < j too: each chunk's
+    τᵢ ⊙ τⱼ is added up as it comes (``reductions.total``, the bits of torch's whole-tensor
+    sum). Where ``Norm`` does not reproduce this torch (``reductions.norm_lanes`` is None), τⱼ
+    goes whole into the buffer for torch's norm instead (``new_buffer``: 4 bytes an element,
+    262 MB for the benchmark's embedding). For N = 2 that is 2 + 3 inputs read per element,
     then 3 for the interpolation. Over bf16 inputs each pass's arithmetic is one loop over
     the stored values (``kernels.loops.stock_pass``, ``stock_interpolate``, when
     ``kernels.use_loops``), except in a chunk that holds a NaN; else the chunks are widened
@@ -94,7 +95,9 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
     """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
-    buffer = new_buffer(numel)  # asked for once the passes start (Method.buffer)
+    width = reductions.norm_lanes()
+    buffer = None if width else new_buffer(numel)  # τⱼ whole, for torch's norm (Method.buffer)
+    scratch = torch.empty(min(numel, chunk)) if width else None  # a chunk of τⱼ
     staging = torch.empty(n + 1, min(numel, chunk))  # the chunks read, widened in place
     norms = torch.empty(n, *vector_shape[:-1])  # the reductions, allocated up front: see below
     dots = torch.empty(math.comb(n, 2), *vector_shape[:-1])
@@ -111,30 +114,39 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
         widened = [row[: end - start].copy_(x) for row, x in zip(staging, (base, *xs))]
         return widened[0], widened[1:], None
 
-    def fill(start: int, end: int, j: int, sums: list) -> None:
-        """τⱼ into the buffer, and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the buffer outlives it)."""
+    def fill(start: int, end: int, j: int, norm, sums: list) -> None:
+        """τⱼ into ``norm`` (or the buffer), and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the
+        buffer outlives it)."""
         base, xs, loops = read_widened(start, end, models=(j, *range(j)))
-        tau = buffer[start:end]
+        tau = scratch[: end - start] if norm else buffer[start:end]
         if loops:
             products = staging[:j, : end - start]
             if loops.stock_pass(base, xs[0], xs[1:], tau, products):
                 for product, total in zip(products, sums):
                     total.add(product)
+                if norm:
+                    norm.add(tau)
                 return
             base, xs = base.float(), [x.float() for x in xs]  # a NaN τ: torch's NaN bits (bf16 widened: copies)
         torch.sub(xs[0], base, out=tau)
         for x, total in zip(xs[1:], sums):  # x is a copy (staging, or widened): overwritten
             total.add(x.sub_(base).mul_(tau))
+        if norm:
+            norm.add(tau)
 
     # Each reduction writes into norms and dots: a small result kept across the passes would
     # pin the chunks' freed temporaries below it in the heap (glibc), and resident memory
     # would grow with every pass.
     for j in range(n):
         sums = [reductions.total(numel) for _ in range(j)]  # τᵢ · τⱼ for i < j
+        norm = reductions.Norm(numel, width) if width else None
         with threads.every():  # element-wise (the sums and the norm are not threaded)
             for start, end in ranges:
-                fill(start, end, j, sums)
-        torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
+                fill(start, end, j, norm, sums)
+        if norm:
+            norms[j] = norm.result().reshape(norms[j].shape)
+        else:
+            torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
         for i, total in enumerate(sums):
             dots[pair[i, j]] = total.result()
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio

@@ -81,6 +81,26 @@ def test_passes_and_row_batches():
     assert all(i % 53 == 0 == j % 53 for i, j in passes[0])
 
 
+def test_the_norms_stream_without_a_copy_of_the_task_vector(monkeypatch):
+    """‖τⱼ‖ is added up chunk by chunk with torch's bits (``reductions.Norm``): the buffer, a
+    float32 copy of the whole τⱼ, is never asked for. Where the norm's bits are not reproduced
+    (``norm_lanes`` None) τⱼ goes into the buffer for torch's norm: the same result."""
+    from distmerge import reductions
+
+    base, tensors = family((37, 53), 3, seed=1)
+    whole = model_stock(base, tensors)
+
+    def no_buffer(n):
+        raise AssertionError(f"asked for a buffer of {n}")
+
+    assert reductions.norm_lanes() == 8
+    assert torch.equal(run_chunked(base, tensors, 100, filter_wise=False, buffer=no_buffer)[0], whole)
+    asked = []
+    monkeypatch.setattr(reductions, "norm_lanes", lambda: None)
+    got, _ = run_chunked(base, tensors, 100, filter_wise=False, buffer=lambda n: asked.append(n) or torch.empty(n))
+    assert torch.equal(got, whole) and asked == [37 * 53]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_long_rows(filter_wise):
@@ -148,9 +168,11 @@ def test_chunked_model_stock_through_the_cli(request, tmp_path, monkeypatch, fil
 
 
 def test_a_buffer_reused_from_tensor_to_tensor_gives_each_its_whole_tensor_merge(monkeypatch):
-    """The run's buffer (``tensor_merge.Buffer``) is handed over with the last tensor's values in it."""
-    from distmerge import tensor_merge
+    """The run's buffer (``tensor_merge.Buffer``) is handed over with the last tensor's values in
+    it (model_stock asks for it where its norms do not stream: ``norm_lanes`` None)."""
+    from distmerge import reductions, tensor_merge
 
+    monkeypatch.setattr(reductions, "norm_lanes", lambda: None)
     monkeypatch.setattr(tensor_merge, "BUFFER_ELEMENTS", 3000)
     buffer = tensor_merge.Buffer()
     for shape, seed in [((37, 53), 1), ((29, 41), 2), ((37, 53), 3)]:  # ≤ 3000 elements: kept
