@@ -3,6 +3,7 @@ amount set by the angle between their task vectors."""
 
 from __future__ import annotations
 
+import copy
 import math
 from itertools import combinations
 from typing import Callable
@@ -82,22 +83,23 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
 def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options, new_buffer):
     """``model_stock_chunked`` of one vector (a whole tensor, or one row).
 
-    Pass j computes τⱼ chunk by chunk and adds up ‖τⱼ‖ (``reductions.Norm``, the bits of torch's
-    ``vector_norm``), reading the base and θⱼ, and reads θᵢ for i < j too: each chunk's
-    τᵢ ⊙ τⱼ is added up as it comes (``reductions.total``, the bits of torch's whole-tensor
-    sum). Where ``Norm`` does not reproduce this torch (``reductions.norm_lanes`` is None), τⱼ
-    goes whole into the buffer for torch's norm instead (``new_buffer``: 4 bytes an element,
-    262 MB for the benchmark's embedding). For N = 2 that is 2 + 3 inputs read per element,
-    then 3 for the interpolation. Over bf16 inputs each pass's arithmetic is one loop over
-    the stored values (``kernels.loops.stock_pass``, ``stock_interpolate``, when
-    ``kernels.use_loops``), except in a chunk that holds a NaN; else the chunks are widened
-    into ``staging``.
+    The statistics: each ‖τⱼ‖ is added up chunk by chunk (``reductions.Norm``, the bits of
+    torch's ``vector_norm``) and each τᵢ·τⱼ too (``reductions.total``, the bits of torch's
+    whole-tensor sum), all of them in one pass that reads the base and every model. Where
+    ``Norm`` does not reproduce this torch (``reductions.norm_lanes`` is None), τⱼ goes whole
+    into the buffer for torch's norm instead (``new_buffer``: 4 bytes an element, 262 MB for
+    the benchmark's embedding), one pass per model: pass j reads the base, θⱼ and the θᵢ
+    (i < j) for the dot products. Then one pass interpolates. For N = 2 that is 3 + 3 inputs
+    read per element (2 + 3 + 3 with the buffer). Over bf16 inputs each pass's arithmetic is
+    one loop over the stored values (``kernels.loops.stock_pass``, ``stock_interpolate``,
+    when ``kernels.use_loops``), except in a chunk that holds a NaN; else the chunks are
+    widened into ``staging``.
     """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
     width = reductions.norm_lanes()
     buffer = None if width else new_buffer(numel)  # τⱼ whole, for torch's norm (Method.buffer)
-    scratch = torch.empty(min(numel, chunk)) if width else None  # a chunk of τⱼ
+    scratch = torch.empty(2, min(numel, chunk)) if width else None  # a chunk of τⱼ, of τᵢ ⊙ τⱼ
     staging = torch.empty(n + 1, min(numel, chunk))  # the chunks read, widened in place
     norms = torch.empty(n, *vector_shape[:-1])  # the reductions, allocated up front: see below
     dots = torch.empty(math.comb(n, 2), *vector_shape[:-1])
@@ -114,39 +116,64 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
         widened = [row[: end - start].copy_(x) for row, x in zip(staging, (base, *xs))]
         return widened[0], widened[1:], None
 
-    def fill(start: int, end: int, j: int, norm, sums: list) -> None:
-        """τⱼ into ``norm`` (or the buffer), and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the
-        buffer outlives it)."""
+    def measure(start: int, end: int, norm_of: list, dot_of: dict) -> None:
+        """One chunk of every model: τⱼ into norm_of[j], τᵢ ⊙ τⱼ (i < j) into dot_of[i, j]."""
+        base, xs, loops = read_widened(start, end)
+        tau, product = scratch[:, : end - start]
+        if loops:
+            before = copy.deepcopy((norm_of, dot_of))  # (a few small arrays)
+            for j, norm in enumerate(norm_of):
+                products = staging[:j, : end - start]
+                if not loops.stock_pass(base, xs[j], xs[:j], tau, products):
+                    break  # a NaN τ: the chunk again with torch ops, from the state before it
+                for i in range(j):
+                    dot_of[i, j].add(products[i])
+                norm.add(tau)
+            else:
+                return
+            norm_of[:], saved_dots = before
+            dot_of.update(saved_dots)
+            base, xs = base.float(), [x.float() for x in xs]  # torch's NaN bits (bf16 widened: copies)
+        for j, norm in enumerate(norm_of):
+            torch.sub(xs[j], base, out=tau)
+            for i in range(j):
+                dot_of[i, j].add(torch.sub(xs[i], base, out=product).mul_(tau))
+            norm.add(tau)
+
+    def fill(start: int, end: int, j: int, sums: list) -> None:
+        """τⱼ into the buffer, and τᵢ ⊙ τⱼ (i < j) into ``sums`` (no view of the buffer outlives it)."""
         base, xs, loops = read_widened(start, end, models=(j, *range(j)))
-        tau = scratch[: end - start] if norm else buffer[start:end]
+        tau = buffer[start:end]
         if loops:
             products = staging[:j, : end - start]
             if loops.stock_pass(base, xs[0], xs[1:], tau, products):
                 for product, total in zip(products, sums):
                     total.add(product)
-                if norm:
-                    norm.add(tau)
                 return
             base, xs = base.float(), [x.float() for x in xs]  # a NaN τ: torch's NaN bits (bf16 widened: copies)
         torch.sub(xs[0], base, out=tau)
         for x, total in zip(xs[1:], sums):  # x is a copy (staging, or widened): overwritten
             total.add(x.sub_(base).mul_(tau))
-        if norm:
-            norm.add(tau)
 
     # Each reduction writes into norms and dots: a small result kept across the passes would
     # pin the chunks' freed temporaries below it in the heap (glibc), and resident memory
     # would grow with every pass.
-    for j in range(n):
+    if width:
+        norm_of = [reductions.Norm(numel, width) for _ in range(n)]
+        dot_of = {p: reductions.total(numel) for p in pair}
+        with threads.every():  # element-wise (the sums and the norms are not threaded)
+            for start, end in ranges:
+                measure(start, end, norm_of, dot_of)
+        for j, norm in enumerate(norm_of):
+            norms[j] = norm.result().reshape(norms[j].shape)
+        for p, total in dot_of.items():
+            dots[pair[p]] = total.result()
+    for j in range(n if not width else 0):
         sums = [reductions.total(numel) for _ in range(j)]  # τᵢ · τⱼ for i < j
-        norm = reductions.Norm(numel, width) if width else None
         with threads.every():  # element-wise (the sums and the norm are not threaded)
             for start, end in ranges:
-                fill(start, end, j, norm, sums)
-        if norm:
-            norms[j] = norm.result().reshape(norms[j].shape)
-        else:
-            torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
+                fill(start, end, j, sums)
+        torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
         for i, total in enumerate(sums):
             dots[pair[i, j]] = total.result()
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio

@@ -64,17 +64,13 @@ def test_chunked_model_stock_is_the_whole_tensor_merge(shape, n, filter_wise):
 
 
 def test_passes_and_row_batches():
-    """Per tensor: one pass per model and one to merge, in chunks of `chunk`: pass j reads
-    θⱼ (for ‖τⱼ‖) and the models before it (for the dot products τᵢ·τⱼ, i < j). Per row:
-    two passes, in batches of whole rows, never a lone row."""
+    """Per tensor: one pass for the statistics, reading every model, and one to merge, in
+    chunks of `chunk`. Per row: two passes, in batches of whole rows, never a lone row."""
     base, tensors = family((37, 53), 3, seed=0)
     models_read = []
     _, passes = run_chunked(base, tensors, 100, filter_wise=False, models_read=models_read)
-    assert len(passes) == 3 + 1 and all(j - i <= 100 for p in passes for i, j in p)
-    assert models_read == [(0,), (1, 0), (2, 0, 1), None]
-    models_read.clear()  # N = 2: 2 + 3 + 3 inputs widened per element, not 4 × 3
-    run_chunked(*family((37, 53), 2, seed=0), 100, filter_wise=False, models_read=models_read)
-    assert models_read == [(0,), (1, 0), None]
+    assert len(passes) == 2 and all(j - i <= 100 for p in passes for i, j in p)
+    assert models_read == [None, None]
     _, passes = run_chunked(base, tensors, 100, filter_wise=True)
     assert len(passes) == 2 and passes[0] == passes[1]
     assert [(i // 53, j // 53) for i, j in passes[0]] == [(k, k + 2) for k in range(0, 34, 2)] + [(34, 37)]
@@ -99,6 +95,26 @@ def test_the_norms_stream_without_a_copy_of_the_task_vector(monkeypatch):
     monkeypatch.setattr(reductions, "norm_lanes", lambda: None)
     got, _ = run_chunked(base, tensors, 100, filter_wise=False, buffer=lambda n: asked.append(n) or torch.empty(n))
     assert torch.equal(got, whole) and asked == [37 * 53]
+    models_read = []  # one pass per model: pass j reads θⱼ (‖τⱼ‖) and those before it (τᵢ·τⱼ, i < j)
+    run_chunked(base, tensors, 100, filter_wise=False, models_read=models_read)
+    assert models_read == [(0,), (1, 0), (2, 0, 1), None]
+
+
+def test_the_statistics_take_one_pass_over_bf16_inputs_and_a_nan_chunk_takes_torch_ops():
+    """bf16 inputs as stored (numba's loops): one statistics pass reading every model, then the
+    interpolation's; a NaN in a later chunk of the second model is redone with torch ops from
+    the accumulators' state before that chunk: the whole-tensor merge's bits, NaN included."""
+    base, tensors = family((37, 53), 3, seed=2)
+    whole = model_stock(base, tensors)
+    stored = [x.to(torch.bfloat16) for x in (base, *tensors)]
+    models_read = []
+    got, passes = run_chunked(stored[0], stored[1:], 500, filter_wise=False, models_read=models_read)
+    assert torch.equal(got, whole) and models_read == [None, None]
+    tensors[1].view(-1)[1234] = float("nan")
+    stored = [x.to(torch.bfloat16) for x in (base, *tensors)]  # (torch's bf16 NaN: 0xFFFF)
+    whole = model_stock(stored[0].float(), [x.float() for x in stored[1:]])
+    got, _ = run_chunked(stored[0], stored[1:], 500, filter_wise=False)
+    assert whole.isnan().all() and torch.equal(got.view(torch.int32), whole.view(torch.int32))
 
 
 @pytest.mark.slow
