@@ -216,18 +216,25 @@ def lanes() -> int | None:
     generator = torch.Generator().manual_seed(0)
     probes = [torch.randn(n, generator=generator) * torch.exp(3 * torch.randn(n, generator=generator)) for n in PROBE_SIZES]
     probes.append(-torch.zeros(40))  # a sum of −0s is +0
+    return _reproducing_width(Sum, torch.sum, probes)
+
+
+def _reproducing_width(accumulator, reduce, probes: list[torch.Tensor]) -> int | None:
+    """The first of 8, 16 and 4 lanes with which ``accumulator(numel, width)``, given each probe
+    in chunks that cut blocks and vectors anywhere, has the bits of ``reduce(probe)`` on one
+    thread; None if none has."""
     with threads.one():
-        expected = [_bits(x.sum()) for x in probes]
-    with threads.every():  # as the element-wise passes that feed a Sum run
+        expected = [_bits(reduce(x)) for x in probes]
+    with threads.every():  # as the element-wise passes that feed an accumulator run
         for width in (8, 16, 4):
-            if all(_bits(_streamed(x, width)) == e for x, e in zip(probes, expected)):
+            if all(_bits(_streamed(accumulator, x, width)) == e for x, e in zip(probes, expected)):
                 return width
     return None
 
 
-def _streamed(x: torch.Tensor, width: int) -> torch.Tensor:
-    acc = Sum(x.numel(), width)
-    for part in x.split(65_536 + 7):  # chunks that cut blocks and vectors anywhere
+def _streamed(accumulator, x: torch.Tensor, width: int) -> torch.Tensor:
+    acc = accumulator(x.numel(), width)
+    for part in x.split(65_536 + 7):
         acc.add(part)
     return acc.result()
 
@@ -301,16 +308,4 @@ def norm_lanes() -> int | None:
     generator = torch.Generator().manual_seed(1)
     probes = [torch.randn(n, generator=generator) * torch.exp(2 * torch.randn(n, generator=generator)) for n in NORM_PROBE_SIZES]
     probes.append(torch.zeros(40))
-    with threads.one():
-        expected = [_bits(torch.linalg.vector_norm(x)) for x in probes]
-    for width in (8, 16, 4):
-        if all(_bits(_streamed_norm(x, width)) == e for x, e in zip(probes, expected)):
-            return width
-    return None
-
-
-def _streamed_norm(x: torch.Tensor, width: int) -> torch.Tensor:
-    acc = Norm(x.numel(), width)
-    for part in x.split(65_536 + 3):  # chunks that cut vectors anywhere
-        acc.add(part)
-    return acc.result()
+    return _reproducing_width(Norm, torch.linalg.vector_norm, probes)
