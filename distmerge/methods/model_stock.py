@@ -66,7 +66,7 @@ def model_stock_chunked(read, shape: tuple[int, ...], chunk: int, *, filter_wise
 
     One vector (the whole tensor, or a tensor that is one row): each norm ‖τᵢ‖ and each dot
     product τᵢ·τⱼ is a whole-tensor reduction, each added up chunk by chunk with torch's bits
-    (``reductions.Norm``, ``reductions.total``), N passes in all (``_vector_chunked``). Rows (``filter_wise``): one
+    (``reductions.Norm``, ``reductions.total``), all in one pass (``_vector_chunked``). Rows (``filter_wise``): one
     pass over batches of whole rows gathers every row's pairwise cosines. A last pass
     interpolates chunk by chunk. ``buffer(n)`` gives the float32 buffer (``Method.buffer``).
     """
@@ -97,7 +97,7 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
     """
     numel = math.prod(vector_shape)
     ranges = chunk_ranges(numel, chunk)
-    width = reductions.norm_lanes()
+    width = reductions.norm_lanes() if reductions.lanes() else None  # (both streamed, or the buffered passes)
     buffer = None if width else new_buffer(numel)  # τⱼ whole, for torch's norm (Method.buffer)
     scratch = torch.empty(2, min(numel, chunk)) if width else None  # a chunk of τⱼ, of τᵢ ⊙ τⱼ
     staging = torch.empty(n + 1, min(numel, chunk))  # the chunks read, widened in place
@@ -168,14 +168,15 @@ def _vector_chunked(read, n: int, vector_shape: torch.Size, chunk: int, options,
             norms[j] = norm.result().reshape(norms[j].shape)
         for p, total in dot_of.items():
             dots[pair[p]] = total.result()
-    for j in range(n if not width else 0):
-        sums = [reductions.total(numel) for _ in range(j)]  # τᵢ · τⱼ for i < j
-        with threads.every():  # element-wise (the sums and the norm are not threaded)
-            for start, end in ranges:
-                fill(start, end, j, sums)
-        torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
-        for i, total in enumerate(sums):
-            dots[pair[i, j]] = total.result()
+    else:
+        for j in range(n):
+            sums = [reductions.total(numel) for _ in range(j)]  # τᵢ · τⱼ for i < j
+            with threads.every():  # element-wise (the sums and the norm are not threaded)
+                for start, end in ranges:
+                    fill(start, end, j, sums)
+            torch.linalg.vector_norm(buffer.view(vector_shape), dim=-1, out=norms[j])
+            for i, total in enumerate(sums):
+                dots[pair[i, j]] = total.result()
     t = _ratio(_cosines(list(norms), lambda i, j: dots[pair[i, j]]), n).reshape(-1)  # one ratio
     buffer = None  # released (unless the run keeps it for the next tensor) before the output is allocated
     for start, end in ranges:

@@ -98,6 +98,13 @@ def test_the_norms_stream_without_a_copy_of_the_task_vector(monkeypatch):
     models_read = []  # one pass per model: pass j reads θⱼ (‖τⱼ‖) and those before it (τᵢ·τⱼ, i < j)
     run_chunked(base, tensors, 100, filter_wise=False, models_read=models_read)
     assert models_read == [(0,), (1, 0), (2, 0, 1), None]
+    # Sums not streamed (``lanes`` None: copies of the products summed by torch): those passes
+    # too, not one pass whose NaN fallback would copy every sum's buffer chunk by chunk.
+    monkeypatch.setattr(reductions, "norm_lanes", lambda: 8)
+    monkeypatch.setattr(reductions, "lanes", lambda: None)
+    asked.clear()
+    got, _ = run_chunked(base, tensors, 100, filter_wise=False, buffer=lambda n: asked.append(n) or torch.empty(n))
+    assert torch.equal(got, whole) and asked == [37 * 53]
 
 
 def test_the_statistics_take_one_pass_over_bf16_inputs_and_a_nan_chunk_takes_torch_ops():
