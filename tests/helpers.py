@@ -25,6 +25,19 @@ from distmerge import threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+@functools.cache
+def benchmark_script(name: str):
+    """``benchmarks/NAME.py`` imported as the module NAME (the scripts are not a package), once,
+    and registered in ``sys.modules`` (dataclasses look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
 StateOrDir = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 # --------------------------------------------------------------------------- mergekit

@@ -1,13 +1,8 @@
 """benchmarks/bench.py's summary of repeated rounds (the benchmark itself prints figures; it is not a test)."""
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.helpers import benchmark_script
 
-spec = importlib.util.spec_from_file_location("bench", Path(__file__).parent.parent / "benchmarks" / "bench.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules.setdefault("bench", bench)  # dataclasses look their module up there
-spec.loader.exec_module(bench)
+bench = benchmark_script("bench")
 
 
 def run(method, runner, repeat, wall, rss, rc=0):

@@ -1,14 +1,12 @@
 """benchmarks/depth.py: peak RSS per rank against depth, from bench.py's JSON dumps."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("depth", Path(__file__).parent.parent / "benchmarks" / "depth.py")
-depth = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(depth)
+from tests.helpers import benchmark_script
+
+depth = benchmark_script("depth")
 
 
 def dump(layers, rounds, hidden=2048):

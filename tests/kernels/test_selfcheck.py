@@ -26,6 +26,7 @@ from distmerge.kernels import reference, selfcheck
 from distmerge.methods import METHODS
 from distmerge.methods.task_arithmetic import FAMILY
 from distmerge.tensor_merge import method_kernels, plan_methods
+from tests.helpers import benchmark_script
 
 
 def test_methods_select_their_kernels():
@@ -152,17 +153,6 @@ def test_a_cpu_run_never_runs_the_self_check_and_reports_its_paths(llama_family,
 # ---------------------------------------------------------------- benchmarks/gpu_kernels.py, without a GPU
 
 
-def _gpu_kernels():
-    import importlib.util
-
-    from tests.helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("gpu_kernels", REPO_ROOT / "benchmarks" / "gpu_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_kernels_says_at_once_that_it_needs_a_gpu():
     from tests.helpers import REPO_ROOT
 
@@ -176,7 +166,7 @@ def test_gpu_kernels_says_at_once_that_it_needs_a_gpu():
 
 
 def test_gpu_kernels_arithmetic():
-    gk = _gpu_kernels()
+    gk = benchmark_script("gpu_kernels")
     assert gk.parse_shape("8192x28672") == (8192, 28672) and gk.parse_shape("4099") == (4099,)
     for bad in ("8192x", "0x4", "ax3"):
         with pytest.raises(Exception, match="shape"):
@@ -251,20 +241,9 @@ def test_the_kernel_on_the_device_is_compared_with_the_reference_on_the_cpu(monk
 # ---------------------------------------------------------------- benchmarks/gpu_e2e.py, without a GPU
 
 
-def _gpu_e2e():
-    import importlib.util
-
-    from tests.helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("gpu_e2e", REPO_ROOT / "benchmarks" / "gpu_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_e2e_says_it_needs_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _gpu_e2e().main([str(tmp_path / "w"), str(tmp_path / "r")]) == 2
+    assert benchmark_script("gpu_e2e").main([str(tmp_path / "w"), str(tmp_path / "r")]) == 2
     assert not (tmp_path / "w").exists()
 
 
@@ -273,7 +252,7 @@ def test_gpu_e2e_compares_bytes_then_closeness(tmp_path):
     FLIPS); many far off (not close); a different dtype (not close)."""
     from safetensors.torch import save_file
 
-    e2e = _gpu_e2e()
+    e2e = benchmark_script("gpu_e2e")
     x = torch.linspace(-1, 1, 10_000).reshape(100, 100)
 
     def out(name: str, y: torch.Tensor) -> Path:
@@ -299,6 +278,6 @@ def test_gpu_e2e_has_a_case_for_every_float32_case_and_randomized_method():
     from tests.methods.test_methods_e2e import FLOAT32_CASES, RANDOMIZED
 
     fams = {dt: {m: Path("/m") / dt / m for m in ("base", "ft1", "ft2", "ft3")} for dt in ("bfloat16", "float32")}
-    cases = dict(_gpu_e2e().cases(fams))
+    cases = dict(benchmark_script("gpu_e2e").cases(fams))
     assert {c.id for c in FLOAT32_CASES} <= set(cases) and RANDOMIZED <= {r["merge_method"] for r in cases.values()}
-    assert all(label in cases for label in _gpu_e2e().EXACT)
+    assert all(label in cases for label in benchmark_script("gpu_e2e").EXACT)
